@@ -1,0 +1,3 @@
+"""minidriver: a libvirt compute driver prototype modelled on Nova's libvirt driver."""
+
+__version__ = "0.1.0"

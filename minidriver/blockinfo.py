@@ -1,0 +1,120 @@
+"""Bus and device naming for an instance's disks: Nova's ``blockinfo`` as pure functions.
+
+``get_disk_info`` decides, for every disk of the instance, which bus it sits on and
+which device name it takes in the guest; the domain XML only lays that out.
+"""
+
+from __future__ import annotations
+
+import string
+
+from minidriver.exception import UnsupportedHardware
+from minidriver.objects import DeviceType, DiskBus, DiskInfo, DiskMapping, Flavor, ImageMeta
+
+# Buses libvirt's QEMU driver offers for disks, as Nova lists them for kvm and qemu.
+DISK_BUSES = {DiskBus.VIRTIO, DiskBus.IDE, DiskBus.SCSI, DiskBus.SATA, DiskBus.USB}
+# A cdrom cannot sit on virtio.
+CDROM_BUSES = {DiskBus.IDE, DiskBus.SCSI, DiskBus.SATA, DiskBus.USB}
+
+
+def _bus_property(image_meta: ImageMeta, prop: str, allowed: set[DiskBus]) -> DiskBus | None:
+    value = image_meta.properties.get(prop)
+    if value is None:
+        return None
+    try:
+        bus = DiskBus(value)
+    except ValueError:
+        bus = None
+    if bus is None or bus not in allowed:
+        raise UnsupportedHardware(
+            f"image {image_meta.name}: {prop} = {value!r} is not supported",
+            hint=f"use one of: {', '.join(sorted(b.value for b in allowed))}",
+        )
+    return bus
+
+
+def get_disk_bus_for_device_type(
+    image_meta: ImageMeta, device_type: DeviceType, machine_type: str
+) -> DiskBus:
+    """The bus for a device type: the image's ``hw_*_bus`` property, else the default."""
+    is_q35 = "q35" in machine_type
+    if device_type is DeviceType.CDROM:
+        bus = _bus_property(image_meta, "hw_cdrom_bus", CDROM_BUSES)
+        # q35 has no IDE controller; pc's cdrom is IDE (Debian's cloud kernel has no AHCI).
+        default = DiskBus.SATA if is_q35 else DiskBus.IDE
+    else:
+        bus = _bus_property(image_meta, "hw_disk_bus", DISK_BUSES)
+        default = DiskBus.VIRTIO
+    if bus is DiskBus.IDE and is_q35:
+        raise UnsupportedHardware(
+            f"image {image_meta.name}: the IDE bus does not exist on machine type {machine_type}",
+            hint="use hw_machine_type = pc, or another bus",
+        )
+    return bus or default
+
+
+def get_dev_count_for_disk_bus(bus: DiskBus) -> int:
+    """How many devices a bus takes (IDE: two channels of two)."""
+    return 4 if bus is DiskBus.IDE else 26
+
+
+def find_disk_dev_for_disk_bus(
+    used: list[DiskMapping], bus: DiskBus, *, last_device: bool = False
+) -> str:
+    """The first free device name on ``bus`` (or its last one, for a config drive)."""
+    taken = {m.dev for m in used}
+    count = get_dev_count_for_disk_bus(bus)
+    letters = string.ascii_lowercase[:count]
+    candidates = [letters[-1]] if last_device else list(letters)
+    for letter in candidates:
+        dev = bus.dev_prefix + letter
+        if dev not in taken:
+            return dev
+    raise UnsupportedHardware(f"no free device name left on the {bus} bus")
+
+
+def get_disk_info(
+    virt_type: str,
+    flavor: Flavor,
+    image_meta: ImageMeta,
+    *,
+    machine_type: str = "pc",
+    config_drive_format: str | None = None,
+) -> DiskInfo:
+    """Where each disk of a new instance goes, in Nova's order.
+
+    Root ``disk`` first with boot index 1 (a cdrom when the image is an ISO), then
+    ``disk.local`` (ephemeral) and ``disk.swap``, and the config drive last:
+    ``iso9660`` as a cdrom on the last device of the cdrom bus, ``vfat`` as a disk.
+    """
+    if virt_type not in ("kvm", "qemu"):
+        raise UnsupportedHardware(f"virt_type {virt_type!r} is not supported")
+    disk_bus = get_disk_bus_for_device_type(image_meta, DeviceType.DISK, machine_type)
+    cdrom_bus = get_disk_bus_for_device_type(image_meta, DeviceType.CDROM, machine_type)
+    mapping: list[DiskMapping] = []
+
+    def add(
+        name: str,
+        bus: DiskBus,
+        dtype: DeviceType,
+        boot_index: int | None = None,
+        last_device: bool = False,
+    ) -> None:
+        dev = find_disk_dev_for_disk_bus(mapping, bus, last_device=last_device)
+        mapping.append(DiskMapping(name, bus, dev, dtype, boot_index))
+
+    if image_meta.disk_format == "iso":
+        add("disk", cdrom_bus, DeviceType.CDROM, boot_index=1)
+    else:
+        add("disk", disk_bus, DeviceType.DISK, boot_index=1)
+    if flavor.ephemeral_gb > 0:
+        add("disk.local", disk_bus, DeviceType.DISK)
+    if flavor.swap > 0:
+        add("disk.swap", disk_bus, DeviceType.DISK)
+    if config_drive_format == "iso9660":
+        add("disk.config", cdrom_bus, DeviceType.CDROM, last_device=True)
+    elif config_drive_format == "vfat":
+        add("disk.config", disk_bus, DeviceType.DISK)
+    elif config_drive_format is not None:
+        raise UnsupportedHardware(f"config drive format {config_drive_format!r} is unknown")
+    return DiskInfo(disk_bus=disk_bus, cdrom_bus=cdrom_bus, mapping=tuple(mapping))

@@ -1,0 +1,256 @@
+"""Typed settings, loaded from an INI file with Nova's option names and sections.
+
+Every option and its default is listed once, in the dataclasses below. Precedence:
+explicit arguments (the CLI's ``--state-dir``), then ``MINIDRIVER_STATE_DIR`` /
+``MINIDRIVER_CONFIG``, then the file, then the defaults.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from minidriver.exception import ConfigError
+from minidriver.objects import DEFAULT_FLAVORS, Flavor
+
+# A UNIX socket path may hold 107 bytes; libvirt puts the QEMU monitor socket at
+# <root>/lib/qemu/domain-<id>-<name, 20 chars>/monitor.sock, about 55 bytes below root.
+EMBED_ROOT_MAX = 48
+
+
+def default_state_path() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/minidriver"
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data_home, "minidriver")
+
+
+@dataclass(frozen=True)
+class DefaultOptions:
+    """``[DEFAULT]``"""
+
+    state_path: str = field(default_factory=default_state_path)
+    instances_path: str = "$state_path/instances"
+    use_cow_images: bool = True
+    force_raw_images: bool = True
+    preallocate_images: str = "none"
+    instance_build_timeout: int = 300
+    instance_name_template: str = "instance-%08x"
+
+
+@dataclass(frozen=True)
+class LibvirtOptions:
+    """``[libvirt]``"""
+
+    connection_uri: str = ""  # empty: chosen at connect time (see host.py)
+    virt_type: str = "auto"
+    cpu_mode: str = ""  # empty: host-model under kvm, none under TCG
+    hw_machine_type: str = "pc"
+    images_type: str = "default"
+    wait_interval: float = 0.5
+    resized_base_copies: bool = False
+
+
+@dataclass(frozen=True)
+class ImageCacheOptions:
+    """``[image_cache]``"""
+
+    subdirectory_name: str = "_base"
+
+
+CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
+    ("DEFAULT", "preallocate_images"): ("none", "space"),
+    ("libvirt", "virt_type"): ("auto", "kvm", "qemu"),
+    ("libvirt", "cpu_mode"): ("", "host-model", "host-passthrough", "custom", "none"),
+    ("libvirt", "images_type"): ("default", "qcow2", "raw", "flat"),
+}
+
+SECTIONS: Mapping[str, type[Any]] = {
+    "DEFAULT": DefaultOptions,
+    "libvirt": LibvirtOptions,
+    "image_cache": ImageCacheOptions,
+}
+FLAVOR_FIELDS = ("vcpus", "memory_mb", "root_gb", "ephemeral_gb", "swap")
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings, with the paths derived from them."""
+
+    default: DefaultOptions = field(default_factory=DefaultOptions)
+    libvirt: LibvirtOptions = field(default_factory=LibvirtOptions)
+    image_cache: ImageCacheOptions = field(default_factory=ImageCacheOptions)
+    flavors: Mapping[str, Flavor] = field(default_factory=lambda: dict(DEFAULT_FLAVORS))
+    source: str | None = None  # the file it was read from, if any
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.default.state_path)
+
+    @property
+    def instances_path(self) -> Path:
+        return Path(self.default.instances_path)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.instances_path / self.image_cache.subdirectory_name
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.instances_path / "locks"
+
+    @property
+    def images_path(self) -> Path:
+        """Where the local image service keeps image files."""
+        return self.state_path / "images"
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_path / "minidriver.db"
+
+    @property
+    def embed_root(self) -> Path:
+        """Root of the embedded QEMU driver: short, so that monitor sockets fit."""
+        candidate = self.state_path / "embed"
+        if len(os.fspath(candidate)) <= EMBED_ROOT_MAX:
+            return candidate
+        tag = hashlib.sha1(os.fsencode(self.state_path), usedforsecurity=False).hexdigest()
+        runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+        return Path(runtime) / "minidriver" / f"embed-{tag[:12]}"
+
+    def with_libvirt(self, **changes: Any) -> Config:
+        """A copy with some ``[libvirt]`` options changed (tests, CLI overrides)."""
+        return dataclasses.replace(self, libvirt=dataclasses.replace(self.libvirt, **changes))
+
+
+def _parse_value(section: str, name: str, raw: str, kind: Any) -> Any:
+    raw = raw.strip()
+    try:
+        if kind in (bool, "bool"):
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+    except ValueError:
+        type_name = kind if isinstance(kind, str) else kind.__name__
+        raise ConfigError(
+            f"[{section}] {name} = {raw!r} is not a valid {type_name}",
+        ) from None
+    choices = CHOICES.get((section, name))
+    if choices is not None and raw not in choices:
+        raise ConfigError(
+            f"[{section}] {name} = {raw!r} is not one of: {', '.join(c for c in choices if c)}"
+        )
+    return raw
+
+
+def _section(parser: configparser.RawConfigParser, section: str, cls: type[Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    items = parser.defaults() if section == "DEFAULT" else dict(parser.items(section))
+    for name, raw in items.items():
+        if section != "DEFAULT" and name in parser.defaults():
+            continue  # RawConfigParser copies DEFAULT into every section
+        if name not in known:
+            raise ConfigError(
+                f"unknown option [{section}] {name}",
+                hint=f"known options in [{section}]: {', '.join(sorted(known))}",
+            )
+        values[name] = _parse_value(section, name, raw, known[name].type)
+    return cls(**values)
+
+
+def _flavor(parser: configparser.RawConfigParser, section: str) -> Flavor:
+    name = section.split(":", 1)[1].strip()
+    values: dict[str, int] = {}
+    for key, raw in parser.items(section):
+        if key in parser.defaults():
+            continue
+        if key not in FLAVOR_FIELDS:
+            raise ConfigError(
+                f"unknown option [{section}] {key}",
+                hint=f"a flavor has {', '.join(FLAVOR_FIELDS)}",
+            )
+        values[key] = _parse_value(section, key, raw, int)
+    missing = [f for f in ("vcpus", "memory_mb", "root_gb") if f not in values]
+    if missing:
+        raise ConfigError(f"[{section}] misses {', '.join(missing)}")
+    try:
+        return Flavor(name=name, **values)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read the settings.
+
+    ``path`` (else ``$MINIDRIVER_CONFIG``) names the INI file; without one the defaults
+    apply. ``state_dir`` (else ``$MINIDRIVER_STATE_DIR``) overrides ``state_path``.
+    """
+    env = os.environ if environ is None else environ
+    source = os.fspath(path) if path is not None else env.get("MINIDRIVER_CONFIG") or None
+    parser = configparser.RawConfigParser()
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    if source is not None:
+        try:
+            with open(source, encoding="utf-8") as fh:
+                parser.read_file(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
+        except configparser.Error as exc:
+            raise ConfigError(f"config file {source} is not valid INI: {exc}") from None
+
+    for section in parser.sections():
+        if section not in SECTIONS and not section.startswith("flavor:"):
+            raise ConfigError(
+                f"unknown section [{section}] in {source}",
+                hint="sections: [DEFAULT], [libvirt], [image_cache], [flavor:NAME]",
+            )
+    default: DefaultOptions = _section(parser, "DEFAULT", DefaultOptions)
+    libvirt_opts = (
+        _section(parser, "libvirt", LibvirtOptions)
+        if parser.has_section("libvirt")
+        else LibvirtOptions()
+    )
+    image_cache = (
+        _section(parser, "image_cache", ImageCacheOptions)
+        if parser.has_section("image_cache")
+        else ImageCacheOptions()
+    )
+    flavors = dict(DEFAULT_FLAVORS)
+    for section in parser.sections():
+        if section.startswith("flavor:"):
+            flavor = _flavor(parser, section)
+            flavors[flavor.name] = flavor
+
+    override = state_dir if state_dir is not None else env.get("MINIDRIVER_STATE_DIR") or None
+    state_path = os.path.abspath(os.fspath(override) if override else default.state_path)
+    instances_path = Template(default.instances_path).safe_substitute(state_path=state_path)
+    default = dataclasses.replace(
+        default, state_path=state_path, instances_path=os.path.abspath(instances_path)
+    )
+    return Config(
+        default=default,
+        libvirt=libvirt_opts,
+        image_cache=image_cache,
+        flavors=flavors,
+        source=source,
+    )

@@ -1,0 +1,330 @@
+"""The libvirt host: which connection, its event loop thread, virt_type, define/launch.
+
+The connection follows ``[libvirt] connection_uri``; empty means: as root, the system
+daemon when one answers, else the embedded QEMU driver on a short root derived from
+``state_path``; as another user, ``qemu:///session``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import re
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from minidriver.config import Config
+from minidriver.exception import HostError
+
+LOG = logging.getLogger(__name__)
+
+SYSTEM_URI = "qemu:///system"
+SESSION_URI = "qemu:///session"
+EMBED_URI = "qemu:///embed"
+
+# libvirt's domain states, named as users see them (lower case, libvirt's words).
+POWER_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+# What the embedded driver needs that a daemon has by default: console output written
+# by QEMU itself (there may be no virtlogd), and QEMU running as us, so that it can
+# reach files under private (0700) directories.
+EMBED_QEMU_CONF = """\
+# Written by minidriver for its embedded libvirt QEMU driver.
+stdio_handler = "file"
+user = "{user}"
+group = "{group}"
+"""
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event implementation and run it in a daemon thread.
+
+    Needed before the first connection is opened: lifecycle events, keep-alives and
+    the embedded driver all run on it. Once per process.
+    """
+    global _event_loop_started  # noqa: PLW0603 - one loop per process, by libvirt's design
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-event-loop", daemon=True).start()
+        _event_loop_started = True
+
+
+def _quiet_libvirt_errors() -> None:
+    # libvirt prints every error to stderr by default; we raise them instead.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+@dataclass(frozen=True)
+class VirtTypeChoice:
+    virt_type: str  # kvm or qemu
+    reason: str
+
+
+def detect_virt_type(
+    configured: str,
+    *,
+    dev_kvm: Path = Path("/dev/kvm"),
+    sys_module: Path = Path("/sys/module"),
+) -> VirtTypeChoice:
+    """Choose kvm only where it really runs ordinary guests, else TCG (``qemu``).
+
+    A /dev/kvm alone is not enough: on hosts where it is backed by kvm_pvm an ordinary
+    kernel spins at 100% CPU and prints nothing. Real KVM has kvm_intel or kvm_amd.
+    """
+    if configured != "auto":
+        return VirtTypeChoice(configured, f"virt_type = {configured} in the config")
+    if not dev_kvm.exists():
+        return VirtTypeChoice("qemu", f"{dev_kvm} is missing: using TCG")
+    if not os.access(dev_kvm, os.R_OK | os.W_OK):
+        return VirtTypeChoice("qemu", f"{dev_kvm} is not accessible to this user: using TCG")
+    loaded = [m for m in ("kvm_intel", "kvm_amd") if (sys_module / m).is_dir()]
+    if loaded:
+        return VirtTypeChoice("kvm", f"{dev_kvm} usable and {loaded[0]} loaded")
+    if (sys_module / "kvm_pvm").is_dir():
+        return VirtTypeChoice(
+            "qemu", f"{dev_kvm} is backed by kvm_pvm (PVM guests only): using TCG"
+        )
+    return VirtTypeChoice("qemu", "neither kvm_intel nor kvm_amd is loaded: using TCG")
+
+
+def qemu_user_of_daemon(qemu_conf: Path = Path("/etc/libvirt/qemu.conf")) -> str:
+    """The user a libvirt daemon runs QEMU as (Debian's build default: libvirt-qemu)."""
+    with contextlib.suppress(OSError):
+        for line in qemu_conf.read_text().splitlines():
+            match = re.match(r'\s*user\s*=\s*"([^"]+)"', line)
+            if match:
+                return match.group(1)
+    return "libvirt-qemu"
+
+
+def untraversable_parents(path: Path, user: str) -> list[Path]:
+    """Directories on the way to ``path`` that ``user`` may not enter."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return []  # no such user here: nothing we can check
+    if pw.pw_uid == 0:
+        return []
+    groups = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    blocked = []
+    for directory in [*reversed(path.parents), path]:
+        try:
+            st = directory.stat()
+        except FileNotFoundError:
+            break  # created later by us, with a traversable mode
+        if st.st_uid == pw.pw_uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid in groups:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            blocked.append(directory)
+    return blocked
+
+
+def embedded_root_holder(root: Path) -> int | None:
+    """The pid of another live process holding the embedded root ``root``, if any.
+
+    libvirt's embedded driver allows one process per root and fails on its pid file
+    otherwise. Read the pid file instead of locking it: a POSIX lock test from this
+    process could drop the lock libvirt itself holds here.
+    """
+    try:
+        pid = int((root / "run" / "qemu" / "driver.pid").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+class Host:
+    """One libvirt connection, opened on first use, with lifecycle event waiters."""
+
+    def __init__(self, conf: Config) -> None:
+        self.conf = conf
+        self._conn: libvirt.virConnect | None = None
+        self._uri: str | None = None
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._virt_type: VirtTypeChoice | None = None
+
+    # -- connection -----------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        """The URI in use (resolved from ``connection_uri`` on first connect)."""
+        self.get_connection()
+        assert self._uri is not None
+        return self._uri
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.uri.startswith(EMBED_URI)
+
+    def get_connection(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is None:
+                start_event_loop()
+                _quiet_libvirt_errors()
+                self._conn, self._uri = self._open()
+                self._conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_event, None
+                )
+            return self._conn
+
+    def _open(self) -> tuple[libvirt.virConnect, str]:
+        uri = self.conf.libvirt.connection_uri
+        if not uri:
+            if os.geteuid() != 0:
+                return self._open_uri(SESSION_URI), SESSION_URI
+            try:
+                return libvirt.open(SYSTEM_URI), SYSTEM_URI
+            except libvirt.libvirtError:
+                LOG.debug("no libvirt daemon answers on %s; using the embedded driver", SYSTEM_URI)
+                uri = EMBED_URI
+        if uri == EMBED_URI:
+            uri = f"{EMBED_URI}?root={self.conf.embed_root}"
+        if uri.startswith(EMBED_URI):
+            self._prepare_embed_root(uri)
+        return self._open_uri(uri), uri
+
+    def _open_uri(self, uri: str) -> libvirt.virConnect:
+        try:
+            return libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise HostError(
+                f"cannot connect to libvirt at {uri}: {exc.get_error_message()}",
+                hint="run scripts/setup-host, or start the daemons: virtlogd -d; libvirtd -d",
+            ) from exc
+
+    def _prepare_embed_root(self, uri: str) -> None:
+        match = re.search(r"[?&]root=([^&]+)", uri)
+        if not match:
+            raise HostError(f"{uri}: the embedded driver needs root=DIR")
+        root = Path(match.group(1))
+        holder = embedded_root_holder(root)
+        if holder is not None:
+            raise HostError(
+                f"the embedded libvirt at {root} is in use by process {holder}"
+                " (it allows one process at a time)",
+                hint="start a libvirt daemon to share one host between processes:"
+                " virtlogd -d; libvirtd -d (scripts/setup-host does it)",
+            )
+        conf_dir = root / "etc" / "qemu"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        pw = pwd.getpwuid(os.geteuid())
+        text = EMBED_QEMU_CONF.format(user=pw.pw_name, group=grp.getgrgid(os.getegid()).gr_name)
+        conf_file = conf_dir / "qemu.conf"
+        if not conf_file.exists() or conf_file.read_text() != text:
+            conf_file.write_text(text)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
+
+    # -- facts ----------------------------------------------------------------
+
+    @property
+    def virt_type(self) -> VirtTypeChoice:
+        if self._virt_type is None:
+            self._virt_type = detect_virt_type(self.conf.libvirt.virt_type)
+        return self._virt_type
+
+    def qemu_user(self) -> str | None:
+        """The user QEMU runs as on this connection; None when it is us."""
+        if self.uri == SYSTEM_URI:
+            return qemu_user_of_daemon()
+        return None
+
+    def check_instances_path(self) -> None:
+        """Fail early, with the fix, when QEMU could not open our disk files."""
+        user = self.qemu_user()
+        if user is None:
+            return
+        blocked = untraversable_parents(self.conf.instances_path, user)
+        if blocked:
+            raise HostError(
+                f"libvirt's QEMU runs as {user} and cannot enter {blocked[0]}"
+                f" on the way to {self.conf.instances_path}",
+                hint=f"chmod o+x {' '.join(map(str, blocked))}, or choose another state_path",
+            )
+
+    # -- domains --------------------------------------------------------------
+
+    def define(self, xml: str) -> libvirt.virDomain:
+        """Define a persistent domain, validating the XML against libvirt's schema."""
+        return self.get_connection().defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+
+    def launch(self, domain: libvirt.virDomain) -> None:
+        domain.create()
+
+    def find_domain(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.get_connection().lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def domain_state(self, domain: libvirt.virDomain) -> str:
+        state, _reason = domain.state()
+        return POWER_STATES.get(state, "unknown")
+
+    # -- lifecycle events -------------------------------------------------------
+
+    def _lifecycle_event(
+        self, _conn: Any, domain: libvirt.virDomain, _event: int, _detail: int, _opaque: Any
+    ) -> None:
+        for waiter in self._waiters.get(domain.UUIDString(), []):
+            waiter.set()
+
+    @contextlib.contextmanager
+    def lifecycle_waiter(self, domain_uuid: str) -> Iterator[threading.Event]:
+        """An Event set whenever the domain's lifecycle changes (started, stopped...)."""
+        event = threading.Event()
+        self._waiters.setdefault(domain_uuid, []).append(event)
+        try:
+            yield event
+        finally:
+            self._waiters[domain_uuid].remove(event)
+            if not self._waiters[domain_uuid]:
+                del self._waiters[domain_uuid]

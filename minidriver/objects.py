@@ -1,0 +1,137 @@
+"""The objects a spawn works on: Flavor, ImageMeta, Instance and the typed DiskInfo.
+
+Nova passes untyped dicts for disk_info; here every field is named and typed, so a
+reader sees in one place what blockinfo decides and the template lays out.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """A hardware template, with Nova's field names (``swap`` is in MB)."""
+
+    name: str
+    vcpus: int
+    memory_mb: int
+    root_gb: int
+    ephemeral_gb: int = 0
+    swap: int = 0
+
+    def __post_init__(self) -> None:
+        for attr in ("vcpus", "memory_mb"):
+            if getattr(self, attr) < 1:
+                raise ValueError(f"flavor {self.name}: {attr} must be at least 1")
+        for attr in ("root_gb", "ephemeral_gb", "swap"):
+            if getattr(self, attr) < 0:
+                raise ValueError(f"flavor {self.name}: {attr} must not be negative")
+
+
+# Nova's default flavors, plus a tiny one for tests.
+DEFAULT_FLAVORS: Mapping[str, Flavor] = MappingProxyType(
+    {
+        f.name: f
+        for f in (
+            Flavor("t1.nano", vcpus=1, memory_mb=128, root_gb=1, ephemeral_gb=1, swap=64),
+            Flavor("m1.tiny", vcpus=1, memory_mb=512, root_gb=1),
+            Flavor("m1.small", vcpus=1, memory_mb=2048, root_gb=20),
+            Flavor("m1.medium", vcpus=2, memory_mb=4096, root_gb=40),
+            Flavor("m1.large", vcpus=4, memory_mb=8192, root_gb=80),
+            Flavor("m1.xlarge", vcpus=8, memory_mb=16384, root_gb=160),
+        )
+    }
+)
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What spawn needs to know of an image (Nova's ``objects.ImageMeta``)."""
+
+    id: str
+    name: str
+    disk_format: str
+    container_format: str = "bare"
+    size: int = 0
+    virtual_size: int | None = None
+    min_disk: int = 0  # GB
+    min_ram: int = 0  # MB
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+
+class DiskBus(enum.StrEnum):
+    VIRTIO = "virtio"
+    IDE = "ide"
+    SCSI = "scsi"
+    SATA = "sata"
+    USB = "usb"
+
+    @property
+    def dev_prefix(self) -> str:
+        """Device name prefix the guest-facing target takes (``vd``, ``hd``, ``sd``)."""
+        return {DiskBus.VIRTIO: "vd", DiskBus.IDE: "hd"}.get(self, "sd")
+
+
+class DeviceType(enum.StrEnum):
+    DISK = "disk"
+    CDROM = "cdrom"
+
+
+@dataclass(frozen=True)
+class DiskMapping:
+    """One entry of disk_info's mapping: where one of the instance's disks goes."""
+
+    name: str  # the file name in the instance dir: disk, disk.local, disk.swap, disk.config
+    bus: DiskBus
+    dev: str  # vda, vdb, hda...
+    type: DeviceType
+    boot_index: int | None = None
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """Nova's disk_info, typed: the default buses and the mapping of every disk."""
+
+    disk_bus: DiskBus
+    cdrom_bus: DiskBus
+    mapping: tuple[DiskMapping, ...]
+
+    def __iter__(self) -> Iterator[DiskMapping]:
+        return iter(self.mapping)
+
+    def __contains__(self, name: object) -> bool:
+        return any(m.name == name for m in self.mapping)
+
+    def __getitem__(self, name: str) -> DiskMapping:
+        for m in self.mapping:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def root(self) -> DiskMapping:
+        return next(m for m in self.mapping if m.boot_index == 1)
+
+
+@dataclass
+class Instance:
+    """An instance being built or running (a small part of Nova's ``objects.Instance``)."""
+
+    uuid: str
+    name: str  # the libvirt domain name, from instance_name_template
+    display_name: str
+    flavor: Flavor
+    image_ref: str
+    virt_type: str = "qemu"
+    state: str = "building"
+    created_at: str = ""
+    instance_dir: str = ""
+    cache_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,131 @@
+"""Fixtures shared by unit and integration tests.
+
+libvirt's embedded driver allows one root per process and one process per root, so
+the connection is session-scoped: one Host, on one state dir, per pytest process.
+``MINIDRIVER_TEST_CONNECTION`` picks it: ``daemon`` (qemu:///system, which must
+answer), ``embed`` (the embedded driver, even where a daemon runs) or unset (auto, as
+users get it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from minidriver import console
+from minidriver.config import Config, load_config
+from minidriver.host import EMBED_URI, SYSTEM_URI, Host
+
+# libvirt's QEMU runs as libvirt-qemu under a daemon and must traverse every parent of
+# the state dir; pytest's own temp dirs are 0700, so integration state lives here.
+TRAVERSABLE_TMP = Path("/var/tmp")
+
+
+@pytest.fixture(scope="session")
+def test_image() -> Path:
+    """The test guest image, built once and cached (scripts/build-test-image)."""
+    from minidriver import testimage
+
+    return testimage.build(log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Iterator[Path]:
+    """A state dir that libvirt's QEMU user can traverse, removed after the session."""
+    path = Path(tempfile.mkdtemp(prefix="mdtest-", dir=TRAVERSABLE_TMP))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _connection_uri() -> str:
+    wanted = os.environ.get("MINIDRIVER_TEST_CONNECTION", "")
+    return {"daemon": SYSTEM_URI, "embed": EMBED_URI, "": ""}[wanted]
+
+
+@pytest.fixture(scope="session")
+def host_config(state_dir: Path) -> Config:
+    conf = load_config(None, state_dir=state_dir, environ={})
+    return conf.with_libvirt(connection_uri=_connection_uri())
+
+
+@pytest.fixture(scope="session")
+def session_id() -> str:
+    """Marks every domain this session defines, so that the sweep finds them all."""
+    return str(uuid.uuid4())
+
+
+@pytest.fixture(scope="session")
+def libvirt_host(host_config: Config, session_id: str) -> Iterator[Host]:
+    host = Host(host_config)
+    host.get_connection()
+    yield host
+    sweep_domains(host, session_id)
+    host.close()
+
+
+def sweep_domains(host: Host, marker: str) -> list[str]:
+    """Destroy and undefine every domain whose metadata carries ``marker``."""
+    swept = []
+    for dom in host.get_connection().listAllDomains():
+        with contextlib.suppress(libvirt.libvirtError):
+            if marker not in dom.XMLDesc(0):
+                continue
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+            swept.append(dom.name())
+    return swept
+
+
+@pytest.fixture
+def wait_console() -> Callable[..., re.Match[str]]:
+    """``wait_console(path, pattern, timeout=90)``: fails the test with the tail."""
+
+    def wait(path: Path, pattern: str, timeout: float = 90) -> re.Match[str]:
+        try:
+            return console.wait_for_console(path, pattern, timeout)
+        except console.ConsoleTimeout as exc:
+            pytest.fail(f"{exc}\n--- console tail ---\n{exc.tail}")
+
+    return wait
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regenerate-golden",
+        action="store_true",
+        help="rewrite tests/data golden files from the current output instead of comparing",
+    )
+
+
+# A libvirt test-driver node with no domains: each test opens its own copy, so state
+# defined by one test never leaks into another.
+TEST_DRIVER_NODE = """\
+<node>
+  <cpu>
+    <nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads>
+    <mhz>2000</mhz><model>x86_64</model>
+  </cpu>
+  <memory>4194304</memory>
+</node>
+"""
+
+
+@pytest.fixture
+def test_driver(tmp_path: Path) -> Iterator[libvirt.virConnect]:
+    """A fresh connection to libvirt's own test driver, from a definition file."""
+    node = tmp_path / "testdriver.xml"
+    node.write_text(TEST_DRIVER_NODE)
+    conn = libvirt.open(f"test://{node}")
+    yield conn
+    conn.close()

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from minidriver.config import EMBED_ROOT_MAX, load_config
+from minidriver.exception import ConfigError
+from minidriver.objects import Flavor
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "minidriver.conf"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    conf = load_config(None, state_dir=tmp_path, environ={})
+    assert conf.instances_path == tmp_path / "instances"
+    assert conf.base_dir == tmp_path / "instances" / "_base"
+    assert conf.default.use_cow_images is True
+    assert conf.default.force_raw_images is True
+    assert conf.default.instance_build_timeout == 300
+    assert conf.default.instance_name_template == "instance-%08x"
+    assert conf.libvirt.virt_type == "auto"
+    assert conf.libvirt.wait_interval == 0.5
+    assert conf.libvirt.resized_base_copies is False
+    assert conf.flavors["t1.nano"] == Flavor(
+        "t1.nano", vcpus=1, memory_mb=128, root_gb=1, ephemeral_gb=1, swap=64
+    )
+    assert set(conf.flavors) >= {"m1.tiny", "m1.small", "m1.medium", "m1.large", "m1.xlarge"}
+
+
+def test_file_options_typed_and_state_path_substituted(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+[DEFAULT]
+state_path = {tmp_path}/state
+instance_build_timeout = 42
+use_cow_images = false
+
+[libvirt]
+virt_type = qemu
+wait_interval = 0.25
+resized_base_copies = yes
+
+[image_cache]
+subdirectory_name = cache
+
+[flavor:lab.big]
+vcpus = 4
+memory_mb = 4096
+root_gb = 10
+swap = 512
+""",
+    )
+    conf = load_config(path, environ={})
+    assert conf.state_path == tmp_path / "state"
+    assert conf.instances_path == tmp_path / "state" / "instances"
+    assert conf.base_dir == tmp_path / "state" / "instances" / "cache"
+    assert conf.default.instance_build_timeout == 42
+    assert conf.default.use_cow_images is False
+    assert conf.libvirt.virt_type == "qemu"
+    assert conf.libvirt.wait_interval == 0.25
+    assert conf.libvirt.resized_base_copies is True
+    assert conf.flavors["lab.big"] == Flavor("lab.big", 4, 4096, 10, 0, 512)
+    assert conf.source == str(path)
+
+
+def test_environment_and_argument_precedence(tmp_path: Path) -> None:
+    path = write(tmp_path, f"[DEFAULT]\nstate_path = {tmp_path}/from-file\n")
+    env = {"MINIDRIVER_CONFIG": str(path), "MINIDRIVER_STATE_DIR": str(tmp_path / "from-env")}
+    assert load_config(None, environ=env).state_path == tmp_path / "from-env"
+    assert load_config(None, state_dir=tmp_path / "arg", environ=env).state_path == (
+        tmp_path / "arg"
+    )
+    assert load_config(None, environ={"MINIDRIVER_CONFIG": str(path)}).state_path == (
+        tmp_path / "from-file"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[libvirt]\nvirt_typ = qemu\n", "unknown option [libvirt] virt_typ"),
+        ("[libvirt]\nvirt_type = xen\n", "is not one of"),
+        ("[DEFAULT]\ninstance_build_timeout = soon\n", "is not a valid int"),
+        ("[DEFAULT]\nuse_cow_images = maybe\n", "is not a valid bool"),
+        ("[nova]\nx = 1\n", "unknown section [nova]"),
+        ("[flavor:x]\nvcpus = 1\n", "misses memory_mb, root_gb"),
+        ("[flavor:x]\nvcpus = 0\nmemory_mb = 1\nroot_gb = 1\n", "vcpus must be at least 1"),
+        ("[flavor:x]\nvcpus = 1\nmemory_mb = 1\nroot_gb = 1\ndisk = 3\n", "unknown option"),
+        ("not ini at all\n", "is not valid INI"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), state_dir=tmp_path, environ={})
+    assert message in str(err.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.conf", environ={})
+
+
+def test_embed_root_stays_short_for_long_state_paths(tmp_path: Path) -> None:
+    short = load_config(None, state_dir="/var/tmp/md", environ={})
+    assert short.embed_root == Path("/var/tmp/md/embed")
+    deep = load_config(None, state_dir=tmp_path / ("x" * 80), environ={})
+    assert len(str(deep.embed_root)) <= EMBED_ROOT_MAX
+    other = load_config(None, state_dir=tmp_path / ("y" * 80), environ={})
+    assert deep.embed_root != other.embed_root
