@@ -48,3 +48,27 @@ class HostError(MinidriverError):
 
 class UnsupportedHardware(MinidriverError):
     """An image property or flavor asks for hardware this host cannot give."""
+
+
+class NotFound(MinidriverError):
+    """A named thing (image, instance, flavor) does not exist."""
+
+
+class ImageNotFound(NotFound):
+    pass
+
+
+class InstanceNotFound(NotFound):
+    pass
+
+
+class FlavorNotFound(NotFound):
+    pass
+
+
+class AmbiguousReference(MinidriverError):
+    """A name or uuid prefix matches more than one thing; the message lists them."""
+
+
+class ImageUnacceptable(MinidriverError):
+    """An image failed a safety or format check and will not be used."""
