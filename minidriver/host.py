@@ -246,11 +246,12 @@ class Host:
                 hint="start a libvirt daemon to share one host between processes:"
                 " virtlogd -d; libvirtd -d (scripts/setup-host does it)",
             )
-        conf_dir = root / "etc" / "qemu"
-        conf_dir.mkdir(parents=True, exist_ok=True)
+        # The embedded driver reads <root>/etc/qemu.conf (its other config, such as
+        # domain definitions, lives under <root>/etc/qemu/).
+        (root / "etc").mkdir(parents=True, exist_ok=True)
         pw = pwd.getpwuid(os.geteuid())
         text = EMBED_QEMU_CONF.format(user=pw.pw_name, group=grp.getgrgid(os.getegid()).gr_name)
-        conf_file = conf_dir / "qemu.conf"
+        conf_file = root / "etc" / "qemu.conf"
         if not conf_file.exists() or conf_file.read_text() != text:
             conf_file.write_text(text)
 

@@ -1,0 +1,734 @@
+"""Build the tiny bootable BIOS test guest that the integration tests boot.
+
+The guest is made from Debian packages alone, with no mount and no root needed:
+
+* the cloud kernel (``linux-image-cloud-amd64`` resolved to its real package) and
+  ``busybox-static``, fetched with ``apt-get download`` into ``<out_dir>/debs/`` and
+  unpacked with ``dpkg-deb -x``;
+* an initramfs written here as a deterministic cpio "newc" archive (mtime 0, uid/gid 0,
+  sorted) and gzipped with mtime 0: ``/init`` (``minidriver/data/testimage-init.sh``),
+  busybox, and the kernel modules the guest needs, dependencies resolved here from
+  ``modules.dep`` or, as the Debian package ships none (depmod runs in its postinst),
+  from each module's ``.modinfo`` section;
+* a raw 64 MiB disk: a FAT file system (label ``MDGUEST``) at its start with syslinux
+  installed by ``syslinux --install`` and the files copied in by ``mcopy``, and a boot
+  record at byte 32 MiB that ``/init`` counts boots in;
+* ``qemu-img convert -O qcow2 -c`` of that disk to ``minidriver-test-guest.qcow2``.
+
+What the guest prints on its serial console (the lines tests rely on) is described in
+the init script. A build is skipped when the output exists and its sidecar
+``<out>.inputs`` records the same inputs (package versions, the init script, this
+builder's version); ``--force`` rebuilds anyway.
+
+Usage: ``python -m minidriver.testimage [OUT] [--force]`` (or ``scripts/build-test-image``),
+OUT being the image file or a directory to put it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import importlib.resources
+import json
+import lzma
+import os
+import shutil
+import stat
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from minidriver.exception import MinidriverError
+from minidriver.process import run
+
+# Bump when the builder changes what it produces (part of the cache key).
+BUILDER_VERSION = "1"
+
+IMAGE_NAME = "minidriver-test-guest.qcow2"
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+MIB = 1024 * 1024
+DISK_SIZE = 64 * MIB
+FAT_SIZE = 30 * MIB  # ends before the boot record
+FAT_LABEL = "MDGUEST"
+FAT_VOLUME_ID = "4d444753"  # "MDGS": fixed for reproducible images
+
+# The boot record: one text line at the start of the sector at 32 MiB of the root disk,
+# padded with NUL bytes to 512; /init increments the count on every boot.
+BOOT_RECORD_OFFSET = 32 * MIB
+BOOT_RECORD_SIZE = 512
+BOOT_RECORD_MAGIC = b"MINIDRIVER-BOOTREC-1"
+
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet"
+
+# Loaded in this order (each after its dependencies); built-in ones are skipped.
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "ata_piix",
+    "sr_mod",
+    "isofs",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_iso8859-1",
+    "nls_utf8",
+    "button",  # ACPI power button (a module in Debian's cloud kernel)
+    "evdev",  # /dev/input/event* for acpid
+)
+
+INIT_SCRIPT_RESOURCE = "testimage-init.sh"
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
+
+# Host programs the build runs, with the Debian package providing each.
+HOST_TOOLS = {
+    "apt-cache": "apt",
+    "apt-get": "apt",
+    "dpkg-deb": "dpkg",
+    "mkfs.fat": "dosfstools",
+    "syslinux": "syslinux",
+    "mcopy": "mtools",
+    "qemu-img": "qemu-utils",
+}
+# sbin directories are often missing from a non-root PATH.
+_TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+Log = Callable[[str], None]
+
+
+class TestImageError(MinidriverError):
+    """The test guest image could not be built."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+# ---------------------------------------------------------------------------------------
+# cpio "newc"
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One member of a cpio archive: ``path`` relative (no leading slash)."""
+
+    path: str
+    mode: int  # full st_mode, with the file type bits
+    data: bytes = b""  # file contents, or the target of a symlink
+    rdev: tuple[int, int] = (0, 0)  # device nodes: (major, minor)
+
+
+def cpio_dir(path: str, perm: int = 0o755) -> CpioEntry:
+    return CpioEntry(path, stat.S_IFDIR | perm)
+
+
+def cpio_file(path: str, data: bytes, perm: int = 0o644) -> CpioEntry:
+    return CpioEntry(path, stat.S_IFREG | perm, data)
+
+
+def cpio_symlink(path: str, target: str) -> CpioEntry:
+    return CpioEntry(path, stat.S_IFLNK | 0o777, target.encode())
+
+
+def cpio_chardev(path: str, major: int, minor: int, perm: int = 0o600) -> CpioEntry:
+    return CpioEntry(path, stat.S_IFCHR | perm, rdev=(major, minor))
+
+
+def _cpio_member(ino: int, name: str, mode: int, data: bytes, rdev: tuple[int, int]) -> bytes:
+    raw_name = name.encode() + b"\0"
+    nlink = 2 if stat.S_ISDIR(mode) else 1
+    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw_name), 0)
+    header = b"070701" + b"".join(b"%08X" % f for f in fields)
+    head = header + raw_name
+    head += b"\0" * (-len(head) % 4)
+    return head + data + b"\0" * (-len(data) % 4)
+
+
+def write_cpio(entries: Iterable[CpioEntry]) -> bytes:
+    """A deterministic cpio "newc" archive of ``entries``, as the kernel unpacks it.
+
+    Members are sorted by path; missing parent directories are added (mode 0755);
+    owners are 0, mtimes 0, inode numbers count from 1. Duplicate paths are an error.
+    """
+    members: dict[str, CpioEntry] = {}
+    for entry in entries:
+        path = entry.path.strip("/")
+        if not path or ".." in path.split("/"):
+            raise ValueError(f"bad cpio path {entry.path!r}")
+        if path in members:
+            raise ValueError(f"duplicate cpio path {path!r}")
+        if entry.data and not (stat.S_ISREG(entry.mode) or stat.S_ISLNK(entry.mode)):
+            raise ValueError(f"{path!r}: only files and symlinks carry data")
+        members[path] = CpioEntry(path, entry.mode, entry.data, entry.rdev)
+    for path in list(members):
+        parent = os.path.dirname(path)
+        while parent and parent not in members:
+            members[parent] = cpio_dir(parent)
+            parent = os.path.dirname(parent)
+    for path in members:
+        parent = os.path.dirname(path)
+        if parent and not stat.S_ISDIR(members[parent].mode):
+            raise ValueError(f"{path!r}: parent {parent!r} is not a directory")
+    out = [
+        _cpio_member(ino, path, members[path].mode, members[path].data, members[path].rdev)
+        for ino, path in enumerate(sorted(members), start=1)
+    ]
+    out.append(_cpio_member(0, "TRAILER!!!", 0, b"", (0, 0)))
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# kernel modules
+
+
+def module_name(path: str) -> str:
+    """``kernel/fs/nls/nls_iso8859-1.ko.xz`` -> ``nls_iso8859_1`` (the kernel's name)."""
+    base = os.path.basename(path)
+    for suffix in sorted(MODULE_SUFFIXES, key=len, reverse=True):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def parse_modules_dep(text: str) -> dict[str, list[str]]:
+    """``modules.dep`` (``path: dep-path ...`` per line) as module name -> dependency names."""
+    deps: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        path, sep, rest = line.partition(":")
+        if not sep:
+            raise ValueError(f"bad modules.dep line: {line!r}")
+        deps[module_name(path.strip())] = [module_name(d) for d in rest.split()]
+    return deps
+
+
+def parse_modules_builtin(text: str) -> set[str]:
+    """``modules.builtin`` (one path per line) as a set of module names."""
+    return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
+
+
+def read_modinfo(elf: bytes) -> list[tuple[str, str]]:
+    """The ``key=value`` strings of a module's ``.modinfo`` section (ELF64, little endian)."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise ValueError("not a little-endian ELF64 file")
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    if shoff == 0 or shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(elf):
+        raise ValueError("bad ELF section header table")
+
+    def section(i: int) -> tuple[int, bytes]:
+        name, _type, _flags, _addr, offset, size = struct.unpack_from(
+            "<IIQQQQ", elf, shoff + i * shentsize
+        )
+        return name, elf[offset : offset + size]
+
+    _, names = section(shstrndx)
+    for i in range(shnum):
+        name_off, body = section(i)
+        if names[name_off : names.find(b"\0", name_off)] == b".modinfo":
+            pairs = []
+            for item in body.split(b"\0"):
+                key, sep, value = item.decode(errors="replace").partition("=")
+                if sep:
+                    pairs.append((key, value))
+            return pairs
+    raise ValueError("no .modinfo section")
+
+
+def modinfo_depends(elf: bytes) -> list[str]:
+    """Names from a module's ``depends=`` field (what depmod turns into modules.dep)."""
+    for key, value in read_modinfo(elf):
+        if key == "depends":
+            return [module_name(d) for d in value.split(",") if d]
+    return []
+
+
+def resolve_modules(
+    wanted: Iterable[str],
+    depends: Callable[[str], Sequence[str]],
+    builtin: Iterable[str] = (),
+) -> list[str]:
+    """Module names in load order: every module after all it depends on.
+
+    ``wanted`` keep their given order where dependencies allow; modules built into the
+    kernel are left out (they need no loading). ``depends(name)`` gives direct
+    dependencies (a full transitive list, as in modules.dep, works too) and raises
+    KeyError for an unknown module.
+    """
+    skip = {module_name(b) for b in builtin}
+    order: list[str] = []
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in skip or state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ValueError("module dependency cycle: " + " -> ".join((*chain, name)))
+        state[name] = "visiting"
+        try:
+            deps = depends(name)
+        except KeyError:
+            via = f" (needed by {chain[-1]})" if chain else ""
+            raise ValueError(f"kernel module {name} not found{via}") from None
+        for dep in deps:
+            visit(module_name(dep), (*chain, name))
+        state[name] = "done"
+        order.append(name)
+
+    for name in wanted:
+        visit(module_name(name), ())
+    return order
+
+
+class ModuleTree:
+    """The modules of one kernel release, ``/lib/modules/<release>`` of an unpacked package."""
+
+    def __init__(self, moddir: Path) -> None:
+        self.moddir = moddir
+        self.release = moddir.name
+        self.paths: dict[str, Path] = {}
+        for dirpath, _dirs, files in os.walk(moddir / "kernel"):
+            for f in files:
+                if f.endswith(MODULE_SUFFIXES):
+                    self.paths[module_name(f)] = Path(dirpath, f)
+        dep_file = moddir / "modules.dep"
+        self._deps = parse_modules_dep(dep_file.read_text()) if dep_file.exists() else None
+        builtin_file = moddir / "modules.builtin"
+        self.builtin = (
+            parse_modules_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
+        )
+
+    def read(self, name: str) -> bytes:
+        """The module as an uncompressed ELF file."""
+        path = self.paths[name]
+        data = path.read_bytes()
+        if path.name.endswith(".xz"):
+            return lzma.decompress(data)
+        if path.name.endswith(".gz"):
+            return gzip.decompress(data)
+        if path.name.endswith(".zst"):
+            with tempfile.TemporaryDirectory() as tmp:
+                plain = Path(tmp, "m.ko")
+                run(["zstd", "-q", "-d", "-o", plain, path])
+                return plain.read_bytes()
+        return data
+
+    def depends(self, name: str) -> list[str]:
+        if name not in self.paths:
+            raise KeyError(name)
+        if self._deps is not None:
+            return self._deps.get(name, [])
+        return modinfo_depends(self.read(name))
+
+    def resolve(self, wanted: Iterable[str]) -> list[str]:
+        return resolve_modules(wanted, self.depends, self.builtin)
+
+
+# ---------------------------------------------------------------------------------------
+# boot record, syslinux, inputs
+
+
+def boot_record(count: int = 0) -> bytes:
+    """The boot record sector as /init reads and writes it."""
+    line = BOOT_RECORD_MAGIC + b" count=%010d\n" % count
+    return line + b"\0" * (BOOT_RECORD_SIZE - len(line))
+
+
+def parse_boot_record(sector: bytes) -> int | None:
+    """The boot count in a boot record sector, None when it carries no record."""
+    line = sector.split(b"\n", 1)[0]
+    prefix = BOOT_RECORD_MAGIC + b" count="
+    if not line.startswith(prefix) or not line[len(prefix) :].isdigit():
+        return None
+    return int(line[len(prefix) :])
+
+
+def syslinux_cfg(cmdline: str = KERNEL_CMDLINE) -> str:
+    return (
+        "DEFAULT minidriver\n"
+        "PROMPT 0\n"
+        "TIMEOUT 1\n"
+        "LABEL minidriver\n"
+        "  KERNEL vmlinuz\n"
+        "  INITRD initrd.img\n"
+        f"  APPEND {cmdline}\n"
+    )
+
+
+def init_script() -> bytes:
+    return (importlib.resources.files("minidriver.data") / INIT_SCRIPT_RESOURCE).read_bytes()
+
+
+@dataclass(frozen=True)
+class Deb:
+    """A Debian package version as apt knows it."""
+
+    package: str
+    version: str
+    architecture: str
+    sha256: str
+    size: int
+
+    @property
+    def filename(self) -> str:
+        """The name ``apt-get download`` gives the file (``:`` of an epoch as ``%3a``)."""
+        return f"{self.package}_{self.version.replace(':', '%3a')}_{self.architecture}.deb"
+
+
+def cache_inputs(debs: Sequence[Deb], init: bytes) -> dict[str, object]:
+    """Everything a build depends on, as the JSON stored in the sidecar file."""
+    return {
+        "builder_version": BUILDER_VERSION,
+        "debs": [
+            {"package": d.package, "version": d.version, "sha256": d.sha256}
+            for d in sorted(debs, key=lambda d: d.package)
+        ],
+        "init_sha256": hashlib.sha256(init).hexdigest(),
+        "modules": list(GUEST_MODULES),
+        "cmdline": KERNEL_CMDLINE,
+    }
+
+
+def cache_key(inputs: Mapping[str, object]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# host programs
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=_TOOL_PATH)
+    if path is None:
+        raise TestImageError(
+            f"{name} not found", hint=f"install the Debian package {HOST_TOOLS.get(name, name)}"
+        )
+    return path
+
+
+def check_host_tools() -> dict[str, str]:
+    """Absolute paths of the programs the build runs; one error naming all missing ones."""
+    found = {t: shutil.which(t, path=_TOOL_PATH) for t in HOST_TOOLS}
+    missing = sorted(t for t, p in found.items() if p is None)
+    if missing:
+        packages = sorted({HOST_TOOLS[t] for t in missing})
+        raise TestImageError(
+            "missing host tools: " + ", ".join(missing),
+            hint="apt-get install " + " ".join(packages),
+        )
+    return {t: p for t, p in found.items() if p is not None}
+
+
+def parse_apt_records(text: str) -> list[dict[str, str]]:
+    """``apt-cache show`` output as one dict per record (continuation lines joined)."""
+    records: list[dict[str, str]] = []
+    fields: dict[str, str] = {}
+    key = ""
+    for line in [*text.splitlines(), ""]:
+        if not line.strip():
+            if fields:
+                records.append(fields)
+            fields, key = {}, ""
+        elif line[0].isspace() and key:
+            fields[key] += "\n" + line.strip()
+        else:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return records
+
+
+def _apt_show(specs: Sequence[str]) -> dict[str, dict[str, str]]:
+    """apt's record of each ``package`` (its candidate) or ``package=version``, by package."""
+    result = run([_tool("apt-cache"), "show", "--no-all-versions", *specs], check=False)
+    records: dict[str, dict[str, str]] = {}
+    for record in parse_apt_records(result.stdout):
+        records.setdefault(record.get("Package", ""), record)
+    missing = [s for s in specs if s.partition("=")[0] not in records]
+    if missing:
+        raise TestImageError(
+            "apt knows no installable " + ", ".join(missing),
+            hint="run apt-get update (the packages are in Debian main)",
+        )
+    return records
+
+
+def _deb(fields: Mapping[str, str]) -> Deb:
+    try:
+        return Deb(
+            fields["Package"],
+            fields["Version"],
+            fields["Architecture"],
+            fields["SHA256"],
+            int(fields["Size"]),
+        )
+    except (KeyError, ValueError) as exc:
+        raise TestImageError(f"apt record of {fields.get('Package')} lacks {exc}") from None
+
+
+def resolve_kernel_package(meta_fields: Mapping[str, str]) -> str:
+    """``name=version`` of the real kernel package a ``linux-image-*`` metapackage depends on.
+
+    Without a version pinned by ``(= version)`` just the name (apt's candidate).
+    """
+    for alternative in meta_fields.get("Depends", "").split(","):
+        first = alternative.split("|")[0].strip()
+        name, _, constraint = first.partition(" ")
+        if name.startswith("linux-image-") and name != meta_fields.get("Package"):
+            constraint = constraint.strip("() ")
+            if constraint.startswith("=") and constraint[1:].strip():
+                return f"{name}={constraint[1:].strip()}"
+            return name
+    raise TestImageError(f"{meta_fields.get('Package')} depends on no linux-image package")
+
+
+def resolve_packages(log: Log = print) -> list[Deb]:
+    """The kernel and busybox packages to build from, as apt resolves them now."""
+    records = _apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
+    kernel = resolve_kernel_package(records[KERNEL_METAPACKAGE])
+    kernel_record = _apt_show([kernel])[kernel.partition("=")[0]]
+    debs = [_deb(kernel_record), _deb(records[BUSYBOX_PACKAGE])]
+    for d in debs:
+        log(f"package: {d.package} {d.version}")
+    return debs
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_deb(deb: Deb, debs_dir: Path, log: Log = print) -> Path:
+    """The package file in ``debs_dir``, downloaded with ``apt-get download`` unless cached."""
+    path = debs_dir / deb.filename
+    if path.exists():
+        if path.stat().st_size == deb.size and _sha256_file(path) == deb.sha256:
+            log(f"cached: {path.name}")
+            return path
+        log(f"cached {path.name} does not match apt's checksum; downloading again")
+    debs_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=debs_dir, prefix=".download-") as tmp:
+        log(f"downloading {deb.package} {deb.version} ({deb.size / MIB:.1f} MiB)")
+        run([_tool("apt-get"), "download", f"{deb.package}={deb.version}"], cwd=tmp, timeout=900)
+        got = list(Path(tmp).glob("*.deb"))
+        if len(got) != 1:
+            raise TestImageError(f"apt-get download {deb.package} left {len(got)} .deb files")
+        if _sha256_file(got[0]) != deb.sha256:
+            raise TestImageError(f"{got[0].name}: checksum differs from apt's record")
+        os.replace(got[0], path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# the build
+
+
+def _checkout_root() -> Path | None:
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "setup.cfg").exists() else None
+
+
+def default_output_dir() -> Path:
+    """``<repo>/build`` in a checkout, else ``<state dir>/test-image``."""
+    root = _checkout_root()
+    if root is not None:
+        return root / "build"
+    state = os.environ.get("MINIDRIVER_STATE_DIR")
+    if state:
+        base = Path(state)
+    elif os.geteuid() == 0:
+        base = Path("/var/lib/minidriver")
+    else:
+        base = Path.home() / ".local" / "share" / "minidriver"
+    return base / "test-image"
+
+
+def output_path(out: Path | None) -> Path:
+    """Where :func:`build` writes for ``out``: a ``*.qcow2`` file, else a directory."""
+    if out is None:
+        return default_output_dir() / IMAGE_NAME
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".qcow2":
+        return out / IMAGE_NAME
+    return out
+
+
+def _sidecar(out: Path) -> Path:
+    return out.with_name(out.name + ".inputs")
+
+
+def _recorded_key(out: Path) -> str | None:
+    try:
+        data = json.loads(_sidecar(out).read_text())
+    except (OSError, ValueError):
+        return None
+    key = data.get("key") if isinstance(data, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """One build per output directory at a time (they share debs/); others wait."""
+    with (out_dir / ".testimage.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def make_initramfs(init: bytes, busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> bytes:
+    """The gzipped initramfs: /init, busybox, /dev/console, modules and their load order."""
+    entries = [
+        cpio_file("init", init, 0o755),
+        cpio_file("bin/busybox", busybox, 0o755),
+        cpio_symlink("bin/sh", "busybox"),
+        cpio_dir("dev"),
+        cpio_chardev("dev/console", 5, 1),
+        cpio_dir("proc", 0o555),
+        cpio_dir("sys", 0o555),
+        cpio_dir("mnt"),
+        cpio_dir("tmp", 0o1777),
+        cpio_dir("lib/modules"),
+        cpio_file("etc/minidriver/modules", "".join(f"{n}\n" for n, _ in modules).encode()),
+    ]
+    entries += [cpio_file(f"lib/modules/{name}.ko", data) for name, data in modules]
+    return gzip.compress(write_cpio(entries), compresslevel=9, mtime=0)
+
+
+def _single(paths: Iterable[Path], what: str) -> Path:
+    found = sorted(paths)
+    if len(found) != 1:
+        raise TestImageError(f"expected one {what}, found {len(found)}")
+    return found[0]
+
+
+def _build_image(
+    tools: Mapping[str, str], kernel_deb: Path, busybox_deb: Path, out: Path, log: Log
+) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        work = Path(tmp)
+        kroot, bbroot = work / "kernel", work / "busybox"
+        run([tools["dpkg-deb"], "-x", kernel_deb, kroot], timeout=300)
+        run([tools["dpkg-deb"], "-x", busybox_deb, bbroot], timeout=300)
+        vmlinuz = _single((kroot / "boot").glob("vmlinuz-*"), "vmlinuz in the kernel package")
+        tree = ModuleTree(_single((kroot / "lib" / "modules").iterdir(), "module directory"))
+        names = tree.resolve(GUEST_MODULES)
+        modules = [(n, tree.read(n)) for n in names]
+        log(f"kernel {tree.release}: modules {' '.join(names)}")
+        initrd = make_initramfs(init_script(), (bbroot / "bin" / "busybox").read_bytes(), modules)
+        (work / "initrd.img").write_bytes(initrd)
+        log(f"initramfs: {len(initrd) / MIB:.1f} MiB ({len(modules)} modules)")
+        (work / "syslinux.cfg").write_text(syslinux_cfg())
+        shutil.copyfile(vmlinuz, work / "vmlinuz")
+        for name in ("vmlinuz", "initrd.img", "syslinux.cfg"):
+            os.utime(work / name, (0, 0))
+
+        fat = work / "fat.img"
+        # mtools (and the syslinux installer, built on it) stamp directory entries with
+        # SOURCE_DATE_EPOCH when set: without it two builds differ. mcopy -m keeps the
+        # files' own mtime (0).
+        env = {"MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": "0"}
+        mkfs = [tools["mkfs.fat"], "-C", "--invariant", "-i", FAT_VOLUME_ID, "-n", FAT_LABEL]
+        run([*mkfs, fat, str(FAT_SIZE // 1024)])
+        run([tools["syslinux"], "--install", fat], env=env)
+        boot_files = [work / n for n in ("vmlinuz", "initrd.img", "syslinux.cfg")]
+        run([tools["mcopy"], "-m", "-i", fat, *boot_files, "::/"], env=env)
+
+        raw = work / "disk.raw"
+        with raw.open("wb") as dst, fat.open("rb") as src:
+            shutil.copyfileobj(src, dst, MIB)
+            dst.seek(BOOT_RECORD_OFFSET)
+            dst.write(boot_record(0))
+            dst.truncate(DISK_SIZE)
+
+        tmp_out = work / "image.qcow2"
+        run(
+            [tools["qemu-img"], "convert", "-f", "raw", "-O", "qcow2", "-c", raw, tmp_out],
+            timeout=300,
+        )
+        with tmp_out.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_out, out)
+
+
+def build(out: Path | None = None, *, force: bool = False, log: Log = print) -> Path:
+    """Build the test guest image (unless up to date) and return its path.
+
+    ``out`` is the image file or a directory for it (default: :func:`default_output_dir`).
+    """
+    out = output_path(out).absolute()
+    tools = check_host_tools()
+    started = time.monotonic()
+    debs = resolve_packages(log)
+    inputs = cache_inputs(debs, init_script())
+    key = cache_key(inputs)
+    if not force and out.exists() and _recorded_key(out) == key:
+        log(f"{out}: up to date, nothing to do")
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out.parent):
+        if not force and out.exists() and _recorded_key(out) == key:
+            log(f"{out}: built meanwhile by another process, up to date")
+            return out
+        reason = "forced" if force else ("inputs changed" if out.exists() else "no image yet")
+        log(f"building {out} ({reason})")
+        debs_dir = out.parent / "debs"
+        # Work directories of a killed build (no other build runs here: we hold the lock).
+        for stale in [*out.parent.glob(".build-*"), *debs_dir.glob(".download-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        kernel_deb, busybox_deb = (fetch_deb(d, debs_dir, log) for d in debs)  # in that order
+        _sidecar(out).unlink(missing_ok=True)
+        _build_image(tools, kernel_deb, busybox_deb, out, log)
+        record = {"key": key, "inputs": inputs}
+        _write_atomic(_sidecar(out), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    log(f"wrote {out} ({out.stat().st_size / MIB:.1f} MiB) in {time.monotonic() - started:.1f} s")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="build-test-image",
+        description="Build the tiny BIOS test guest (qcow2) the integration tests boot.",
+    )
+    parser.add_argument(
+        "out",
+        nargs="?",
+        type=Path,
+        help=f"image file (*.qcow2) or directory (default: {default_output_dir()})",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    args = parser.parse_args(argv)
+    try:
+        build(args.out, force=args.force)
+    except MinidriverError as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        print(f"build-test-image: error: {exc}{hint}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"build-test-image: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("build-test-image: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
