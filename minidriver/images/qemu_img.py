@@ -117,3 +117,27 @@ def convert(
 
 def resize(path: Path, fmt: str, size: int) -> list[str]:
     return _qemu_img(["resize", "-f", fmt, path, str(size)]).cmd
+
+
+# Glance's disk_format names and the driver name qemu-img knows each by. Formats not
+# listed here (qed, ploop, ...) are never handed to qemu-img.
+QEMU_FORMATS = {
+    "raw": "raw",
+    "qcow2": "qcow2",
+    "vmdk": "vmdk",
+    "vhd": "vpc",
+    "vhdx": "vhdx",
+    "vdi": "vdi",
+    "iso": "raw",
+}
+
+
+def qemu_format(disk_format: str) -> str:
+    try:
+        return QEMU_FORMATS[disk_format]
+    except KeyError:
+        raise QemuImgError(
+            f"disk_format {disk_format!r} is not supported for disks",
+            cmd=[],
+            hint=f"supported: {', '.join(QEMU_FORMATS)}",
+        ) from None

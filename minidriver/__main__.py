@@ -1,0 +1,5 @@
+import sys
+
+from minidriver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,524 @@
+"""The ``minidriver`` command: parses, calls the driver, prints.
+
+People get aligned tables and each step as it happens; machines get ``--json``: one
+JSON document on stdout and nothing else there. Exit codes: 0 done, 1 a clear error
+(one line and a hint on stderr; a traceback only with ``--debug``), 2 usage, 3 a
+deadline passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from minidriver import __version__, console
+from minidriver.config import Config, load_config
+from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
+from minidriver.exception import MinidriverError
+from minidriver.objects import Instance
+from minidriver.steps import Step
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+TEST_IMAGE_NAME = "minidriver-test-guest"
+
+
+class DeadlineExceeded(MinidriverError):
+    """A --timeout passed (exit code 3)."""
+
+
+def human_size(n: int | float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+class Output:
+    """Where results go: a table or lines for people, one JSON document for machines."""
+
+    def __init__(self, as_json: bool, stream: TextIO = sys.stdout) -> None:
+        self.json = as_json
+        self.stream = stream
+
+    def say(self, text: str = "") -> None:
+        """Progress and prose for people; silent under --json."""
+        if not self.json:
+            print(text, file=self.stream, flush=True)
+
+    def result(self, data: Any, text: str | Callable[[], str]) -> None:
+        if self.json:
+            json.dump(data, self.stream, indent=2, sort_keys=False)
+            self.stream.write("\n")
+        else:
+            rendered = text() if callable(text) else text
+            if rendered:
+                print(rendered, file=self.stream)
+
+
+# -- the parser -------------------------------------------------------------------
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the command: the sub-parsers' copies default to
+    # SUPPRESS, so they only override what the top level parsed when given.
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--config", metavar="FILE", help="INI config file", **kw)
+    parser.add_argument("--state-dir", metavar="DIR", help="state directory", **kw)
+    parser.add_argument("--connect", metavar="URI", help="libvirt connection URI", **kw)
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout", **kw)
+    parser.add_argument("--debug", action="store_true", help="debug log, tracebacks", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minidriver",
+        description="Boot VMs the way Nova's libvirt driver does, on one host.",
+    )
+    parser.add_argument("--version", action="version", version=f"minidriver {__version__}")
+    _global_options(parser, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, top=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
+        return p
+
+    host = command("host", "the libvirt host").add_subparsers(
+        dest="host_command", metavar="SUBCOMMAND", required=True
+    )
+    command("check", "can this host start a VM? libvirt, QEMU, virt_type, disk", host)
+
+    image = command("image", "the local image service").add_subparsers(
+        dest="image_command", metavar="SUBCOMMAND", required=True
+    )
+    p = command("add", "add an image from a local file", image)
+    p.add_argument("source", help="path of the image file")
+    p.add_argument("--name", required=True)
+    p.add_argument(
+        "--disk-format",
+        default="auto",
+        choices=["auto", "raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi", "iso", "aki", "ari", "ami"],
+    )
+    p.add_argument("--checksum", metavar="ALGO:HEX", help="md5, sha256 or sha512 of the source")
+    p.add_argument("--property", metavar="K=V", action="append", default=[], help="image property")
+    command("list", "list images", image)
+    command("show", "show one image", image).add_argument("image")
+    command("delete", "delete an image", image).add_argument("image")
+
+    flavor = command("flavor", "flavors").add_subparsers(
+        dest="flavor_command", metavar="SUBCOMMAND", required=True
+    )
+    command("list", "list flavors", flavor)
+
+    p = command("boot", "boot a new instance")
+    p.add_argument("--image", required=True)
+    p.add_argument("--flavor", required=True)
+    p.add_argument("--name", help="display name (default: the image's name)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="bound on the whole boot")
+    p.add_argument("--wait-for", metavar="REGEX", help="wait until the console matches")
+    p.add_argument("--keep-on-timeout", action="store_true")
+
+    command("list", "list this state dir's instances")
+    command("show", "show an instance and its image chain").add_argument("instance")
+    p = command("console", "print an instance's serial console log")
+    p.add_argument("instance")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until interrupted")
+    p = command("delete", "delete instances (the image cache stays)")
+    p.add_argument("instances", nargs="*", metavar="INSTANCE")
+    p.add_argument("--all", action="store_true", help="every instance of this state dir")
+    p = command("demo", "first run: build the test guest, boot it, show it, delete it")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def instance_dict(drv: LibvirtDriver, uuid: str) -> dict[str, Any]:
+    record = drv.db.get_instance(uuid)
+    return {
+        "uuid": record.uuid,
+        "name": record.name,
+        "display_name": record.display_name,
+        "state": drv.get_info(uuid).state,
+        "flavor": record.flavor,
+        "image": record.image_id,
+        "virt_type": drv.host.virt_type.virt_type,
+        "instance_dir": record.instance_dir,
+        "created_at": record.created_at,
+        "disks": {name: asdict(d) for name, d in drv.get_disks(uuid).items()},
+    }
+
+
+def chain_lines(disks: dict[str, dict[str, Any]], base_dir: Path) -> list[str]:
+    lines = []
+    for name, d in disks.items():
+        line = (
+            f"{name:<11} {d['format']:<6} {human_size(d['virtual_size'])} virtual,"
+            f" {human_size(d['actual_size'])} actual"
+        )
+        if d["backing_file"]:
+            backing = Path(d["backing_file"])
+            shown = (
+                f"{base_dir.name}/{backing.name}" if backing.parent == base_dir else str(backing)
+            )
+            line += f", backing {shown}"
+        lines.append(line)
+    return lines
+
+
+def show_text(data: dict[str, Any], base_dir: Path) -> str:
+    rows = [
+        (key, data[key])
+        for key in (
+            "uuid",
+            "name",
+            "display_name",
+            "state",
+            "flavor",
+            "image",
+            "virt_type",
+            "instance_dir",
+            "created_at",
+        )
+    ]
+    text = format_table(("field", "value"), rows)
+    return text + "\n\n" + "\n".join(chain_lines(data["disks"], base_dir))
+
+
+def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> Instance:
+    """spawn, showing each step as it ends, then the optional wait on the console."""
+    started = time.monotonic()
+    timeout = args.timeout
+
+    def listener(step: Step, seconds: float, finished: bool) -> None:
+        if finished:
+            out.say(f"  {step.value:<10} {seconds:7.3f} s")
+
+    image = drv.images.get(args.image)
+    drv.get_flavor(args.flavor)
+    if args.wait_for:
+        try:
+            re.compile(args.wait_for)
+        except re.error as exc:
+            raise UsageError(f"--wait-for {args.wait_for!r} is not a valid regex: {exc}") from None
+    name = args.name or image.name
+    out.say(f"booting {name} from {image.name} ({image.id[:8]}) as {args.flavor}")
+    try:
+        inst = drv.spawn(
+            name,
+            image.id,
+            args.flavor,
+            keep_on_timeout=args.keep_on_timeout,
+            timeout=timeout,
+            listener=listener,
+        )
+    except InstanceBuildTimeout as exc:
+        raise DeadlineExceeded(
+            str(exc), hint="raise --timeout, or --keep-on-timeout to debug"
+        ) from exc
+    if args.wait_for:
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        log = Path(inst.instance_dir) / "console.log"
+        try:
+            console.wait_for_console(
+                log,
+                args.wait_for,
+                remaining if remaining is not None else drv.conf.default.instance_build_timeout,
+                alive=lambda: drv.get_info(inst.uuid).state == "running",
+            )
+        except console.ConsoleTimeout as exc:
+            if not args.keep_on_timeout:
+                drv.destroy(inst.uuid)
+            raise DeadlineExceeded(f"{exc}\n{exc.tail}", hint=exc.hint) from exc
+    out.say(f"  {'total':<10} {inst.timings['total']:7.3f} s")
+    return inst
+
+
+def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    inst = boot_instance(drv, args, out)
+    data = instance_dict(drv, inst.uuid)
+    data["cache_hit"] = inst.cache_hit
+    data["timings"] = inst.timings
+    out.result(data, lambda: show_text(data, drv.conf.base_dir))
+    return EXIT_OK
+
+
+def cmd_list(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    records = drv.list_instances()
+    rows = [(r.uuid, r.name, r.display_name, r.state, r.flavor) for r in records]
+    out.result(
+        [asdict(r) for r in records],
+        lambda: format_table(("uuid", "name", "display_name", "state", "flavor"), rows),
+    )
+    return EXIT_OK
+
+
+def cmd_show(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    record = drv.db.find_instance(args.instance)
+    data = instance_dict(drv, record.uuid)
+    out.result(data, lambda: show_text(data, drv.conf.base_dir))
+    return EXIT_OK
+
+
+def cmd_console(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    record = drv.db.find_instance(args.instance)
+    log = Path(record.instance_dir) / "console.log"
+    text = console.read_console(log)
+    out.result({"uuid": record.uuid, "console": text}, text.rstrip("\n"))
+    if args.follow and not out.json:
+        follow(log, len(text.encode()))
+    return EXIT_OK
+
+
+def cmd_flavor(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    flavors = sorted(drv.conf.flavors.values(), key=lambda f: (f.memory_mb, f.name))
+    out.result(
+        [asdict(f) for f in flavors],
+        lambda: format_table(
+            ("name", "vcpus", "memory_mb", "root_gb", "ephemeral_gb", "swap"),
+            [(f.name, f.vcpus, f.memory_mb, f.root_gb, f.ephemeral_gb, f.swap) for f in flavors],
+        ),
+    )
+    return EXIT_OK
+
+
+def run_command(args: argparse.Namespace, conf: Config, out: Output) -> int:
+    commands: dict[str, Callable[[LibvirtDriver, argparse.Namespace, Output], int]] = {
+        "boot": cmd_boot,
+        "list": cmd_list,
+        "show": cmd_show,
+        "console": cmd_console,
+        "delete": cmd_delete,
+        "image": cmd_image,
+        "flavor": cmd_flavor,
+        "host": cmd_host_check,
+        "demo": cmd_demo,
+    }
+    return commands[args.command](LibvirtDriver(conf), args, out)
+
+
+def follow(log: Path, offset: int) -> None:
+    try:
+        while True:
+            with open(log, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+                offset += len(chunk)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_delete(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    if args.all == bool(args.instances):
+        raise UsageError("give INSTANCE... or --all, not both or neither")
+    refs = [r.uuid for r in drv.db.list_instances()] if args.all else args.instances
+    deleted, failed = [], []
+    for ref in refs:
+        try:
+            record = drv.db.find_instance(ref)
+            drv.destroy(record.uuid)
+            deleted.append(record.uuid)
+            out.say(f"deleted {record.display_name} ({record.uuid})")
+        except MinidriverError as exc:
+            failed.append({"instance": ref, "error": str(exc)})
+            print(f"minidriver: {ref}: {exc}", file=sys.stderr)
+    out.result({"deleted": deleted, "failed": failed}, "")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def cmd_image(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    sub = args.image_command
+    if sub == "add":
+        props = {}
+        for item in args.property:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--property {item!r}: expected K=V")
+            props[key] = value
+        img = drv.images.add(
+            Path(args.source),
+            name=args.name,
+            disk_format=args.disk_format,
+            properties=props,
+            checksum=args.checksum,
+        )
+        out.result(
+            img.to_dict(),
+            f"added image {img.name} {img.id} ({img.disk_format}, {human_size(img.size)})",
+        )
+    elif sub == "list":
+        images = drv.images.list()
+        out.result(
+            [i.to_dict() for i in images],
+            lambda: format_table(
+                ("id", "name", "disk_format", "size", "virtual_size", "status"),
+                [
+                    (
+                        i.id,
+                        i.name,
+                        i.disk_format,
+                        human_size(i.size),
+                        human_size(i.virtual_size) if i.virtual_size else "",
+                        i.status,
+                    )
+                    for i in images
+                ],
+            ),
+        )
+    elif sub == "show":
+        img = drv.images.get(args.image)
+        data = img.to_dict()
+        out.result(data, lambda: format_table(("field", "value"), sorted(data.items())))
+    elif sub == "delete":
+        img = drv.images.get(args.image)
+        drv.images.delete(img.id)
+        out.result({"deleted": img.id}, f"deleted image {img.name} {img.id}")
+    return EXIT_OK
+
+
+def cmd_host_check(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    conn = drv.host.get_connection()
+    choice = drv.host.virt_type
+    path = drv.conf.instances_path
+    path.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(path)
+    problems = []
+    try:
+        drv.host.check_instances_path()
+    except MinidriverError as exc:
+        problems.append(str(exc))
+    free = st.f_bavail * st.f_frsize
+    data: dict[str, Any] = {
+        "uri": drv.host.uri,
+        "libvirt_version": version_string(conn.getLibVersion()),
+        "qemu_version": version_string(conn.getVersion()),
+        "virt_type": choice.virt_type,
+        "virt_type_reason": choice.reason,
+        "instances_path": os.fspath(path),
+        "free_bytes": free,
+        "problems": problems,
+    }
+    rows = [(k, v) for k, v in data.items() if k not in ("problems", "free_bytes")]
+    rows.append(("free", human_size(free)))
+    out.result(data, lambda: "\n".join([format_table(("check", "value"), rows), *problems]))
+    return EXIT_ERROR if problems else EXIT_OK
+
+
+def version_string(v: int) -> str:
+    return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+def cmd_demo(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    from minidriver import testimage  # noqa: PLC0415 - only demo needs the builder
+
+    path = testimage.build(log=lambda msg: out.say(f"test image: {msg}"))
+    image = next(
+        (i for i in drv.images.list() if i.name == TEST_IMAGE_NAME and i.status == "active"), None
+    )
+    digest = hashlib.sha512(path.read_bytes()).hexdigest()
+    if image is None or image.os_hash_value != digest:
+        image = drv.images.add(path, name=TEST_IMAGE_NAME, disk_format="qcow2")
+        out.say(f"added image {image.name} {image.id}")
+    choice = drv.host.virt_type
+    out.say(f"host: {drv.host.uri}, virt_type {choice.virt_type} ({choice.reason})")
+    boot_args = argparse.Namespace(
+        image=image.id,
+        flavor="t1.nano",
+        name="demo",
+        timeout=args.timeout,
+        wait_for=r"^minidriver-guest: ready",
+        keep_on_timeout=False,
+    )
+    # Under --json the boot's progress goes to stderr: stdout holds one document.
+    inst = boot_instance(drv, boot_args, Output(False, stream=sys.stderr) if out.json else out)
+    record = drv.db.get_instance(inst.uuid)
+    try:
+        text = console.read_console(Path(record.instance_dir) / "console.log")
+        guest_lines = [
+            line.rstrip("\r") for line in text.splitlines() if line.startswith("minidriver-guest:")
+        ]
+        out.say("\nthe guest's console:")
+        out.say("\n".join(guest_lines))
+        data = instance_dict(drv, record.uuid)
+        out.say("\nits image chain:")
+        out.say("\n".join(chain_lines(data["disks"], drv.conf.base_dir)))
+    finally:
+        drv.destroy(record.uuid)
+        out.say(f"\ndeleted {record.name}; the cache in {drv.conf.base_dir} stays")
+    out.result({"instance": data, "console": guest_lines}, "")
+    return EXIT_OK
+
+
+# -- entry point ------------------------------------------------------------------
+
+
+class UsageError(MinidriverError):
+    """Bad command-line input found after parsing (exit code 2)."""
+
+
+def die(out: Output, exc: MinidriverError, code: int) -> NoReturn:
+    print(f"minidriver: error: {exc}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    if out.json:
+        json.dump({"error": str(exc), "hint": exc.hint}, sys.stdout)
+        sys.stdout.write("\n")
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Output(args.json)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        conf = load_config(args.config, state_dir=args.state_dir)
+        if args.connect:
+            conf = conf.with_libvirt(connection_uri=args.connect)
+        return run_command(args, conf, out)
+    except DeadlineExceeded as exc:
+        die(out, exc, EXIT_TIMEOUT)
+    except UsageError as exc:
+        die(out, exc, EXIT_USAGE)
+    except MinidriverError as exc:
+        if args.debug:
+            logging.exception("failed")
+        die(out, exc, EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("minidriver: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

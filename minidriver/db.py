@@ -1,0 +1,387 @@
+"""The state database: one SQLite file, ``$state_path/minidriver.db``.
+
+It holds the instances, the local image service's images and the counter behind the
+domain names. Several threads and several processes (two CLI commands at once, a
+cache manager pass) use it together, so:
+
+- WAL mode, so that readers never wait for a writer;
+- every write in a ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front,
+  so two read-modify-write transactions cannot deadlock on a lock upgrade;
+- a 30 s busy timeout: a process waits for another's transaction instead of failing;
+- within a process, one connection per thread.
+
+The schema is versioned with ``PRAGMA user_version``: ``MIGRATIONS[n]`` takes the
+schema from version ``n`` to ``n + 1``. A new release appends to the list; a released
+migration is never edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from minidriver import lockutils
+from minidriver.exception import AmbiguousReference, InstanceNotFound, MinidriverError
+
+BUSY_TIMEOUT = 30.0  # seconds
+
+
+class StateDatabaseError(MinidriverError):
+    """The state database cannot be opened, read or written."""
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 UTC, to the second, as Glance and Nova print timestamps."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _schema_1(conn: sqlite3.Connection) -> None:
+    """The first release's schema."""
+    statements = (
+        """
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE sequences (
+            name TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        )
+        """,
+        # Glance's image fields; properties and locations are JSON, as Glance keeps
+        # them in side tables we do not need.
+        """
+        CREATE TABLE images (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            disk_format TEXT NOT NULL,
+            container_format TEXT NOT NULL,
+            size INTEGER,
+            virtual_size INTEGER,
+            min_disk INTEGER NOT NULL DEFAULT 0,
+            min_ram INTEGER NOT NULL DEFAULT 0,
+            checksum TEXT,
+            os_hash_algo TEXT,
+            os_hash_value TEXT,
+            status TEXT NOT NULL CHECK (status IN ('queued', 'saving', 'active')),
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            properties TEXT NOT NULL DEFAULT '{}',
+            locations TEXT NOT NULL DEFAULT '[]'
+        )
+        """,
+        "CREATE INDEX images_name ON images (name)",
+        # No foreign key to images: as in Nova, an image may be deleted while
+        # instances booted from it live on (their base file is in the cache).
+        """
+        CREATE TABLE instances (
+            uuid TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            display_name TEXT NOT NULL,
+            flavor TEXT NOT NULL,
+            image_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            instance_dir TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX instances_display_name ON instances (display_name)",
+    )
+    for statement in statements:
+        conn.execute(statement)
+    # The state dir's own id: tells two state dirs apart (and a copied one from its
+    # origin, once the copy is re-keyed).
+    conn.execute("INSERT INTO meta (key, value) VALUES ('state_id', ?)", (str(uuid.uuid4()),))
+
+
+Migration = Callable[[sqlite3.Connection], None]
+
+# MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
+MIGRATIONS: Final[Sequence[Migration]] = (_schema_1,)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One row of ``instances``: what outlives the process that spawned the guest."""
+
+    uuid: str
+    name: str  # the libvirt domain name
+    display_name: str
+    flavor: str  # the flavor's name
+    image_id: str
+    state: str
+    created_at: str  # ISO 8601 UTC
+    instance_dir: str
+
+    def describe(self) -> str:
+        """``uuid (display name, domain name)``, for messages listing several."""
+        return f"{self.uuid} ({self.display_name}, {self.name})"
+
+
+_INSTANCE_FIELDS: Final = tuple(f.name for f in dataclasses.fields(InstanceRecord))
+
+
+def _instance(row: sqlite3.Row) -> InstanceRecord:
+    return InstanceRecord(**{name: row[name] for name in _INSTANCE_FIELDS})
+
+
+class _PerThread(threading.local):
+    conn: sqlite3.Connection | None = None
+    depth = 0  # transaction nesting
+
+
+class Database:
+    """The state database of one state dir.
+
+    Open one per process (a connection must not cross a ``fork``) and share it between
+    the process's threads: each thread gets its own connection, so a thread waiting
+    for the write lock never holds up another thread's reads.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = _PerThread()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._cannot_open(exc) from exc
+        try:
+            self._set_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def _cannot_open(self, exc: Exception) -> StateDatabaseError:
+        return StateDatabaseError(
+            f"cannot open the state database {self.path}: {exc}",
+            hint="check that the state dir exists and is writable",
+        )
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn = self._local.conn
+        if conn is None:
+            if self._closed:
+                raise StateDatabaseError(f"state database {self.path} is closed")
+            try:
+                # isolation_level=None: the sqlite3 module must not open transactions
+                # behind our back; transaction() says BEGIN IMMEDIATE itself.
+                # check_same_thread=False only so that close() may close it.
+                conn = sqlite3.connect(
+                    self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise self._cannot_open(exc) from exc
+            conn.row_factory = sqlite3.Row
+            with self._connections_lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._connections_lock:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    # -- schema ----------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.query("PRAGMA user_version")[0][0])
+
+    def _set_up(self) -> None:
+        """WAL mode and the current schema, once per database."""
+        wal = self.query("PRAGMA journal_mode")[0][0] == "wal"
+        if wal and self.schema_version == len(MIGRATIONS):
+            return  # the usual case: no write, no lock
+        # Switching to WAL needs an exclusive lock that SQLite's busy handler does not
+        # wait for (it fails at once with "database is locked" when two processes
+        # create the database together), so set-up is serialised by a file lock.
+        try:
+            with lockutils.external_lock(self.path.parent, f"{self.path.name}.lock"):
+                self.query("PRAGMA journal_mode = WAL")
+                self._migrate()
+        except OSError as exc:
+            raise self._cannot_open(exc) from exc
+
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            # Read again under the write lock: another process may have migrated
+            # between our look and our lock.
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(MIGRATIONS):
+                raise StateDatabaseError(
+                    f"the state database {self.path} has schema version {version}; "
+                    f"this minidriver knows versions up to {len(MIGRATIONS)}",
+                    hint="use the newer minidriver that wrote it, or another state dir",
+                )
+            if version == len(MIGRATIONS):
+                return  # another process did it while we waited
+            for migration in MIGRATIONS[version:]:
+                migration(conn)
+            # PRAGMA takes no parameters; the value is our own integer.
+            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS):d}")
+
+    @property
+    def state_id(self) -> str:
+        return str(self.query("SELECT value FROM meta WHERE key = 'state_id'")[0][0])
+
+    # -- primitives ------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: ``BEGIN IMMEDIATE``, then ``COMMIT`` or ``ROLLBACK``.
+
+        Nested use joins the outer transaction through a savepoint, so a helper that
+        opens its own transaction can run inside a caller's.
+        """
+        conn = self._conn
+        local = self._local
+        outermost = local.depth == 0
+        savepoint = f"sp{local.depth}"
+        try:
+            conn.execute("BEGIN IMMEDIATE" if outermost else f"SAVEPOINT {savepoint}")
+        except sqlite3.Error as exc:
+            raise self._error("cannot start a transaction", exc) from exc
+        local.depth += 1
+        try:
+            yield conn
+        except BaseException as exc:
+            local.depth -= 1
+            # SQLite ends the transaction itself on some errors (SQLITE_FULL);
+            # a second ROLLBACK would then hide the first error.
+            if conn.in_transaction:
+                if outermost:
+                    conn.execute("ROLLBACK")
+                else:
+                    conn.execute(f"ROLLBACK TO {savepoint}")
+                    conn.execute(f"RELEASE {savepoint}")
+            if isinstance(exc, sqlite3.Error):
+                raise self._error("cannot write", exc) from exc
+            raise
+        local.depth -= 1
+        try:
+            conn.execute("COMMIT" if outermost else f"RELEASE {savepoint}")
+        except sqlite3.Error as exc:
+            if outermost and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise self._error("cannot commit", exc) from exc
+
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run one read statement and return all its rows."""
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._error("cannot read", exc) from exc
+
+    def _error(self, what: str, exc: sqlite3.Error) -> StateDatabaseError:
+        hint = None
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            hint = f"another process held the database for more than {BUSY_TIMEOUT:g} s"
+        return StateDatabaseError(f"state database {self.path}: {what}: {exc}", hint=hint)
+
+    def next_sequence(self, name: str) -> int:
+        """The next value of the counter ``name``: 1 first, then 2, 3..."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO sequences (name, value) VALUES (?, 1) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + 1 "
+                "RETURNING value",
+                (name,),
+            ).fetchone()
+        return int(row[0])
+
+    # -- instances -------------------------------------------------------------
+
+    def create_instance(self, rec: InstanceRecord) -> None:
+        with self.transaction() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO instances (uuid, name, display_name, flavor, image_id, "
+                    "state, created_at, instance_dir) VALUES (:uuid, :name, :display_name, "
+                    ":flavor, :image_id, :state, :created_at, :instance_dir)",
+                    dataclasses.asdict(rec),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StateDatabaseError(
+                    f"cannot record instance {rec.uuid} (domain {rec.name}): {exc}"
+                ) from exc
+
+    def update_instance(self, uuid: str, **fields: str) -> None:
+        """Change some fields of an instance, e.g. ``update_instance(u, state="running")``."""
+        if "uuid" in fields:
+            raise TypeError("update_instance: the uuid of an instance does not change")
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()
+            if row is None:
+                raise InstanceNotFound(f"instance {uuid} not found")
+            rec = dataclasses.replace(_instance(row), **fields)
+            conn.execute(
+                "UPDATE instances SET name = :name, display_name = :display_name, "
+                "flavor = :flavor, image_id = :image_id, state = :state, "
+                "created_at = :created_at, instance_dir = :instance_dir WHERE uuid = :uuid",
+                dataclasses.asdict(rec),
+            )
+
+    def get_instance(self, uuid: str) -> InstanceRecord:
+        rows = self.query("SELECT * FROM instances WHERE uuid = ?", (uuid,))
+        if not rows:
+            raise InstanceNotFound(f"instance {uuid} not found")
+        return _instance(rows[0])
+
+    def find_instance(self, ref: str) -> InstanceRecord:
+        """The one instance ``ref`` names: its uuid, a unique uuid prefix, its display
+        name or its domain name."""
+        rows = self.query(
+            "SELECT * FROM instances WHERE uuid = :ref OR substr(uuid, 1, :len) = :prefix "
+            "OR display_name = :ref OR name = :ref ORDER BY created_at, rowid",
+            {"ref": ref, "len": len(ref), "prefix": ref.lower()},
+        )
+        found = [_instance(row) for row in rows] if ref else []
+        exact = [rec for rec in found if rec.uuid == ref]
+        if exact:
+            return exact[0]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AmbiguousReference(
+                f"{ref!r} matches {len(found)} instances: "
+                + ", ".join(rec.describe() for rec in found),
+                hint="name the instance by its uuid",
+            )
+        raise InstanceNotFound(
+            f"no instance matches {ref!r}",
+            hint="give a uuid, a unique uuid prefix, a display name or a domain name",
+        )
+
+    def list_instances(self) -> list[InstanceRecord]:
+        """Every instance, oldest first."""
+        rows = self.query("SELECT * FROM instances ORDER BY created_at, rowid")
+        return [_instance(row) for row in rows]
+
+    def delete_instance(self, uuid: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM instances WHERE uuid = ?", (uuid,))

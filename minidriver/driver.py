@@ -1,0 +1,445 @@
+"""LibvirtDriver: spawn, destroy, get_info, list_instances, in Nova's step order.
+
+``spawn`` is Nova's: ``get_disk_info``, ``create_image``, the console log, ``to_xml``,
+define, the post-XML hook, launch, ``wait_for_running``. Everything a spawn creates
+goes on an undo list; on any failure the list runs (domain, instance dir, DB record:
+never the shared cache) and a typed error names the step that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import libvirt
+
+from minidriver import blockinfo, guest
+from minidriver.config import Config
+from minidriver.db import Database, InstanceRecord, utc_now
+from minidriver.exception import FlavorNotFound, MinidriverError
+from minidriver.host import Host
+from minidriver.imagebackend import (
+    FlavorDiskSmallerThanImage,
+    Image,
+    backend_class,
+    create_ephemeral,
+    create_swap,
+)
+from minidriver.images import fetch, qemu_img
+from minidriver.images.store import Image as StoreImage
+from minidriver.images.store import ImageService
+from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
+from minidriver.steps import Step, StepListener, StepTimer
+
+LOG = logging.getLogger(__name__)
+
+# Nova's default ephemeral filesystem for Linux guests, and its label.
+EPHEMERAL_FS = "ext4"
+EPHEMERAL_LABEL = "ephemeral0"
+
+# Hook run after the domain is defined and before it starts (Nova's post_xml_callback:
+# the config drive is built there).
+PostXMLHook = Callable[[Instance, DiskInfo], None]
+
+
+class SpawnError(MinidriverError):
+    """A spawn failed; ``step`` names where ("create_image", "define", ...)."""
+
+    def __init__(self, step: str, cause: BaseException, instance: Instance | None) -> None:
+        what = instance.display_name if instance else "instance"
+        super().__init__(
+            f"spawn of {what} failed at {step}: {cause}",
+            hint=getattr(cause, "hint", None),
+        )
+        self.step = step
+        self.cause = cause
+        self.instance = instance
+
+
+class InstanceBuildTimeout(SpawnError):
+    """The domain did not report RUNNING before ``instance_build_timeout``."""
+
+
+@dataclass(frozen=True)
+class DiskDetails:
+    """One disk of an instance as it is on disk now (``show``, ``boot --json``)."""
+
+    path: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing_file: str | None
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """Nova's ``hardware.InstanceInfo``: what libvirt says of a domain now."""
+
+    state: str
+    internal_id: int | None = None
+
+
+def base_filename(image_id: str) -> str:
+    """Nova names a cached base after the sha1 of the image id (not a security hash)."""
+    return hashlib.sha1(image_id.encode(), usedforsecurity=False).hexdigest()
+
+
+def ephemeral_filename(size_gb: int, fs_type: str = EPHEMERAL_FS) -> str:
+    """Nova's name: ``ephemeral_<GB>_<first 7 hex of md5(fs type)>``."""
+    tag = hashlib.md5(fs_type.encode(), usedforsecurity=False).hexdigest()[:7]
+    return f"ephemeral_{size_gb}_{tag}"
+
+
+def swap_filename(size_mb: int) -> str:
+    return f"swap_{size_mb}"
+
+
+class LibvirtDriver:
+    def __init__(
+        self,
+        conf: Config,
+        *,
+        host: Host | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.conf = conf
+        self.host = host or Host(conf)
+        self.db = Database(conf.database_path)
+        self.images = ImageService(self.db, conf.images_path)
+        self.clock = clock
+        self.post_xml_hooks: list[PostXMLHook] = []
+
+    # -- lookups --------------------------------------------------------------
+
+    def get_flavor(self, name: str) -> Flavor:
+        try:
+            return self.conf.flavors[name]
+        except KeyError:
+            raise FlavorNotFound(
+                f"no flavor named {name!r}",
+                hint=f"flavors: {', '.join(sorted(self.conf.flavors))}",
+            ) from None
+
+    def instance_dir(self, instance_uuid: str) -> Path:
+        return self.conf.instances_path / instance_uuid
+
+    # -- spawn ----------------------------------------------------------------
+
+    def spawn(
+        self,
+        name: str,
+        image: str,
+        flavor: str,
+        *,
+        keep_on_timeout: bool = False,
+        timeout: float | None = None,
+        listener: StepListener | None = None,
+        progress: fetch.Progress | None = None,
+    ) -> Instance:
+        """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``."""
+        timer = StepTimer(listener, clock=self.clock)
+        flavor_obj = self.get_flavor(flavor)
+        store_image = self.images.get(image)
+        image_meta = store_image.to_image_meta()
+        check_flavor_fits(flavor_obj, image_meta)
+        self.host.check_instances_path()
+        instance = Instance(
+            uuid=str(uuidlib.uuid4()),
+            name=self._next_domain_name(),
+            display_name=name,
+            flavor=flavor_obj,
+            image_ref=store_image.id,
+            virt_type=self.host.virt_type.virt_type,
+            created_at=utc_now(),
+        )
+        instance.instance_dir = os.fspath(self.instance_dir(instance.uuid))
+        with contextlib.ExitStack() as undo:
+            step = "record"
+            try:
+                self.db.create_instance(_record(instance))
+                undo.callback(self.db.delete_instance, instance.uuid)
+
+                step = "get_disk_info"
+                disk_info = blockinfo.get_disk_info(
+                    instance.virt_type,
+                    flavor_obj,
+                    image_meta,
+                    machine_type=self.conf.libvirt.hw_machine_type,
+                )
+                step = "create_image"
+                undo.callback(shutil.rmtree, instance.instance_dir, ignore_errors=True)
+                formats = self.create_image(
+                    instance, disk_info, store_image, timer=timer, progress=progress
+                )
+                step = "console"
+                instance_dir = Path(instance.instance_dir)
+                (instance_dir / "console.log").touch()
+
+                step = "to_xml"
+                xml = self.to_xml(instance, disk_info, formats)
+                (instance_dir / "libvirt.xml").write_text(xml)
+
+                step = "define"
+                with timer.step(Step.DEFINE):
+                    domain = self.host.define(xml)
+                undo.callback(self._undefine, instance.name)
+                for hook in self.post_xml_hooks:
+                    hook(instance, disk_info)
+
+                step = "start"
+                with timer.step(Step.START):
+                    self.host.launch(domain)
+
+                step = "wait_for_running"
+                with timer.step(Step.WAIT):
+                    self.wait_for_running(instance, domain, timeout)
+            except InstanceBuildTimeout:
+                if keep_on_timeout:
+                    undo.pop_all()
+                raise
+            except Exception as exc:
+                raise SpawnError(step, exc, instance) from exc
+            undo.pop_all()
+        instance.state = "running"
+        self.db.update_instance(instance.uuid, state=instance.state)
+        instance.timings = timer.as_dict()
+        return instance
+
+    def _next_domain_name(self) -> str:
+        """``instance_name_template`` over the DB's sequence, skipping names in use.
+
+        Two state dirs may share one libvirt daemon: a name another one holds is skipped.
+        """
+        while True:
+            name = self.conf.default.instance_name_template % self.db.next_sequence("instance")
+            if self.host.find_domain(name) is None:
+                return name
+
+    def create_image(
+        self,
+        instance: Instance,
+        disk_info: DiskInfo,
+        image: StoreImage,
+        *,
+        timer: StepTimer,
+        progress: fetch.Progress | None = None,
+    ) -> dict[str, str]:
+        """Nova's ``_create_image``: the instance dir, root, ephemeral and swap disks.
+
+        Returns each disk's driver format, as written to ``disk.info``.
+        """
+        instance_dir = Path(instance.instance_dir)
+        instance_dir.mkdir(parents=True)
+        instance_dir.chmod(0o755)
+        backend = backend_class(self.conf)
+        flavor = instance.flavor
+
+        def disk(name: str) -> Image:
+            return backend(self.conf, instance_dir / name, timer)
+
+        root_size = flavor.root_gb * GiB if flavor.root_gb else None
+        fetch_func = partial(
+            fetch.fetch_to_raw,
+            image,
+            force_raw=self.conf.default.force_raw_images,
+            timer=timer,
+            progress=progress,
+        )
+        instance.cache_hit = disk("disk").cache(fetch_func, base_filename(image.id), root_size)
+        formats = {"disk": backend.driver_format}
+        if "disk.local" in disk_info:
+            disk("disk.local").cache(
+                partial(
+                    create_ephemeral,
+                    size_gb=flavor.ephemeral_gb,
+                    fs_type=EPHEMERAL_FS,
+                    label=EPHEMERAL_LABEL,
+                ),
+                ephemeral_filename(flavor.ephemeral_gb),
+                flavor.ephemeral_gb * GiB,
+                Step.EPHEMERAL,
+            )
+            formats["disk.local"] = backend.driver_format
+        if "disk.swap" in disk_info:
+            disk("disk.swap").cache(
+                partial(create_swap, swap_mb=flavor.swap),
+                swap_filename(flavor.swap),
+                flavor.swap * 1024 * 1024,
+                Step.SWAP,
+            )
+            formats["disk.swap"] = backend.driver_format
+        write_disk_info(instance_dir, formats)
+        return formats
+
+    def to_xml(self, instance: Instance, disk_info: DiskInfo, formats: dict[str, str]) -> str:
+        config = guest.get_guest_config(
+            instance,
+            disk_info,
+            formats,
+            instance_dir=Path(instance.instance_dir),
+            machine_type=self.conf.libvirt.hw_machine_type,
+            cpu_mode=self.conf.libvirt.cpu_mode,
+            state_id=self.db.state_id,
+        )
+        return guest.to_xml(config)
+
+    def wait_for_running(
+        self, instance: Instance, domain: libvirt.virDomain, timeout: float | None = None
+    ) -> None:
+        """Nova's ``_wait_for_boot``: a fixed-interval loop, here with a deadline.
+
+        A lifecycle event wakes the loop early; the interval bounds every wait.
+        """
+        interval = self.conf.libvirt.wait_interval
+        budget = self.conf.default.instance_build_timeout if timeout is None else timeout
+        deadline = self.clock() + budget
+        with self.host.lifecycle_waiter(instance.uuid) as changed:
+            while True:
+                state = self.host.domain_state(domain)
+                if state == "running":
+                    return
+                if state in ("shutoff", "crashed"):
+                    raise MinidriverError(f"domain {instance.name} stopped while booting")
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    raise InstanceBuildTimeout(
+                        "wait_for_running",
+                        TimeoutError(f"not RUNNING after {budget:g} s (state {state})"),
+                        instance,
+                    )
+                changed.wait(min(interval, remaining))
+                changed.clear()
+
+    # -- other operations -----------------------------------------------------
+
+    def _owned_domain(self, name: str) -> libvirt.virDomain | None:
+        """The domain of that name if this state dir defined it (its metadata says so)."""
+        domain = self.host.find_domain(name)
+        if domain is None:
+            return None
+        if self.db.state_id not in domain.XMLDesc(0):
+            raise MinidriverError(
+                f"domain {name} belongs to another state dir; not touching it",
+            )
+        return domain
+
+    def _undefine(self, name: str) -> None:
+        domain = self._owned_domain(name)
+        if domain is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            if domain.isActive():
+                domain.destroy()
+        domain.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
+
+    def destroy(self, instance_uuid: str) -> None:
+        """Stop and undefine the domain, remove the instance dir and record.
+
+        Whatever of it exists is removed; what is already gone is no error. The image
+        cache stays.
+        """
+        record = self.db.get_instance(instance_uuid)
+        self._undefine(record.name)
+        shutil.rmtree(record.instance_dir or self.instance_dir(record.uuid), ignore_errors=True)
+        self.db.delete_instance(record.uuid)
+
+    def get_info(self, instance_uuid: str) -> InstanceInfo:
+        record = self.db.get_instance(instance_uuid)
+        domain = self.host.find_domain(record.name)
+        if domain is None:
+            return InstanceInfo(state="nostate")
+        internal = domain.ID()
+        return InstanceInfo(
+            state=self.host.domain_state(domain), internal_id=internal if internal >= 0 else None
+        )
+
+    def get_disks(self, instance_uuid: str) -> dict[str, DiskDetails]:
+        """Every disk recorded in ``disk.info``, keyed by its disk_info name."""
+        record = self.db.get_instance(instance_uuid)
+        instance_dir = Path(record.instance_dir)
+        try:
+            recorded = json.loads((instance_dir / "disk.info").read_text())
+        except FileNotFoundError:
+            return {}
+        disks = {}
+        for path, fmt in recorded.items():
+            info = qemu_img.info(path, fmt)
+            disks[Path(path).name] = DiskDetails(
+                path=path,
+                format=info.format,
+                virtual_size=info.virtual_size,
+                actual_size=info.actual_size,
+                backing_file=info.backing_file,
+            )
+        return disks
+
+    def list_instances(self) -> list[InstanceRecord]:
+        """This state dir's instances, with the state libvirt reports now."""
+        out = []
+        for record in self.db.list_instances():
+            domain = self.host.find_domain(record.name)
+            state = self.host.domain_state(domain) if domain else "nostate"
+            out.append(InstanceRecord(**{**record.__dict__, "state": state}))
+        return out
+
+
+def check_flavor_fits(flavor: Flavor, image: ImageMeta) -> None:
+    """Refuse, before anything is written, a flavor too small for the image."""
+    if flavor.root_gb:
+        root = flavor.root_gb * GiB
+        if image.virtual_size is not None and root < image.virtual_size:
+            raise FlavorDiskSmallerThanImage(
+                f"flavor {flavor.name}'s root disk ({flavor.root_gb} GB) is smaller than"
+                f" image {image.name} ({image.virtual_size} bytes virtual)",
+                hint="choose a flavor with a larger root_gb",
+            )
+        if image.min_disk > flavor.root_gb:
+            raise FlavorDiskSmallerThanImage(
+                f"image {image.name} needs min_disk {image.min_disk} GB; flavor"
+                f" {flavor.name} has {flavor.root_gb} GB",
+                hint="choose a flavor with a larger root_gb",
+            )
+    if image.min_ram > flavor.memory_mb:
+        raise MinidriverError(
+            f"image {image.name} needs min_ram {image.min_ram} MB; flavor {flavor.name}"
+            f" has {flavor.memory_mb} MB",
+            hint="choose a flavor with more memory",
+        )
+
+
+def write_disk_info(instance_dir: Path, formats: dict[str, str]) -> None:
+    """``disk.info``: JSON {path: format}, written once and never silently changed."""
+    path = instance_dir / "disk.info"
+    data = {os.fspath(instance_dir / name): fmt for name, fmt in formats.items()}
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != data:
+            raise MinidriverError(f"{path} records {recorded}, not {data}")
+        return
+    path.write_text(json.dumps(data))
+
+
+def _record(instance: Instance) -> InstanceRecord:
+    return InstanceRecord(
+        uuid=instance.uuid,
+        name=instance.name,
+        display_name=instance.display_name,
+        flavor=instance.flavor.name,
+        image_id=instance.image_ref,
+        state=instance.state,
+        created_at=instance.created_at,
+        instance_dir=instance.instance_dir,
+    )

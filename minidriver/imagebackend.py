@@ -1,0 +1,180 @@
+"""Nova's image backends: how an instance disk is made from a cached base file.
+
+``Image.cache()`` takes the base file's lock, creates the base if it is missing (the
+``fetch_func``: a download, an ephemeral mkfs or a mkswap), then ``create_image``
+makes the instance's file from it: a qcow2 overlay (``Qcow2``) or a full copy
+(``Flat``, for ``images_type = raw/flat`` or ``use_cow_images = false``).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from minidriver.config import Config
+from minidriver.exception import MinidriverError
+from minidriver.images import qemu_img
+from minidriver.images.fetch import removed_on_error
+from minidriver.lockutils import external_lock
+from minidriver.objects import GiB
+from minidriver.process import run
+from minidriver.steps import Step, StepTimer
+
+# Makes a base file at the path it is given; returns the base's format.
+FetchFunc = Callable[[Path], str]
+
+
+class FlavorDiskSmallerThanImage(MinidriverError):
+    pass
+
+
+def touch(path: Path) -> None:
+    """Mark a base as in use for the image cache manager (Nova updates its mtime)."""
+    os.utime(path)
+
+
+class Image(abc.ABC):
+    """One disk of an instance (``path``), made from a base file in ``_base``."""
+
+    driver_format: str
+
+    def __init__(self, conf: Config, path: Path, timer: StepTimer) -> None:
+        self.conf = conf
+        self.path = path
+        self.timer = timer
+        self.commands: list[list[str]] = []  # what was run, for `explain` and `show`
+
+    @property
+    def base_dir(self) -> Path:
+        return self.conf.base_dir
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def cache(
+        self, fetch_func: FetchFunc, filename: str, size: int | None, step: Step | None = None
+    ) -> bool:
+        """Create the base (once, under its lock) and the instance disk from it.
+
+        Returns True on a cache hit: the base was already there. ``step`` is the timer
+        step that pays for the work (fetch_func times its own steps when None).
+        """
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        base = self.base_dir / filename
+        whole = self.timer.step(step) if step else contextlib.nullcontext()
+        with whole, external_lock(self.conf.locks_dir, filename):
+            hit = base.exists()
+            if not hit:
+                base_format = fetch_func(base)
+                if base_format != "raw":
+                    raise MinidriverError(f"base {base} is {base_format}, expected raw")
+            touch(base)
+            self.verify_base_size(base, size)
+            if not self.exists():
+                with removed_on_error(self.path):
+                    self.create_image(base, size, timed=step is None)
+        return hit
+
+    @staticmethod
+    def verify_base_size(base: Path, size: int | None) -> None:
+        if size is None:
+            return
+        virtual = qemu_img.info(base, "raw").virtual_size
+        if size < virtual:
+            raise FlavorDiskSmallerThanImage(
+                f"flavor's disk ({size} bytes) is smaller than the image ({virtual} bytes)",
+                hint="choose a flavor with a larger root_gb",
+            )
+
+    @abc.abstractmethod
+    def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
+        """Make ``self.path`` from ``base`` at ``size`` bytes (None: the base's size).
+
+        ``timed``: record the work as the overlay and resize steps (the root disk);
+        ephemeral and swap disks are timed as a whole by ``cache``.
+        """
+
+    def _step(self, step: Step, timed: bool) -> contextlib.AbstractContextManager[None]:
+        return self.timer.step(step) if timed else contextlib.nullcontext()
+
+
+class Qcow2(Image):
+    driver_format = "qcow2"
+
+    def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
+        backing = base
+        if self.conf.libvirt.resized_base_copies and size is not None:
+            backing = self._resized_base(base, size, timed)
+            size = None
+        with self._step(Step.OVERLAY, timed):
+            self.commands.append(qemu_img.create_cow_image(backing, "raw", self.path, size))
+            if self.conf.default.preallocate_images == "space":
+                run(["fallocate", "-n", "-l", str(size or os.path.getsize(backing)), self.path])
+
+    def _resized_base(self, base: Path, size: int, timed: bool) -> Path:
+        """The seeds' older chain: ``_base/<sha1>_<GB>``, a full raw copy, resized."""
+        resized = base.with_name(f"{base.name}_{size // GiB}")
+        with external_lock(self.conf.locks_dir, resized.name):
+            if resized.exists():
+                touch(resized)
+                return resized
+            temp = resized.with_name(resized.name + ".part")
+            with self._step(Step.RESIZE, timed), removed_on_error(temp):
+                self.commands.append(copy_sparse(base, temp))
+                self.commands.append(qemu_img.resize(temp, "raw", size))
+                os.replace(temp, resized)
+        return resized
+
+
+class Flat(Image):
+    """A full raw copy of the base, grown to size (no backing file)."""
+
+    driver_format = "raw"
+
+    def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
+        with self._step(Step.OVERLAY, timed):
+            self.commands.append(copy_sparse(base, self.path))
+        if size is not None and size > os.path.getsize(self.path):
+            with self._step(Step.RESIZE, timed):
+                self.commands.append(qemu_img.resize(self.path, "raw", size))
+
+
+def copy_sparse(source: Path, dest: Path) -> list[str]:
+    cmd: list[str | os.PathLike[str]] = ["cp", "--sparse=always", "--reflink=auto", source, dest]
+    return run(cmd).cmd
+
+
+def backend_class(conf: Config) -> type[Image]:
+    """Nova's choice: ``images_type``, with ``default`` following ``use_cow_images``."""
+    images_type = conf.libvirt.images_type
+    if images_type == "default":
+        return Qcow2 if conf.default.use_cow_images else Flat
+    return Qcow2 if images_type == "qcow2" else Flat
+
+
+def create_ephemeral(target: Path, size_gb: int, fs_type: str, label: str) -> str:
+    """Nova's ``_create_ephemeral``: a raw file with a filesystem on it."""
+    qemu_img.create(target, "raw", size_gb * GiB)
+    run(["mkfs", "-t", fs_type, "-F", "-q", "-L", label, target])
+    return "raw"
+
+
+def create_swap(target: Path, swap_mb: int) -> str:
+    """Nova's ``_create_swap``: a raw file with a swap signature."""
+    qemu_img.create(target, "raw", swap_mb * 1024 * 1024)
+    run(["mkswap", target])
+    return "raw"
+
+
+__all__ = [
+    "Flat",
+    "FlavorDiskSmallerThanImage",
+    "Image",
+    "Qcow2",
+    "backend_class",
+    "create_ephemeral",
+    "create_swap",
+]

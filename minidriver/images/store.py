@@ -1,0 +1,407 @@
+"""The local image service: Glance's image model on one host.
+
+Image files live in ``images_path/<id>``; their records in the ``images`` table of the
+state database, with Glance's field names, statuses and checksums (md5 ``checksum``,
+sha512 ``os_hash_value``), so that code written against Glance reads the same here.
+
+``add`` reads its source once: each chunk is hashed, fed to the format inspectors and
+written to ``<id>.part``; only a file that passed every check is renamed to ``<id>``
+and its record made active. A record is written first, as ``saving``, so that an
+interrupted add is visible in the list rather than a silent stray file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import sqlite3
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, BinaryIO, Final, TypedDict
+
+from minidriver.db import Database, utc_now
+from minidriver.exception import (
+    AmbiguousReference,
+    ImageNotFound,
+    ImageUnacceptable,
+    MinidriverError,
+)
+from minidriver.images import inspect
+from minidriver.objects import ImageMeta
+
+CHUNK_SIZE: Final = 1024 * 1024
+OS_HASH_ALGO: Final = "sha512"
+
+# Glance's container formats that hold one bare disk; ovf, ova, docker and
+# compressed wrap it in something no format inspector reads.
+CONTAINER_FORMATS: Final = ("bare", "ami", "aki", "ari")
+
+# The hex length of each checksum algorithm ``add`` verifies.
+CHECKSUM_ALGOS: Final[Mapping[str, int]] = {"md5": 32, "sha256": 64, "sha512": 128}
+
+
+class ImageStoreError(MinidriverError):
+    """The image service could not read or write an image file."""
+
+
+class ImageStatus(enum.StrEnum):
+    """Glance's statuses. ``add`` writes its record as saving at once (Glance's
+    queued is an image record still waiting for data, which ``add`` never makes)."""
+
+    QUEUED = "queued"
+    SAVING = "saving"
+    ACTIVE = "active"
+
+
+class Location(TypedDict):
+    """One of Glance's image locations."""
+
+    url: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image record, with Glance's fields."""
+
+    id: str
+    name: str
+    disk_format: str
+    container_format: str
+    size: int  # bytes; 0 until active
+    virtual_size: int | None  # None if unknown
+    min_disk: int  # GB
+    min_ram: int  # MB
+    checksum: str | None  # md5 hex
+    os_hash_algo: str | None
+    os_hash_value: str | None
+    status: ImageStatus
+    created_at: str
+    updated_at: str
+    properties: Mapping[str, str]
+    locations: tuple[Location, ...]
+
+    @property
+    def path(self) -> Path:
+        """The file of the first ``file://`` location."""
+        for location in self.locations:
+            url = urllib.parse.urlsplit(location["url"])
+            if url.scheme == "file":
+                return Path(urllib.request.url2pathname(url.path))
+        raise ImageNotFound(
+            f"image {self.id} has no file (status {self.status})",
+            hint="an image has its file once it is active",
+        )
+
+    def to_image_meta(self) -> ImageMeta:
+        return ImageMeta(
+            id=self.id,
+            name=self.name,
+            disk_format=self.disk_format,
+            container_format=self.container_format,
+            size=self.size,
+            virtual_size=self.virtual_size,
+            min_disk=self.min_disk,
+            min_ram=self.min_ram,
+            properties=dict(self.properties),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Glance's field names, for ``--json``; properties nested, as the openstack
+        client prints them."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "disk_format": self.disk_format,
+            "container_format": self.container_format,
+            "size": self.size if self.status == ImageStatus.ACTIVE else None,
+            "virtual_size": self.virtual_size,
+            "min_disk": self.min_disk,
+            "min_ram": self.min_ram,
+            "checksum": self.checksum,
+            "os_hash_algo": self.os_hash_algo,
+            "os_hash_value": self.os_hash_value,
+            "status": str(self.status),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "properties": dict(self.properties),
+            "locations": [
+                {"url": loc["url"], "metadata": dict(loc["metadata"])} for loc in self.locations
+            ],
+        }
+
+    def describe(self) -> str:
+        """``id (name, status)``, for messages listing several."""
+        return f"{self.id} ({self.name}, {self.status})"
+
+
+def _image(row: sqlite3.Row) -> Image:
+    return Image(
+        id=row["id"],
+        name=row["name"],
+        disk_format=row["disk_format"],
+        container_format=row["container_format"],
+        size=row["size"] or 0,
+        virtual_size=row["virtual_size"],
+        min_disk=row["min_disk"],
+        min_ram=row["min_ram"],
+        checksum=row["checksum"],
+        os_hash_algo=row["os_hash_algo"],
+        os_hash_value=row["os_hash_value"],
+        status=ImageStatus(row["status"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        properties=MappingProxyType(json.loads(row["properties"])),
+        locations=tuple(json.loads(row["locations"])),
+    )
+
+
+def _parse_checksum(checksum: str) -> tuple[str, str]:
+    algo, _, value = checksum.partition(":")
+    algo, value = algo.lower(), value.lower()
+    length = CHECKSUM_ALGOS.get(algo)
+    if length is None or len(value) != length or not all(c in "0123456789abcdef" for c in value):
+        raise ImageUnacceptable(
+            f"checksum {checksum!r} is not ALGO:HEX",
+            hint="give md5:<32 hex>, sha256:<64 hex> or sha512:<128 hex>",
+        )
+    return algo, value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class ImageService:
+    """Glance's image API, on the local state dir."""
+
+    def __init__(self, db: Database, images_path: Path) -> None:
+        self.db = db
+        self.images_path = images_path
+
+    def add(
+        self,
+        source: Path,
+        *,
+        name: str,
+        disk_format: str = inspect.AUTO,
+        container_format: str = "bare",
+        min_disk: int = 0,
+        min_ram: int = 0,
+        properties: Mapping[str, str] | None = None,
+        checksum: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Image:
+        """Copy ``source`` into the store and return the active image.
+
+        ``disk_format`` must match the content (``auto`` takes what is detected);
+        ``checksum`` (``md5:HEX``, ``sha256:HEX``, ``sha512:HEX``) must match the
+        bytes. On any failure nothing is left: no file, no record.
+        """
+        # Refuse bad arguments before any byte is copied.
+        inspect.validate_disk_format(disk_format)
+        if container_format not in CONTAINER_FORMATS:
+            raise ImageUnacceptable(
+                f"container format {container_format!r} is not supported",
+                hint=f"minidriver stores bare disks: {', '.join(CONTAINER_FORMATS)}",
+            )
+        if min_disk < 0 or min_ram < 0:
+            raise ImageUnacceptable("min_disk and min_ram must not be negative")
+        expected = _parse_checksum(checksum) if checksum is not None else None
+
+        image_id = str(uuid.uuid4())
+        now = utc_now()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO images (id, name, disk_format, container_format, min_disk, "
+                "min_ram, status, created_at, updated_at, properties) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    image_id,
+                    name,
+                    disk_format,
+                    container_format,
+                    min_disk,
+                    min_ram,
+                    ImageStatus.SAVING,
+                    now,
+                    now,
+                    json.dumps(dict(properties or {}), sort_keys=True),
+                ),
+            )
+        part = self.images_path / f"{image_id}.part"
+        final = self.images_path / image_id
+        try:
+            detected, hashes = self._copy(source, part, disk_format, expected, progress)
+            if expected is not None and hashes[expected[0]] != expected[1]:
+                raise ImageUnacceptable(
+                    f"image {source.name} is refused: its {expected[0]} checksum is "
+                    f"{hashes[expected[0]]}, not {expected[1]}",
+                    hint="the file is corrupt or not the one the checksum is for",
+                )
+            self._activate(image_id, part, final, detected, hashes)
+        except BaseException as exc:
+            part.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+            # The original error matters more than a failed clean-up; a record left
+            # behind stays visible as "saving".
+            with contextlib.suppress(MinidriverError):
+                self._forget(image_id)
+            if isinstance(exc, OSError):
+                raise self._os_error(source, exc) from exc
+            raise
+        return self.get(image_id)
+
+    def _os_error(self, source: Path, exc: OSError) -> MinidriverError:
+        if exc.filename == os.fspath(source):
+            if isinstance(exc, FileNotFoundError):
+                return ImageNotFound(f"image file {source} does not exist")
+            return ImageStoreError(f"cannot read image file {source}: {exc.strerror}")
+        return ImageStoreError(
+            f"cannot add image {source.name} to {self.images_path}: {exc.strerror or exc}",
+            hint=f"check the free space and permissions of {self.images_path}",
+        )
+
+    def _copy(
+        self,
+        source: Path,
+        part: Path,
+        disk_format: str,
+        expected: tuple[str, str] | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[inspect.DetectedImage, dict[str, str]]:
+        """One pass over ``source``: hash, inspect and write to ``part``, then fsync."""
+        hashers = {"md5": hashlib.md5(usedforsecurity=False), OS_HASH_ALGO: hashlib.sha512()}
+        if expected is not None and expected[0] not in hashers:
+            hashers[expected[0]] = hashlib.new(expected[0])
+        self.images_path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with open(os.fspath(source), "rb") as src:
+            total = os.fstat(src.fileno()).st_size
+            reader = inspect.InspectingReader(src, disk_format, label=source.name)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                while chunk := reader.read(CHUNK_SIZE):
+                    for hasher in hashers.values():
+                        hasher.update(chunk)
+                    _write_all(fd, chunk)
+                    if progress is not None:
+                        progress(reader.bytes_read, total)
+                # Durable before it is checked and renamed: a crash must never leave
+                # a complete-looking <id> with missing blocks.
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            detected = reader.check()
+        return detected, {algo: hasher.hexdigest() for algo, hasher in hashers.items()}
+
+    def _activate(
+        self,
+        image_id: str,
+        part: Path,
+        final: Path,
+        detected: inspect.DetectedImage,
+        hashes: Mapping[str, str],
+    ) -> None:
+        location: Location = {"url": final.as_uri(), "metadata": {}}
+        with self.db.transaction() as conn:
+            # Under the write lock, so that a concurrent delete either sees the image
+            # active with its file, or made this add fail before the rename.
+            row = conn.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+            if row is None:
+                raise ImageNotFound(f"image {image_id} was deleted while it was being added")
+            os.rename(part, final)
+            conn.execute(
+                "UPDATE images SET disk_format = ?, size = ?, virtual_size = ?, "
+                "checksum = ?, os_hash_algo = ?, os_hash_value = ?, status = ?, "
+                "updated_at = ?, locations = ? WHERE id = ?",
+                (
+                    detected.format if row["disk_format"] == inspect.AUTO else row["disk_format"],
+                    os.stat(final).st_size,
+                    detected.virtual_size or None,
+                    hashes["md5"],
+                    OS_HASH_ALGO,
+                    hashes[OS_HASH_ALGO],
+                    ImageStatus.ACTIVE,
+                    utc_now(),
+                    json.dumps([location]),
+                    image_id,
+                ),
+            )
+            # The rename durable before the record says active.
+            _fsync_dir(self.images_path)
+
+    def _forget(self, image_id: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    def get(self, ref: str) -> Image:
+        """The image ``ref`` names: its id, a unique id prefix or a unique name."""
+        rows = self.db.query(
+            "SELECT * FROM images WHERE id = :ref OR substr(id, 1, :len) = :prefix "
+            "OR name = :ref ORDER BY created_at, rowid",
+            {"ref": ref, "len": len(ref), "prefix": ref.lower()},
+        )
+        found = [_image(row) for row in rows] if ref else []
+        exact = [image for image in found if image.id == ref]
+        if exact:
+            return exact[0]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AmbiguousReference(
+                f"{ref!r} matches {len(found)} images: "
+                + ", ".join(image.describe() for image in found),
+                hint="name the image by its id",
+            )
+        raise ImageNotFound(
+            f"no image matches {ref!r}",
+            hint="give an image id, a unique id prefix or a unique name",
+        )
+
+    def list(self) -> list[Image]:
+        """Every image, oldest first; ``saving`` ones too."""
+        return [
+            _image(row) for row in self.db.query("SELECT * FROM images ORDER BY created_at, rowid")
+        ]
+
+    def delete(self, ref: str) -> None:
+        image = self.get(ref)
+        # The record goes first: a file without a record is garbage, a record without
+        # its file would be an image that fails at boot.
+        self._forget(image.id)
+        for path in (self.images_path / image.id, self.images_path / f"{image.id}.part"):
+            path.unlink(missing_ok=True)
+
+    def open(self, ref: str) -> BinaryIO:
+        """The image's data, for reading (as Glance's download)."""
+        image = self.get(ref)
+        if image.status != ImageStatus.ACTIVE:
+            raise ImageUnacceptable(
+                f"image {image.id} is {image.status}, not active",
+                hint="an interrupted add leaves a saving image; delete it and add again",
+            )
+        try:
+            return open(image.path, "rb")
+        except FileNotFoundError:
+            raise ImageNotFound(
+                f"the file of image {image.id} is missing: {image.path}",
+                hint="delete the image and add it again",
+            ) from None

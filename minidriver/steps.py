@@ -1,0 +1,66 @@
+"""The named steps of a spawn and the timer that measures them.
+
+The names are a contract (the CLI, ``--json`` and the benchmarks show them): later
+features add steps, none is renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+from collections.abc import Callable, Iterator
+
+
+class Step(enum.StrEnum):
+    FETCH = "fetch"
+    CONVERT = "convert"
+    RESIZE = "resize"
+    OVERLAY = "overlay"
+    EPHEMERAL = "ephemeral"
+    SWAP = "swap"
+    DEFINE = "define"
+    START = "start"
+    WAIT = "wait"
+
+
+# (step, seconds, finished): called when a step starts (finished False) and ends.
+StepListener = Callable[[Step, float, bool], None]
+
+
+class StepTimer:
+    """Adds up the seconds spent in each step; every step appears, 0.0 if skipped."""
+
+    def __init__(
+        self,
+        listener: StepListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.listener = listener
+        self.clock = clock
+        self.seconds: dict[str, float] = {s.value: 0.0 for s in Step}
+        self.current: Step | None = None
+        self._started = clock()
+
+    @contextlib.contextmanager
+    def step(self, step: Step) -> Iterator[None]:
+        outer = self.current
+        self.current = step
+        if self.listener:
+            self.listener(step, 0.0, False)
+        start = self.clock()
+        try:
+            yield
+        finally:
+            elapsed = self.clock() - start
+            self.seconds[step.value] += elapsed
+            self.current = outer
+            if self.listener:
+                self.listener(step, elapsed, True)
+
+    def as_dict(self) -> dict[str, float]:
+        """The contract's shape: every step, then ``total`` since the timer began."""
+        return {
+            **{k: round(v, 4) for k, v in self.seconds.items()},
+            "total": round(self.clock() - self._started, 4),
+        }

@@ -1,0 +1,307 @@
+"""The state database, on real SQLite files."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sqlite3
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from minidriver import db as db_module
+from minidriver.db import (
+    MIGRATIONS,
+    Database,
+    InstanceRecord,
+    StateDatabaseError,
+    utc_now,
+)
+from minidriver.exception import AmbiguousReference, InstanceNotFound
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    with Database(tmp_path / "state" / "minidriver.db") as database:
+        yield database
+
+
+def record(uuid_: str, display_name: str, seq: int, created_at: str = "") -> InstanceRecord:
+    return InstanceRecord(
+        uuid=uuid_,
+        name=f"instance-{seq:08x}",
+        display_name=display_name,
+        flavor="t1.nano",
+        image_id=str(uuid.uuid4()),
+        state="building",
+        created_at=created_at or utc_now(),
+        instance_dir=f"/var/lib/minidriver/instances/{uuid_}",
+    )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_new_database_has_the_schema_wal_and_a_state_id(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "minidriver.db"
+    with Database(path) as database:
+        assert database.schema_version == len(MIGRATIONS)
+        assert uuid.UUID(database.state_id).version == 4
+        tables = {row[0] for row in database.query("SELECT name FROM sqlite_master")}
+        assert {"meta", "sequences", "images", "instances"} <= tables
+    assert (path.parent.stat().st_mode & 0o777) == 0o755
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_migrates_an_empty_file_and_reopening_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "minidriver.db"
+    path.touch()
+    with Database(path) as database:
+        state_id = database.state_id
+        assert database.schema_version == len(MIGRATIONS)
+    before = digest(path)
+    with Database(path) as database:
+        assert database.state_id == state_id
+        assert database.schema_version == len(MIGRATIONS)
+    assert digest(path) == before
+
+
+def test_a_second_migration_is_an_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "minidriver.db"
+    with Database(path) as database:
+        database.create_instance(record(str(uuid.uuid4()), "old", 1))
+        state_id = database.state_id
+    runs: list[int] = []
+
+    def schema_2(conn: sqlite3.Connection) -> None:
+        runs.append(1)
+        conn.execute("ALTER TABLE instances ADD COLUMN host TEXT NOT NULL DEFAULT 'here'")
+
+    monkeypatch.setattr(db_module, "MIGRATIONS", (*MIGRATIONS, schema_2))
+    for _ in range(2):
+        with Database(path) as database:
+            assert database.schema_version == len(MIGRATIONS) + 1
+            assert database.state_id == state_id
+            assert [r.display_name for r in database.list_instances()] == ["old"]
+            assert database.query("SELECT host FROM instances")[0][0] == "here"
+    assert runs == [1]
+
+
+def test_a_failed_migration_leaves_the_old_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "minidriver.db"
+    Database(path).close()
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE half (x)")
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(db_module, "MIGRATIONS", (*MIGRATIONS, broken))
+    with pytest.raises(RuntimeError):
+        Database(path)
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS)
+    with Database(path) as database:
+        assert database.schema_version == len(MIGRATIONS)
+        assert not database.query("SELECT name FROM sqlite_master WHERE name = 'half'")
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "minidriver.db"
+    Database(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StateDatabaseError, match="schema version") as err:
+        Database(path)
+    assert err.value.hint
+
+
+def test_unopenable_path_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StateDatabaseError, match="cannot open the state database"):
+        Database(blocker / "minidriver.db")
+
+
+def test_sequence_starts_at_one_and_is_per_name(db: Database) -> None:
+    assert [db.next_sequence("instance") for _ in range(3)] == [1, 2, 3]
+    assert db.next_sequence("other") == 1
+    assert db.next_sequence("instance") == 4
+
+
+WORKER = """
+import sys
+from pathlib import Path
+from minidriver.db import Database
+sys.stdin.readline()  # start together
+db = Database(Path(sys.argv[1]))
+print(" ".join(str(db.next_sequence("instance")) for _ in range(50)))
+db.close()
+"""
+
+
+def test_sequence_is_atomic_across_processes(tmp_path: Path) -> None:
+    # Both processes also race to create the schema of a database that does not exist.
+    path = tmp_path / "minidriver.db"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    values: list[int] = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err
+        values += [int(v) for v in out.split()]
+    assert sorted(values) == list(range(1, 101))
+    with Database(path) as database:
+        assert database.next_sequence("instance") == 101
+
+
+def test_sequence_is_atomic_across_threads(db: Database) -> None:
+    values: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        got = [db.next_sequence("instance") for _ in range(50)]
+        with lock:
+            values.extend(got)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(values) == list(range(1, 201))
+
+
+def test_transaction_rolls_back_on_error_and_nests(db: Database) -> None:
+    with pytest.raises(RuntimeError), db.transaction():
+        db.next_sequence("instance")
+        raise RuntimeError("undo")
+    assert db.next_sequence("instance") == 1
+
+    with db.transaction():
+        db.next_sequence("instance")  # 2, kept
+        with pytest.raises(RuntimeError), db.transaction():
+            db.next_sequence("instance")  # 3, rolled back to the savepoint
+            raise RuntimeError("inner only")
+    assert db.next_sequence("instance") == 3
+
+
+def test_instance_round_trip_update_and_delete(db: Database) -> None:
+    rec = record(str(uuid.uuid4()), "web", 1)
+    db.create_instance(rec)
+    assert db.get_instance(rec.uuid) == rec
+    db.update_instance(rec.uuid, state="running")
+    assert db.get_instance(rec.uuid) == dataclasses.replace(rec, state="running")
+    with pytest.raises(TypeError):
+        db.update_instance(rec.uuid, colour="blue")
+    with pytest.raises(InstanceNotFound):
+        db.update_instance(str(uuid.uuid4()), state="running")
+    db.delete_instance(rec.uuid)
+    db.delete_instance(rec.uuid)  # absent: no error
+    with pytest.raises(InstanceNotFound, match=rec.uuid):
+        db.get_instance(rec.uuid)
+
+
+def test_domain_names_are_unique(db: Database) -> None:
+    db.create_instance(record(str(uuid.uuid4()), "a", 1))
+    with pytest.raises(StateDatabaseError, match="instance-00000001"):
+        db.create_instance(record(str(uuid.uuid4()), "b", 1))
+
+
+def test_list_is_oldest_first(db: Database) -> None:
+    newer = record(str(uuid.uuid4()), "newer", 1, "2024-05-02T00:00:00Z")
+    older = record(str(uuid.uuid4()), "older", 2, "2024-05-01T00:00:00Z")
+    same_second = record(str(uuid.uuid4()), "same", 3, "2024-05-02T00:00:00Z")
+    for rec in (newer, older, same_second):
+        db.create_instance(rec)
+    assert [r.display_name for r in db.list_instances()] == ["older", "newer", "same"]
+
+
+def test_find_instance(db: Database) -> None:
+    web1 = record("aaaa1111-0000-4000-8000-000000000001", "web", 1)
+    web2 = record("aaaa2222-0000-4000-8000-000000000002", "web", 2)
+    db_ = record("bbbb3333-0000-4000-8000-000000000003", "db", 3)
+    for rec in (web1, web2, db_):
+        db.create_instance(rec)
+
+    assert db.find_instance(web1.uuid) == web1
+    assert db.find_instance("aaaa1") == web1
+    assert db.find_instance("AAAA2") == web2  # uuids are case-insensitive
+    assert db.find_instance("b") == db_
+    assert db.find_instance("db") == db_
+    assert db.find_instance("instance-00000002") == web2
+
+    with pytest.raises(AmbiguousReference) as err:
+        db.find_instance("web")
+    for rec in (web1, web2):
+        assert rec.uuid in str(err.value)
+        assert rec.name in str(err.value)
+    with pytest.raises(AmbiguousReference):
+        db.find_instance("aaaa")
+
+    with pytest.raises(InstanceNotFound, match="'nothing'") as not_found:
+        db.find_instance("nothing")
+    assert not_found.value.hint
+    with pytest.raises(InstanceNotFound):
+        db.find_instance("")
+
+
+def test_an_exact_uuid_wins_over_a_name(db: Database) -> None:
+    target = record(str(uuid.uuid4()), "target", 1)
+    impostor = record(str(uuid.uuid4()), target.uuid, 2)
+    db.create_instance(target)
+    db.create_instance(impostor)
+    assert db.find_instance(target.uuid) == target
+
+
+def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "minidriver.db"
+    path.write_bytes(b"this is not SQLite\n" * 100)
+    with pytest.raises(StateDatabaseError, match="not a database"):
+        Database(path)
+
+
+def test_a_writer_waits_for_another_connections_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "minidriver.db"
+    got: list[int] = []
+    with Database(path) as first, Database(path) as second:
+        started = threading.Event()
+
+        def other_writer() -> None:
+            started.set()
+            got.append(second.next_sequence("instance"))
+
+        writer = threading.Thread(target=other_writer)
+        with first.transaction():
+            assert first.next_sequence("instance") == 1
+            writer.start()
+            started.wait()
+            # Readers are not blocked by a writer (WAL) and see the last commit.
+            assert second.query("SELECT count(*) FROM sequences")[0][0] == 0
+        writer.join()
+    # The second writer waited (busy timeout) instead of failing with "locked".
+    assert got == [2]
