@@ -23,6 +23,7 @@ import pytest
 
 from minidriver import console
 from minidriver.config import Config, load_config
+from minidriver.driver import LibvirtDriver
 from minidriver.host import EMBED_URI, SYSTEM_URI, Host
 
 # libvirt's QEMU runs as libvirt-qemu under a daemon and must traverse every parent of
@@ -68,6 +69,11 @@ def session_id() -> str:
 def libvirt_host(host_config: Config, session_id: str) -> Iterator[Host]:
     host = Host(host_config)
     host.get_connection()
+    wanted = os.environ.get("MINIDRIVER_TEST_CONNECTION", "")
+    if wanted == "daemon":
+        assert host.uri == SYSTEM_URI, host.uri
+    elif wanted == "embed":
+        assert host.is_embedded, host.uri
     yield host
     sweep_domains(host, session_id)
     host.close()
@@ -85,6 +91,22 @@ def sweep_domains(host: Host, marker: str) -> list[str]:
             dom.undefine()
             swept.append(dom.name())
     return swept
+
+
+@pytest.fixture(scope="session")
+def driver(host_config: Config, libvirt_host: Host) -> Iterator[LibvirtDriver]:
+    """The driver on the session's host; destroys every instance it left at the end."""
+    drv = LibvirtDriver(host_config, host=libvirt_host)
+    yield drv
+    for record in drv.db.list_instances():
+        with contextlib.suppress(Exception):
+            drv.destroy(record.uuid)
+
+
+@pytest.fixture(scope="session")
+def test_image_id(driver: LibvirtDriver, test_image: Path) -> str:
+    """The test guest, added once to the session's image service."""
+    return driver.images.add(test_image, name="minidriver-test-guest", disk_format="qcow2").id
 
 
 @pytest.fixture
