@@ -256,6 +256,10 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
                 drv.destroy(inst.uuid)
             raise DeadlineExceeded(f"{exc}\n{exc.tail}", hint=exc.hint) from exc
     out.say(f"  {'total':<10} {inst.timings['total']:7.3f} s")
+    if args.wait_for:
+        out.say(
+            f"  console matched {args.wait_for!r} {time.monotonic() - started:.3f} s after start"
+        )
     return inst
 
 
