@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from minidriver.config import load_config
 from minidriver.exception import MinidriverError
 from minidriver.process import run
 
@@ -543,14 +544,8 @@ def default_output_dir() -> Path:
     root = _checkout_root()
     if root is not None:
         return root / "build"
-    state = os.environ.get("MINIDRIVER_STATE_DIR")
-    if state:
-        base = Path(state)
-    elif os.geteuid() == 0:
-        base = Path("/var/lib/minidriver")
-    else:
-        base = Path.home() / ".local" / "share" / "minidriver"
-    return base / "test-image"
+    # The state dir as the config names it (MINIDRIVER_CONFIG, MINIDRIVER_STATE_DIR).
+    return load_config(None).state_path / "test-image"
 
 
 def output_path(out: Path | None) -> Path:
