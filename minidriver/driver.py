@@ -248,14 +248,16 @@ class LibvirtDriver:
             return backend(self.conf, instance_dir / name, timer)
 
         root_size = flavor.root_gb * GiB if flavor.root_gb else None
+        force_raw = self.conf.default.force_raw_images
         fetch_func = partial(
-            fetch.fetch_to_raw,
-            image,
-            force_raw=self.conf.default.force_raw_images,
-            timer=timer,
-            progress=progress,
+            fetch.fetch_to_raw, image, force_raw=force_raw, timer=timer, progress=progress
         )
-        instance.cache_hit = disk("disk").cache(fetch_func, base_filename(image.id), root_size)
+        instance.cache_hit = disk("disk").cache(
+            fetch_func,
+            base_filename(image.id),
+            root_size,
+            base_format="raw" if force_raw else qemu_img.qemu_format(image.disk_format),
+        )
         formats = {"disk": backend.driver_format}
         if "disk.local" in disk_info:
             disk("disk.local").cache(

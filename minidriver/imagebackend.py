@@ -17,7 +17,7 @@ from pathlib import Path
 from minidriver.config import Config
 from minidriver.exception import MinidriverError
 from minidriver.images import qemu_img
-from minidriver.images.fetch import removed_on_error
+from minidriver.images.fetch import publish, removed_on_error
 from minidriver.lockutils import external_lock
 from minidriver.objects import GiB
 from minidriver.process import run
@@ -46,6 +46,7 @@ class Image(abc.ABC):
         self.path = path
         self.timer = timer
         self.commands: list[list[str]] = []  # what was run, for `explain` and `show`
+        self.base_format = "raw"  # set by cache(): the format of the base in use
 
     @property
     def base_dir(self) -> Path:
@@ -55,12 +56,19 @@ class Image(abc.ABC):
         return self.path.exists()
 
     def cache(
-        self, fetch_func: FetchFunc, filename: str, size: int | None, step: Step | None = None
+        self,
+        fetch_func: FetchFunc,
+        filename: str,
+        size: int | None,
+        step: Step | None = None,
+        base_format: str = "raw",
     ) -> bool:
         """Create the base (once, under its lock) and the instance disk from it.
 
         Returns True on a cache hit: the base was already there. ``step`` is the timer
         step that pays for the work (fetch_func times its own steps when None).
+        ``base_format`` is what the base must be: raw, or the image's own format when
+        ``force_raw_images`` is off; the overlay names it with ``-F``.
         """
         self.base_dir.mkdir(parents=True, exist_ok=True)
         base = self.base_dir / filename
@@ -68,21 +76,24 @@ class Image(abc.ABC):
         with whole, external_lock(self.conf.locks_dir, filename):
             hit = base.exists()
             if not hit:
-                base_format = fetch_func(base)
-                if base_format != "raw":
-                    raise MinidriverError(f"base {base} is {base_format}, expected raw")
+                # No half-made base may stay under its final name for the next spawn.
+                with removed_on_error(base):
+                    made = fetch_func(base)
+                    if made != base_format:
+                        raise MinidriverError(f"base {base} is {made}, expected {base_format}")
             touch(base)
-            self.verify_base_size(base, size)
+            self.base_format = base_format
+            self.verify_base_size(base, size, base_format)
             if not self.exists():
                 with removed_on_error(self.path):
                     self.create_image(base, size, timed=step is None)
         return hit
 
     @staticmethod
-    def verify_base_size(base: Path, size: int | None) -> None:
+    def verify_base_size(base: Path, size: int | None, base_format: str) -> None:
         if size is None:
             return
-        virtual = qemu_img.info(base, "raw").virtual_size
+        virtual = qemu_img.info(base, base_format).virtual_size
         if size < virtual:
             raise FlavorDiskSmallerThanImage(
                 f"flavor's disk ({size} bytes) is smaller than the image ({virtual} bytes)",
@@ -110,7 +121,9 @@ class Qcow2(Image):
             backing = self._resized_base(base, size, timed)
             size = None
         with self._step(Step.OVERLAY, timed):
-            self.commands.append(qemu_img.create_cow_image(backing, "raw", self.path, size))
+            self.commands.append(
+                qemu_img.create_cow_image(backing, self.base_format, self.path, size)
+            )
             if self.conf.default.preallocate_images == "space":
                 run(["fallocate", "-n", "-l", str(size or os.path.getsize(backing)), self.path])
 
@@ -124,7 +137,7 @@ class Qcow2(Image):
             temp = resized.with_name(resized.name + ".part")
             with self._step(Step.RESIZE, timed), removed_on_error(temp):
                 self.commands.append(copy_sparse(base, temp))
-                self.commands.append(qemu_img.resize(temp, "raw", size))
+                self.commands.append(qemu_img.resize(temp, self.base_format, size))
                 os.replace(temp, resized)
         return resized
 
@@ -136,7 +149,10 @@ class Flat(Image):
 
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
         with self._step(Step.OVERLAY, timed):
-            self.commands.append(copy_sparse(base, self.path))
+            if self.base_format == "raw":
+                self.commands.append(copy_sparse(base, self.path))
+            else:
+                self.commands.append(qemu_img.convert(base, self.base_format, self.path, "raw"))
         if size is not None and size > os.path.getsize(self.path):
             with self._step(Step.RESIZE, timed):
                 self.commands.append(qemu_img.resize(self.path, "raw", size))
@@ -156,16 +172,25 @@ def backend_class(conf: Config) -> type[Image]:
 
 
 def create_ephemeral(target: Path, size_gb: int, fs_type: str, label: str) -> str:
-    """Nova's ``_create_ephemeral``: a raw file with a filesystem on it."""
-    qemu_img.create(target, "raw", size_gb * GiB)
-    run(["mkfs", "-t", fs_type, "-F", "-q", "-L", label, target])
+    """Nova's ``_create_ephemeral``: a raw file with a filesystem on it.
+
+    Made under ``.part`` and renamed: a crash mid-mkfs leaves no base to reuse.
+    """
+    temp = target.with_name(target.name + ".part")
+    with removed_on_error(temp):
+        qemu_img.create(temp, "raw", size_gb * GiB)
+        run(["mkfs", "-t", fs_type, "-F", "-q", "-L", label, temp])
+        publish(temp, target)
     return "raw"
 
 
 def create_swap(target: Path, swap_mb: int) -> str:
-    """Nova's ``_create_swap``: a raw file with a swap signature."""
-    qemu_img.create(target, "raw", swap_mb * 1024 * 1024)
-    run(["mkswap", target])
+    """Nova's ``_create_swap``: a raw file with a swap signature (made like the above)."""
+    temp = target.with_name(target.name + ".part")
+    with removed_on_error(temp):
+        qemu_img.create(temp, "raw", swap_mb * 1024 * 1024)
+        run(["mkswap", temp])
+        publish(temp, target)
     return "raw"
 
 

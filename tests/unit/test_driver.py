@@ -1,0 +1,838 @@
+"""LibvirtDriver.spawn end to end with real parts: libvirt's own test driver as the
+hypervisor, real qemu-img, mkfs and mkswap on real files, a real state database.
+
+Only the one failing call is replaced in the fault tests. What is checked is what a
+user would look at: files and their formats (read with qemu-img directly, not through
+our qemu_img module), the domains on the connection, the database records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from conftest import TEST_DRIVER_NODE
+from lxml import etree
+from pytest_mock import MockerFixture
+
+from minidriver import process
+from minidriver.config import Config, load_config
+from minidriver.db import InstanceRecord
+from minidriver.driver import InstanceBuildTimeout, LibvirtDriver, SpawnError
+from minidriver.exception import (
+    FlavorNotFound,
+    ImageNotFound,
+    InstanceNotFound,
+    MinidriverError,
+    ProcessExecutionError,
+)
+from minidriver.imagebackend import FlavorDiskSmallerThanImage
+from minidriver.images.qemu_img import QemuImgError
+from minidriver.objects import Instance
+
+GiB = 1024**3
+MiB = 1024**2
+SOURCE_VIRTUAL = 64 * MiB
+SOURCE_DATA = 4 * MiB  # written with pattern 0xab at offset 0
+PATTERN = 0xAB
+TIMING_KEYS = {
+    "fetch",
+    "convert",
+    "resize",
+    "overlay",
+    "ephemeral",
+    "swap",
+    "define",
+    "start",
+    "wait",
+    "total",
+}
+# The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
+NANO_DISKS = {"disk": 1 * GiB, "disk.local": 1 * GiB, "disk.swap": 64 * MiB}
+
+
+# -- independent helpers ------------------------------------------------------
+
+
+def sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def ephemeral_base_name(size_gb: int, fs_type: str = "ext4") -> str:
+    return f"ephemeral_{size_gb}_{hashlib.md5(fs_type.encode()).hexdigest()[:7]}"
+
+
+def img_info(path: Path) -> dict[str, Any]:
+    """qemu-img's own view of a file, its format probed (we made every file here)."""
+    out = subprocess.run(
+        ["qemu-img", "info", "--force-share", "--output=json", os.fspath(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 over the file's data extents and their offsets: the content of a sparse
+    file without reading its holes (a 1 GiB ephemeral base is mostly hole)."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        digest.update(str(size).encode())
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole after offset
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            digest.update(f"@{start}".encode())
+            while start < end:
+                chunk = os.pread(fd, min(MiB, end - start), start)
+                digest.update(chunk)
+                start += len(chunk)
+            offset = end
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def reads_pattern(path: Path, fmt: str) -> bool:
+    """The guest's view through the whole backing chain starts with the source's data."""
+    proc = subprocess.run(
+        ["qemu-io", "-r", "-f", fmt, "-c", f"read -P {PATTERN:#x} 0 {SOURCE_DATA}", path],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.returncode == 0 and "verification failed" not in proc.stdout
+
+
+def domain_disks(xml: str) -> list[tuple[str | None, str | None]]:
+    """(source file, driver type) of each disk of a domain XML, in order."""
+    tree = etree.fromstring(xml.encode())
+    return [
+        (disk.find("source").get("file"), disk.find("driver").get("type"))  # type: ignore[union-attr]
+        for disk in tree.iterfind("devices/disk")
+    ]
+
+
+def stray_files(instances_path: Path) -> list[Path]:
+    """Half-written files that must never outlive the step that wrote them."""
+    return sorted(p for pattern in ("*.part", "*.converted") for p in instances_path.rglob(pattern))
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseState:
+    inode: int
+    mtime_ns: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> BaseState:
+        st = path.stat()
+        return cls(st.st_ino, st.st_mtime_ns, file_sha256(path))
+
+
+# -- fixtures -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qcow2 of 64 MiB virtual with 4 MiB of 0xab at its start, made once."""
+    path = tmp_path_factory.mktemp("source") / "source.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", path, str(SOURCE_VIRTUAL)], check=True
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {PATTERN:#x} 0 {SOURCE_DATA}", path],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qcow2 of 2 GiB virtual (a few hundred KiB on disk): too big for 1 GB roots."""
+    path = tmp_path_factory.mktemp("big") / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(2 * GiB)], check=True)
+    return path
+
+
+@pytest.fixture
+def node_file(tmp_path: Path) -> Path:
+    """This test's own test-driver node: nothing defined in one test leaks to another."""
+    node = tmp_path / "testdriver.xml"
+    node.write_text(TEST_DRIVER_NODE)
+    return node
+
+
+@pytest.fixture
+def conf(tmp_path: Path, node_file: Path) -> Config:
+    return load_config(None, state_dir=tmp_path / "state", environ={}).with_libvirt(
+        connection_uri=f"test://{node_file}", virt_type="qemu"
+    )
+
+
+@pytest.fixture
+def make_driver() -> Iterator[Callable[[Config], LibvirtDriver]]:
+    made: list[LibvirtDriver] = []
+
+    def make(conf: Config) -> LibvirtDriver:
+        drv = LibvirtDriver(conf)
+        made.append(drv)
+        return drv
+
+    yield make
+    for drv in made:
+        drv.host.close()
+        drv.db.close()
+
+
+@pytest.fixture
+def drv(conf: Config, make_driver: Callable[[Config], LibvirtDriver]) -> LibvirtDriver:
+    return make_driver(conf)
+
+
+@pytest.fixture
+def image_id(drv: LibvirtDriver, source_image: Path) -> str:
+    return drv.images.add(source_image, name="cirros", disk_format="qcow2").id
+
+
+def conn_of(drv: LibvirtDriver) -> Any:
+    return drv.host.get_connection()
+
+
+def domains(drv: LibvirtDriver) -> list[str]:
+    return sorted(d.name() for d in conn_of(drv).listAllDomains())
+
+
+def root_base(drv: LibvirtDriver, image_id: str) -> Path:
+    return drv.conf.base_dir / sha1(image_id)
+
+
+# -- 1, 2: a spawn and its files ------------------------------------------------
+
+
+def test_spawn_makes_a_running_domain_and_the_seeds_files(
+    drv: LibvirtDriver, image_id: str
+) -> None:
+    inst = drv.spawn("web-1", "cirros", "t1.nano")
+
+    assert inst.name == "instance-00000001"
+    assert inst.display_name == "web-1"
+    assert inst.image_ref == image_id
+    assert drv.get_info(inst.uuid).state == "running"
+    dom = conn_of(drv).lookupByName(inst.name)
+    assert dom.UUIDString() == inst.uuid
+    assert dom.isPersistent()
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    record = drv.db.get_instance(inst.uuid)
+    assert (record.name, record.display_name, record.state) == (inst.name, "web-1", "running")
+
+    base_dir = drv.conf.base_dir
+    instance_dir = drv.conf.instances_path / inst.uuid
+    assert Path(inst.instance_dir) == instance_dir
+
+    # The root disk: a qcow2 overlay at flavor size on the raw, converted base.
+    base = base_dir / sha1(image_id)
+    disk = img_info(instance_dir / "disk")
+    assert disk["format"] == "qcow2"
+    assert disk["virtual-size"] == 1 * GiB
+    assert disk["full-backing-filename"] == os.fspath(base)
+    assert disk["backing-filename-format"] == "raw"
+    base_info = img_info(base)
+    assert base_info["format"] == "raw"
+    assert base_info["virtual-size"] == SOURCE_VIRTUAL
+    with open(base, "rb") as fh:
+        assert fh.read(SOURCE_DATA) == bytes([PATTERN]) * SOURCE_DATA
+        assert fh.read(MiB) == bytes(MiB)
+    assert reads_pattern(instance_dir / "disk", "qcow2")
+
+    # Ephemeral and swap: overlays on their formatted bases.
+    for name, backing in (
+        ("disk.local", ephemeral_base_name(1)),
+        ("disk.swap", "swap_64"),
+    ):
+        info = img_info(instance_dir / name)
+        assert info["format"] == "qcow2", name
+        assert info["virtual-size"] == NANO_DISKS[name], name
+        assert info["full-backing-filename"] == os.fspath(base_dir / backing), name
+        assert info["backing-filename-format"] == "raw", name
+        assert img_info(base_dir / backing)["format"] == "raw", name
+    blkid = subprocess.run(
+        ["blkid", "-p", "-o", "export", base_dir / ephemeral_base_name(1)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "TYPE=ext4" in blkid.splitlines()
+    with open(base_dir / "swap_64", "rb") as fh:
+        assert b"SWAPSPACE2" in fh.read(4096)
+
+    disk_info = json.loads((instance_dir / "disk.info").read_text())
+    assert disk_info == {os.fspath(instance_dir / name): "qcow2" for name in NANO_DISKS}
+
+    # libvirt.xml is what was defined.
+    written = (instance_dir / "libvirt.xml").read_text()
+    defined = dom.XMLDesc(0)
+    assert domain_disks(written) == domain_disks(defined)
+    assert domain_disks(defined) == [(os.fspath(instance_dir / n), "qcow2") for n in NANO_DISKS]
+    tree = etree.fromstring(written.encode())
+    assert (tree.findtext("name"), tree.findtext("uuid")) == (inst.name, inst.uuid)
+
+    assert (instance_dir / "console.log").is_file()
+    assert stray_files(drv.conf.instances_path) == []
+    assert list(drv.conf.locks_dir.iterdir()) == []
+    assert sorted(p.name for p in instance_dir.iterdir()) == sorted(
+        [*NANO_DISKS, "disk.info", "libvirt.xml", "console.log"]
+    )
+
+
+def test_second_spawn_of_an_image_uses_the_cache(drv: LibvirtDriver, image_id: str) -> None:
+    first = drv.spawn("one", "cirros", "t1.nano")
+    base = root_base(drv, image_id)
+    before = BaseState.of(base)
+
+    assert set(first.timings) == TIMING_KEYS
+    assert all(type(v) is float for v in first.timings.values())
+    assert first.cache_hit is False
+    assert first.timings["fetch"] > 0
+    assert first.timings["convert"] > 0
+    assert first.timings["ephemeral"] > 0
+    assert first.timings["swap"] > 0
+    assert first.timings["total"] >= first.timings["fetch"] + first.timings["convert"]
+
+    second = drv.spawn("two", image_id, "t1.nano")
+    assert second.name == "instance-00000002"
+    assert second.uuid != first.uuid
+    assert set(second.timings) == TIMING_KEYS
+    assert all(type(v) is float for v in second.timings.values())
+    assert second.cache_hit is True
+    assert second.timings["fetch"] == 0
+    assert second.timings["convert"] == 0
+    after = BaseState.of(base)
+    assert after.inode == before.inode
+    assert after.sha256 == before.sha256
+    # Touched for the cache manager on each use: never moved backwards.
+    assert after.mtime_ns >= before.mtime_ns
+    assert img_info(drv.conf.instances_path / second.uuid / "disk")[
+        "full-backing-filename"
+    ] == os.fspath(base)
+    assert domains(drv) == ["instance-00000001", "instance-00000002"]
+    assert {d.state for d in drv.list_instances()} == {"running"}
+
+
+# -- 3, 4: the other chains -----------------------------------------------------
+
+
+def test_resized_base_copies_make_the_older_chain(
+    conf: Config, make_driver: Callable[[Config], LibvirtDriver], source_image: Path
+) -> None:
+    drv = make_driver(conf.with_libvirt(resized_base_copies=True))
+    image = drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    inst = drv.spawn("old-chain", "cirros", "t1.nano")
+
+    base = root_base(drv, image.id)
+    resized = base.with_name(base.name + "_1")
+    info = img_info(resized)
+    assert info["format"] == "raw"
+    assert info["virtual-size"] == 1 * GiB
+    assert img_info(base)["virtual-size"] == SOURCE_VIRTUAL
+    disk = img_info(drv.conf.instances_path / inst.uuid / "disk")
+    assert disk["format"] == "qcow2"
+    assert disk["virtual-size"] == 1 * GiB
+    assert disk["full-backing-filename"] == os.fspath(resized)
+    assert disk["backing-filename-format"] == "raw"
+    assert reads_pattern(drv.conf.instances_path / inst.uuid / "disk", "qcow2")
+    assert inst.timings["resize"] > 0
+    assert stray_files(drv.conf.instances_path) == []
+    assert list(drv.conf.locks_dir.iterdir()) == []
+
+    # A second instance of the same size reuses the copy.
+    resized_inode = resized.stat().st_ino
+    again = drv.spawn("old-chain-2", "cirros", "t1.nano")
+    assert again.timings["resize"] == 0
+    assert resized.stat().st_ino == resized_inode
+
+
+@pytest.mark.parametrize(
+    "how", ["images_type=raw", "use_cow_images=false"], ids=["images_type", "use_cow_images"]
+)
+def test_flat_disks_are_raw_copies(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    how: str,
+) -> None:
+    if how == "images_type=raw":
+        conf = conf.with_libvirt(images_type="raw")
+    else:
+        conf = dataclasses.replace(
+            conf, default=dataclasses.replace(conf.default, use_cow_images=False)
+        )
+    drv = make_driver(conf)
+    drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    inst = drv.spawn("flat", "cirros", "t1.nano")
+
+    instance_dir = drv.conf.instances_path / inst.uuid
+    for name, size in NANO_DISKS.items():
+        info = img_info(instance_dir / name)
+        assert info["format"] == "raw", name
+        assert info["virtual-size"] == size, name
+        assert "backing-filename" not in info, name
+    with open(instance_dir / "disk", "rb") as fh:
+        assert fh.read(SOURCE_DATA) == bytes([PATTERN]) * SOURCE_DATA
+    disk_info = json.loads((instance_dir / "disk.info").read_text())
+    assert disk_info == {os.fspath(instance_dir / name): "raw" for name in NANO_DISKS}
+    defined = conn_of(drv).lookupByName(inst.name).XMLDesc(0)
+    assert domain_disks(defined) == [(os.fspath(instance_dir / n), "raw") for n in NANO_DISKS]
+    assert drv.get_info(inst.uuid).state == "running"
+
+
+# -- 5: faults -------------------------------------------------------------------
+
+
+@pytest.fixture
+def warm_cache(drv: LibvirtDriver, image_id: str) -> dict[Path, BaseState]:
+    """The root base cached by an earlier spawn (m1.tiny: no ephemeral, no swap),
+    whose instance is gone again."""
+    inst = drv.spawn("warm-up", "cirros", "m1.tiny")
+    drv.destroy(inst.uuid)
+    assert domains(drv) == []
+    base = root_base(drv, image_id)
+    return {base: BaseState.of(base)}
+
+
+def assert_spawn_left_nothing(
+    drv: LibvirtDriver, error: SpawnError, cached: dict[Path, BaseState]
+) -> None:
+    assert isinstance(error.instance, Instance)
+    assert domains(drv) == []
+    assert drv.db.list_instances() == []
+    with pytest.raises(InstanceNotFound):
+        drv.db.get_instance(error.instance.uuid)
+    assert not Path(error.instance.instance_dir).exists()
+    instances_path = drv.conf.instances_path
+    leftovers = [p.name for p in instances_path.iterdir() if p.name not in ("_base", "locks")]
+    assert leftovers == []
+    for base, state in cached.items():
+        now = BaseState.of(base)
+        assert (now.inode, now.sha256) == (state.inode, state.sha256), base
+    assert stray_files(instances_path) == []
+    assert files_under(drv.conf.locks_dir) == []
+
+
+def test_failed_conversion_leaves_no_base(
+    drv: LibvirtDriver, image_id: str, mocker: MockerFixture
+) -> None:
+    injected = QemuImgError("injected: convert failed", cmd=["qemu-img", "convert"], exit_code=1)
+    convert = mocker.patch("minidriver.images.qemu_img.convert", side_effect=injected)
+
+    with pytest.raises(SpawnError) as exc_info:
+        drv.spawn("bad-convert", "cirros", "t1.nano")
+
+    assert convert.call_count == 1
+    assert exc_info.value.step == "create_image"
+    assert exc_info.value.cause is injected
+    assert_spawn_left_nothing(drv, exc_info.value, {})
+    base = root_base(drv, image_id)
+    assert [p.name for p in drv.conf.base_dir.iterdir() if p.name.startswith(base.name)] == []
+
+
+def test_failed_define_is_undone(
+    drv: LibvirtDriver, warm_cache: dict[Path, BaseState], mocker: MockerFixture
+) -> None:
+    injected = libvirt.libvirtError("injected")
+    mocker.patch.object(drv.host, "define", side_effect=injected)
+
+    with pytest.raises(SpawnError) as exc_info:
+        drv.spawn("bad-define", "cirros", "t1.nano")
+
+    assert exc_info.value.step == "define"
+    assert exc_info.value.cause is injected
+    assert_spawn_left_nothing(drv, exc_info.value, warm_cache)
+
+
+def test_failed_start_undefines_the_domain(
+    drv: LibvirtDriver, warm_cache: dict[Path, BaseState], mocker: MockerFixture
+) -> None:
+    injected = libvirt.libvirtError("injected")
+    launch = mocker.patch.object(drv.host, "launch", side_effect=injected)
+
+    with pytest.raises(SpawnError) as exc_info:
+        drv.spawn("bad-start", "cirros", "t1.nano")
+
+    # The domain was defined (launch got it) and is gone again.
+    assert launch.call_count == 1
+    assert exc_info.value.step == "start"
+    assert exc_info.value.cause is injected
+    assert_spawn_left_nothing(drv, exc_info.value, warm_cache)
+
+
+def start_paused(domain: Any) -> None:
+    # The test driver refuses VIR_DOMAIN_START_PAUSED; start and suspend instead.
+    domain.create()
+    domain.suspend()
+
+
+def test_never_running_times_out_and_is_undone(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    mocker: MockerFixture,
+) -> None:
+    drv = make_driver(conf.with_libvirt(wait_interval=0.1))
+    image = drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    inst = drv.spawn("warm-up", "cirros", "m1.tiny")
+    drv.destroy(inst.uuid)
+    cached = {root_base(drv, image.id): BaseState.of(root_base(drv, image.id))}
+    mocker.patch.object(drv.host, "launch", side_effect=start_paused)
+
+    with pytest.raises(InstanceBuildTimeout) as exc_info:
+        drv.spawn("paused", "cirros", "t1.nano", timeout=1.0)
+
+    assert exc_info.value.step == "wait_for_running"
+    assert "paused" in str(exc_info.value)
+    assert_spawn_left_nothing(drv, exc_info.value, cached)
+
+
+def test_keep_on_timeout_keeps_everything_until_destroy(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    mocker: MockerFixture,
+) -> None:
+    drv = make_driver(conf.with_libvirt(wait_interval=0.1))
+    image = drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    mocker.patch.object(drv.host, "launch", side_effect=start_paused)
+
+    with pytest.raises(InstanceBuildTimeout) as exc_info:
+        drv.spawn("kept", "cirros", "t1.nano", timeout=1.0, keep_on_timeout=True)
+
+    inst = exc_info.value.instance
+    assert inst is not None
+    assert exc_info.value.step == "wait_for_running"
+    assert domains(drv) == [inst.name]
+    assert drv.get_info(inst.uuid).state == "paused"
+    assert [(r.uuid, r.state) for r in drv.list_instances()] == [(inst.uuid, "paused")]
+    instance_dir = drv.conf.instances_path / inst.uuid
+    assert sorted(p.name for p in instance_dir.iterdir()) == sorted(
+        [*NANO_DISKS, "disk.info", "libvirt.xml", "console.log"]
+    )
+    bases = {
+        p: BaseState.of(p)
+        for p in (
+            root_base(drv, image.id),
+            drv.conf.base_dir / ephemeral_base_name(1),
+            drv.conf.base_dir / "swap_64",
+        )
+    }
+
+    drv.destroy(inst.uuid)
+
+    assert domains(drv) == []
+    assert not instance_dir.exists()
+    assert drv.db.list_instances() == []
+    for base, state in bases.items():
+        now = BaseState.of(base)
+        assert (now.inode, now.sha256) == (state.inode, state.sha256), base
+
+
+def test_domain_that_stops_while_booting_fails_at_once(
+    drv: LibvirtDriver, warm_cache: dict[Path, BaseState], mocker: MockerFixture
+) -> None:
+    def start_and_crash(domain: Any) -> None:
+        domain.create()
+        domain.destroy()
+
+    mocker.patch.object(drv.host, "launch", side_effect=start_and_crash)
+
+    with pytest.raises(SpawnError) as exc_info:
+        drv.spawn("stops", "cirros", "t1.nano", timeout=30)
+
+    assert not isinstance(exc_info.value, InstanceBuildTimeout)
+    assert exc_info.value.step == "wait_for_running"
+    assert_spawn_left_nothing(drv, exc_info.value, warm_cache)
+
+
+def test_enospc_on_the_ephemeral_base(
+    drv: LibvirtDriver, warm_cache: dict[Path, BaseState], mocker: MockerFixture
+) -> None:
+    injected = OSError(errno.ENOSPC, "No space left on device")
+    # The name driver.create_image looks up when it builds the ephemeral's fetch_func
+    # (it imports create_ephemeral from imagebackend into its own namespace).
+    create = mocker.patch("minidriver.driver.create_ephemeral", side_effect=injected)
+
+    with pytest.raises(SpawnError) as exc_info:
+        drv.spawn("full-disk", "cirros", "t1.nano")
+
+    assert create.call_count == 1
+    assert exc_info.value.step == "create_image"
+    assert isinstance(exc_info.value.cause, OSError)
+    assert exc_info.value.cause.errno == errno.ENOSPC
+    assert_spawn_left_nothing(drv, exc_info.value, warm_cache)
+    assert not (drv.conf.base_dir / ephemeral_base_name(1)).exists()
+
+
+def test_failed_mkfs_leaves_no_ephemeral_base(
+    drv: LibvirtDriver, image_id: str, mocker: MockerFixture
+) -> None:
+    def mkfs_out_of_space(args: Any, **kwargs: Any) -> Any:
+        if args[0] == "mkfs":
+            raise ProcessExecutionError(
+                "mkfs: No space left on device", cmd=[os.fspath(a) for a in args], exit_code=1
+            )
+        return process.run(args, **kwargs)
+
+    mocker.patch("minidriver.imagebackend.run", side_effect=mkfs_out_of_space)
+    with pytest.raises(SpawnError) as exc_info:
+        drv.spawn("full-disk", "cirros", "t1.nano")
+    assert exc_info.value.step == "create_image"
+    assert not (drv.conf.base_dir / ephemeral_base_name(1)).exists()
+
+
+def test_without_force_raw_images_the_base_keeps_the_image_format(
+    conf: Config, make_driver: Callable[[Config], LibvirtDriver], source_image: Path
+) -> None:
+    conf = dataclasses.replace(
+        conf, default=dataclasses.replace(conf.default, force_raw_images=False)
+    )
+    drv = make_driver(conf)
+    image = drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    first = drv.spawn("first", "cirros", "t1.nano")
+    assert first.timings["convert"] == 0
+    base = root_base(drv, image.id)
+    assert img_info(base)["format"] == "qcow2"
+    second = drv.spawn("second", "cirros", "t1.nano")
+    assert second.cache_hit is True
+    for inst in (first, second):
+        disk = img_info(drv.conf.instances_path / inst.uuid / "disk")
+        # The overlay names the base's real format: a qcow2 base is never read as raw.
+        assert disk["full-backing-filename"] == str(base)
+        assert disk["backing-filename-format"] == "qcow2"
+        assert disk["virtual-size"] == GiB
+
+
+# -- 6: bad input, refused before anything is written ----------------------------
+
+
+def assert_nothing_written(drv: LibvirtDriver) -> None:
+    assert files_under(drv.conf.instances_path) == []
+    assert drv.db.list_instances() == []
+    assert domains(drv) == []
+
+
+def test_unknown_flavor(drv: LibvirtDriver, image_id: str) -> None:
+    with pytest.raises(FlavorNotFound, match=r"m9\.huge"):
+        drv.spawn("x", "cirros", "m9.huge")
+    assert_nothing_written(drv)
+    # Not even a domain name was used up.
+    assert drv.spawn("y", "cirros", "t1.nano").name == "instance-00000001"
+
+
+def test_unknown_image(drv: LibvirtDriver, image_id: str) -> None:
+    with pytest.raises(ImageNotFound):
+        drv.spawn("x", "no-such-image", "t1.nano")
+    assert_nothing_written(drv)
+
+
+def test_flavor_smaller_than_the_image(
+    tmp_path: Path,
+    node_file: Path,
+    make_driver: Callable[[Config], LibvirtDriver],
+    big_image: Path,
+) -> None:
+    config_file = tmp_path / "minidriver.conf"
+    config_file.write_text("[flavor:small]\nvcpus = 1\nmemory_mb = 64\nroot_gb = 1\n")
+    conf = load_config(config_file, state_dir=tmp_path / "state", environ={}).with_libvirt(
+        connection_uri=f"test://{node_file}", virt_type="qemu"
+    )
+    drv = make_driver(conf)
+    image = drv.images.add(big_image, name="big", disk_format="qcow2")
+    assert image.virtual_size == 2 * GiB
+
+    with pytest.raises(FlavorDiskSmallerThanImage):
+        drv.spawn("x", "big", "small")
+    assert_nothing_written(drv)
+
+
+def test_image_min_disk_larger_than_the_root(drv: LibvirtDriver, source_image: Path) -> None:
+    drv.images.add(source_image, name="needs-2g", disk_format="qcow2", min_disk=2)
+    with pytest.raises(FlavorDiskSmallerThanImage, match="min_disk"):
+        drv.spawn("x", "needs-2g", "t1.nano")
+    assert_nothing_written(drv)
+
+
+def test_image_min_ram_larger_than_the_flavor(drv: LibvirtDriver, source_image: Path) -> None:
+    drv.images.add(source_image, name="needs-ram", disk_format="qcow2", min_ram=256)
+    with pytest.raises(MinidriverError, match="min_ram"):
+        drv.spawn("x", "needs-ram", "t1.nano")
+    assert_nothing_written(drv)
+
+
+# -- 7: destroy of what is half there ----------------------------------------------
+
+
+def test_destroy_of_a_record_and_dir_without_domain(drv: LibvirtDriver) -> None:
+    uuid = "2f0c5d3e-1111-4a4a-8b8b-000000000001"
+    instance_dir = drv.conf.instances_path / uuid
+    instance_dir.mkdir(parents=True)
+    (instance_dir / "disk").write_bytes(b"half")
+    drv.db.create_instance(
+        InstanceRecord(
+            uuid=uuid,
+            name="instance-000000aa",
+            display_name="half",
+            flavor="t1.nano",
+            image_id="none",
+            state="building",
+            created_at="2026-01-01T00:00:00Z",
+            instance_dir=os.fspath(instance_dir),
+        )
+    )
+    assert drv.get_info(uuid).state == "nostate"
+
+    drv.destroy(uuid)
+
+    assert not instance_dir.exists()
+    assert drv.db.list_instances() == []
+    with pytest.raises(InstanceNotFound):
+        drv.destroy(uuid)
+
+
+def test_destroy_of_a_record_alone(drv: LibvirtDriver) -> None:
+    uuid = "2f0c5d3e-1111-4a4a-8b8b-000000000002"
+    drv.db.create_instance(
+        InstanceRecord(
+            uuid=uuid,
+            name="instance-000000ab",
+            display_name="record-only",
+            flavor="t1.nano",
+            image_id="none",
+            state="building",
+            created_at="2026-01-01T00:00:00Z",
+            instance_dir=os.fspath(drv.conf.instances_path / uuid),
+        )
+    )
+    drv.destroy(uuid)
+    assert drv.db.list_instances() == []
+
+
+def test_destroy_after_the_domain_vanished(drv: LibvirtDriver, image_id: str) -> None:
+    inst = drv.spawn("vanishing", "cirros", "t1.nano")
+    other = drv.spawn("staying", "cirros", "t1.nano")
+    dom = conn_of(drv).lookupByName(inst.name)
+    dom.destroy()
+    dom.undefine()
+    assert drv.get_info(inst.uuid).state == "nostate"
+    base = root_base(drv, image_id)
+    before = BaseState.of(base)
+
+    drv.destroy(inst.uuid)
+
+    assert not (drv.conf.instances_path / inst.uuid).exists()
+    assert [r.uuid for r in drv.db.list_instances()] == [other.uuid]
+    assert domains(drv) == [other.name]
+    assert (drv.conf.instances_path / other.uuid / "disk").exists()
+    after = BaseState.of(base)
+    assert (after.inode, after.sha256) == (before.inode, before.sha256)
+
+
+def test_destroy_removes_a_running_instance(drv: LibvirtDriver, image_id: str) -> None:
+    inst = drv.spawn("short-lived", "cirros", "t1.nano")
+    drv.destroy(inst.uuid)
+    assert domains(drv) == []
+    assert not (drv.conf.instances_path / inst.uuid).exists()
+    assert drv.db.list_instances() == []
+    assert root_base(drv, image_id).exists()
+    assert (drv.conf.base_dir / ephemeral_base_name(1)).exists()
+    assert (drv.conf.base_dir / "swap_64").exists()
+
+
+# -- 8: what the driver reports -----------------------------------------------------
+
+
+def test_list_instances_shows_live_states(drv: LibvirtDriver, image_id: str) -> None:
+    running = drv.spawn("running", "cirros", "t1.nano")
+    paused = drv.spawn("paused", "cirros", "t1.nano")
+    stopped = drv.spawn("stopped", "cirros", "t1.nano")
+    gone = drv.spawn("gone", "cirros", "t1.nano")
+    conn = conn_of(drv)
+    conn.lookupByName(paused.name).suspend()
+    conn.lookupByName(stopped.name).destroy()
+    dom = conn.lookupByName(gone.name)
+    dom.destroy()
+    dom.undefine()
+
+    states = {r.display_name: r.state for r in drv.list_instances()}
+    assert states == {
+        "running": "running",
+        "paused": "paused",
+        "stopped": "shutoff",
+        "gone": "nostate",
+    }
+    assert [r.uuid for r in drv.list_instances()] == [
+        running.uuid,
+        paused.uuid,
+        stopped.uuid,
+        gone.uuid,
+    ]
+    assert drv.get_info(paused.uuid).state == "paused"
+    assert drv.get_info(stopped.uuid).state == "shutoff"
+
+
+def test_get_disks_reports_formats_and_backing_files(drv: LibvirtDriver, image_id: str) -> None:
+    inst = drv.spawn("disks", "cirros", "t1.nano")
+    disks = drv.get_disks(inst.uuid)
+
+    assert sorted(disks) == sorted(NANO_DISKS)
+    base_dir = drv.conf.base_dir
+    backing = {
+        "disk": base_dir / sha1(image_id),
+        "disk.local": base_dir / ephemeral_base_name(1),
+        "disk.swap": base_dir / "swap_64",
+    }
+    for name, details in disks.items():
+        path = drv.conf.instances_path / inst.uuid / name
+        assert details.path == os.fspath(path)
+        assert details.format == "qcow2"
+        assert details.virtual_size == NANO_DISKS[name]
+        assert details.backing_file == os.fspath(backing[name])
+        assert details.actual_size == img_info(path)["actual-size"]
+
+
+def test_get_disks_of_an_instance_without_disk_info(drv: LibvirtDriver) -> None:
+    uuid = "2f0c5d3e-1111-4a4a-8b8b-000000000003"
+    drv.db.create_instance(
+        InstanceRecord(
+            uuid=uuid,
+            name="instance-000000ac",
+            display_name="no-disks",
+            flavor="t1.nano",
+            image_id="none",
+            state="building",
+            created_at="2026-01-01T00:00:00Z",
+            instance_dir=os.fspath(drv.conf.instances_path / uuid),
+        )
+    )
+    assert drv.get_disks(uuid) == {}
