@@ -43,6 +43,7 @@ class DefaultOptions:
     preallocate_images: str = "none"
     instance_build_timeout: int = 300
     instance_name_template: str = "instance-%08x"
+    image_size_cap: int = 1024**4  # Glance's name: the largest image `image add` takes
 
 
 @dataclass(frozen=True)

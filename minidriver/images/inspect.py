@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final, NoReturn
+from typing import IO, Final, NoReturn, Protocol, cast
 
 from oslo_utils.imageutils import format_inspector
 
@@ -178,6 +178,14 @@ def detect_format(path: Path) -> str:
     return detected
 
 
+class Readable(Protocol):
+    """A byte stream: an open file, or an HTTP body."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class InspectingReader:
     """Reads a stream while every format inspector looks at it, so that a copy reads
     the source once. After the last ``read``, :meth:`check` applies the rules of
@@ -187,7 +195,7 @@ class InspectingReader:
     inspectors. ``check`` closes the source, as ``InspectWrapper.close`` does.
     """
 
-    def __init__(self, source: BinaryIO, declared_format: str, *, label: str) -> None:
+    def __init__(self, source: Readable, declared_format: str, *, label: str) -> None:
         self.declared = validate_disk_format(declared_format)
         self.label = label
         self.bytes_read = 0
@@ -196,7 +204,8 @@ class InspectingReader:
         if self.declared not in UNINSPECTED:
             # No expected_format: stopping at the first mismatch would not say what the
             # content is, and the message must.
-            self._wrapper = format_inspector.InspectWrapper(source)
+            # InspectWrapper only calls read() and close(), which any Readable has.
+            self._wrapper = format_inspector.InspectWrapper(cast(IO[bytes], source))
 
     def read(self, size: int) -> bytes:
         chunk = self._source.read(size) if self._wrapper is None else self._wrapper.read(size)

@@ -21,7 +21,7 @@ import sqlite3
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -34,10 +34,13 @@ from minidriver.exception import (
     ImageUnacceptable,
     MinidriverError,
 )
-from minidriver.images import inspect
+from minidriver.images import download, inspect
+from minidriver.images.inspect import Readable
 from minidriver.objects import ImageMeta
 
 CHUNK_SIZE: Final = 1024 * 1024
+# Glance's image_size_cap default: the largest image add accepts.
+DEFAULT_SIZE_CAP: Final = 1024**4
 OS_HASH_ALGO: Final = "sha512"
 
 # Glance's container formats that hold one bare disk; ovf, ova, docker and
@@ -176,6 +179,11 @@ def _parse_checksum(checksum: str) -> tuple[str, str]:
     return algo, value
 
 
+def _label(source: Path | str) -> str:
+    """How messages name a source: a file's name, or a URL as given."""
+    return source if isinstance(source, str) and download.is_url(source) else Path(source).name
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -193,13 +201,16 @@ def _write_all(fd: int, data: bytes) -> None:
 class ImageService:
     """Glance's image API, on the local state dir."""
 
-    def __init__(self, db: Database, images_path: Path) -> None:
+    def __init__(
+        self, db: Database, images_path: Path, *, size_cap: int = DEFAULT_SIZE_CAP
+    ) -> None:
         self.db = db
         self.images_path = images_path
+        self.size_cap = size_cap
 
     def add(
         self,
-        source: Path,
+        source: Path | str,
         *,
         name: str,
         disk_format: str = inspect.AUTO,
@@ -210,7 +221,7 @@ class ImageService:
         checksum: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Image:
-        """Copy ``source`` into the store and return the active image.
+        """Copy ``source`` (a path, or an http(s) URL) into the store; the active image.
 
         ``disk_format`` must match the content (``auto`` takes what is detected);
         ``checksum`` (``md5:HEX``, ``sha256:HEX``, ``sha512:HEX``) must match the
@@ -253,7 +264,7 @@ class ImageService:
             detected, hashes = self._copy(source, part, disk_format, expected, progress)
             if expected is not None and hashes[expected[0]] != expected[1]:
                 raise ImageUnacceptable(
-                    f"image {source.name} is refused: its {expected[0]} checksum is "
+                    f"image {_label(source)} is refused: its {expected[0]} checksum is "
                     f"{hashes[expected[0]]}, not {expected[1]}",
                     hint="the file is corrupt or not the one the checksum is for",
                 )
@@ -270,19 +281,29 @@ class ImageService:
             raise
         return self.get(image_id)
 
-    def _os_error(self, source: Path, exc: OSError) -> MinidriverError:
+    def _os_error(self, source: Path | str, exc: OSError) -> MinidriverError:
         if exc.filename == os.fspath(source):
             if isinstance(exc, FileNotFoundError):
                 return ImageNotFound(f"image file {source} does not exist")
             return ImageStoreError(f"cannot read image file {source}: {exc.strerror}")
         return ImageStoreError(
-            f"cannot add image {source.name} to {self.images_path}: {exc.strerror or exc}",
+            f"cannot add image {_label(source)} to {self.images_path}: {exc.strerror or exc}",
             hint=f"check the free space and permissions of {self.images_path}",
         )
 
+    @contextlib.contextmanager
+    def _open(self, source: Path | str) -> Iterator[tuple[Readable, int | None]]:
+        """The source's bytes and their size, if known in advance."""
+        if isinstance(source, str) and download.is_url(source):
+            with download.open_url(source, self.size_cap) as body:
+                yield body, body.total
+            return
+        with open(os.fspath(source), "rb") as src:
+            yield src, os.fstat(src.fileno()).st_size
+
     def _copy(
         self,
-        source: Path,
+        source: Path | str,
         part: Path,
         disk_format: str,
         expected: tuple[str, str] | None,
@@ -293,9 +314,8 @@ class ImageService:
         if expected is not None and expected[0] not in hashers:
             hashers[expected[0]] = hashlib.new(expected[0])
         self.images_path.mkdir(mode=0o755, parents=True, exist_ok=True)
-        with open(os.fspath(source), "rb") as src:
-            total = os.fstat(src.fileno()).st_size
-            reader = inspect.InspectingReader(src, disk_format, label=source.name)
+        with self._open(source) as (src, total):
+            reader = inspect.InspectingReader(src, disk_format, label=_label(source))
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 while chunk := reader.read(CHUNK_SIZE):
@@ -303,7 +323,7 @@ class ImageService:
                         hasher.update(chunk)
                     _write_all(fd, chunk)
                     if progress is not None:
-                        progress(reader.bytes_read, total)
+                        progress(reader.bytes_read, total or 0)
                 # Durable before it is checked and renamed: a crash must never leave
                 # a complete-looking <id> with missing blocks.
                 os.fsync(fd)
