@@ -115,7 +115,7 @@ class LibvirtDriver:
         self.conf = conf
         self.host = host or Host(conf)
         self.db = Database(conf.database_path)
-        self.images = ImageService(self.db, conf.images_path)
+        self.images = ImageService(self.db, conf.images_path, size_cap=conf.default.image_size_cap)
         self.clock = clock
         self.post_xml_hooks: list[PostXMLHook] = []
 
@@ -143,11 +143,18 @@ class LibvirtDriver:
         *,
         keep_on_timeout: bool = False,
         timeout: float | None = None,
+        wait: bool = True,
         listener: StepListener | None = None,
         progress: fetch.Progress | None = None,
     ) -> Instance:
-        """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``."""
+        """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``.
+
+        ``timeout`` (default ``instance_build_timeout``) bounds the whole spawn, from
+        now until RUNNING; ``wait=False`` returns once the domain is started.
+        """
         timer = StepTimer(listener, clock=self.clock)
+        budget = self.conf.default.instance_build_timeout if timeout is None else timeout
+        deadline = self.clock() + budget
         flavor_obj = self.get_flavor(flavor)
         store_image = self.images.get(image)
         image_meta = store_image.to_image_meta()
@@ -163,6 +170,39 @@ class LibvirtDriver:
             created_at=utc_now(),
         )
         instance.instance_dir = os.fspath(self.instance_dir(instance.uuid))
+        try:
+            domain = self._spawn(
+                instance,
+                store_image,
+                image_meta,
+                timer,
+                deadline=deadline if wait else None,
+                keep_on_timeout=keep_on_timeout,
+                progress=progress,
+            )
+        except InstanceBuildTimeout as exc:
+            exc.cause = TimeoutError(f"not RUNNING within {budget:g} s")
+            exc.message = (
+                f"spawn of {instance.display_name} failed at wait_for_running: {exc.cause}"
+            )
+            raise
+        instance.state = self.host.domain_state(domain)
+        self.db.update_instance(instance.uuid, state=instance.state)
+        instance.timings = timer.as_dict()
+        return instance
+
+    def _spawn(
+        self,
+        instance: Instance,
+        image: StoreImage,
+        image_meta: ImageMeta,
+        timer: StepTimer,
+        *,
+        deadline: float | None,
+        keep_on_timeout: bool,
+        progress: fetch.Progress | None,
+    ) -> libvirt.virDomain:
+        """Nova's spawn, step by step, with everything it creates on an undo list."""
         with contextlib.ExitStack() as undo:
             step = "record"
             try:
@@ -172,14 +212,14 @@ class LibvirtDriver:
                 step = "get_disk_info"
                 disk_info = blockinfo.get_disk_info(
                     instance.virt_type,
-                    flavor_obj,
+                    instance.flavor,
                     image_meta,
                     machine_type=self.conf.libvirt.hw_machine_type,
                 )
                 step = "create_image"
                 undo.callback(shutil.rmtree, instance.instance_dir, ignore_errors=True)
                 formats = self.create_image(
-                    instance, disk_info, store_image, timer=timer, progress=progress
+                    instance, disk_info, image, timer=timer, progress=progress
                 )
                 step = "console"
                 instance_dir = Path(instance.instance_dir)
@@ -201,8 +241,10 @@ class LibvirtDriver:
                     self.host.launch(domain)
 
                 step = "wait_for_running"
-                with timer.step(Step.WAIT):
-                    self.wait_for_running(instance, domain, timeout)
+                if deadline is not None:
+                    with timer.step(Step.WAIT):
+                        remaining = max(0.0, deadline - self.clock())
+                        self.wait_for_running(instance, domain, remaining)
             except InstanceBuildTimeout:
                 if keep_on_timeout:
                     undo.pop_all()
@@ -210,10 +252,7 @@ class LibvirtDriver:
             except Exception as exc:
                 raise SpawnError(step, exc, instance) from exc
             undo.pop_all()
-        instance.state = "running"
-        self.db.update_instance(instance.uuid, state=instance.state)
-        instance.timings = timer.as_dict()
-        return instance
+        return domain
 
     def _next_domain_name(self) -> str:
         """``instance_name_template`` over the DB's sequence, skipping names in use.
@@ -303,8 +342,9 @@ class LibvirtDriver:
         A lifecycle event wakes the loop early; the interval bounds every wait.
         """
         interval = self.conf.libvirt.wait_interval
-        budget = self.conf.default.instance_build_timeout if timeout is None else timeout
-        deadline = self.clock() + budget
+        if timeout is None:
+            timeout = self.conf.default.instance_build_timeout
+        deadline = self.clock() + timeout
         with self.host.lifecycle_waiter(instance.uuid) as changed:
             while True:
                 state = self.host.domain_state(domain)
@@ -316,7 +356,7 @@ class LibvirtDriver:
                 if remaining <= 0:
                     raise InstanceBuildTimeout(
                         "wait_for_running",
-                        TimeoutError(f"not RUNNING after {budget:g} s (state {state})"),
+                        TimeoutError(f"not RUNNING within {timeout:g} s (state {state})"),
                         instance,
                     )
                 changed.wait(min(interval, remaining))
@@ -367,6 +407,63 @@ class LibvirtDriver:
         return InstanceInfo(
             state=self.host.domain_state(domain), internal_id=internal if internal >= 0 else None
         )
+
+    # -- power ----------------------------------------------------------------
+
+    def _domain_of(self, instance_uuid: str) -> libvirt.virDomain:
+        record = self.db.get_instance(instance_uuid)
+        domain = self._owned_domain(record.name)
+        if domain is None:
+            raise MinidriverError(
+                f"instance {record.display_name} ({record.uuid}) has no domain {record.name}",
+                hint="delete it and boot again",
+            )
+        return domain
+
+    def _wait_for_state(self, domain: libvirt.virDomain, state: str, timeout: float) -> bool:
+        deadline = self.clock() + timeout
+        with self.host.lifecycle_waiter(domain.UUIDString()) as changed:
+            while self.host.domain_state(domain) != state:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                changed.wait(min(self.conf.libvirt.wait_interval, remaining))
+                changed.clear()
+        return True
+
+    def power_off(self, instance_uuid: str, *, timeout: float = 60, force: bool = False) -> bool:
+        """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``.
+
+        Returns True when the guest shut down cleanly (False: it was stopped hard).
+        """
+        domain = self._domain_of(instance_uuid)
+        clean = False
+        if domain.isActive():
+            if not force:
+                domain.shutdown()
+                clean = self._wait_for_state(domain, "shutoff", timeout)
+            if not clean:
+                with contextlib.suppress(libvirt.libvirtError):
+                    domain.destroy()  # it may have stopped just now
+        self.db.update_instance(instance_uuid, state="shutoff")
+        return clean
+
+    def power_on(self, instance_uuid: str) -> None:
+        domain = self._domain_of(instance_uuid)
+        if not domain.isActive():
+            self.host.launch(domain)
+        self.db.update_instance(instance_uuid, state="running")
+
+    def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
+        """Soft: the guest is asked (ACPI) and libvirt starts it again once it has
+        stopped. Hard: as Nova's ``_hard_reboot``, the domain is stopped and started."""
+        domain = self._domain_of(instance_uuid)
+        if hard or not domain.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()
+            self.host.launch(domain)
+        else:
+            domain.reboot(0)
 
     def get_disks(self, instance_uuid: str) -> dict[str, DiskDetails]:
         """Every disk recorded in ``disk.info``, keyed by its disk_info name."""

@@ -158,9 +158,20 @@ class Flat(Image):
                 self.commands.append(qemu_img.resize(self.path, "raw", size))
 
 
+def copy_sparse_cmd(source: Path, dest: Path) -> list[str]:
+    return ["cp", "--sparse=always", "--reflink=auto", os.fspath(source), os.fspath(dest)]
+
+
 def copy_sparse(source: Path, dest: Path) -> list[str]:
-    cmd: list[str | os.PathLike[str]] = ["cp", "--sparse=always", "--reflink=auto", source, dest]
-    return run(cmd).cmd
+    return run(copy_sparse_cmd(source, dest)).cmd
+
+
+def mkfs_cmd(fs_type: str, label: str, target: Path) -> list[str]:
+    return ["mkfs", "-t", fs_type, "-F", "-q", "-L", label, os.fspath(target)]
+
+
+def mkswap_cmd(target: Path) -> list[str]:
+    return ["mkswap", os.fspath(target)]
 
 
 def backend_class(conf: Config) -> type[Image]:
@@ -179,7 +190,7 @@ def create_ephemeral(target: Path, size_gb: int, fs_type: str, label: str) -> st
     temp = target.with_name(target.name + ".part")
     with removed_on_error(temp):
         qemu_img.create(temp, "raw", size_gb * GiB)
-        run(["mkfs", "-t", fs_type, "-F", "-q", "-L", label, temp])
+        run(mkfs_cmd(fs_type, label, temp))
         publish(temp, target)
     return "raw"
 
@@ -189,7 +200,7 @@ def create_swap(target: Path, swap_mb: int) -> str:
     temp = target.with_name(target.name + ".part")
     with removed_on_error(temp):
         qemu_img.create(temp, "raw", swap_mb * 1024 * 1024)
-        run(["mkswap", temp])
+        run(mkswap_cmd(temp))
         publish(temp, target)
     return "raw"
 

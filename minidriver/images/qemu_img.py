@@ -55,6 +55,11 @@ def _qemu_img(
         ) from exc
 
 
+def _run(cmd: list[str]) -> list[str]:
+    _qemu_img(list(cmd[1:]))
+    return cmd
+
+
 def info(
     path: str | os.PathLike[str], fmt: str, limits: ResourceLimits | None = DEFAULT_LIMITS
 ) -> QemuImgInfo:
@@ -76,47 +81,58 @@ def info(
     )
 
 
-def create(path: Path, fmt: str, size: int, *, preallocation: str | None = None) -> list[str]:
-    """A new empty image; returns the command line (``explain`` shows it)."""
-    args: list[str | os.PathLike[str]] = ["create", "-f", fmt]
-    if preallocation:
-        args += ["-o", f"preallocation={preallocation}"]
-    args += [path, str(size)]
-    return _qemu_img(args).cmd
+# Each operation has a ``*_cmd`` that builds its command line and a runner that runs
+# exactly that line: ``explain`` shows the lines a boot would run without running them.
+
+
+def create_cmd(path: Path, fmt: str, size: int) -> list[str]:
+    return ["qemu-img", "create", "-f", fmt, os.fspath(path), str(size)]
+
+
+def create(path: Path, fmt: str, size: int) -> list[str]:
+    """A new empty image; returns the command line that made it."""
+    return _run(create_cmd(path, fmt, size))
+
+
+def create_cow_image_cmd(
+    backing_file: Path, backing_fmt: str, path: Path, size: int | None
+) -> list[str]:
+    cmd = ["qemu-img", "create", "-f", "qcow2", "-F", backing_fmt, "-b", os.fspath(backing_file)]
+    cmd.append(os.fspath(path))
+    if size is not None:
+        cmd.append(str(size))
+    return cmd
 
 
 def create_cow_image(
     backing_file: Path, backing_fmt: str, path: Path, size: int | None
 ) -> list[str]:
     """A qcow2 overlay of ``backing_file`` (Nova's ``create_cow_image``)."""
-    args: list[str | os.PathLike[str]] = [
-        "create",
-        "-f",
-        "qcow2",
-        "-F",
-        backing_fmt,
-        "-b",
-        backing_file,
-        path,
-    ]
-    if size is not None:
-        args.append(str(size))
-    return _qemu_img(args).cmd
+    return _run(create_cow_image_cmd(backing_file, backing_fmt, path, size))
+
+
+def convert_cmd(
+    source: Path, source_fmt: str, dest: Path, dest_fmt: str, *, compress: bool = False
+) -> list[str]:
+    cmd = ["qemu-img", "convert", "-f", source_fmt, "-O", dest_fmt]
+    if compress:
+        cmd.append("-c")
+    return [*cmd, os.fspath(source), os.fspath(dest)]
 
 
 def convert(
     source: Path, source_fmt: str, dest: Path, dest_fmt: str, *, compress: bool = False
 ) -> list[str]:
-    """Nova's ``convert_image``: ``-t none`` would need O_DIRECT; the page cache is fine."""
-    args: list[str | os.PathLike[str]] = ["convert", "-f", source_fmt, "-O", dest_fmt]
-    if compress:
-        args.append("-c")
-    args += [source, dest]
-    return _qemu_img(args).cmd
+    """Nova's ``convert_image``."""
+    return _run(convert_cmd(source, source_fmt, dest, dest_fmt, compress=compress))
+
+
+def resize_cmd(path: Path, fmt: str, size: int) -> list[str]:
+    return ["qemu-img", "resize", "-f", fmt, os.fspath(path), str(size)]
 
 
 def resize(path: Path, fmt: str, size: int) -> list[str]:
-    return _qemu_img(["resize", "-f", fmt, path, str(size)]).cmd
+    return _run(resize_cmd(path, fmt, size))
 
 
 # Glance's disk_format names and the driver name qemu-img knows each by. Formats not

@@ -1,0 +1,223 @@
+"""What a boot would do, before anything runs: the chain of files of seed 000.
+
+For each file a boot would create (or find cached): its path, format, virtual size and
+the exact command lines that make it, built by the same ``*_cmd`` functions the real
+code runs; then the domain XML. Nothing is written, nothing is defined.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minidriver import blockinfo, guest
+from minidriver.driver import (
+    EPHEMERAL_FS,
+    EPHEMERAL_LABEL,
+    LibvirtDriver,
+    base_filename,
+    check_flavor_fits,
+    ephemeral_filename,
+    swap_filename,
+)
+from minidriver.imagebackend import (
+    Qcow2,
+    backend_class,
+    copy_sparse_cmd,
+    mkfs_cmd,
+    mkswap_cmd,
+)
+from minidriver.images import qemu_img
+from minidriver.objects import GiB, Instance, MiB
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    path: str
+    format: str
+    virtual_size: int | None
+    exists: bool  # already there (a cached base): nothing to run for it
+    commands: tuple[tuple[str, ...], ...]
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    image_id: str
+    flavor: str
+    files: list[PlannedFile] = field(default_factory=list)
+    xml: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "image": self.image_id,
+            "flavor": self.flavor,
+            "files": [
+                {
+                    "path": f.path,
+                    "format": f.format,
+                    "virtual_size": f.virtual_size,
+                    "exists": f.exists,
+                    "commands": [list(c) for c in f.commands],
+                    "note": f.note,
+                }
+                for f in self.files
+            ],
+            "xml": self.xml,
+        }
+
+
+def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
+    flavor = drv.get_flavor(flavor_name)
+    image = drv.images.get(image_ref)
+    meta = image.to_image_meta()
+    check_flavor_fits(flavor, meta)
+    conf = drv.conf
+    plan = Plan(image_id=image.id, flavor=flavor.name)
+    instance = Instance(
+        uuid=str(uuidlib.uuid4()),
+        name=conf.default.instance_name_template % 0,  # the real name is given at boot
+        display_name=image.name,
+        flavor=flavor,
+        image_ref=image.id,
+        virt_type=drv.host.virt_type.virt_type,
+    )
+    instance_dir = conf.instances_path / instance.uuid
+    instance.instance_dir = str(instance_dir)
+    base_dir = conf.base_dir
+    backend = backend_class(conf)
+
+    def add(path: Path, fmt: str, size: int | None, cmds: list[list[str]], note: str = "") -> None:
+        exists = path.exists()
+        plan.files.append(
+            PlannedFile(
+                path=str(path),
+                format=fmt,
+                virtual_size=size,
+                exists=exists,
+                commands=() if exists else tuple(tuple(c) for c in cmds),
+                note="cached" if exists else note,
+            )
+        )
+
+    # Root: the download, the conversion, the optional _<GB> copy, the disk itself.
+    base = base_dir / base_filename(image.id)
+    source_fmt = qemu_img.qemu_format(image.disk_format)
+    force_raw = conf.default.force_raw_images
+    base_fmt = "raw" if force_raw else source_fmt
+    part = base.with_name(base.name + ".part")
+    add(part, source_fmt, meta.virtual_size, [], f"copy of {image.path}, sha512 verified")
+    if force_raw and source_fmt != "raw":
+        converted = base.with_name(base.name + ".converted")
+        add(
+            base,
+            "raw",
+            meta.virtual_size,
+            [qemu_img.convert_cmd(part, source_fmt, converted, "raw")],
+            f"converted, then renamed from {converted.name}",
+        )
+    else:
+        add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
+    root_size = flavor.root_gb * GiB if flavor.root_gb else None
+    backing = base
+    if backend is Qcow2 and conf.libvirt.resized_base_copies and root_size is not None:
+        resized = base.with_name(f"{base.name}_{flavor.root_gb}")
+        temp = resized.with_name(resized.name + ".part")
+        add(
+            resized,
+            base_fmt,
+            root_size,
+            [copy_sparse_cmd(base, temp), qemu_img.resize_cmd(temp, base_fmt, root_size)],
+            f"a full copy, resized, renamed from {temp.name}",
+        )
+        backing, root_size = resized, None
+    add_disk(
+        plan,
+        instance_dir / "disk",
+        cow=backend is Qcow2,
+        backing=backing,
+        backing_fmt=base_fmt,
+        size=root_size,
+    )
+
+    if flavor.ephemeral_gb:
+        eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
+        temp = eph.with_name(eph.name + ".part")
+        size = flavor.ephemeral_gb * GiB
+        add(
+            eph,
+            "raw",
+            size,
+            [qemu_img.create_cmd(temp, "raw", size), mkfs_cmd(EPHEMERAL_FS, EPHEMERAL_LABEL, temp)],
+            f"{EPHEMERAL_FS}, renamed from {temp.name}",
+        )
+        add_disk(
+            plan,
+            instance_dir / "disk.local",
+            cow=backend is Qcow2,
+            backing=eph,
+            backing_fmt="raw",
+            size=size,
+        )
+    if flavor.swap:
+        swap = base_dir / swap_filename(flavor.swap)
+        temp = swap.with_name(swap.name + ".part")
+        size = flavor.swap * MiB
+        add(
+            swap,
+            "raw",
+            size,
+            [qemu_img.create_cmd(temp, "raw", size), mkswap_cmd(temp)],
+            f"swap, renamed from {temp.name}",
+        )
+        add_disk(
+            plan,
+            instance_dir / "disk.swap",
+            cow=backend is Qcow2,
+            backing=swap,
+            backing_fmt="raw",
+            size=size,
+        )
+
+    disk_info = blockinfo.get_disk_info(
+        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
+    )
+    formats = {m.name: backend.driver_format for m in disk_info}
+    config = guest.get_guest_config(
+        instance,
+        disk_info,
+        formats,
+        instance_dir=instance_dir,
+        machine_type=conf.libvirt.hw_machine_type,
+        cpu_mode=conf.libvirt.cpu_mode,
+        state_id=drv.db.state_id,
+        cache="none",
+    )
+    plan.xml = guest.to_xml(config)
+    return plan
+
+
+def add_disk(
+    plan: Plan, path: Path, *, cow: bool, backing: Path, backing_fmt: str, size: int | None
+) -> None:
+    if cow:
+        cmds = [qemu_img.create_cow_image_cmd(backing, backing_fmt, path, size)]
+        note = f"overlay on {backing.parent.name}/{backing.name}"
+        fmt = "qcow2"
+    else:
+        cmds = [copy_sparse_cmd(backing, path)]
+        if size is not None:
+            cmds.append(qemu_img.resize_cmd(path, "raw", size))
+        note = f"a full copy of {backing.parent.name}/{backing.name}"
+        fmt = "raw"
+    plan.files.append(
+        PlannedFile(
+            path=str(path),
+            format=fmt,
+            virtual_size=size,
+            exists=False,
+            commands=tuple(tuple(c) for c in cmds),
+            note=note,
+        )
+    )
