@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +22,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from minidriver import __version__, console
+from minidriver import __version__, console, explain
 from minidriver.config import Config, load_config
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
 from minidriver.exception import MinidriverError
+from minidriver.images import download
 from minidriver.objects import Instance
 from minidriver.steps import Step
 
@@ -76,6 +78,42 @@ class Output:
                 print(rendered, file=self.stream)
 
 
+class ProgressBar:
+    """A one-line bar on stderr while bytes move; nothing on a pipe or under --json."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, *, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self.label = label
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self.drawn = False
+        self.last = 0.0
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.1 and done != total):
+            return
+        self.last = now
+        if total:
+            filled = self.WIDTH * done // total
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            text = f"{self.label} [{bar}] {human_size(done)} / {human_size(total)}"
+        else:
+            text = f"{self.label} {human_size(done)}"
+        self.stream.write(f"\r\033[K{text}")
+        self.stream.flush()
+        self.drawn = True
+
+
 # -- the parser -------------------------------------------------------------------
 
 
@@ -115,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     image = command("image", "the local image service").add_subparsers(
         dest="image_command", metavar="SUBCOMMAND", required=True
     )
-    p = command("add", "add an image from a local file", image)
-    p.add_argument("source", help="path of the image file")
+    p = command("add", "add an image from a local file or an http(s) URL", image)
+    p.add_argument("source", help="path or http(s) URL of the image")
     p.add_argument("--name", required=True)
     p.add_argument(
         "--disk-format",
@@ -134,13 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("list", "list flavors", flavor)
 
+    _instance_commands(command)
+    return parser
+
+
+def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("boot", "boot a new instance")
     p.add_argument("--image", required=True)
     p.add_argument("--flavor", required=True)
     p.add_argument("--name", help="display name (default: the image's name)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="bound on the whole boot")
     p.add_argument("--wait-for", metavar="REGEX", help="wait until the console matches")
-    p.add_argument("--keep-on-timeout", action="store_true")
+    p.add_argument("--keep-on-timeout", action="store_true", help="keep it when time runs out")
+    p.add_argument("--no-wait", action="store_true", help="return once the domain is started")
+    p.add_argument("--print-xml", action="store_true", help="print the domain XML, boot nothing")
+    p.add_argument("--dry-run", action="store_true", help="check everything, boot nothing")
 
     command("list", "list this state dir's instances")
     command("show", "show an instance and its image chain").add_argument("instance")
@@ -150,9 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("delete", "delete instances (the image cache stays)")
     p.add_argument("instances", nargs="*", metavar="INSTANCE")
     p.add_argument("--all", action="store_true", help="every instance of this state dir")
+    p = command("stop", "shut an instance down: ACPI, then a hard stop after the timeout")
+    p.add_argument("instance")
+    p.add_argument("--force", action="store_true", help="hard stop at once")
+    p.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
+    command("start", "start a stopped instance").add_argument("instance")
+    p = command("reboot", "reboot an instance (ACPI; --hard: stop and start)")
+    p.add_argument("instance")
+    p.add_argument("--hard", action="store_true")
+    p = command("explain", "the files and commands a boot would make, and its XML")
+    p.add_argument("--image", required=True)
+    p.add_argument("--flavor", required=True)
     p = command("demo", "first run: build the test guest, boot it, show it, delete it")
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
-    return parser
 
 
 # -- commands ---------------------------------------------------------------------
@@ -187,6 +243,8 @@ def chain_lines(disks: dict[str, dict[str, Any]], base_dir: Path) -> list[str]:
                 f"{base_dir.name}/{backing.name}" if backing.parent == base_dir else str(backing)
             )
             line += f", backing {shown}"
+            if d.get("backing_format"):
+                line += f" {d['backing_format']} {human_size(d['backing_virtual_size'] or 0)}"
         lines.append(line)
     return lines
 
@@ -218,6 +276,8 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     def listener(step: Step, seconds: float, finished: bool) -> None:
         if finished:
             out.say(f"  {step.value:<10} {seconds:7.3f} s")
+        elif step is Step.CONVERT:
+            out.say("  convert ...")
 
     image = drv.images.get(args.image)
     drv.get_flavor(args.flavor)
@@ -229,14 +289,17 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     name = args.name or image.name
     out.say(f"booting {name} from {image.name} ({image.id[:8]}) as {args.flavor}")
     try:
-        inst = drv.spawn(
-            name,
-            image.id,
-            args.flavor,
-            keep_on_timeout=args.keep_on_timeout,
-            timeout=timeout,
-            listener=listener,
-        )
+        with ProgressBar("fetch", enabled=not out.json) as bar:
+            inst = drv.spawn(
+                name,
+                image.id,
+                args.flavor,
+                keep_on_timeout=args.keep_on_timeout,
+                timeout=timeout,
+                wait=not args.no_wait,
+                listener=listener,
+                progress=bar.update,
+            )
     except InstanceBuildTimeout as exc:
         raise DeadlineExceeded(
             str(exc), hint="raise --timeout, or --keep-on-timeout to debug"
@@ -264,6 +327,19 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
 
 
 def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    if args.print_xml or args.dry_run:
+        plan = explain.explain(drv, args.image, args.flavor)
+        if args.print_xml:
+            out.result({"xml": plan.xml}, plan.xml.rstrip("\n"))
+        else:
+            out.result(
+                {"dry_run": True, **plan.to_dict()},
+                lambda: (
+                    "dry run: image, flavor and host check out; nothing was done\n"
+                    + plan_text(plan)
+                ),
+            )
+        return EXIT_OK
     inst = boot_instance(drv, args, out)
     data = instance_dict(drv, inst.uuid)
     data["cache_hit"] = inst.cache_hit
@@ -311,6 +387,59 @@ def cmd_flavor(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int
     return EXIT_OK
 
 
+def cmd_stop(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    record = drv.db.find_instance(args.instance)
+    out.say(f"stopping {record.display_name} ({record.name})")
+    clean = drv.power_off(record.uuid, timeout=args.timeout, force=args.force)
+    how = "shut down cleanly" if clean else "stopped hard"
+    out.result({"uuid": record.uuid, "state": "shutoff", "clean": clean}, f"{how}")
+    return EXIT_OK
+
+
+def cmd_start(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    record = drv.db.find_instance(args.instance)
+    drv.power_on(record.uuid)
+    state = drv.get_info(record.uuid).state
+    out.result({"uuid": record.uuid, "state": state}, f"{record.display_name}: {state}")
+    return EXIT_OK
+
+
+def cmd_reboot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    record = drv.db.find_instance(args.instance)
+    drv.reboot(record.uuid, hard=args.hard)
+    state = drv.get_info(record.uuid).state
+    kind = "hard" if args.hard else "soft"
+    out.result(
+        {"uuid": record.uuid, "state": state, "reboot": kind},
+        f"{record.display_name}: {kind} reboot requested, {state}",
+    )
+    return EXIT_OK
+
+
+def plan_text(plan: explain.Plan) -> str:
+    lines = []
+    for f in plan.files:
+        size = human_size(f.virtual_size) if f.virtual_size is not None else "?"
+        state = "cached" if f.exists else "new"
+        lines.append(f"{f.path}\n    {f.format}, {size} virtual, {state}: {f.note}")
+        lines.extend(f"    $ {shlex.join(c)}" for c in f.commands)
+    return "\n".join(lines)
+
+
+def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    plan = explain.explain(drv, args.image, args.flavor)
+    out.result(
+        plan.to_dict(),
+        lambda: (
+            "the chain of files a boot would make:\n"
+            + plan_text(plan)
+            + "\n\nthe domain XML (name and uuid are given at boot):\n"
+            + plan.xml.rstrip("\n")
+        ),
+    )
+    return EXIT_OK
+
+
 def run_command(args: argparse.Namespace, conf: Config, out: Output) -> int:
     commands: dict[str, Callable[[LibvirtDriver, argparse.Namespace, Output], int]] = {
         "boot": cmd_boot,
@@ -321,6 +450,10 @@ def run_command(args: argparse.Namespace, conf: Config, out: Output) -> int:
         "image": cmd_image,
         "flavor": cmd_flavor,
         "host": cmd_host_check,
+        "stop": cmd_stop,
+        "start": cmd_start,
+        "reboot": cmd_reboot,
+        "explain": cmd_explain,
         "demo": cmd_demo,
     }
     return commands[args.command](LibvirtDriver(conf), args, out)
@@ -368,13 +501,16 @@ def cmd_image(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
             if not sep or not key:
                 raise UsageError(f"--property {item!r}: expected K=V")
             props[key] = value
-        img = drv.images.add(
-            Path(args.source),
-            name=args.name,
-            disk_format=args.disk_format,
-            properties=props,
-            checksum=args.checksum,
-        )
+        source: Path | str = args.source if download.is_url(args.source) else Path(args.source)
+        with ProgressBar("add", enabled=not out.json) as bar:
+            img = drv.images.add(
+                source,
+                name=args.name,
+                disk_format=args.disk_format,
+                properties=props,
+                checksum=args.checksum,
+                progress=bar.update,
+            )
         out.result(
             img.to_dict(),
             f"added image {img.name} {img.id} ({img.disk_format}, {human_size(img.size)})",

@@ -79,6 +79,8 @@ class DiskDetails:
     virtual_size: int
     actual_size: int
     backing_file: str | None
+    backing_format: str | None = None
+    backing_virtual_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -476,12 +478,17 @@ class LibvirtDriver:
         disks = {}
         for path, fmt in recorded.items():
             info = qemu_img.info(path, fmt)
+            backing_size = None
+            if info.backing_file and info.backing_format:
+                backing_size = qemu_img.info(info.backing_file, info.backing_format).virtual_size
             disks[Path(path).name] = DiskDetails(
                 path=path,
                 format=info.format,
                 virtual_size=info.virtual_size,
                 actual_size=info.actual_size,
                 backing_file=info.backing_file,
+                backing_format=info.backing_format,
+                backing_virtual_size=backing_size,
             )
         return disks
 

@@ -97,7 +97,7 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
                 virtual_size=size,
                 exists=exists,
                 commands=() if exists else tuple(tuple(c) for c in cmds),
-                note="cached" if exists else note,
+                note=note,
             )
         )
 
@@ -107,7 +107,8 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
     force_raw = conf.default.force_raw_images
     base_fmt = "raw" if force_raw else source_fmt
     part = base.with_name(base.name + ".part")
-    add(part, source_fmt, meta.virtual_size, [], f"copy of {image.path}, sha512 verified")
+    if not base.exists():
+        add(part, source_fmt, meta.virtual_size, [], f"copy of {image.path}, sha512 verified")
     if force_raw and source_fmt != "raw":
         converted = base.with_name(base.name + ".converted")
         add(
