@@ -22,10 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+import libvirt
+
 from minidriver import __version__, console, explain
 from minidriver.config import Config, load_config
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
 from minidriver.exception import MinidriverError
+from minidriver.host import Host
 from minidriver.images import download
 from minidriver.objects import Instance
 from minidriver.steps import Step
@@ -440,7 +443,9 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
     return EXIT_OK
 
 
-def run_command(args: argparse.Namespace, conf: Config, out: Output) -> int:
+def run_command(
+    args: argparse.Namespace, conf: Config, out: Output, host: Host | None = None
+) -> int:
     commands: dict[str, Callable[[LibvirtDriver, argparse.Namespace, Output], int]] = {
         "boot": cmd_boot,
         "list": cmd_list,
@@ -456,7 +461,7 @@ def run_command(args: argparse.Namespace, conf: Config, out: Output) -> int:
         "explain": cmd_explain,
         "demo": cmd_demo,
     }
-    return commands[args.command](LibvirtDriver(conf), args, out)
+    return commands[args.command](LibvirtDriver(conf, host=host), args, out)
 
 
 def follow(log: Path, offset: int) -> None:
@@ -635,18 +640,22 @@ def die(out: Output, exc: MinidriverError, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, host: Host | None = None) -> int:
+    """The command. ``host`` injects a libvirt connection (tests share one across calls)."""
     args = build_parser().parse_args(argv)
     out = Output(args.json)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if not args.debug:
+        # The format inspector logs each refusal that we report as an error anyway.
+        logging.getLogger("oslo_utils").setLevel(logging.ERROR)
     try:
         conf = load_config(args.config, state_dir=args.state_dir)
         if args.connect:
             conf = conf.with_libvirt(connection_uri=args.connect)
-        return run_command(args, conf, out)
+        return run_command(args, conf, out, host)
     except DeadlineExceeded as exc:
         die(out, exc, EXIT_TIMEOUT)
     except UsageError as exc:
@@ -655,6 +664,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             logging.exception("failed")
         die(out, exc, EXIT_ERROR)
+    except libvirt.libvirtError as exc:
+        if args.debug:
+            logging.exception("failed")
+        die(out, MinidriverError(f"libvirt: {exc.get_error_message()}"), EXIT_ERROR)
+    except OSError as exc:
+        if args.debug:
+            logging.exception("failed")
+        where = f": {exc.filename}" if exc.filename else ""
+        die(out, MinidriverError(f"{exc.strerror or exc}{where}"), EXIT_ERROR)
     except KeyboardInterrupt:
         print("minidriver: interrupted", file=sys.stderr)
         return 130
