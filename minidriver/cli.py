@@ -190,6 +190,13 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--no-wait", action="store_true", help="return once the domain is started")
     p.add_argument("--print-xml", action="store_true", help="print the domain XML, boot nothing")
     p.add_argument("--dry-run", action="store_true", help="check everything, boot nothing")
+    p.add_argument("--config-drive", action="store_true", help="attach a config drive")
+    p.add_argument("--user-data", metavar="FILE", help="user data for the config drive")
+    p.add_argument("--key-file", metavar="FILE", help="an SSH public key for the config drive")
+    p.add_argument(
+        "--meta", metavar="K=V", action="append", default=[], help="metadata (repeatable)"
+    )
+    p.add_argument("--hostname", metavar="NAME", help="the guest's hostname (a DNS label)")
 
     command("list", "list this state dir's instances")
     command("show", "show an instance and its image chain").add_argument("instance")
@@ -278,7 +285,7 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
 
     def listener(step: Step, seconds: float, finished: bool) -> None:
         if finished:
-            out.say(f"  {step.value:<10} {seconds:7.3f} s")
+            out.say(f"  {step.value:<12} {seconds:7.3f} s")
         elif step is Step.CONVERT:
             out.say("  convert ...")
 
@@ -292,6 +299,7 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     name = args.name or image.name
     out.say(f"booting {name} from {image.name} ({image.id[:8]}) as {args.flavor}")
     try:
+        drive_args = config_drive_args(args)
         with ProgressBar("fetch", enabled=not out.json) as bar:
             inst = drv.spawn(
                 name,
@@ -302,6 +310,7 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
                 wait=not args.no_wait,
                 listener=listener,
                 progress=bar.update,
+                **drive_args,
             )
     except InstanceBuildTimeout as exc:
         raise DeadlineExceeded(
@@ -321,12 +330,37 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
             if not args.keep_on_timeout:
                 drv.destroy(inst.uuid)
             raise DeadlineExceeded(f"{exc}\n{exc.tail}", hint=exc.hint) from exc
-    out.say(f"  {'total':<10} {inst.timings['total']:7.3f} s")
+    out.say(f"  {'total':<12} {inst.timings['total']:7.3f} s")
     if args.wait_for:
         out.say(
             f"  console matched {args.wait_for!r} {time.monotonic() - started:.3f} s after start"
         )
     return inst
+
+
+def key_values(items: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{option} {item!r}: expected K=V")
+        pairs[key] = value
+    return pairs
+
+
+def config_drive_args(args: argparse.Namespace) -> dict[str, Any]:
+    """boot's config drive options, as spawn takes them (files read here)."""
+    keys = {}
+    if args.key_file:
+        key_file = Path(args.key_file)
+        keys[key_file.stem] = key_file.read_text()
+    return {
+        "config_drive": True if args.config_drive else None,
+        "hostname": args.hostname,
+        "user_data": Path(args.user_data).read_bytes() if args.user_data else None,
+        "public_keys": keys,
+        "meta": key_values(args.meta, "--meta"),
+    }
 
 
 def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
@@ -355,7 +389,7 @@ def cmd_list(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
     records = drv.list_instances()
     rows = [(r.uuid, r.name, r.display_name, r.state, r.flavor) for r in records]
     out.result(
-        [asdict(r) for r in records],
+        [instance_dict(drv, r.uuid) for r in records],
         lambda: format_table(("uuid", "name", "display_name", "state", "flavor"), rows),
     )
     return EXIT_OK
@@ -500,12 +534,7 @@ def cmd_delete(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int
 def cmd_image(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
     sub = args.image_command
     if sub == "add":
-        props = {}
-        for item in args.property:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UsageError(f"--property {item!r}: expected K=V")
-            props[key] = value
+        props = key_values(args.property, "--property")
         source: Path | str = args.source if download.is_url(args.source) else Path(args.source)
         with ProgressBar("add", enabled=not out.json) as bar:
             img = drv.images.add(
@@ -595,14 +624,12 @@ def cmd_demo(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
         out.say(f"added image {image.name} {image.id}")
     choice = drv.host.virt_type
     out.say(f"host: {drv.host.uri}, virt_type {choice.virt_type} ({choice.reason})")
-    boot_args = argparse.Namespace(
-        image=image.id,
-        flavor="t1.nano",
-        name="demo",
-        timeout=args.timeout,
-        wait_for=r"^minidriver-guest: ready",
-        keep_on_timeout=False,
-    )
+    # The same options `boot` parses, so the demo runs boot's own path.
+    boot_args = build_parser().parse_args(
+        ["boot", "--image", image.id, "--flavor", "t1.nano", "--name", "demo",
+         "--timeout", str(args.timeout), "--wait-for", r"^minidriver-guest: ready",
+         "--config-drive", "--hostname", "demo"]
+    )  # fmt: skip
     # Under --json the boot's progress goes to stderr: stdout holds one document.
     inst = boot_instance(drv, boot_args, Output(False, stream=sys.stderr) if out.json else out)
     record = drv.db.get_instance(inst.uuid)
@@ -643,7 +670,7 @@ def die(out: Output, exc: MinidriverError, code: int) -> NoReturn:
 def main(argv: Sequence[str] | None = None, *, host: Host | None = None) -> int:
     """The command. ``host`` injects a libvirt connection (tests share one across calls)."""
     args = build_parser().parse_args(argv)
-    out = Output(args.json)
+    out = Output(args.json, stream=sys.stdout)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

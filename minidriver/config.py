@@ -44,6 +44,8 @@ class DefaultOptions:
     instance_build_timeout: int = 300
     instance_name_template: str = "instance-%08x"
     image_size_cap: int = 1024**4  # Glance's name: the largest image `image add` takes
+    force_config_drive: bool = False
+    config_drive_format: str = "iso9660"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class ImageCacheOptions:
 
 CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("DEFAULT", "preallocate_images"): ("none", "space"),
+    ("DEFAULT", "config_drive_format"): ("iso9660", "vfat"),
     ("libvirt", "virt_type"): ("auto", "kvm", "qemu"),
     ("libvirt", "cpu_mode"): ("", "host-model", "host-passthrough", "custom", "none"),
     ("libvirt", "images_type"): ("default", "qcow2", "raw", "flat"),

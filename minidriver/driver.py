@@ -16,14 +16,14 @@ import os
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import libvirt
 
-from minidriver import blockinfo, guest
+from minidriver import blockinfo, configdrive, guest
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.exception import FlavorNotFound, MinidriverError
@@ -46,10 +46,6 @@ LOG = logging.getLogger(__name__)
 # Nova's default ephemeral filesystem for Linux guests, and its label.
 EPHEMERAL_FS = "ext4"
 EPHEMERAL_LABEL = "ephemeral0"
-
-# Hook run after the domain is defined and before it starts (Nova's post_xml_callback:
-# the config drive is built there).
-PostXMLHook = Callable[[Instance, DiskInfo], None]
 
 
 class SpawnError(MinidriverError):
@@ -119,7 +115,6 @@ class LibvirtDriver:
         self.db = Database(conf.database_path)
         self.images = ImageService(self.db, conf.images_path, size_cap=conf.default.image_size_cap)
         self.clock = clock
-        self.post_xml_hooks: list[PostXMLHook] = []
 
     # -- lookups --------------------------------------------------------------
 
@@ -148,11 +143,19 @@ class LibvirtDriver:
         wait: bool = True,
         listener: StepListener | None = None,
         progress: fetch.Progress | None = None,
+        config_drive: bool | None = None,
+        hostname: str | None = None,
+        user_data: bytes | None = None,
+        public_keys: Mapping[str, str] | None = None,
+        meta: Mapping[str, str] | None = None,
     ) -> Instance:
         """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``.
 
         ``timeout`` (default ``instance_build_timeout``) bounds the whole spawn, from
         now until RUNNING; ``wait=False`` returns once the domain is started.
+        ``config_drive`` (default ``force_config_drive``) adds ``disk.config`` with the
+        hostname, user data, public keys and metadata; bad values fail here, before
+        anything is written.
         """
         timer = StepTimer(listener, clock=self.clock)
         budget = self.conf.default.instance_build_timeout if timeout is None else timeout
@@ -161,9 +164,25 @@ class LibvirtDriver:
         store_image = self.images.get(image)
         image_meta = store_image.to_image_meta()
         check_flavor_fits(flavor_obj, image_meta)
+        instance_uuid = str(uuidlib.uuid4())
+        drive = None
+        if config_drive or (config_drive is None and self.conf.default.force_config_drive):
+            drive = configdrive.ConfigDriveData(
+                uuid=instance_uuid,
+                name=name,
+                hostname=hostname or configdrive.hostname_from_display_name(name),
+                user_data=user_data,
+                public_keys=public_keys or {},
+                meta=meta or {},
+            )
+        elif hostname or user_data or public_keys or meta:
+            raise MinidriverError(
+                "hostname, user data, keys and metadata reach the guest on a config drive",
+                hint="add --config-drive (or set force_config_drive = true)",
+            )
         self.host.check_instances_path()
         instance = Instance(
-            uuid=str(uuidlib.uuid4()),
+            uuid=instance_uuid,
             name=self._next_domain_name(),
             display_name=name,
             flavor=flavor_obj,
@@ -181,6 +200,7 @@ class LibvirtDriver:
                 deadline=deadline if wait else None,
                 keep_on_timeout=keep_on_timeout,
                 progress=progress,
+                config_drive=drive,
             )
         except InstanceBuildTimeout as exc:
             exc.cause = TimeoutError(f"not RUNNING within {budget:g} s")
@@ -203,6 +223,7 @@ class LibvirtDriver:
         deadline: float | None,
         keep_on_timeout: bool,
         progress: fetch.Progress | None,
+        config_drive: configdrive.ConfigDriveData | None,
     ) -> libvirt.virDomain:
         """Nova's spawn, step by step, with everything it creates on an undo list."""
         with contextlib.ExitStack() as undo:
@@ -217,6 +238,9 @@ class LibvirtDriver:
                     instance.flavor,
                     image_meta,
                     machine_type=self.conf.libvirt.hw_machine_type,
+                    config_drive_format=(
+                        self.conf.default.config_drive_format if config_drive else None
+                    ),
                 )
                 step = "create_image"
                 undo.callback(shutil.rmtree, instance.instance_dir, ignore_errors=True)
@@ -235,8 +259,17 @@ class LibvirtDriver:
                 with timer.step(Step.DEFINE):
                     domain = self.host.define(xml)
                 undo.callback(self._undefine, instance.name)
-                for hook in self.post_xml_hooks:
-                    hook(instance, disk_info)
+
+                # Nova's post-XML callback: the config drive is made once the domain
+                # that names it is defined, before it starts.
+                if config_drive is not None:
+                    step = "config_drive"
+                    with timer.step(Step.CONFIG_DRIVE):
+                        configdrive.make_drive(
+                            instance_dir / "disk.config",
+                            config_drive,
+                            self.conf.default.config_drive_format,
+                        )
 
                 step = "start"
                 with timer.step(Step.START):
@@ -321,6 +354,8 @@ class LibvirtDriver:
                 Step.SWAP,
             )
             formats["disk.swap"] = backend.driver_format
+        if "disk.config" in disk_info:
+            formats["disk.config"] = "raw"  # made after define (see _spawn)
         write_disk_info(instance_dir, formats)
         return formats
 

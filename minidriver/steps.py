@@ -22,6 +22,8 @@ class Step(enum.StrEnum):
     DEFINE = "define"
     START = "start"
     WAIT = "wait"
+    # Added by later features; they extend the list, never rename it.
+    CONFIG_DRIVE = "config_drive"
 
 
 # (step, seconds, finished): called when a step starts (finished False) and ends.

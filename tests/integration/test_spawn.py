@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -101,3 +102,36 @@ def test_resized_base_copies_chain_boots(
     finally:
         old_chain.destroy(inst.uuid)
     assert resized.exists()
+
+
+@pytest.mark.parametrize("drive_format", ["iso9660", "vfat"])
+def test_config_drive_reaches_the_guest(
+    driver: LibvirtDriver,
+    test_image_id: str,
+    wait_console: Callable[..., Any],
+    drive_format: str,
+) -> None:
+    conf = driver.conf
+    conf = dataclasses.replace(
+        conf, default=dataclasses.replace(conf.default, config_drive_format=drive_format)
+    )
+    drv = LibvirtDriver(conf, host=driver.host)
+    inst = drv.spawn(
+        name="probe",
+        image=test_image_id,
+        flavor="t1.nano",
+        config_drive=True,
+        hostname="probe-1",
+        meta={"role": "test"},
+    )
+    try:
+        wait_console(
+            Path(inst.instance_dir) / "console.log",
+            rf"^minidriver-guest: config-drive uuid={inst.uuid} hostname=probe-1",
+        )
+        if drive_format == "vfat":
+            # a vfat drive is a virtio disk the guest names by its kind
+            lines = guest_lines(Path(inst.instance_dir))
+            assert "minidriver-guest: disk vdd 67108864 vfat" in lines, lines
+    finally:
+        drv.destroy(inst.uuid)

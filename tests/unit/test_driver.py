@@ -54,6 +54,7 @@ TIMING_KEYS = {
     "define",
     "start",
     "wait",
+    "config_drive",  # an extension of the list (issue 8)
     "total",
 }
 # The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
@@ -836,3 +837,45 @@ def test_get_disks_of_an_instance_without_disk_info(drv: LibvirtDriver) -> None:
         )
     )
     assert drv.get_disks(uuid) == {}
+
+
+# -- config drive -----------------------------------------------------------------
+
+
+def test_config_drive_is_made_after_define_and_listed_last(
+    drv: LibvirtDriver, image_id: str
+) -> None:
+    inst = drv.spawn(
+        "web 1", "cirros", "t1.nano", config_drive=True, meta={"role": "test"}, user_data=b"hi"
+    )
+    drive = drv.conf.instances_path / inst.uuid / "disk.config"
+    assert img_info(drive)["format"] == "raw"
+    domain = drv.host.get_connection().lookupByUUIDString(inst.uuid)
+    xml = etree.fromstring(domain.XMLDesc(0).encode())
+    disks = xml.findall("devices/disk")
+    assert disks[-1].get("device") == "cdrom"
+    assert disks[-1].find("source").get("file") == str(drive)  # type: ignore[union-attr]
+    assert disks[-1].find("target").get("dev") == "hdd"  # type: ignore[union-attr]
+    assert inst.timings["config_drive"] > 0
+    assert drv.get_disks(inst.uuid)["disk.config"].format == "raw"
+    drv.destroy(inst.uuid)
+    assert not drive.exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"config_drive": True, "hostname": "-bad-"}, "hostname"),
+        ({"config_drive": True, "user_data": b"x" * 70000}, "user data"),
+        ({"config_drive": True, "public_keys": {"k": "not a key"}}, "key"),
+        ({"config_drive": True, "meta": {"k" * 256: "v"}}, "255"),
+        ({"hostname": "probe-1"}, "config drive"),
+    ],
+)
+def test_bad_config_drive_input_writes_nothing(
+    drv: LibvirtDriver, image_id: str, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(MinidriverError) as err:
+        drv.spawn("x", "cirros", "t1.nano", **kwargs)
+    assert message in str(err.value).lower()
+    assert_nothing_written(drv)
