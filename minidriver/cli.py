@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -24,7 +26,7 @@ from typing import Any, NoReturn, TextIO
 
 import libvirt
 
-from minidriver import __version__, console, explain
+from minidriver import __version__, console, explain, imagecache
 from minidriver.config import Config, load_config
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
 from minidriver.exception import MinidriverError
@@ -214,6 +216,13 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("reboot", "reboot an instance (ACPI; --hard: stop and start)")
     p.add_argument("instance")
     p.add_argument("--hard", action="store_true")
+    cache = command("cache", "the _base image cache").add_subparsers(
+        dest="cache_command", metavar="SUBCOMMAND", required=True
+    )
+    command("list", "every cached file: kind, sizes, age, users, removable", cache)
+    p = command("clean", "one image cache manager pass (Nova's)", cache)
+    p.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    p.add_argument("--loop", action="store_true", help="a pass every manager_interval seconds")
     p = command("explain", "the files and commands a boot would make, and its XML")
     p.add_argument("--image", required=True)
     p.add_argument("--flavor", required=True)
@@ -329,7 +338,7 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
         except console.ConsoleTimeout as exc:
             if not args.keep_on_timeout:
                 drv.destroy(inst.uuid)
-            raise DeadlineExceeded(f"{exc}\n{exc.tail}", hint=exc.hint) from exc
+            raise DeadlineExceeded(f"{exc}\n{exc.tail}".rstrip("\n"), hint=exc.hint) from exc
     out.say(f"  {'total':<12} {inst.timings['total']:7.3f} s")
     if args.wait_for:
         out.say(
@@ -477,6 +486,84 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
     return EXIT_OK
 
 
+def cached_file_dict(f: imagecache.CachedFile) -> dict[str, Any]:
+    return {
+        "name": f.name,
+        "path": str(f.path),
+        "kind": f.kind.value,
+        "virtual_size": f.virtual_size,
+        "actual_size": f.actual_size,
+        "age_seconds": round(f.age_seconds, 1),
+        "used_by": list(f.used_by),
+        "removable": f.removable,
+        "reason": f.reason,
+    }
+
+
+def cache_table(files: Sequence[imagecache.CachedFile]) -> str:
+    rows = [
+        (
+            f.name,
+            f.kind.value,
+            human_size(f.virtual_size) if f.virtual_size is not None else "",
+            human_size(f.actual_size),
+            f"{f.age_seconds / 3600:.1f} h",
+            len(f.used_by),
+            "yes" if f.removable else "no",
+            f.reason,
+        )
+        for f in files
+    ]
+    headers = ("name", "kind", "virtual", "actual", "age", "users", "removable", "why")
+    return format_table(headers, rows)
+
+
+def pass_report(result: imagecache.PassResult) -> dict[str, Any]:
+    return {
+        "dry_run": result.dry_run,
+        "removed": [cached_file_dict(f) for f in result.removed],
+        "bytes_freed": result.bytes_freed,
+        "touched": list(result.touched),
+        "errors": list(result.errors),
+    }
+
+
+def pass_text(result: imagecache.PassResult) -> str:
+    verb = "would remove" if result.dry_run else "removed"
+    lines = [f"{verb} {f.name} ({f.kind.value}, {f.reason})" for f in result.removed]
+    lines.append(f"{verb} {len(result.removed)} files, {human_size(result.bytes_freed)}")
+    lines.extend(f"error: {e}" for e in result.errors)
+    return "\n".join(lines)
+
+
+def cmd_cache(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    manager = drv.image_cache_manager()
+    if args.cache_command == "list":
+        files = manager.list(drv.bases_in_use())
+        out.result([cached_file_dict(f) for f in files], lambda: cache_table(files))
+        return EXIT_OK
+    if args.loop:
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        interval = drv.conf.image_cache.manager_interval
+        if interval <= 0:
+            raise UsageError(f"[image_cache] manager_interval = {interval}: --loop needs > 0")
+        out.say(f"a cache pass every {interval} s; stop with Ctrl-C or SIGTERM")
+        imagecache.run_loop(
+            manager,
+            drv.bases_in_use,
+            interval,
+            stop=stop,
+            dry_run=args.dry_run,
+            report=lambda r: out.result(pass_report(r), pass_text(r)),
+        )
+        return EXIT_OK
+    result = manager.update(drv.bases_in_use(), dry_run=args.dry_run, recheck=drv.bases_in_use)
+    out.result(pass_report(result), pass_text(result))
+    return EXIT_ERROR if result.errors else EXIT_OK
+
+
 def run_command(
     args: argparse.Namespace, conf: Config, out: Output, host: Host | None = None
 ) -> int:
@@ -493,6 +580,7 @@ def run_command(
         "start": cmd_start,
         "reboot": cmd_reboot,
         "explain": cmd_explain,
+        "cache": cmd_cache,
         "demo": cmd_demo,
     }
     return commands[args.command](LibvirtDriver(conf, host=host), args, out)

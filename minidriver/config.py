@@ -66,6 +66,10 @@ class ImageCacheOptions:
     """``[image_cache]``"""
 
     subdirectory_name: str = "_base"
+    remove_unused_base_images: bool = True
+    remove_unused_original_minimum_age_seconds: int = 86400
+    remove_unused_resized_minimum_age_seconds: int = 3600
+    manager_interval: int = 2400  # seconds between passes of `cache clean --loop`
 
 
 CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {

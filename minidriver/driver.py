@@ -23,7 +23,7 @@ from pathlib import Path
 
 import libvirt
 
-from minidriver import blockinfo, configdrive, guest
+from minidriver import blockinfo, configdrive, guest, imagecache
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.exception import FlavorNotFound, MinidriverError
@@ -526,6 +526,21 @@ class LibvirtDriver:
                 backing_virtual_size=backing_size,
             )
         return disks
+
+    # -- image cache ----------------------------------------------------------
+
+    def image_cache_manager(self) -> imagecache.ImageCacheManager:
+        return imagecache.ImageCacheManager(
+            self.conf.base_dir, self.conf.locks_dir, self.conf.instances_path, self.conf.image_cache
+        )
+
+    def bases_in_use(self) -> dict[str, set[str]]:
+        """Nova's count of what is in use: every instance disk's backing chain on this
+        host, plus the base of every instance recorded in the state DB."""
+        return imagecache.merge(
+            imagecache.backing_files_in_use(self.conf.instances_path, self.conf.base_dir),
+            imagecache.instances_in_use(self.db.list_instances(), base_filename),
+        )
 
     def list_instances(self) -> list[InstanceRecord]:
         """This state dir's instances, with the state libvirt reports now."""

@@ -15,29 +15,74 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-@contextlib.contextmanager
-def external_lock(lock_dir: Path, name: str) -> Iterator[None]:
+def _check_name(name: str) -> None:
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"bad lock name {name!r}")
+
+
+def _acquire(lock_dir: Path, name: str, *, blocking: bool) -> int | None:
+    _check_name(name)
     lock_dir.mkdir(parents=True, exist_ok=True)
     path = lock_dir / name
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
         except BaseException:
             os.close(fd)
             raise
-        os.close(fd)  # the file we locked was removed by the previous holder: retry
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # we locked an inode its last holder had unlinked: try again
+
+
+def try_acquire(lock_dir: Path, name: str) -> int | None:
+    """The held lock's fd, or None at once if another holder has it."""
+    return _acquire(lock_dir, name, blocking=False)
+
+
+def release(lock_dir: Path, name: str, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (lock_dir / name).unlink()
+    os.close(fd)
+
+
+def is_held(lock_dir: Path, name: str) -> bool:
+    """Whether someone holds ``name``'s lock now; creates, removes and changes nothing."""
+    _check_name(name)
+    path = lock_dir / name
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # a holder keeps its lock file until it lets go
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return False
+            except FileNotFoundError:
+                return False
+        finally:
+            os.close(fd)  # closing drops our shared lock
+
+
+@contextlib.contextmanager
+def external_lock(lock_dir: Path, name: str) -> Iterator[None]:
+    """Hold ``name``'s lock for the block, waiting for it as long as it takes."""
+    fd = _acquire(lock_dir, name, blocking=True)
+    assert fd is not None
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        os.close(fd)
+        release(lock_dir, name, fd)
