@@ -23,10 +23,10 @@ from pathlib import Path
 
 import libvirt
 
-from minidriver import blockinfo, configdrive, guest, imagecache
+from minidriver import blockinfo, configdrive, guest, imagecache, snapshot
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
-from minidriver.exception import FlavorNotFound, MinidriverError
+from minidriver.exception import FlavorNotFound, ImageNotFound, MinidriverError
 from minidriver.host import Host
 from minidriver.imagebackend import (
     FlavorDiskSmallerThanImage,
@@ -526,6 +526,39 @@ class LibvirtDriver:
                 backing_virtual_size=backing_size,
             )
         return disks
+
+    # -- snapshots ------------------------------------------------------------
+
+    def snapshot(self, instance_uuid: str, name: str) -> StoreImage:
+        """Nova's ``snapshot``: the root disk as a new, bootable image in the store."""
+        record = self.db.get_instance(instance_uuid)
+        domain = self._domain_of(instance_uuid)
+        disk = Path(record.instance_dir) / "disk"
+        formats = json.loads((Path(record.instance_dir) / "disk.info").read_text())
+        disk_format = formats[os.fspath(disk)]
+        try:
+            parent = self.images.get(record.image_id)
+        except ImageNotFound:
+            parent = None  # deleted since the boot: the snapshot stands alone anyway
+        with snapshot.work_dir(self.conf.instances_path) as work:
+            out = work / "snapshot.qcow2"
+            if domain.isActive():
+                snapshot.live(domain, disk, disk_format, work, out, clock=self.clock)
+            else:
+                snapshot.cold(disk, disk_format, out)
+            properties = {
+                "image_type": "snapshot",
+                "instance_uuid": record.uuid,
+                "base_image_ref": record.image_id,
+            }
+            return self.images.add(
+                out,
+                name=name,
+                disk_format="qcow2",
+                min_disk=parent.min_disk if parent else 0,
+                min_ram=parent.min_ram if parent else 0,
+                properties=properties,
+            )
 
     # -- image cache ----------------------------------------------------------
 
