@@ -216,6 +216,9 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("reboot", "reboot an instance (ACPI; --hard: stop and start)")
     p.add_argument("instance")
     p.add_argument("--hard", action="store_true")
+    p = command("snapshot", "a new image from an instance's root disk (live if running)")
+    p.add_argument("instance")
+    p.add_argument("--name", required=True, help="the new image's name")
     cache = command("cache", "the _base image cache").add_subparsers(
         dest="cache_command", metavar="SUBCOMMAND", required=True
     )
@@ -304,7 +307,10 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
         try:
             re.compile(args.wait_for)
         except re.error as exc:
-            raise UsageError(f"--wait-for {args.wait_for!r} is not a valid regex: {exc}") from None
+            raise MinidriverError(
+                f"--wait-for {args.wait_for!r} is not a valid regex: {exc}",
+                hint="a Python regular expression, e.g. 'minidriver-guest: ready'",
+            ) from None
     name = args.name or image.name
     out.say(f"booting {name} from {image.name} ({image.id[:8]}) as {args.flavor}")
     try:
@@ -338,7 +344,18 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
         except console.ConsoleTimeout as exc:
             if not args.keep_on_timeout:
                 drv.destroy(inst.uuid)
-            raise DeadlineExceeded(f"{exc}\n{exc.tail}".rstrip("\n"), hint=exc.hint) from exc
+            budget = timeout if timeout is not None else drv.conf.default.instance_build_timeout
+            message = (
+                str(exc)
+                if exc.stopped
+                else f"the console did not match {args.wait_for!r} within {budget:g} s"
+            )
+            if exc.tail:
+                message += "\nlast console lines:\n" + exc.tail
+            hint = "raise --timeout, or --keep-on-timeout to look at the guest"
+            if exc.stopped:
+                raise MinidriverError(message, hint="see the console lines above") from exc
+            raise DeadlineExceeded(message, hint=hint) from exc
     out.say(f"  {'total':<12} {inst.timings['total']:7.3f} s")
     if args.wait_for:
         out.say(
@@ -352,7 +369,9 @@ def key_values(items: list[str], option: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"{option} {item!r}: expected K=V")
+            raise MinidriverError(
+                f"{option} {item!r}: expected K=V", hint=f"e.g. {option} os=linux"
+            )
         pairs[key] = value
     return pairs
 
@@ -486,6 +505,21 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
     return EXIT_OK
 
 
+def cmd_snapshot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    record = drv.db.find_instance(args.instance)
+    state = drv.get_info(record.uuid).state
+    kind = "live" if state == "running" else "cold"
+    out.say(f"{kind} snapshot of {record.display_name} ({state})")
+    started = time.monotonic()
+    image = drv.images.get(drv.snapshot(record.uuid, args.name).id)
+    out.result(
+        image.to_dict(),
+        f"image {image.name} {image.id} ({human_size(image.size)},"
+        f" {time.monotonic() - started:.2f} s)",
+    )
+    return EXIT_OK
+
+
 def cached_file_dict(f: imagecache.CachedFile) -> dict[str, Any]:
     return {
         "name": f.name,
@@ -581,6 +615,7 @@ def run_command(
         "reboot": cmd_reboot,
         "explain": cmd_explain,
         "cache": cmd_cache,
+        "snapshot": cmd_snapshot,
         "demo": cmd_demo,
     }
     return commands[args.command](LibvirtDriver(conf, host=host), args, out)
@@ -613,9 +648,16 @@ def cmd_delete(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int
             deleted.append(record.uuid)
             out.say(f"deleted {record.display_name} ({record.uuid})")
         except MinidriverError as exc:
-            failed.append({"instance": ref, "error": str(exc)})
-            print(f"minidriver: {ref}: {exc}", file=sys.stderr)
-    out.result({"deleted": deleted, "failed": failed}, "")
+            failed.append({"instance": ref, "error": str(exc), "hint": exc.hint})
+            print(f"minidriver: error: {ref}: {exc}", file=sys.stderr)
+            if exc.hint:
+                print(f"hint: {exc.hint}", file=sys.stderr)
+    result: dict[str, Any] = {"deleted": deleted, "failed": failed}
+    if failed:
+        # Still one document: the partial result, with the error keys every error has.
+        result["error"] = f"{len(failed)} of {len(refs)} instances could not be deleted"
+        result["hint"] = failed[0]["hint"]
+    out.result(result, "")
     return EXIT_ERROR if failed else EXIT_OK
 
 
@@ -787,7 +829,13 @@ def main(argv: Sequence[str] | None = None, *, host: Host | None = None) -> int:
         if args.debug:
             logging.exception("failed")
         where = f": {exc.filename}" if exc.filename else ""
-        die(out, MinidriverError(f"{exc.strerror or exc}{where}"), EXIT_ERROR)
+        die(
+            out,
+            MinidriverError(
+                f"{exc.strerror or exc}{where}", hint="check the path and its permissions"
+            ),
+            EXIT_ERROR,
+        )
     except KeyboardInterrupt:
         print("minidriver: interrupted", file=sys.stderr)
         return 130

@@ -222,7 +222,10 @@ def load_config(
             with open(source, encoding="utf-8") as fh:
                 parser.read_file(fh)
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot read config file {source}: {exc.strerror}",
+                hint="check --config or MINIDRIVER_CONFIG; without either, defaults apply",
+            ) from None
         except configparser.Error as exc:
             raise ConfigError(f"config file {source} is not valid INI: {exc}") from None
 

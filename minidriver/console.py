@@ -13,9 +13,10 @@ from minidriver.exception import MinidriverError
 class ConsoleTimeout(MinidriverError):
     """The console did not show the awaited text before the deadline."""
 
-    def __init__(self, message: str, tail: str) -> None:
-        super().__init__(message, hint="the last console lines are in the error's tail")
+    def __init__(self, message: str, tail: str, *, stopped: bool = False) -> None:
+        super().__init__(message)
         self.tail = tail
+        self.stopped = stopped  # the guest stopped: waiting longer would not help
 
 
 def read_console(path: Path) -> str:
@@ -54,7 +55,9 @@ def wait_for_console(
             return match
         if alive is not None and not alive():
             raise ConsoleTimeout(
-                f"the guest stopped before its console matched {regex.pattern!r}", tail(text)
+                f"the guest stopped before its console matched {regex.pattern!r}",
+                tail(text),
+                stopped=True,
             )
         if clock() >= deadline:
             raise ConsoleTimeout(

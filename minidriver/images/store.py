@@ -284,8 +284,11 @@ class ImageService:
     def _os_error(self, source: Path | str, exc: OSError) -> MinidriverError:
         if exc.filename == os.fspath(source):
             if isinstance(exc, FileNotFoundError):
-                return ImageNotFound(f"image file {source} does not exist")
-            return ImageStoreError(f"cannot read image file {source}: {exc.strerror}")
+                return ImageNotFound(f"image file {source} does not exist", hint="check the path")
+            return ImageStoreError(
+                f"cannot read image file {source}: {exc.strerror}",
+                hint="check the path and its permissions",
+            )
         return ImageStoreError(
             f"cannot add image {_label(source)} to {self.images_path}: {exc.strerror or exc}",
             hint=f"check the free space and permissions of {self.images_path}",
