@@ -9,6 +9,7 @@ deadline passed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any, NoReturn, TextIO
 
 import libvirt
 
-from minidriver import __version__, console, explain, imagecache
+from minidriver import __version__, cleanup, console, explain, imagecache
 from minidriver.config import Config, load_config
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
 from minidriver.exception import MinidriverError
@@ -226,6 +227,8 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("clean", "one image cache manager pass (Nova's)", cache)
     p.add_argument("--dry-run", action="store_true", help="report, remove nothing")
     p.add_argument("--loop", action="store_true", help="a pass every manager_interval seconds")
+    p = command("cleanup", "after a crash: remove this state dir's leftovers")
+    p.add_argument("--dry-run", action="store_true", help="report, remove nothing")
     p = command("explain", "the files and commands a boot would make, and its XML")
     p.add_argument("--image", required=True)
     p.add_argument("--flavor", required=True)
@@ -520,6 +523,22 @@ def cmd_snapshot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> i
     return EXIT_OK
 
 
+def cmd_cleanup(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    report = cleanup.cleanup(drv, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [
+        *(f"{verb} domain {d} (no record)" for d in report.domains),
+        *(f"{verb} instance {u} (no domain)" for u in report.records),
+        *(f"{verb} instance dir {d} (no record, no domain)" for d in report.instance_dirs),
+        *(f"{verb} partial file {f}" for f in report.partial_files),
+        *(f"{verb} free lock {name}" for name in report.locks),
+        *(f"skipped {s}" for s in report.skipped),
+        f"{verb} {report.total()} leftovers" if report.total() else "nothing to clean up",
+    ]
+    out.result(dataclasses.asdict(report), "\n".join(lines))
+    return EXIT_OK
+
+
 def cached_file_dict(f: imagecache.CachedFile) -> dict[str, Any]:
     return {
         "name": f.name,
@@ -616,6 +635,7 @@ def run_command(
         "explain": cmd_explain,
         "cache": cmd_cache,
         "snapshot": cmd_snapshot,
+        "cleanup": cmd_cleanup,
         "demo": cmd_demo,
     }
     return commands[args.command](LibvirtDriver(conf, host=host), args, out)

@@ -38,6 +38,7 @@ from minidriver.imagebackend import (
 from minidriver.images import fetch, qemu_img
 from minidriver.images.store import Image as StoreImage
 from minidriver.images.store import ImageService
+from minidriver.lockutils import external_lock
 from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.steps import Step, StepListener, StepTimer
 
@@ -90,6 +91,10 @@ class InstanceInfo:
 def base_filename(image_id: str) -> str:
     """Nova names a cached base after the sha1 of the image id (not a security hash)."""
     return hashlib.sha1(image_id.encode(), usedforsecurity=False).hexdigest()
+
+
+def instance_lock_name(instance_uuid: str) -> str:
+    return f"instance-{instance_uuid}"
 
 
 def ephemeral_filename(size_gb: int, fs_type: str = EPHEMERAL_FS) -> str:
@@ -191,23 +196,26 @@ class LibvirtDriver:
             created_at=utc_now(),
         )
         instance.instance_dir = os.fspath(self.instance_dir(instance.uuid))
-        try:
-            domain = self._spawn(
-                instance,
-                store_image,
-                image_meta,
-                timer,
-                deadline=deadline if wait else None,
-                keep_on_timeout=keep_on_timeout,
-                progress=progress,
-                config_drive=drive,
-            )
-        except InstanceBuildTimeout as exc:
-            exc.cause = TimeoutError(f"not RUNNING within {budget:g} s")
-            exc.message = (
-                f"spawn of {instance.display_name} failed at wait_for_running: {exc.cause}"
-            )
-            raise
+        # Held for the whole spawn: `cleanup` leaves an instance alone while it is built.
+        with external_lock(self.conf.locks_dir, instance_lock_name(instance.uuid)):
+            try:
+                domain = self._spawn(
+                    instance,
+                    store_image,
+                    image_meta,
+                    timer,
+                    deadline=deadline if wait else None,
+                    keep_on_timeout=keep_on_timeout,
+                    progress=progress,
+                    config_drive=drive,
+                )
+            except InstanceBuildTimeout as exc:
+                # Said against the whole spawn's budget, which is what the caller gave.
+                raise InstanceBuildTimeout(
+                    "wait_for_running",
+                    TimeoutError(f"not RUNNING within {budget:g} s of the spawn's start"),
+                    instance,
+                ) from exc
         instance.state = self.host.domain_state(domain)
         self.db.update_instance(instance.uuid, state=instance.state)
         instance.timings = timer.as_dict()
@@ -283,6 +291,8 @@ class LibvirtDriver:
             except InstanceBuildTimeout:
                 if keep_on_timeout:
                     undo.pop_all()
+                    # Kept for debugging: no longer "building", so cleanup leaves it.
+                    self.db.update_instance(instance.uuid, state="error")
                 raise
             except Exception as exc:
                 raise SpawnError(step, exc, instance) from exc
@@ -406,9 +416,11 @@ class LibvirtDriver:
         domain = self.host.find_domain(name)
         if domain is None:
             return None
-        if self.db.state_id not in domain.XMLDesc(0):
+        owner = guest.owner_of(domain.XMLDesc(0))
+        if owner is None or owner.state_id != self.db.state_id:
             raise MinidriverError(
                 f"domain {name} belongs to another state dir; not touching it",
+                hint="run minidriver with that state dir (--state-dir) to manage it",
             )
         return domain
 
@@ -431,9 +443,10 @@ class LibvirtDriver:
         cache stays.
         """
         record = self.db.get_instance(instance_uuid)
-        self._undefine(record.name)
-        shutil.rmtree(record.instance_dir or self.instance_dir(record.uuid), ignore_errors=True)
-        self.db.delete_instance(record.uuid)
+        with external_lock(self.conf.locks_dir, instance_lock_name(record.uuid)):
+            self._undefine(record.name)
+            shutil.rmtree(record.instance_dir or self.instance_dir(record.uuid), ignore_errors=True)
+            self.db.delete_instance(record.uuid)
 
     def get_info(self, instance_uuid: str) -> InstanceInfo:
         record = self.db.get_instance(instance_uuid)

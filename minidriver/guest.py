@@ -168,6 +168,28 @@ def _environment() -> jinja2.Environment:
     )
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Who defined a domain, from its minidriver metadata element."""
+
+    state_id: str
+    instance_uuid: str
+    display_name: str
+
+
+def owner_of(domain_xml: str) -> Owner | None:
+    """The owner recorded in a domain's XML; None for a domain minidriver did not make."""
+    tree = etree.fromstring(domain_xml.encode())
+    element = tree.find(f"metadata/{{{METADATA_NAMESPACE}}}instance")
+    if element is None:
+        return None
+
+    def text(tag: str) -> str:
+        return element.findtext(f"{{{METADATA_NAMESPACE}}}{tag}") or ""
+
+    return Owner(text("state-id"), text("instance-uuid"), text("display-name"))
+
+
 def to_xml(config: GuestConfig) -> str:
     """Render the domain XML and prove it well formed before anyone sees it."""
     text = _environment().get_template("domain.xml.j2").render(g=config)

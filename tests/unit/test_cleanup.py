@@ -1,0 +1,136 @@
+"""`cleanup` on libvirt's test driver with leftovers made for real: it removes this
+state dir's orphans, skips live work, and never touches another state dir."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import TEST_DRIVER_NODE
+
+from minidriver import lockutils
+from minidriver.cleanup import cleanup
+from minidriver.config import load_config
+from minidriver.db import InstanceRecord
+from minidriver.driver import LibvirtDriver, base_filename, instance_lock_name
+from minidriver.host import Host
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    node = tmp_path / "node.xml"
+    node.write_text(TEST_DRIVER_NODE)
+    conf = load_config(None, state_dir=tmp_path / "unused", environ={}).with_libvirt(
+        connection_uri=f"test://{node}", virt_type="qemu"
+    )
+    return Host(conf)
+
+
+def driver(host: Host, state: Path) -> LibvirtDriver:
+    conf = load_config(None, state_dir=state, environ={}).with_libvirt(
+        connection_uri=host.conf.libvirt.connection_uri, virt_type="qemu"
+    )
+    return LibvirtDriver(conf, host=host)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
+    return path
+
+
+def test_orphans_of_every_kind_are_removed_and_others_kept(
+    host: Host, tmp_path: Path, image: Path
+) -> None:
+    mine = driver(host, tmp_path / "mine")
+    other = driver(host, tmp_path / "other")
+    image_id = mine.images.add(image, name="i", disk_format="qcow2").id
+    other_image = other.images.add(image, name="i", disk_format="qcow2").id
+    healthy = mine.spawn("healthy", image_id, "m1.tiny")
+    no_record = mine.spawn("no-record", image_id, "m1.tiny")
+    no_domain = mine.spawn("no-domain", image_id, "m1.tiny")
+    theirs = other.spawn("theirs", other_image, "m1.tiny")
+    # The leftovers a crash could make:
+    mine.db.delete_instance(no_record.uuid)
+    mine.host.get_connection().lookupByName(no_domain.name).destroy()
+    mine.host.get_connection().lookupByName(no_domain.name).undefine()
+    stray = mine.conf.instances_path / "0f0f0f0f-0000-4000-8000-000000000000"
+    stray.mkdir()
+    part = mine.conf.base_dir / f"{base_filename('gone')}.part"
+    part.write_bytes(b"half")
+    free_lock = mine.conf.locks_dir / "stale-lock"
+    free_lock.write_text("")
+
+    dry = cleanup(mine, dry_run=True)
+    assert dry.domains == [no_record.name]
+    assert dry.records == [no_domain.uuid]
+    assert dry.instance_dirs == [no_record.instance_dir, str(stray)]
+    assert dry.partial_files == [str(part)]
+    assert dry.locks == ["stale-lock"]
+    assert stray.exists() and part.exists() and free_lock.exists()
+
+    done = cleanup(mine)
+    assert done.total() == dry.total() == 6
+    domains = {d.name() for d in host.get_connection().listAllDomains()}
+    assert domains == {healthy.name, theirs.name}
+    assert [r.uuid for r in mine.db.list_instances()] == [healthy.uuid]
+    assert not Path(no_record.instance_dir).exists()
+    assert not Path(no_domain.instance_dir).exists()
+    assert not stray.exists() and not part.exists() and not free_lock.exists()
+    assert Path(healthy.instance_dir).exists()
+    assert [r.uuid for r in other.db.list_instances()] == [theirs.uuid]
+    assert cleanup(mine).total() == 0
+
+
+def test_a_spawn_killed_half_way_is_removed_but_live_work_is_not(
+    host: Host, tmp_path: Path, image: Path
+) -> None:
+    drv = driver(host, tmp_path / "state")
+    image_id = drv.images.add(image, name="i", disk_format="qcow2").id
+    dead = drv.spawn("dead", image_id, "m1.tiny")
+    drv.db.update_instance(dead.uuid, state="building")  # as a killed spawn leaves it
+    busy = InstanceRecord(
+        uuid="1e1e1e1e-0000-4000-8000-000000000000",
+        name="instance-000000ff",
+        display_name="being built",
+        flavor="m1.tiny",
+        image_id=image_id,
+        state="building",
+        created_at="2026-11-22T00:00:00Z",
+        instance_dir=str(drv.instance_dir("1e1e1e1e-0000-4000-8000-000000000000")),
+    )
+    drv.db.create_instance(busy)
+    Path(busy.instance_dir).mkdir()
+    base = base_filename("being-fetched")
+    writing = drv.conf.base_dir / f"{base}.part"
+    writing.write_bytes(b"in progress")
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def spawn_at_work() -> None:
+        with (
+            lockutils.external_lock(drv.conf.locks_dir, instance_lock_name(busy.uuid)),
+            lockutils.external_lock(drv.conf.locks_dir, base),
+        ):
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=spawn_at_work)
+    worker.start()
+    try:
+        assert held.wait(10)
+        report = cleanup(drv)
+    finally:
+        release.set()
+        worker.join()
+    assert report.records == [dead.uuid]
+    assert report.domains == [dead.name]
+    assert not Path(dead.instance_dir).exists()
+    assert [r.uuid for r in drv.db.list_instances()] == [busy.uuid]
+    assert Path(busy.instance_dir).exists()
+    assert writing.exists()
+    assert len(report.skipped) == 2
