@@ -29,8 +29,10 @@ def guest_lines(instance_dir: Path) -> list[str]:
 
 
 def test_spawn_t1_nano_then_warm_spawn_then_destroy(
-    driver: LibvirtDriver, test_image_id: str, wait_console: Callable[..., Any]
+    driver: LibvirtDriver, test_image: Path, wait_console: Callable[..., Any]
 ) -> None:
+    # An image of its own (a new id, so a new base): cold whatever ran before.
+    test_image_id = driver.images.add(test_image, name="cold", disk_format="qcow2").id
     conf = driver.conf
     base = conf.base_dir / sha1(test_image_id)
     first = driver.spawn(name="vm-cold", image=test_image_id, flavor="t1.nano")
