@@ -62,8 +62,8 @@ class _Pass:
         self.records = {r.uuid: r for r in drv.db.list_instances()}
         self.ours: dict[str, libvirt.virDomain] = {}  # instance uuid -> its domain
         state_id = drv.db.state_id
-        for domain in drv.host.get_connection().listAllDomains():
-            owner = guest.owner_of(domain.XMLDesc(0))
+        for domain, xml in drv.host.domains_xml():
+            owner = guest.owner_of(xml)
             if owner is not None and owner.state_id == state_id:
                 self.ours[owner.instance_uuid] = domain
 

@@ -306,6 +306,18 @@ class Host:
                 return None
             raise
 
+    def domains_xml(self) -> list[tuple[libvirt.virDomain, str]]:
+        """Every domain with its XML; one that vanishes meanwhile (a daemon is shared)
+        is left out rather than failing the listing."""
+        found = []
+        for domain in self.get_connection().listAllDomains():
+            try:
+                found.append((domain, domain.XMLDesc(0)))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return found
+
     def domain_state(self, domain: libvirt.virDomain) -> str:
         state, _reason = domain.state()
         return POWER_STATES.get(state, "unknown")

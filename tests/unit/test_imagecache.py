@@ -714,9 +714,39 @@ def test_run_loop_waits_the_interval_between_passes(layout: Layout) -> None:
 # -- a pass racing spawns -----------------------------------------------------------
 
 
+CLEANER_PROCESS = """
+import json, sys
+from pathlib import Path
+from minidriver.config import load_config
+from minidriver.imagecache import (
+    ImageCacheError, ImageCacheManager, ImageCacheSettings, backing_files_in_use,
+)
+
+conf = load_config(None, state_dir=sys.argv[1], environ={})
+stop = Path(sys.argv[2])
+manager = ImageCacheManager(
+    conf.base_dir, conf.locks_dir, conf.instances_path,
+    ImageCacheSettings(
+        remove_unused_original_minimum_age_seconds=0,
+        remove_unused_resized_minimum_age_seconds=0,
+    ),
+)
+def in_use():
+    return backing_files_in_use(conf.instances_path, conf.base_dir)
+removed = []
+while not stop.exists():
+    try:
+        removed += [f.name for f in manager.update(in_use(), recheck=in_use).removed]
+    except ImageCacheError:
+        continue
+print(json.dumps(removed))
+"""
+
+
+@pytest.mark.parametrize("cleaner_kind", ["thread", "process"])
 @pytest.mark.parametrize("resized_base_copies", [False, True], ids=["overlay", "resized"])
 def test_a_pass_never_removes_a_base_from_under_a_spawn(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resized_base_copies: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resized_base_copies: bool, cleaner_kind: str
 ) -> None:
     """The real Image.cache against passes with both thresholds at 0, in a loop.
 
@@ -776,8 +806,17 @@ def test_a_pass_never_removes_a_base_from_under_a_spawn(
                 return
             removed.extend(f.name for f in result.removed)
 
-    cleaner = threading.Thread(target=passes)
-    cleaner.start()
+    stop_file = tmp_path / "stop"
+    conf.base_dir.mkdir(parents=True, exist_ok=True)
+    if cleaner_kind == "thread":
+        cleaner = threading.Thread(target=passes)
+        cleaner.start()
+    else:
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLEANER_PROCESS, str(conf.state_path), str(stop_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     try:
         for i in range(iterations):
             disk = conf.instances_path / f"instance-{i}" / "disk"
@@ -797,7 +836,13 @@ def test_a_pass_never_removes_a_base_from_under_a_spawn(
                     time.sleep(0.005)
     finally:
         done.set()
-        cleaner.join(60)
+        stop_file.touch()
+        if cleaner_kind == "thread":
+            cleaner.join(60)
+        else:
+            out, _ = process.communicate(timeout=60)
+            assert process.returncode == 0
+            removed.extend(json.loads(out))
 
     assert failures == []
     assert pass_errors == []
