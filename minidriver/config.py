@@ -59,6 +59,11 @@ class LibvirtOptions:
     images_type: str = "default"
     wait_interval: float = 0.5
     resized_base_copies: bool = False
+    # Limits of every `qemu-img info` on an image (Nova's QEMU_IMG_LIMITS; 0: none).
+    images_cpu_time_limit: int = 30  # seconds of CPU
+    images_address_space_limit: int = 2 * 1024**3  # bytes
+    # The largest virtual size an image may have (bytes); 0: only the flavor bounds it.
+    images_max_virtual_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
     flavor = drv.get_flavor(flavor_name)
     image = drv.images.get(image_ref)
     meta = image.to_image_meta()
-    check_flavor_fits(flavor, meta)
+    check_flavor_fits(flavor, meta, drv.conf.libvirt.images_max_virtual_size)
     conf = drv.conf
     plan = Plan(image_id=image.id, flavor=flavor.name)
     instance = Instance(

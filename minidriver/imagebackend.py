@@ -20,7 +20,7 @@ from minidriver.images import qemu_img
 from minidriver.images.fetch import publish, removed_on_error
 from minidriver.lockutils import external_lock
 from minidriver.objects import GiB
-from minidriver.process import run
+from minidriver.process import ResourceLimits, run
 from minidriver.steps import Step, StepTimer
 
 # Makes a base file at the path it is given; returns the base's format.
@@ -83,17 +83,25 @@ class Image(abc.ABC):
                         raise MinidriverError(f"base {base} is {made}, expected {base_format}")
             touch(base)
             self.base_format = base_format
-            self.verify_base_size(base, size, base_format)
+            self.verify_base_size(base, size, base_format, self.limits)
             if not self.exists():
                 with removed_on_error(self.path):
                     self.create_image(base, size, timed=step is None)
         return hit
 
+    @property
+    def limits(self) -> ResourceLimits:
+        return qemu_img.resource_limits(
+            self.conf.libvirt.images_cpu_time_limit, self.conf.libvirt.images_address_space_limit
+        )
+
     @staticmethod
-    def verify_base_size(base: Path, size: int | None, base_format: str) -> None:
+    def verify_base_size(
+        base: Path, size: int | None, base_format: str, limits: ResourceLimits
+    ) -> None:
         if size is None:
             return
-        virtual = qemu_img.info(base, base_format).virtual_size
+        virtual = qemu_img.info(base, base_format, limits).virtual_size
         if size < virtual:
             raise FlavorDiskSmallerThanImage(
                 f"flavor's disk ({size} bytes) is smaller than the image ({virtual} bytes)",

@@ -36,12 +36,45 @@ def check_url(url: str) -> None:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in SCHEMES:
         raise DownloadError(
-            f"{url}: only http and https URLs are accepted, not {scheme or 'a bare path'}:",
+            f"{url}: only http and https URLs are accepted, not {scheme or 'a bare path'}",
             hint="give a local path or an http(s) URL",
         )
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows http(s) redirects only, and says so in our words: urllib's own refusal
+    of a ``file:`` target would read as an HTTP error."""
+
+    @staticmethod
+    def _check(req: urllib.request.Request, newurl: str) -> None:
+        try:
+            check_url(newurl)
+        except DownloadError as exc:
+            raise DownloadError(
+                f"{req.full_url} redirects to {newurl}: refused, only http(s) redirects"
+                " are followed",
+                hint="give the image's final http(s) URL",
+            ) from exc
+
+    def http_error_302(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+    ) -> Any:
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            try:
+                self._check(req, urllib.parse.urljoin(req.full_url, location))
+            except DownloadError:
+                fp.close()
+                raise
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
     def redirect_request(  # noqa: PLR0917 - urllib calls it positionally
         self,
         req: urllib.request.Request,
@@ -51,13 +84,7 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         headers: http.client.HTTPMessage,
         newurl: str,
     ) -> urllib.request.Request | None:
-        try:
-            check_url(newurl)
-        except DownloadError as exc:
-            raise DownloadError(
-                f"{req.full_url} redirects to {newurl}: refused, only http(s) redirects"
-                " are followed"
-            ) from exc
+        self._check(req, newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 

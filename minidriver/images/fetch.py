@@ -1,23 +1,31 @@
 """Nova's ``images.fetch_to_raw``: an image from the store into ``_base``, safely.
 
 ``<base>.part`` receives the download (hashed while copied, checked against the
-store's ``os_hash_value``); the format inspector and ``qemu-img info`` must agree on
-it; with ``force_raw_images`` it is converted into ``<base>.converted``; each file is
-fsynced and renamed into place, so a base under its final name is always whole. The
-caller holds the base file's lock: any ``.part``/``.converted`` found is stale.
+store's ``os_hash_value`` and size); the format inspector and ``qemu-img info`` (under
+resource limits, format pinned) must agree on it; its virtual size must be under the
+ceiling and fit in ``_base``'s free space; only then, with ``force_raw_images``, is it
+converted into ``<base>.converted``. Each file is fsynced and renamed into place, so a
+base under its final name is always whole, and a failure (a full disk included)
+leaves no ``.part`` or ``.converted``. Kernels and ramdisks (aki, ari) are size-checked
+and hashed only: their base is the file as is, never shown to qemu-img. The caller
+holds the base file's lock: any ``.part``/``.converted`` found is stale.
+
+``recheck_base`` is the cheap check of a cached base before each use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from minidriver.exception import ImageUnacceptable
+from minidriver.exception import ImageUnacceptable, MinidriverError
 from minidriver.images import inspect, qemu_img
 from minidriver.images.store import Image
+from minidriver.process import ResourceLimits
 from minidriver.steps import Step, StepTimer
 
 CHUNK = 1024 * 1024
@@ -52,8 +60,55 @@ def removed_on_error(*paths: Path) -> Iterator[None]:
         raise
 
 
+class InsufficientSpace(MinidriverError):
+    """``_base`` has no room for what a fetch must write."""
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use in ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def ensure_free_space(directory: Path, needed: int, what: str) -> None:
+    available = free_bytes(directory)
+    if needed > available:
+        raise InsufficientSpace(
+            f"{what} needs {needed} bytes free in {directory}, {available} available",
+            hint=f"free space in {directory} (minidriver cache clean removes unused bases),"
+            " or use a flavor and image that fit",
+        )
+
+
+def _is_out_of_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # qemu-img reports the errno's text; process.run sets LC_ALL=C.
+    return isinstance(exc, qemu_img.QemuImgError) and os.strerror(errno.ENOSPC) in exc.stderr
+
+
+@contextlib.contextmanager
+def out_of_space_is_clear(directory: Path, what: str) -> Iterator[None]:
+    """A full filesystem mid-write becomes one clear error, not an errno."""
+    try:
+        yield
+    except (OSError, qemu_img.QemuImgError) as exc:
+        if not _is_out_of_space(exc):
+            raise
+        raise InsufficientSpace(
+            f"{what} ran out of space in {directory} ({free_bytes(directory)} bytes available now)",
+            hint=f"free space in {directory} (minidriver cache clean removes unused bases)"
+            " and try again",
+        ) from exc
+
+
+def _describe(image: Image) -> str:
+    return f"image {image.name} ({image.id})"
+
+
 def download(image: Image, dest: Path, progress: Progress | None = None) -> None:
-    """Copy the image's file to ``dest``, verifying Glance's multihash on the way."""
+    """Copy the image's file to ``dest``, verifying Glance's multihash and the size
+    on the way."""
     hasher = hashlib.new(image.os_hash_algo or "sha512")
     done = 0
     with open(image.path, "rb") as src, open(dest, "wb") as out:
@@ -63,30 +118,98 @@ def download(image: Image, dest: Path, progress: Progress | None = None) -> None
             done += len(chunk)
             if progress:
                 progress(done, image.size)
+    if done != image.size:
+        raise ImageUnacceptable(
+            f"{_describe(image)}: the store's file is {done} bytes, its record says {image.size}",
+            hint="the stored file changed or is truncated: delete the image and add it again",
+        )
     if image.os_hash_value and hasher.hexdigest() != image.os_hash_value:
         raise ImageUnacceptable(
-            f"image {image.name} ({image.id}): {image.os_hash_algo} of the data read"
+            f"{_describe(image)}: {image.os_hash_algo} of the data read"
             " does not match the store's record",
             hint="the stored file changed or is corrupt: delete the image and add it again",
         )
 
 
-def verify(path: Path, image: Image) -> qemu_img.QemuImgInfo:
-    """The inspector, the declared format and qemu-img must all agree on ``path``."""
-    detected = inspect.check_image(path, image.disk_format)
-    fmt = qemu_img.qemu_format(image.disk_format)
-    info = qemu_img.info(path, fmt)
+def _agree(label: str, path: Path, glance_format: str, limits: ResourceLimits | None) -> int:
+    """The format inspector has passed ``path`` as ``glance_format``; qemu-img, reading
+    it with that format pinned, must see the same: no backing or data file, the same
+    virtual size. Returns that size."""
+    detected = inspect.check_image(path, glance_format, label=label)
+    info = qemu_img.info(path, qemu_img.qemu_format(glance_format), limits)
+    return _compare(label, detected, info)
+
+
+def _compare(label: str, detected: inspect.DetectedImage, info: qemu_img.QemuImgInfo) -> int:
     if info.backing_file or info.data_file:
         raise ImageUnacceptable(
-            f"image {image.name} ({image.id}) is refused: qemu-img reports a"
+            f"image {label} is refused: qemu-img reports a"
             f" {'backing' if info.backing_file else 'data'} file"
         )
     if info.virtual_size != detected.virtual_size:
         raise ImageUnacceptable(
-            f"image {image.name} ({image.id}) is refused: qemu-img says"
-            f" {info.virtual_size} bytes, the format inspector {detected.virtual_size}"
+            f"image {label} is refused: qemu-img says {info.virtual_size} bytes, the format"
+            f" inspector {detected.virtual_size}"
         )
-    return info
+    return info.virtual_size
+
+
+def verify(
+    path: Path, image: Image, limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS
+) -> int:
+    """The inspector, the declared format and qemu-img must all agree on ``path``;
+    returns its virtual size.
+
+    Kernels and ramdisks (aki, ari) are no disks: never inspected, never shown to
+    qemu-img. ``download`` has checked their size and hash, and that is all.
+    """
+    if image.disk_format in inspect.UNINSPECTED:
+        return path.stat().st_size
+    return _agree(f"{image.name} ({image.id})", path, image.disk_format, limits)
+
+
+def check_virtual_size(image: Image, virtual_size: int, max_virtual_size: int) -> None:
+    """``[libvirt] images_max_virtual_size`` (0: no ceiling; the flavor bounds it)."""
+    if max_virtual_size and virtual_size > max_virtual_size:
+        raise ImageUnacceptable(
+            f"{_describe(image)} is refused: its virtual size ({virtual_size} bytes) is"
+            f" over images_max_virtual_size ({max_virtual_size} bytes)",
+            hint="use a smaller image, or raise [libvirt] images_max_virtual_size",
+        )
+
+
+# qemu-img's name of a base's format -> Glance's, for the inspector (vpc is vhd).
+_GLANCE_FORMATS = {
+    qemu: glance for glance, qemu in qemu_img.QEMU_FORMATS.items() if glance != "iso"
+}
+
+
+def recheck_base(
+    base: Path, base_format: str, *, limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS
+) -> None:
+    """Check a cached image base again before an instance disk is made on it.
+
+    The base passed every check when it was made; this catches one changed since (by
+    hand, or left by an older minidriver). It runs on every warm spawn, so its cost
+    is bounded (a few ms for any base): the inspector reads only the first MiB
+    (:func:`inspect.check_image_head`: headers sit at the start, so a raw base that
+    now parses as qcow2 or vmdk, or whose partition table went bad, is caught, and
+    no content can make it read a multi-GB base to the end), and ``qemu-img info``,
+    format pinned and under the limits, reads only metadata. A missing base is fine:
+    the fetch makes it and checks it in full. Disks minidriver makes itself
+    (ephemeral, swap) are never passed here.
+    """
+    if not base.exists():
+        return
+    try:
+        detected = inspect.check_image_head(base, _GLANCE_FORMATS.get(base_format, base_format))
+        _compare(base.name, detected, qemu_img.info(base, base_format, limits))
+    except (ImageUnacceptable, qemu_img.QemuImgError) as exc:
+        raise ImageUnacceptable(
+            f"cached base {base} failed its re-check: {exc}",
+            hint=f"remove {base} (it is not in use once no instance runs on it): the next"
+            " spawn fetches and checks the image again",
+        ) from exc
 
 
 def fetch_to_raw(
@@ -96,25 +219,56 @@ def fetch_to_raw(
     force_raw: bool,
     timer: StepTimer,
     progress: Progress | None = None,
+    limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS,
+    max_virtual_size: int = 0,
 ) -> str:
-    """Bring ``image`` into ``target``; returns the base's format (raw or the image's)."""
+    """Bring ``image`` into ``target``; returns the base's format (raw, or the image's).
+
+    ``limits`` bound ``qemu-img info``; ``max_virtual_size`` (bytes, 0: none) is the
+    ceiling of an image's virtual size. Everything that can refuse the image does so
+    before any conversion: the hash, the inspector, ``qemu-img info``, the ceiling and
+    the free space of ``_base``. Kernels and ramdisks are published as they are.
+    """
     part = target.with_name(target.name + ".part")
     converted = target.with_name(target.name + ".converted")
     part.unlink(missing_ok=True)
     converted.unlink(missing_ok=True)
+    base_dir = target.parent
+    kernel = image.disk_format in inspect.UNINSPECTED
+    # Whether it will be converted, from the declared format; qemu-img's name for it
+    # once verify has passed it (the inspector says best why a format is refused).
+    convert = force_raw and not kernel and qemu_img.QEMU_FORMATS.get(image.disk_format) != "raw"
+    fetching = f"fetching {_describe(image)}"
     with removed_on_error(part, converted):
         with timer.step(Step.FETCH):
-            download(image, part, progress)
-            verify(part, image)
-        fmt = qemu_img.qemu_format(image.disk_format)
-        if force_raw and fmt != "raw":
+            # A conversion needs room for the raw result next to the download: when
+            # the record knows the virtual size, refuse now rather than after it.
+            needed = image.size + ((image.virtual_size or 0) if convert else 0)
+            ensure_free_space(base_dir, needed, fetching)
+            with out_of_space_is_clear(base_dir, fetching):
+                download(image, part, progress)
+            virtual_size = verify(part, image, limits)
+            if kernel:
+                fmt = image.disk_format
+            else:
+                fmt = qemu_img.qemu_format(image.disk_format)
+                check_virtual_size(image, virtual_size, max_virtual_size)
+        if convert:
             with timer.step(Step.CONVERT):
-                qemu_img.convert(part, fmt, converted, "raw")
-                # The raw result is re-checked as Nova does: a raw file that now parses
-                # as something else (say a qcow2 header inside a disk) is refused.
-                inspect.check_image(converted, "raw")
-                publish(converted, target)
+                converting = f"converting {_describe(image)} to raw"
+                # qemu-img leaves holes for zeros, but a hostile image's data need not
+                # be zeros (a compressed qcow2 of a repeated pattern): only the whole
+                # virtual size is a bound that holds.
+                ensure_free_space(base_dir, virtual_size, converting)
+                with out_of_space_is_clear(base_dir, converting):
+                    qemu_img.convert(part, fmt, converted, "raw")
+                    # The raw result is re-checked as Nova does: a raw file that now
+                    # parses as something else (say a qcow2 header inside a disk, or a
+                    # partition table with tricks) is refused.
+                    inspect.check_image(converted, "raw", label=f"{image.name} ({image.id}) as raw")
+                    publish(converted, target)
                 part.unlink()
             return "raw"
-        publish(part, target)
+        with out_of_space_is_clear(base_dir, fetching):
+            publish(part, target)
         return fmt

@@ -11,6 +11,7 @@ The inspector is used as is; never a parser of our own.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,13 +53,45 @@ UNINSPECTED: Final = ("aki", "ari")
 # Every disk_format an image may declare.
 DISK_FORMATS: Final = (*GLANCE_TO_INSPECTOR, "ami", *UNINSPECTED)
 
-# Why a failed check matters, for the checks users meet; others keep the inspector's
-# own words.
+# Why a failed check matters, for the checks users meet.
 _REASONS: Final[Mapping[str, str]] = {
     "backing_file": "it has a backing file, which would make QEMU open a host file",
     "data_file": "it has an external data file, which would make QEMU open a host file",
     "banned": "the format is not allowed",
 }
+# Checks whose own words say what part failed: a lead-in says why that matters. Any
+# other check keeps the inspector's words alone.
+_LEAD_INS: Final[Mapping[str, str]] = {
+    "unknown_features": "it sets qcow2 incompatible feature bits QEMU may read differently",
+    "descriptor": "its VMDK descriptor is not one self-contained sparse disk",
+    "footer": "its VMDK footer disagrees with its header",
+    "mbr": "its partition table is malformed",
+}
+# What the user can do, by the check that failed.
+_HINTS: Final[Mapping[str, str]] = {
+    "backing_file": "flatten it where it was made: qemu-img convert -f qcow2 -O qcow2 SOURCE FLAT",
+    "data_file": "make it one file where it was made: qemu-img convert -f qcow2 -O qcow2"
+    " SOURCE FLAT",
+    "unknown_features": "convert it to a plain qcow2 with the QEMU that made it",
+    "descriptor": "only single-file monolithicSparse and streamOptimized VMDKs are taken;"
+    " convert it to qcow2 where it was made",
+    "footer": "convert it to qcow2 where it was made",
+    "banned": "convert it to qcow2 where it was made",
+    "mbr": "a kernel or ramdisk is no disk: declare it as aki or ari; a disk needs a valid"
+    " partition table",
+}
+_SEVERAL_HINT: Final = (
+    "a file that reads as two formats can hide one in the other: rebuild the image in one"
+)
+
+# How much of a file :func:`check_image_head` reads. Every detection region of the
+# inspectors for raw, gpt (MBR at 0), qcow2 and qed (512-byte headers), vhd and vdi
+# (512 bytes) and iso (its volume descriptor at 32 KiB) lies in it; the same offsets
+# are all QEMU's probes look at.
+HEAD_BYTES: Final = 1024 * 1024
+# Formats whose every check is decided within HEAD_BYTES. A file declared vmdk (a
+# footer at the end) or vhdx (a metadata region anywhere) is read in full instead.
+_HEAD_FORMATS: Final = frozenset({"raw", "gpt", "qcow2", "qed", "vhd", "vdi", "iso"})
 
 
 @dataclass(frozen=True)
@@ -88,9 +121,17 @@ def _refuse(
     )
 
 
+def _failure(name: str, failure: object) -> str:
+    if name in _REASONS:
+        return _REASONS[name]
+    if name in _LEAD_INS:
+        return f"{_LEAD_INS[name]} ({failure})"
+    return str(failure)
+
+
 def _safety_reason(detected: str, exc: Exception) -> str:
     if isinstance(exc, format_inspector.SafetyCheckFailed):
-        reasons = [_REASONS.get(name, str(failure)) for name, failure in exc.failures.items()]
+        reasons = [_failure(name, failure) for name, failure in exc.failures.items()]
         return f"{detected} safety check failed: {'; '.join(reasons)}"
     return f"{detected} cannot be checked: {exc}"
 
@@ -105,11 +146,8 @@ def _judge(
     try:
         inspector.safety_check()
     except (format_inspector.SafetyCheckFailed, format_inspector.ImageFormatError) as exc:
-        hint = None
-        if name == "gpt":
-            hint = "a kernel or ramdisk is not a disk: declare it as aki or ari"
-        elif name == "qcow2":
-            hint = "flatten it first: qemu-img convert -f qcow2 -O qcow2 SOURCE FLAT"
+        failed = list(exc.failures) if isinstance(exc, format_inspector.SafetyCheckFailed) else []
+        hint = next((_HINTS[check] for check in failed if check in _HINTS), None)
         _refuse(label, declared, name, _safety_reason(name, exc), hint)
     detected = INSPECTOR_TO_GLANCE.get(name)
     if detected is None:
@@ -133,16 +171,17 @@ def _judge(
 def _multiple(label: str, declared: str, exc: Exception) -> NoReturn:
     # Two headers in one file: one format hiding another. (A hybrid ISO, iso + gpt,
     # lands here too; the inspector cannot tell it from an attack.)
-    _refuse(label, declared, "several formats", str(exc))
+    _refuse(label, declared, "several formats", str(exc), _SEVERAL_HINT)
 
 
-def check_image(path: Path, declared_format: str) -> DetectedImage:
+def check_image(path: Path, declared_format: str, *, label: str | None = None) -> DetectedImage:
     """Check that ``path`` is a safe image of ``declared_format`` (or ``auto``).
 
-    Raises :class:`ImageUnacceptable` naming the file, both formats and the reason.
+    Raises :class:`ImageUnacceptable` naming the image (``label``, else the file's
+    name), both formats and the reason.
     """
     declared = validate_disk_format(declared_format)
-    label = path.name
+    label = label or path.name
     try:
         size = path.stat().st_size
         if declared in UNINSPECTED:
@@ -155,6 +194,47 @@ def check_image(path: Path, declared_format: str) -> DetectedImage:
         raise ImageNotFound(f"image file {path} does not exist") from None
     except OSError as exc:
         raise ImageUnacceptable(f"image {path} cannot be read: {exc.strerror}") from exc
+    return _judge(inspector, declared, label, size)
+
+
+def check_image_head(
+    path: Path, declared_format: str, *, label: str | None = None, head: int = HEAD_BYTES
+) -> DetectedImage:
+    """:func:`check_image`'s verdict from the first ``head`` bytes of ``path``.
+
+    For a file that passed :func:`check_image` once (a cached base), on every use.
+    The full check stops once every inspector has decided, about 256 KiB into an
+    ordinary raw file, but the content decides when: a VMDK header that puts its
+    footer at the end keeps it reading to EOF (20 s for a sparse 2 GiB base here).
+    Reading the head only makes the cost fixed, whatever the file holds. Headers sit
+    at the start, so a file that has since become something else (a qcow2 or vmdk
+    header written over a raw base, a partition table gone bad) is caught here. A
+    declared format whose checks look further in (vmdk, vhdx) gets the full read.
+    """
+    declared = validate_disk_format(declared_format)
+    label = label or path.name
+    try:
+        size = path.stat().st_size
+        if declared in UNINSPECTED or size <= head:
+            return check_image(path, declared, label=label)
+        with open(path, "rb") as fh:
+            data = fh.read(head)
+    except FileNotFoundError:
+        raise ImageNotFound(f"image file {path} does not exist") from None
+    except OSError as exc:
+        raise ImageUnacceptable(f"image {path} cannot be read: {exc.strerror}") from exc
+    wrapper = format_inspector.InspectWrapper(io.BytesIO(data))
+    while wrapper.read(64 * 1024):
+        pass
+    wrapper.close()
+    try:
+        inspector = wrapper.format
+    except format_inspector.ImageFormatError as exc:
+        _multiple(label, declared, exc)
+    name = str(inspector) if inspector is not None else "nothing"
+    wanted = "raw" if declared == "ami" else declared
+    if name not in _HEAD_FORMATS and (declared == AUTO or INSPECTOR_TO_GLANCE.get(name) == wanted):
+        return check_image(path, declared, label=label)
     return _judge(inspector, declared, label, size)
 
 
