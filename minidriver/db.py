@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from minidriver import lockutils
 from minidriver.exception import AmbiguousReference, InstanceNotFound, MinidriverError
@@ -36,6 +36,40 @@ BUSY_TIMEOUT = 30.0  # seconds
 
 class StateDatabaseError(MinidriverError):
     """The state database cannot be opened, read or written."""
+
+
+T = TypeVar("T")
+
+
+def resolve(
+    ref: str,
+    found: list[T],
+    *,
+    ident: Callable[[T], str],
+    names: Callable[[T], tuple[str, ...]],
+    describe: Callable[[T], str],
+    what: str,
+    not_found: MinidriverError,
+) -> T:
+    """The one thing ``ref`` names among ``found`` (the rows matching it somehow).
+
+    An exact id wins, then an exact name, and only then an id prefix: ``delete b`` must
+    not delete an instance whose uuid happens to start with b when one is named b.
+    """
+    for matches in (
+        [x for x in found if ident(x) == ref],
+        [x for x in found if ref in names(x)],
+        [x for x in found if ident(x).startswith(ref.lower())],
+    ):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise AmbiguousReference(
+                f"{ref!r} matches {len(matches)} {what}s: "
+                + ", ".join(describe(x) for x in matches),
+                hint=f"name the {what} by its {'uuid' if what == 'instance' else 'id'}",
+            )
+    raise not_found
 
 
 def utc_now() -> str:
@@ -360,21 +394,17 @@ class Database:
             "OR display_name = :ref OR name = :ref ORDER BY created_at, rowid",
             {"ref": ref, "len": len(ref), "prefix": ref.lower()},
         )
-        found = [_instance(row) for row in rows] if ref else []
-        exact = [rec for rec in found if rec.uuid == ref]
-        if exact:
-            return exact[0]
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise AmbiguousReference(
-                f"{ref!r} matches {len(found)} instances: "
-                + ", ".join(rec.describe() for rec in found),
-                hint="name the instance by its uuid",
-            )
-        raise InstanceNotFound(
-            f"no instance matches {ref!r}",
-            hint="give a uuid, a unique uuid prefix, a display name or a domain name",
+        return resolve(
+            ref,
+            [_instance(row) for row in rows] if ref else [],
+            ident=lambda rec: rec.uuid,
+            names=lambda rec: (rec.display_name, rec.name),
+            describe=lambda rec: rec.describe(),
+            what="instance",
+            not_found=InstanceNotFound(
+                f"no instance matches {ref!r}",
+                hint="give a uuid, a unique uuid prefix, a display name or a domain name",
+            ),
         )
 
     def list_instances(self) -> list[InstanceRecord]:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+import unicodedata
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ import libvirt
 from minidriver import blockinfo, configdrive, guest, imagecache, snapshot
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
-from minidriver.exception import FlavorNotFound, ImageNotFound, MinidriverError
+from minidriver.exception import (
+    FlavorNotFound,
+    ImageNotFound,
+    ImageUnacceptable,
+    MinidriverError,
+)
 from minidriver.host import Host
 from minidriver.imagebackend import (
     FlavorDiskSmallerThanImage,
@@ -36,6 +42,7 @@ from minidriver.imagebackend import (
     create_swap,
 )
 from minidriver.images import fetch, qemu_img
+from minidriver.images.inspect import UNINSPECTED
 from minidriver.images.store import Image as StoreImage
 from minidriver.images.store import ImageService
 from minidriver.lockutils import external_lock
@@ -91,6 +98,25 @@ class InstanceInfo:
 def base_filename(image_id: str) -> str:
     """Nova names a cached base after the sha1 of the image id (not a security hash)."""
     return hashlib.sha1(image_id.encode(), usedforsecurity=False).hexdigest()
+
+
+MAX_DISPLAY_NAME = 255  # Nova's limit
+
+
+def validate_display_name(name: str) -> None:
+    """Any text goes into the domain XML escaped; control characters (NUL, newlines...)
+    cannot be XML at all, so they are refused here, before anything is written."""
+    if not name or len(name) > MAX_DISPLAY_NAME:
+        raise MinidriverError(
+            f"the display name must be 1 to {MAX_DISPLAY_NAME} characters long",
+            hint="choose a shorter --name",
+        )
+    bad = sorted({f"U+{ord(c):04X}" for c in name if unicodedata.category(c) == "Cc"})
+    if bad:
+        raise MinidriverError(
+            f"the display name {name!r} has control characters ({', '.join(bad)})",
+            hint="use printable characters only",
+        )
 
 
 def instance_lock_name(instance_uuid: str) -> str:
@@ -162,13 +188,14 @@ class LibvirtDriver:
         hostname, user data, public keys and metadata; bad values fail here, before
         anything is written.
         """
+        validate_display_name(name)
         timer = StepTimer(listener, clock=self.clock)
         budget = self.conf.default.instance_build_timeout if timeout is None else timeout
         deadline = self.clock() + budget
         flavor_obj = self.get_flavor(flavor)
         store_image = self.images.get(image)
         image_meta = store_image.to_image_meta()
-        check_flavor_fits(flavor_obj, image_meta)
+        check_flavor_fits(flavor_obj, image_meta, self.conf.libvirt.images_max_virtual_size)
         instance_uuid = str(uuidlib.uuid4())
         drive = None
         if config_drive or (config_drive is None and self.conf.default.force_config_drive):
@@ -333,14 +360,24 @@ class LibvirtDriver:
 
         root_size = flavor.root_gb * GiB if flavor.root_gb else None
         force_raw = self.conf.default.force_raw_images
-        fetch_func = partial(
-            fetch.fetch_to_raw, image, force_raw=force_raw, timer=timer, progress=progress
+        limits = qemu_img.resource_limits(
+            self.conf.libvirt.images_cpu_time_limit, self.conf.libvirt.images_address_space_limit
         )
+        fetch_func = partial(
+            fetch.fetch_to_raw,
+            image,
+            force_raw=force_raw,
+            timer=timer,
+            progress=progress,
+            limits=limits,
+            max_virtual_size=self.conf.libvirt.images_max_virtual_size,
+        )
+        base_format = "raw" if force_raw else qemu_img.qemu_format(image.disk_format)
+        # A cached base is checked again before a disk is made on it (cheaply: its head
+        # and qemu-img info); the base the fetch makes is checked in full instead.
+        fetch.recheck_base(self.conf.base_dir / base_filename(image.id), base_format, limits=limits)
         instance.cache_hit = disk("disk").cache(
-            fetch_func,
-            base_filename(image.id),
-            root_size,
-            base_format="raw" if force_raw else qemu_img.qemu_format(image.disk_format),
+            fetch_func, base_filename(image.id), root_size, base_format=base_format
         )
         formats = {"disk": backend.driver_format}
         if "disk.local" in disk_info:
@@ -598,8 +635,23 @@ class LibvirtDriver:
         return out
 
 
-def check_flavor_fits(flavor: Flavor, image: ImageMeta) -> None:
-    """Refuse, before anything is written, a flavor too small for the image."""
+def check_flavor_fits(flavor: Flavor, image: ImageMeta, max_virtual_size: int = 0) -> None:
+    """Refuse, before anything is written, a flavor too small for the image, an image
+    over the ``images_max_virtual_size`` ceiling (bytes; 0: none), or one that is no
+    disk at all."""
+    if image.disk_format in UNINSPECTED:
+        # Kernels and ramdisks are never shown to qemu-img, so never a root disk.
+        raise ImageUnacceptable(
+            f"image {image.name} is a {image.disk_format} (kernel or ramdisk), not a disk",
+            hint="boot a disk image; a kernel or ramdisk is referenced from one",
+        )
+    virtual_size = image.virtual_size or 0
+    if max_virtual_size and virtual_size > max_virtual_size:
+        raise ImageUnacceptable(
+            f"image {image.name}'s virtual size ({virtual_size} bytes) is over"
+            f" images_max_virtual_size ({max_virtual_size} bytes)",
+            hint="use a smaller image, or raise [libvirt] images_max_virtual_size",
+        )
     if flavor.root_gb:
         root = flavor.root_gb * GiB
         if image.virtual_size is not None and root < image.virtual_size:

@@ -27,9 +27,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO, Final, TypedDict
 
-from minidriver.db import Database, utc_now
+from minidriver.db import Database, resolve, utc_now
 from minidriver.exception import (
-    AmbiguousReference,
     ImageNotFound,
     ImageUnacceptable,
     MinidriverError,
@@ -228,6 +227,8 @@ class ImageService:
         bytes. On any failure nothing is left: no file, no record.
         """
         # Refuse bad arguments before any byte is copied.
+        if isinstance(source, str) and "://" in source:
+            download.check_url(source)  # a URL, but not http(s): file:, ftp: ...
         inspect.validate_disk_format(disk_format)
         if container_format not in CONTAINER_FORMATS:
             raise ImageUnacceptable(
@@ -382,21 +383,17 @@ class ImageService:
             "OR name = :ref ORDER BY created_at, rowid",
             {"ref": ref, "len": len(ref), "prefix": ref.lower()},
         )
-        found = [_image(row) for row in rows] if ref else []
-        exact = [image for image in found if image.id == ref]
-        if exact:
-            return exact[0]
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise AmbiguousReference(
-                f"{ref!r} matches {len(found)} images: "
-                + ", ".join(image.describe() for image in found),
-                hint="name the image by its id",
-            )
-        raise ImageNotFound(
-            f"no image matches {ref!r}",
-            hint="give an image id, a unique id prefix or a unique name",
+        return resolve(
+            ref,
+            [_image(row) for row in rows] if ref else [],
+            ident=lambda image: image.id,
+            names=lambda image: (image.name,),
+            describe=lambda image: image.describe(),
+            what="image",
+            not_found=ImageNotFound(
+                f"no image matches {ref!r}",
+                hint="give an image id, a unique id prefix or a unique name",
+            ),
         )
 
     def list(self) -> list[Image]:

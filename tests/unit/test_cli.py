@@ -860,7 +860,8 @@ def test_console_that_never_matches_ends_at_the_deadline(
 def test_delete_goes_on_past_an_unknown_instance(cli: Cli, image_id: str) -> None:
     a, c = cli.boot("a"), cli.boot("c")
 
-    r = cli.run("delete", "a", "b", "c")
+    # "b" could be a prefix of a or c's uuid and name it; "nope" never can.
+    r = cli.run("delete", "a", "nope", "c")
 
     assert r.code == 1, r
     assert r.out.splitlines() == [
@@ -868,7 +869,7 @@ def test_delete_goes_on_past_an_unknown_instance(cli: Cli, image_id: str) -> Non
         f"deleted c ({c['uuid']})",
     ]
     assert r.err.splitlines() == [
-        "minidriver: error: b: no instance matches 'b'",
+        "minidriver: error: nope: no instance matches 'nope'",
         "hint: give a uuid, a unique uuid prefix, a display name or a domain name",
     ]
     assert cli.instances() == []

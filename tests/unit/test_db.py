@@ -305,3 +305,26 @@ def test_a_writer_waits_for_another_connections_transaction(tmp_path: Path) -> N
         writer.join()
     # The second writer waited (busy timeout) instead of failing with "locked".
     assert got == [2]
+
+
+def test_an_exact_name_wins_over_a_uuid_prefix(tmp_path: Path) -> None:
+    db = Database(tmp_path / "state.db")
+    named_b = InstanceRecord(
+        uuid="11111111-0000-4000-8000-000000000000",
+        name="instance-00000001",
+        display_name="b",
+        flavor="m1.tiny",
+        image_id="i",
+        state="running",
+        created_at="2026-11-22T00:00:00Z",
+        instance_dir="/nonexistent/1",
+    )
+    starts_with_b = dataclasses.replace(
+        named_b, uuid="b2222222-0000-4000-8000-000000000000", name="instance-00000002",
+        display_name="other", instance_dir="/nonexistent/2",
+    )  # fmt: skip
+    db.create_instance(named_b)
+    db.create_instance(starts_with_b)
+    assert db.find_instance("b").uuid == named_b.uuid
+    assert db.find_instance("b2").uuid == starts_with_b.uuid
+    db.close()

@@ -879,3 +879,28 @@ def test_bad_config_drive_input_writes_nothing(
         drv.spawn("x", "cirros", "t1.nano", **kwargs)
     assert message in str(err.value).lower()
     assert_nothing_written(drv)
+
+
+# -- display names ----------------------------------------------------------------
+
+
+def test_markup_in_a_display_name_is_escaped_and_adds_no_device(
+    drv: LibvirtDriver, image_id: str
+) -> None:
+    hostile = "</name><devices><disk type='file'><source file='/etc/shadow'/></disk>&\"'"
+    inst = drv.spawn(hostile, "cirros", "t1.nano")
+    xml = etree.fromstring(
+        drv.host.get_connection().lookupByUUIDString(inst.uuid).XMLDesc(0).encode()
+    )
+    assert len(xml.findall("devices/disk")) == 3
+    assert "/etc/shadow" not in [d.get("file") for d in xml.iterfind("devices/disk/source")]
+    assert drv.db.get_instance(inst.uuid).display_name == hostile
+
+
+@pytest.mark.parametrize("name", ["nul\x00byte", "new\nline", "bell\x07", "", "x" * 256])
+def test_display_names_xml_cannot_hold_are_refused_before_anything_is_written(
+    drv: LibvirtDriver, image_id: str, name: str
+) -> None:
+    with pytest.raises(MinidriverError, match="display name"):
+        drv.spawn(name, "cirros", "t1.nano")
+    assert_nothing_written(drv)
