@@ -101,6 +101,7 @@ def base_filename(image_id: str) -> str:
 
 
 MAX_DISPLAY_NAME = 255  # Nova's limit
+DEFINE_ATTEMPTS = 5  # names taken by other state dirs in a row before giving up
 
 
 def validate_display_name(name: str) -> None:
@@ -286,13 +287,9 @@ class LibvirtDriver:
                 instance_dir = Path(instance.instance_dir)
                 (instance_dir / "console.log").touch()
 
-                step = "to_xml"
-                xml = self.to_xml(instance, disk_info, formats)
-                (instance_dir / "libvirt.xml").write_text(xml)
-
                 step = "define"
                 with timer.step(Step.DEFINE):
-                    domain = self.host.define(xml)
+                    domain = self._define(instance, disk_info, formats)
                 undo.callback(self._undefine, instance.name)
 
                 # Nova's post-XML callback: the config drive is made once the domain
@@ -325,6 +322,26 @@ class LibvirtDriver:
                 raise SpawnError(step, exc, instance) from exc
             undo.pop_all()
         return domain
+
+    def _define(
+        self, instance: Instance, disk_info: DiskInfo, formats: dict[str, str]
+    ) -> libvirt.virDomain:
+        """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
+        take the chosen name between our check and our define (each counts its own
+        names): then the next free name is taken and the XML made again."""
+        for _attempt in range(DEFINE_ATTEMPTS):
+            xml = self.to_xml(instance, disk_info, formats)
+            (Path(instance.instance_dir) / "libvirt.xml").write_text(xml)
+            try:
+                return self.host.define(xml)
+            except libvirt.libvirtError:
+                taken = self.host.find_domain(instance.name)
+                if taken is None or taken.UUIDString() == instance.uuid:
+                    raise
+                LOG.debug("domain name %s was just taken; choosing another", instance.name)
+                instance.name = self._next_domain_name()
+                self.db.update_instance(instance.uuid, name=instance.name)
+        raise MinidriverError(f"no free domain name after {DEFINE_ATTEMPTS} attempts")
 
     def _next_domain_name(self) -> str:
         """``instance_name_template`` over the DB's sequence, skipping names in use.

@@ -904,3 +904,35 @@ def test_display_names_xml_cannot_hold_are_refused_before_anything_is_written(
     with pytest.raises(MinidriverError, match="display name"):
         drv.spawn(name, "cirros", "t1.nano")
     assert_nothing_written(drv)
+
+
+def test_a_domain_name_taken_between_check_and_define_is_replaced(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    mocker: MockerFixture,
+    tmp_path: Path,
+) -> None:
+    mine = make_driver(conf)
+    other_conf = load_config(None, state_dir=tmp_path / "other", environ={}).with_libvirt(
+        connection_uri=conf.libvirt.connection_uri, virt_type="qemu"
+    )
+    other = LibvirtDriver(other_conf, host=mine.host)  # two state dirs, one hypervisor
+    mine.images.add(source_image, name="cirros", disk_format="qcow2")
+    other.images.add(source_image, name="cirros", disk_format="qcow2")
+    theirs = other.spawn("theirs", "cirros", "m1.tiny")
+    assert theirs.name == "instance-00000001"
+    # The race: at our check the name still looked free; the other dir defined it first.
+    real_find = mine.host.find_domain
+    lookups = []
+
+    def racing_find(name: str) -> Any:
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_find(name)
+
+    mocker.patch.object(mine.host, "find_domain", side_effect=racing_find)
+    inst = mine.spawn("mine", "cirros", "m1.tiny")
+    assert inst.name == "instance-00000002"
+    assert mine.db.get_instance(inst.uuid).name == inst.name
+    assert f"<name>{inst.name}</name>" in (Path(inst.instance_dir) / "libvirt.xml").read_text()
+    assert other.db.get_instance(theirs.uuid).name == "instance-00000001"
