@@ -1,0 +1,1 @@
+"""Examples of the pytest plugin, run in the project's integration runs."""
