@@ -42,6 +42,7 @@ from pycdlib.pycdlibexception import PyCdlibException
 
 from minidriver import __version__
 from minidriver.exception import MinidriverError
+from minidriver.fileutils import publish, removed_on_error
 from minidriver.process import run
 
 LOG = logging.getLogger(__name__)
@@ -386,16 +387,12 @@ def make_drive(path: Path, data: ConfigDriveData, fmt: str = "iso9660") -> None:
     path = Path(path)
     part = path.with_name(path.name + ".part")
     try:
-        part.unlink(missing_ok=True)  # left by a crash: never reused
-        builder(part, files)
-        with part.open("rb") as built:
-            os.fsync(built.fileno())
-        os.replace(part, path)
-    except BaseException as exc:
-        part.unlink(missing_ok=True)
-        if isinstance(exc, OSError | PyCdlibException):
-            raise ConfigDriveError(f"cannot build the config drive {path}: {exc}") from exc
-        raise
+        with removed_on_error(part):
+            part.unlink(missing_ok=True)  # left by a crash: never reused
+            builder(part, files)
+            publish(part, path)
+    except (OSError, PyCdlibException) as exc:
+        raise ConfigDriveError(f"cannot build the config drive {path}: {exc}") from exc
     LOG.debug("config drive %s: %s, %d files, %d bytes", path, fmt, len(files), path.stat().st_size)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from minidriver.config import Config
 from minidriver.exception import MinidriverError
+from minidriver.fileutils import publish, removed_on_error
 from minidriver.images import qemu_img
-from minidriver.images.fetch import publish, removed_on_error
 from minidriver.lockutils import external_lock
 from minidriver.objects import GiB
 from minidriver.process import ResourceLimits, run

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from minidriver.exception import ImageUnacceptable, MinidriverError
+from minidriver.fileutils import publish, removed_on_error
 from minidriver.images import inspect, qemu_img
 from minidriver.images.store import Image
 from minidriver.process import ResourceLimits
@@ -31,33 +32,6 @@ from minidriver.steps import Step, StepTimer
 CHUNK = 1024 * 1024
 # (bytes done, bytes total) while copying, for a progress bar.
 Progress = Callable[[int, int], None]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(temp: Path, target: Path) -> None:
-    """Make ``temp`` durable and give it its final name in one atomic step."""
-    with open(temp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(temp, target)
-    fsync_dir(target.parent)
-
-
-@contextlib.contextmanager
-def removed_on_error(*paths: Path) -> Iterator[None]:
-    """Nova's ``remove_path_on_error``: no half-written file outlives a failure."""
-    try:
-        yield
-    except BaseException:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        raise
 
 
 class InsufficientSpace(MinidriverError):

@@ -33,6 +33,7 @@ from minidriver.exception import (
     ImageUnacceptable,
     MinidriverError,
 )
+from minidriver.fileutils import fsync_dir
 from minidriver.images import download, inspect
 from minidriver.images.inspect import Readable
 from minidriver.objects import ImageMeta
@@ -181,14 +182,6 @@ def _parse_checksum(checksum: str) -> tuple[str, str]:
 def _label(source: Path | str) -> str:
     """How messages name a source: a file's name, or a URL as given."""
     return source if isinstance(source, str) and download.is_url(source) else Path(source).name
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -370,7 +363,7 @@ class ImageService:
                 ),
             )
             # The rename durable before the record says active.
-            _fsync_dir(self.images_path)
+            fsync_dir(self.images_path)
 
     def _forget(self, image_id: str) -> None:
         with self.db.transaction() as conn:
