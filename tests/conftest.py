@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -151,3 +152,47 @@ def test_driver(tmp_path: Path) -> Iterator[libvirt.virConnect]:
     conn = libvirt.open(f"test://{node}")
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def node_file(tmp_path: Path) -> Path:
+    """This test's own test-driver node: nothing defined in one test leaks to another."""
+    node = tmp_path / "testdriver.xml"
+    node.write_text(TEST_DRIVER_NODE)
+    return node
+
+
+@pytest.fixture
+def make_driver() -> Iterator[Callable[[Config], LibvirtDriver]]:
+    """Drivers made in a test, their connections and databases closed after it."""
+    made: list[LibvirtDriver] = []
+
+    def make(conf: Config) -> LibvirtDriver:
+        drv = LibvirtDriver(conf)
+        made.append(drv)
+        return drv
+
+    yield make
+    for drv in made:
+        drv.host.close()
+        drv.db.close()
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: int) -> Iterator[Path]:
+    """A size-limited tmpfs at ``mountpoint`` (a small disk to fill), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "mdtest", mountpoint],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", mountpoint], check=True)

@@ -14,13 +14,12 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
-from conftest import TEST_DRIVER_NODE
 from lxml import etree
 from pytest_mock import MockerFixture
 
@@ -180,33 +179,10 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def node_file(tmp_path: Path) -> Path:
-    """This test's own test-driver node: nothing defined in one test leaks to another."""
-    node = tmp_path / "testdriver.xml"
-    node.write_text(TEST_DRIVER_NODE)
-    return node
-
-
-@pytest.fixture
 def conf(tmp_path: Path, node_file: Path) -> Config:
     return load_config(None, state_dir=tmp_path / "state", environ={}).with_libvirt(
         connection_uri=f"test://{node_file}", virt_type="qemu"
     )
-
-
-@pytest.fixture
-def make_driver() -> Iterator[Callable[[Config], LibvirtDriver]]:
-    made: list[LibvirtDriver] = []
-
-    def make(conf: Config) -> LibvirtDriver:
-        drv = LibvirtDriver(conf)
-        made.append(drv)
-        return drv
-
-    yield make
-    for drv in made:
-        drv.host.close()
-        drv.db.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ runs out of space.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_DRIVER_NODE
+from conftest import TEST_DRIVER_NODE, tmpfs
 from pytest_mock import MockerFixture
 
 from minidriver import process
@@ -33,26 +32,6 @@ MiB = 1024**2
 BASE_FS_SIZE = 48 * MiB
 VIRTUAL = 16 * MiB
 DATA = 12 * MiB  # random, so neither the qcow2 nor the raw base compresses or is sparse
-
-
-@contextlib.contextmanager
-def tmpfs(mountpoint: Path, size: int) -> Iterator[Path]:
-    """A size-limited tmpfs at ``mountpoint``, unmounted on the way out."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "mdtest", mountpoint],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", mountpoint], check=True)
 
 
 @pytest.fixture(scope="module")

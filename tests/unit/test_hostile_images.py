@@ -32,7 +32,7 @@ from typing import Any
 from unittest.mock import MagicMock
 
 import pytest
-from conftest import TEST_DRIVER_NODE
+from conftest import tmpfs
 from pytest_mock import MockerFixture
 
 from minidriver import process
@@ -281,13 +281,6 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
 
 
-@pytest.fixture
-def node_file(tmp_path: Path) -> Path:
-    node = tmp_path / "testdriver.xml"
-    node.write_text(TEST_DRIVER_NODE)
-    return node
-
-
 def make_conf(state: Path, node_file: Path, config_text: str = "") -> Config:
     state.mkdir(parents=True, exist_ok=True)
     config_file = state / "minidriver.conf"
@@ -295,21 +288,6 @@ def make_conf(state: Path, node_file: Path, config_text: str = "") -> Config:
     return load_config(config_file, state_dir=state, environ={}).with_libvirt(
         connection_uri=f"test://{node_file}", virt_type="qemu"
     )
-
-
-@pytest.fixture
-def make_driver() -> Iterator[Callable[[Config], LibvirtDriver]]:
-    made: list[LibvirtDriver] = []
-
-    def make(conf: Config) -> LibvirtDriver:
-        drv = LibvirtDriver(conf)
-        made.append(drv)
-        return drv
-
-    yield make
-    for drv in made:
-        drv.host.close()
-        drv.db.close()
 
 
 @pytest.fixture
@@ -534,26 +512,6 @@ def test_petabyte_image_without_ceiling_is_refused_by_free_space(
     assert spy.subcommands == ["info"]
     spy.assert_only_guarded_info()
     assert_spawn_refused(drv, err.value, store_before)
-
-
-@contextlib.contextmanager
-def tmpfs(mountpoint: Path, size: int) -> Iterator[Path]:
-    """A size-limited tmpfs at ``mountpoint``, unmounted on the way out."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "mdtest", mountpoint],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", mountpoint], check=True)
 
 
 @pytest.fixture
