@@ -10,6 +10,7 @@ users get it).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -196,3 +198,22 @@ def tmpfs(mountpoint: Path, size: int) -> Iterator[Path]:
         yield mountpoint
     finally:
         subprocess.run(["umount", mountpoint], check=True)
+
+
+# The contract's step names (issue 3/4): boot --json's timings have at least these.
+TIMING_KEYS = frozenset(
+    {"fetch", "convert", "resize", "overlay", "ephemeral", "swap", "define", "start", "wait"}
+    | {"total"}
+)
+
+
+def img_info(path: Path) -> dict[str, Any]:
+    """qemu-img's own view of a file, its format probed (tests made every file)."""
+    out = subprocess.run(
+        ["qemu-img", "info", "--force-share", "--output=json", os.fspath(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info

@@ -24,7 +24,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from conftest import TEST_DRIVER_NODE
+from conftest import TEST_DRIVER_NODE, TIMING_KEYS
 from lxml import etree
 from pytest_mock import MockerFixture
 
@@ -38,18 +38,6 @@ MiB = 1024**2
 SOURCE_VIRTUAL = 64 * MiB
 UNREACHABLE = "qemu+unix:///system?socket=/nonexistent"
 CONSOLE_TEXT = "SeaBIOS\nminidriver-guest: ready\nlogin: \n"
-TIMING_KEYS = {
-    "fetch",
-    "convert",
-    "resize",
-    "overlay",
-    "ephemeral",
-    "swap",
-    "define",
-    "start",
-    "wait",
-    "total",
-}
 DISK_KEYS = {"path", "format", "virtual_size", "actual_size", "backing_file"}
 # What boot, show and list report of an instance (boot adds cache_hit and timings).
 INSTANCE_KEYS = {"uuid", "name", "display_name", "state", "virt_type", "instance_dir", "disks"}

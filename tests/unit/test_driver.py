@@ -20,6 +20,8 @@ from typing import Any
 
 import libvirt
 import pytest
+from conftest import TIMING_KEYS as CONTRACT_TIMING_KEYS
+from conftest import img_info
 from lxml import etree
 from pytest_mock import MockerFixture
 
@@ -43,19 +45,8 @@ MiB = 1024**2
 SOURCE_VIRTUAL = 64 * MiB
 SOURCE_DATA = 4 * MiB  # written with pattern 0xab at offset 0
 PATTERN = 0xAB
-TIMING_KEYS = {
-    "fetch",
-    "convert",
-    "resize",
-    "overlay",
-    "ephemeral",
-    "swap",
-    "define",
-    "start",
-    "wait",
-    "config_drive",  # an extension of the list (issue 8)
-    "total",
-}
+# The contract's names, and the step the config drive added.
+TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive"}
 # The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
 NANO_DISKS = {"disk": 1 * GiB, "disk.local": 1 * GiB, "disk.swap": 64 * MiB}
 
@@ -69,18 +60,6 @@ def sha1(text: str) -> str:
 
 def ephemeral_base_name(size_gb: int, fs_type: str = "ext4") -> str:
     return f"ephemeral_{size_gb}_{hashlib.md5(fs_type.encode()).hexdigest()[:7]}"
-
-
-def img_info(path: Path) -> dict[str, Any]:
-    """qemu-img's own view of a file, its format probed (we made every file here)."""
-    out = subprocess.run(
-        ["qemu-img", "info", "--force-share", "--output=json", os.fspath(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
 
 
 def file_sha256(path: Path) -> str:

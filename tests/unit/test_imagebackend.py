@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import img_info
 
 from minidriver.config import Config, load_config
 from minidriver.exception import MinidriverError
@@ -22,17 +21,6 @@ from minidriver.steps import StepTimer
 GiB = 1024**3
 MiB = 1024**2
 BASE_SIZE = 64 * MiB
-
-
-def img_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        ["qemu-img", "info", "--force-share", "--output=json", os.fspath(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
 
 
 @pytest.fixture
