@@ -86,17 +86,8 @@ class _Pass:
             if directory.is_dir():
                 self.report.instance_dirs.append(str(directory))
             if not self.report.dry_run:
-                self.undefine(domain)
+                self.drv.host.undefine(domain)
                 shutil.rmtree(directory, ignore_errors=True)
-
-    @staticmethod
-    def undefine(domain: libvirt.virDomain) -> None:
-        if domain.isActive():
-            domain.destroy()
-        domain.undefineFlags(
-            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        )
 
     def records_without_domain(self) -> None:
         for instance_uuid, record in self.records.items():
@@ -109,7 +100,7 @@ class _Pass:
                 continue
             domain = self.ours.get(instance_uuid)
             if domain is not None and not self.report.dry_run:
-                self.undefine(domain)
+                self.drv.host.undefine(domain)
             if domain is not None:
                 self.report.domains.append(domain.name())
             self.report.records.append(instance_uuid)

@@ -480,15 +480,8 @@ class LibvirtDriver:
 
     def _undefine(self, name: str) -> None:
         domain = self._owned_domain(name)
-        if domain is None:
-            return
-        with contextlib.suppress(libvirt.libvirtError):
-            if domain.isActive():
-                domain.destroy()
-        domain.undefineFlags(
-            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        )
+        if domain is not None:
+            self.host.undefine(domain)
 
     def destroy(self, instance_uuid: str) -> None:
         """Stop and undefine the domain, remove the instance dir and record.

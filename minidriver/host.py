@@ -298,6 +298,22 @@ class Host:
     def launch(self, domain: libvirt.virDomain) -> None:
         domain.create()
 
+    @staticmethod
+    def undefine(domain: libvirt.virDomain) -> None:
+        """Stop the domain if it runs, then forget it (and any saved state of it)."""
+        try:
+            if domain.isActive():
+                domain.destroy()
+        except libvirt.libvirtError as exc:
+            # It stopped between the two calls (the embedded driver, reconnecting to
+            # the QEMU of a killed process, may only now find it gone).
+            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                raise
+        domain.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
+
     def find_domain(self, name: str) -> libvirt.virDomain | None:
         try:
             return self.get_connection().lookupByName(name)

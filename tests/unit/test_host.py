@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from minidriver import host
@@ -115,3 +116,25 @@ def test_unreachable_uri_is_a_host_error(tmp_path: Path) -> None:
     with pytest.raises(HostError, match="cannot connect to libvirt") as err:
         host.Host(conf).get_connection()
     assert err.value.hint is not None
+
+
+def test_undefine_survives_a_domain_that_stops_between_check_and_destroy(
+    test_driver: libvirt.virConnect,
+) -> None:
+    xml = (
+        "<domain type='test'><name>racer</name><memory>65536</memory>"
+        "<os><type>hvm</type></os></domain>"
+    )
+    domain = test_driver.defineXML(xml)  # defined, never started
+
+    class StoppedMeanwhile:
+        """isActive still said yes; by destroy, the domain had stopped (the race)."""
+
+        def isActive(self) -> bool:
+            return True
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(domain, name)
+
+    host.Host.undefine(StoppedMeanwhile())
+    assert test_driver.listAllDomains() == []
