@@ -61,10 +61,17 @@ with patches[point]:
 
 
 @pytest.fixture
-def state() -> Iterator[Path]:
+def state(host_config: Config) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="mdcrash-", dir="/var/tmp"))
     path.chmod(0o755)
     yield path
+    # Should the test fail half-way, its domains must not outlive their state dir.
+    subprocess.run(
+        minidriver(path, host_config.libvirt.connection_uri, "cleanup"),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     shutil.rmtree(path, ignore_errors=True)
 
 
