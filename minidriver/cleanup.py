@@ -20,9 +20,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 
-import libvirt
-
-from minidriver import guest, lockutils
+from minidriver import lockutils
 from minidriver.driver import LibvirtDriver, instance_lock_name
 
 PARTIAL_SUFFIXES = (".part", ".converted")
@@ -60,12 +58,7 @@ class _Pass:
         self.locks = drv.conf.locks_dir
         self.report = CleanupReport(dry_run=dry_run)
         self.records = {r.uuid: r for r in drv.db.list_instances()}
-        self.ours: dict[str, libvirt.virDomain] = {}  # instance uuid -> its domain
-        state_id = drv.db.state_id
-        for domain, xml in drv.host.domains_xml():
-            owner = guest.owner_of(xml)
-            if owner is not None and owner.state_id == state_id:
-                self.ours[owner.instance_uuid] = domain
+        self.ours = drv.owned_domains()  # instance uuid -> its domain
 
     def busy(self, instance_uuid: str, what: str) -> bool:
         if lockutils.is_held(self.locks, instance_lock_name(instance_uuid)):

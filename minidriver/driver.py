@@ -478,6 +478,15 @@ class LibvirtDriver:
             )
         return domain
 
+    def owned_domains(self) -> dict[str, libvirt.virDomain]:
+        """Every domain this state dir defined, by instance uuid (from its metadata)."""
+        owned = {}
+        for domain, xml in self.host.domains_xml():
+            owner = guest.owner_of(xml)
+            if owner is not None and owner.state_id == self.db.state_id:
+                owned[owner.instance_uuid] = domain
+        return owned
+
     def _undefine(self, name: str) -> None:
         domain = self._owned_domain(name)
         if domain is not None:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from minidriver import guest, testimage
+from minidriver import testimage
 from minidriver.config import load_config
 from minidriver.driver import LibvirtDriver
 
@@ -34,11 +34,7 @@ def sample(drv: LibvirtDriver) -> dict[str, int]:
         "fds": len(os.listdir("/proc/self/fd")),
         "threads": threading.active_count(),
         # Only this run's: other users of a shared daemon come and go.
-        "domains": sum(
-            1
-            for _domain, xml in drv.host.domains_xml()
-            if (owner := guest.owner_of(xml)) and owner.state_id == drv.db.state_id
-        ),
+        "domains": len(drv.owned_domains()),
         "files": count_files(drv.conf.state_path),
     }
 

@@ -185,7 +185,7 @@ class _Registry:
                 except Exception as exc:
                     errors.append(exc)
             try:
-                _sweep_domains(driver, driver.db.state_id)
+                _sweep_domains(driver)
             except Exception as exc:
                 errors.append(exc)
         if errors:
@@ -217,21 +217,15 @@ class _Registry:
                 self.remove_state_dir(conf)
 
 
-def _sweep_domains(driver: LibvirtDriver, state_id: str) -> list[str]:
-    """Destroy and undefine the domains whose metadata names ``state_id``."""
+def _sweep_domains(driver: LibvirtDriver) -> list[str]:
+    """Destroy and undefine every domain the driver's state dir defined."""
     import libvirt  # noqa: PLC0415 - the plugin loads without libvirt
 
     swept = []
-    for domain in driver.host.get_connection().listAllDomains():
-        with contextlib.suppress(libvirt.libvirtError):  # gone meanwhile
-            if state_id not in domain.XMLDesc(0):
-                continue
-            if domain.isActive():
-                domain.destroy()
-            domain.undefineFlags(
-                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            )
+    for domain in driver.owned_domains().values():
+        # A sweep goes on past one domain it cannot remove; what is left shows in libvirt.
+        with contextlib.suppress(libvirt.libvirtError):
+            driver.host.undefine(domain)
             swept.append(domain.name())
     return swept
 

@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from minidriver import console
+from minidriver import console, guest
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver
 from minidriver.host import EMBED_URI, SYSTEM_URI, Host
@@ -82,17 +82,14 @@ def libvirt_host(host_config: Config, session_id: str) -> Iterator[Host]:
     host.close()
 
 
-def sweep_domains(host: Host, marker: str) -> list[str]:
-    """Destroy and undefine every domain whose metadata carries ``marker``."""
+def sweep_domains(host: Host, state_id: str) -> list[str]:
+    """Destroy and undefine every domain whose metadata names ``state_id``."""
     swept = []
-    for dom in host.get_connection().listAllDomains():
-        with contextlib.suppress(libvirt.libvirtError):
-            if marker not in dom.XMLDesc(0):
-                continue
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-            swept.append(dom.name())
+    for domain, xml in host.domains_xml():
+        owner = guest.owner_of(xml)
+        if owner is not None and owner.state_id == state_id:
+            host.undefine(domain)
+            swept.append(domain.name())
     return swept
 
 
