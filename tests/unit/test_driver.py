@@ -649,23 +649,28 @@ def test_image_min_ram_larger_than_the_flavor(drv: LibvirtDriver, source_image: 
 # -- 7: destroy of what is half there ----------------------------------------------
 
 
+def record_only(drv: LibvirtDriver, uuid: str, name: str, display_name: str) -> None:
+    """A DB record as a spawn killed early leaves it: no domain, maybe no dir."""
+    drv.db.create_instance(
+        InstanceRecord(
+            uuid=uuid,
+            name=name,
+            display_name=display_name,
+            flavor="t1.nano",
+            image_id="none",
+            state="building",
+            created_at="2026-01-01T00:00:00Z",
+            instance_dir=os.fspath(drv.conf.instances_path / uuid),
+        )
+    )
+
+
 def test_destroy_of_a_record_and_dir_without_domain(drv: LibvirtDriver) -> None:
     uuid = "2f0c5d3e-1111-4a4a-8b8b-000000000001"
     instance_dir = drv.conf.instances_path / uuid
     instance_dir.mkdir(parents=True)
     (instance_dir / "disk").write_bytes(b"half")
-    drv.db.create_instance(
-        InstanceRecord(
-            uuid=uuid,
-            name="instance-000000aa",
-            display_name="half",
-            flavor="t1.nano",
-            image_id="none",
-            state="building",
-            created_at="2026-01-01T00:00:00Z",
-            instance_dir=os.fspath(instance_dir),
-        )
-    )
+    record_only(drv, uuid, "instance-000000aa", "half")
     assert drv.get_info(uuid).state == "nostate"
 
     drv.destroy(uuid)
@@ -678,18 +683,7 @@ def test_destroy_of_a_record_and_dir_without_domain(drv: LibvirtDriver) -> None:
 
 def test_destroy_of_a_record_alone(drv: LibvirtDriver) -> None:
     uuid = "2f0c5d3e-1111-4a4a-8b8b-000000000002"
-    drv.db.create_instance(
-        InstanceRecord(
-            uuid=uuid,
-            name="instance-000000ab",
-            display_name="record-only",
-            flavor="t1.nano",
-            image_id="none",
-            state="building",
-            created_at="2026-01-01T00:00:00Z",
-            instance_dir=os.fspath(drv.conf.instances_path / uuid),
-        )
-    )
+    record_only(drv, uuid, "instance-000000ab", "record-only")
     drv.destroy(uuid)
     assert drv.db.list_instances() == []
 
@@ -779,18 +773,7 @@ def test_get_disks_reports_formats_and_backing_files(drv: LibvirtDriver, image_i
 
 def test_get_disks_of_an_instance_without_disk_info(drv: LibvirtDriver) -> None:
     uuid = "2f0c5d3e-1111-4a4a-8b8b-000000000003"
-    drv.db.create_instance(
-        InstanceRecord(
-            uuid=uuid,
-            name="instance-000000ac",
-            display_name="no-disks",
-            flavor="t1.nano",
-            image_id="none",
-            state="building",
-            created_at="2026-01-01T00:00:00Z",
-            instance_dir=os.fspath(drv.conf.instances_path / uuid),
-        )
-    )
+    record_only(drv, uuid, "instance-000000ac", "no-disks")
     assert drv.get_disks(uuid) == {}
 
 
