@@ -138,10 +138,17 @@ def _schema_1(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO meta (key, value) VALUES ('state_id', ?)", (str(uuid.uuid4()),))
 
 
+def _schema_2(conn: sqlite3.Connection) -> None:
+    """Nova's ``kernel_id``/``ramdisk_id`` of an instance booted from a kernel image
+    (AKI/ARI): the cache manager counts their bases as in use. '' when none."""
+    conn.execute("ALTER TABLE instances ADD COLUMN kernel_id TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE instances ADD COLUMN ramdisk_id TEXT NOT NULL DEFAULT ''")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
-MIGRATIONS: Final[Sequence[Migration]] = (_schema_1,)
+MIGRATIONS: Final[Sequence[Migration]] = (_schema_1, _schema_2)
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,8 @@ class InstanceRecord:
     state: str
     created_at: str  # ISO 8601 UTC
     instance_dir: str
+    kernel_id: str = ""  # the kernel image (aki) booted directly; '' for none
+    ramdisk_id: str = ""  # its ramdisk image (ari); '' for none
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""
@@ -163,6 +172,14 @@ class InstanceRecord:
 
 
 _INSTANCE_FIELDS: Final = tuple(f.name for f in dataclasses.fields(InstanceRecord))
+# Built from the record's field names, never from input.
+_INSERT_INSTANCE: Final = (
+    f"INSERT INTO instances ({', '.join(_INSTANCE_FIELDS)})"  # noqa: S608
+    f" VALUES ({', '.join(':' + name for name in _INSTANCE_FIELDS)})"
+)
+_UPDATE_INSTANCE: Final = "UPDATE instances SET {} WHERE uuid = :uuid".format(  # noqa: S608
+    ", ".join(f"{name} = :{name}" for name in _INSTANCE_FIELDS if name != "uuid")
+)
 
 
 def _instance(row: sqlite3.Row) -> InstanceRecord:
@@ -353,12 +370,7 @@ class Database:
     def create_instance(self, rec: InstanceRecord) -> None:
         with self.transaction() as conn:
             try:
-                conn.execute(
-                    "INSERT INTO instances (uuid, name, display_name, flavor, image_id, "
-                    "state, created_at, instance_dir) VALUES (:uuid, :name, :display_name, "
-                    ":flavor, :image_id, :state, :created_at, :instance_dir)",
-                    dataclasses.asdict(rec),
-                )
+                conn.execute(_INSERT_INSTANCE, dataclasses.asdict(rec))
             except sqlite3.IntegrityError as exc:
                 raise StateDatabaseError(
                     f"cannot record instance {rec.uuid} (domain {rec.name}): {exc}"
@@ -373,12 +385,7 @@ class Database:
             if row is None:
                 raise InstanceNotFound(f"instance {uuid} not found")
             rec = dataclasses.replace(_instance(row), **fields)
-            conn.execute(
-                "UPDATE instances SET name = :name, display_name = :display_name, "
-                "flavor = :flavor, image_id = :image_id, state = :state, "
-                "created_at = :created_at, instance_dir = :instance_dir WHERE uuid = :uuid",
-                dataclasses.asdict(rec),
-            )
+            conn.execute(_UPDATE_INSTANCE, dataclasses.asdict(rec))
 
     def get_instance(self, uuid: str) -> InstanceRecord:
         rows = self.query("SELECT * FROM instances WHERE uuid = ?", (uuid,))

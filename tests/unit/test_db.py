@@ -97,6 +97,31 @@ def test_a_second_migration_is_an_append(tmp_path: Path, monkeypatch: pytest.Mon
     assert runs == [1]
 
 
+def test_schema_2_gives_old_instances_no_kernel(tmp_path: Path) -> None:
+    """A state dir made before kernel images: its instances read back with '' ids, and
+    a new one records both."""
+    path = tmp_path / "minidriver.db"
+    conn = sqlite3.connect(path)
+    with conn:
+        MIGRATIONS[0](conn)
+        conn.execute(
+            "INSERT INTO instances VALUES ('u-old', 'instance-1', 'old', 't1.nano', 'img',"
+            " 'running', '2026-01-01T00:00:00Z', '/x')"
+        )
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Database(path) as database:
+        old = database.get_instance("u-old")
+        assert (old.kernel_id, old.ramdisk_id) == ("", "")
+        new = dataclasses.replace(
+            record(str(uuid.uuid4()), "new", 2), kernel_id="k-id", ramdisk_id="r-id"
+        )
+        database.create_instance(new)
+        assert database.get_instance(new.uuid) == new
+        database.update_instance(new.uuid, ramdisk_id="")
+        assert database.get_instance(new.uuid).ramdisk_id == ""
+
+
 def test_a_failed_migration_leaves_the_old_schema(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
