@@ -29,7 +29,8 @@ import libvirt
 
 from minidriver import __version__, cleanup, console, explain, imagecache
 from minidriver.config import Config, load_config
-from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
+from minidriver.db import InstanceRecord
+from minidriver.driver import InstanceBuildTimeout, LibvirtDriver, base_filename
 from minidriver.exception import MinidriverError
 from minidriver.host import Host
 from minidriver.images import download
@@ -252,6 +253,24 @@ def instance_dict(drv: LibvirtDriver, uuid: str) -> dict[str, Any]:
         "instance_dir": record.instance_dir,
         "created_at": record.created_at,
         "disks": {name: asdict(d) for name, d in drv.get_disks(uuid).items()},
+        # A kernel image's kernel and ramdisk (None for a BIOS boot from the disk).
+        "kernel": boot_file(record, "kernel", record.kernel_id, drv.conf.base_dir),
+        "ramdisk": boot_file(record, "ramdisk", record.ramdisk_id, drv.conf.base_dir),
+    }
+
+
+def boot_file(
+    record: InstanceRecord, name: str, image_id: str, base_dir: Path
+) -> dict[str, Any] | None:
+    """The instance's copy of a kernel or ramdisk image and the cached base it came from."""
+    if not image_id:
+        return None
+    path = Path(record.instance_dir) / name
+    return {
+        "image": image_id,
+        "path": os.fspath(path),
+        "size": path.stat().st_size if path.exists() else None,
+        "base": os.fspath(base_dir / base_filename(image_id)),
     }
 
 
@@ -274,6 +293,18 @@ def chain_lines(disks: dict[str, dict[str, Any]], base_dir: Path) -> list[str]:
     return lines
 
 
+def boot_file_lines(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for name in ("kernel", "ramdisk"):
+        f = data.get(name)
+        if f:
+            size = "missing" if f["size"] is None else human_size(f["size"])
+            lines.append(
+                f"{name:<11} {size}, a copy of _base/{Path(f['base']).name} (image {f['image']})"
+            )
+    return lines
+
+
 def show_text(data: dict[str, Any], base_dir: Path) -> str:
     rows = [
         (key, data[key])
@@ -290,7 +321,8 @@ def show_text(data: dict[str, Any], base_dir: Path) -> str:
         )
     ]
     text = format_table(("field", "value"), rows)
-    return text + "\n\n" + "\n".join(chain_lines(data["disks"], base_dir))
+    lines = boot_file_lines(data) + chain_lines(data["disks"], base_dir)
+    return text + "\n\n" + "\n".join(lines)
 
 
 def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> Instance:

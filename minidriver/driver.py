@@ -35,6 +35,7 @@ from minidriver.exception import (
 )
 from minidriver.host import Host
 from minidriver.imagebackend import (
+    Flat,
     FlavorDiskSmallerThanImage,
     Image,
     backend_class,
@@ -197,6 +198,7 @@ class LibvirtDriver:
         store_image = self.images.get(image)
         image_meta = store_image.to_image_meta()
         check_flavor_fits(flavor_obj, image_meta, self.conf.libvirt.images_max_virtual_size)
+        kernel, ramdisk = self.kernel_images(image_meta)
         instance_uuid = str(uuidlib.uuid4())
         drive = None
         if config_drive or (config_drive is None and self.conf.default.force_config_drive):
@@ -222,6 +224,8 @@ class LibvirtDriver:
             image_ref=store_image.id,
             virt_type=self.host.virt_type.virt_type,
             created_at=utc_now(),
+            kernel_id=kernel.id if kernel else "",
+            ramdisk_id=ramdisk.id if ramdisk else "",
         )
         instance.instance_dir = os.fspath(self.instance_dir(instance.uuid))
         # Held for the whole spawn: `cleanup` leaves an instance alone while it is built.
@@ -289,7 +293,7 @@ class LibvirtDriver:
 
                 step = "define"
                 with timer.step(Step.DEFINE):
-                    domain = self._define(instance, disk_info, formats)
+                    domain = self._define(instance, image_meta, disk_info, formats)
                 undo.callback(self._undefine, instance.name)
 
                 # Nova's post-XML callback: the config drive is made once the domain
@@ -324,13 +328,17 @@ class LibvirtDriver:
         return domain
 
     def _define(
-        self, instance: Instance, disk_info: DiskInfo, formats: dict[str, str]
+        self,
+        instance: Instance,
+        image_meta: ImageMeta,
+        disk_info: DiskInfo,
+        formats: dict[str, str],
     ) -> libvirt.virDomain:
         """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
         take the chosen name between our check and our define (each counts its own
         names): then the next free name is taken and the XML made again."""
         for _attempt in range(DEFINE_ATTEMPTS):
-            xml = self.to_xml(instance, disk_info, formats)
+            xml = self.to_xml(instance, image_meta, disk_info, formats)
             (Path(instance.instance_dir) / "libvirt.xml").write_text(xml)
             try:
                 return self.host.define(xml)
@@ -362,13 +370,16 @@ class LibvirtDriver:
         timer: StepTimer,
         progress: fetch.Progress | None = None,
     ) -> dict[str, str]:
-        """Nova's ``_create_image``: the instance dir, root, ephemeral and swap disks.
+        """Nova's ``_create_image``: the instance dir, the kernel and ramdisk of a kernel
+        image, the root, ephemeral and swap disks.
 
         Returns each disk's driver format, as written to ``disk.info``.
         """
         instance_dir = Path(instance.instance_dir)
         instance_dir.mkdir(parents=True)
         instance_dir.chmod(0o755)
+        if instance.kernel_id:
+            self.create_kernel_ramdisk(instance, timer=timer, progress=progress)
         backend = backend_class(self.conf)
         flavor = instance.flavor
 
@@ -423,7 +434,71 @@ class LibvirtDriver:
         write_disk_info(instance_dir, formats)
         return formats
 
-    def to_xml(self, instance: Instance, disk_info: DiskInfo, formats: dict[str, str]) -> str:
+    def kernel_images(self, image_meta: ImageMeta) -> tuple[StoreImage | None, StoreImage | None]:
+        """The kernel (aki) and ramdisk (ari) images a disk image names in its
+        ``kernel_id``/``ramdisk_id`` properties, checked before anything is written."""
+        if not image_meta.kernel_id:
+            if image_meta.ramdisk_id:
+                raise ImageUnacceptable(
+                    f"image {image_meta.name} names a ramdisk_id but no kernel_id",
+                    hint="set the kernel_id property too (a ramdisk needs its kernel)",
+                )
+            return None, None
+        kernel = self._linked_image(image_meta, "kernel_id", "aki")
+        ramdisk = self._linked_image(image_meta, "ramdisk_id", "ari")
+        return kernel, ramdisk
+
+    def _linked_image(
+        self, image_meta: ImageMeta, prop: str, disk_format: str
+    ) -> StoreImage | None:
+        ref = image_meta.properties.get(prop, "")
+        if not ref:
+            return None
+        try:
+            linked = self.images.get(ref)
+        except ImageNotFound as exc:
+            raise ImageNotFound(
+                f"image {image_meta.name}'s {prop} {ref!r} is not in the image store",
+                hint=f"add it with `minidriver image add --disk-format {disk_format}`",
+            ) from exc
+        if linked.disk_format != disk_format:
+            raise ImageUnacceptable(
+                f"image {image_meta.name}'s {prop} names {linked.describe()}, a"
+                f" {linked.disk_format} image, not {disk_format}",
+                hint=f"point {prop} at an image added with --disk-format {disk_format}",
+            )
+        return linked
+
+    def create_kernel_ramdisk(
+        self, instance: Instance, *, timer: StepTimer, progress: fetch.Progress | None = None
+    ) -> None:
+        """Nova's ``_create_image`` for a kernel image: the kernel and ramdisk are
+        fetched into ``_base`` like any image and copied into the instance dir as
+        ``kernel`` and ``ramdisk``, the files ``<os>`` names."""
+        instance_dir = Path(instance.instance_dir)
+        for name, ref in (("kernel", instance.kernel_id), ("ramdisk", instance.ramdisk_id)):
+            if not ref:
+                continue
+            image = self.images.get(ref)
+            # Timed as a whole as this step, not as the root disk's fetch.
+            fetch_func = partial(
+                fetch.fetch_to_raw, image, force_raw=False, timer=StepTimer(), progress=progress
+            )
+            Flat(self.conf, instance_dir / name, timer).cache(
+                fetch_func,
+                base_filename(image.id),
+                None,
+                Step.KERNEL_RAMDISK,
+                base_format=image.disk_format,
+            )
+
+    def to_xml(
+        self,
+        instance: Instance,
+        image_meta: ImageMeta,
+        disk_info: DiskInfo,
+        formats: dict[str, str],
+    ) -> str:
         config = guest.get_guest_config(
             instance,
             disk_info,
@@ -432,6 +507,7 @@ class LibvirtDriver:
             machine_type=self.conf.libvirt.hw_machine_type,
             cpu_mode=self.conf.libvirt.cpu_mode,
             state_id=self.db.state_id,
+            os_command_line=image_meta.os_command_line,
         )
         return guest.to_xml(config)
 
@@ -620,6 +696,14 @@ class LibvirtDriver:
                 "instance_uuid": record.uuid,
                 "base_image_ref": record.image_id,
             }
+            # As Nova's snapshot metadata: a disk booted from a kernel image still
+            # needs that kernel, ramdisk and command line.
+            if record.kernel_id:
+                properties["kernel_id"] = record.kernel_id
+            if record.ramdisk_id:
+                properties["ramdisk_id"] = record.ramdisk_id
+            if parent is not None and parent.to_image_meta().os_command_line:
+                properties["os_command_line"] = parent.to_image_meta().os_command_line
             return self.images.add(
                 out,
                 name=name,
@@ -661,7 +745,7 @@ def check_flavor_fits(flavor: Flavor, image: ImageMeta, max_virtual_size: int = 
     if image.disk_format in UNINSPECTED:
         # Kernels and ramdisks are never shown to qemu-img, so never a root disk.
         raise ImageUnacceptable(
-            f"image {image.name} is a {image.disk_format} (kernel or ramdisk), not a disk",
+            f"image {image.name} is a kernel or ramdisk ({image.disk_format}), not a disk",
             hint="boot a disk image; a kernel or ramdisk is referenced from one",
         )
     virtual_size = image.virtual_size or 0
@@ -715,4 +799,6 @@ def _record(instance: Instance) -> InstanceRecord:
         state=instance.state,
         created_at=instance.created_at,
         instance_dir=instance.instance_dir,
+        kernel_id=instance.kernel_id,
+        ramdisk_id=instance.ramdisk_id,
     )

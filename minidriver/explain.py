@@ -29,6 +29,7 @@ from minidriver.imagebackend import (
     mkswap_cmd,
 )
 from minidriver.images import qemu_img
+from minidriver.images.store import Image as StoreImage
 from minidriver.objects import GiB, Instance, MiB
 
 
@@ -48,6 +49,22 @@ class Plan:
     flavor: str
     files: list[PlannedFile] = field(default_factory=list)
     xml: str = ""
+
+    def add(
+        self, path: Path, fmt: str, size: int | None, cmds: list[list[str]], note: str = ""
+    ) -> None:
+        """A file that may already be there (a cached base): then nothing runs for it."""
+        exists = path.exists()
+        self.files.append(
+            PlannedFile(
+                path=str(path),
+                format=fmt,
+                virtual_size=size,
+                exists=exists,
+                commands=() if exists else tuple(tuple(c) for c in cmds),
+                note=note,
+            )
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -73,6 +90,7 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
     image = drv.images.get(image_ref)
     meta = image.to_image_meta()
     check_flavor_fits(flavor, meta, drv.conf.libvirt.images_max_virtual_size)
+    kernel, ramdisk = drv.kernel_images(meta)
     conf = drv.conf
     plan = Plan(image_id=image.id, flavor=flavor.name)
     instance = Instance(
@@ -82,24 +100,19 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
         flavor=flavor,
         image_ref=image.id,
         virt_type=drv.host.virt_type.virt_type,
+        kernel_id=kernel.id if kernel else "",
+        ramdisk_id=ramdisk.id if ramdisk else "",
     )
     instance_dir = conf.instances_path / instance.uuid
     instance.instance_dir = str(instance_dir)
     base_dir = conf.base_dir
     backend = backend_class(conf)
 
-    def add(path: Path, fmt: str, size: int | None, cmds: list[list[str]], note: str = "") -> None:
-        exists = path.exists()
-        plan.files.append(
-            PlannedFile(
-                path=str(path),
-                format=fmt,
-                virtual_size=size,
-                exists=exists,
-                commands=() if exists else tuple(tuple(c) for c in cmds),
-                note=note,
-            )
-        )
+    # A kernel image's kernel and ramdisk: fetched as they are, copied into the
+    # instance dir for <os> to name.
+    for name, linked in (("kernel", kernel), ("ramdisk", ramdisk)):
+        if linked is not None:
+            add_boot_file(plan, name, linked, base_dir, instance_dir)
 
     # Root: the download, the conversion, the optional _<GB> copy, the disk itself.
     base = base_dir / base_filename(image.id)
@@ -108,10 +121,10 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
     base_fmt = "raw" if force_raw else source_fmt
     part = base.with_name(base.name + ".part")
     if not base.exists():
-        add(part, source_fmt, meta.virtual_size, [], f"copy of {image.path}, sha512 verified")
+        plan.add(part, source_fmt, meta.virtual_size, [], f"copy of {image.path}, sha512 verified")
     if force_raw and source_fmt != "raw":
         converted = base.with_name(base.name + ".converted")
-        add(
+        plan.add(
             base,
             "raw",
             meta.virtual_size,
@@ -119,13 +132,13 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
             f"converted, then renamed from {converted.name}",
         )
     else:
-        add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
+        plan.add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
     root_size = flavor.root_gb * GiB if flavor.root_gb else None
     backing = base
     if backend is Qcow2 and conf.libvirt.resized_base_copies and root_size is not None:
         resized = base.with_name(f"{base.name}_{flavor.root_gb}")
         temp = resized.with_name(resized.name + ".part")
-        add(
+        plan.add(
             resized,
             base_fmt,
             root_size,
@@ -146,7 +159,7 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
         eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
         temp = eph.with_name(eph.name + ".part")
         size = flavor.ephemeral_gb * GiB
-        add(
+        plan.add(
             eph,
             "raw",
             size,
@@ -165,7 +178,7 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
         swap = base_dir / swap_filename(flavor.swap)
         temp = swap.with_name(swap.name + ".part")
         size = flavor.swap * MiB
-        add(
+        plan.add(
             swap,
             "raw",
             size,
@@ -194,9 +207,32 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
         cpu_mode=conf.libvirt.cpu_mode,
         state_id=drv.db.state_id,
         cache="none",
+        os_command_line=meta.os_command_line,
     )
     plan.xml = guest.to_xml(config)
     return plan
+
+
+def add_boot_file(
+    plan: Plan, name: str, image: StoreImage, base_dir: Path, instance_dir: Path
+) -> None:
+    """A kernel or ramdisk image: its base, then the copy ``<os>`` names."""
+    base = base_dir / base_filename(image.id)
+    if not base.exists():
+        part = base.with_name(base.name + ".part")
+        plan.add(part, image.disk_format, image.size, [], f"copy of {image.path}, sha512 verified")
+    plan.add(base, image.disk_format, image.size, [], f"{name}, image {image.id}")
+    target = instance_dir / name
+    plan.files.append(
+        PlannedFile(
+            path=str(target),
+            format=image.disk_format,
+            virtual_size=image.size,
+            exists=False,
+            commands=(tuple(copy_sparse_cmd(base, target)),),
+            note=f"a full copy of {base_dir.name}/{base.name}",
+        )
+    )
 
 
 def add_disk(

@@ -48,6 +48,20 @@ class GuestMetadata:
     namespace: str = METADATA_NAMESPACE
 
 
+# Nova's CONSOLE for a kernel booted directly: the guest's console on the serial port.
+KERNEL_CONSOLE = "console=tty0 console=ttyS0"
+
+
+@dataclass(frozen=True)
+class GuestOS:
+    """``<os>``: a BIOS boot from the first disk, or a kernel given to QEMU (Nova's
+    ``os_kernel``, ``os_initrd``, ``os_cmdline``; None when the BIOS boots)."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
 @dataclass(frozen=True)
 class GuestConfig:
     virt_type: str
@@ -61,6 +75,7 @@ class GuestConfig:
     disks: tuple[GuestDisk, ...]
     console_log: str
     metadata: GuestMetadata
+    os: GuestOS = GuestOS()
 
 
 class GuestXMLError(MinidriverError):
@@ -122,6 +137,21 @@ def get_guest_disks(
     return tuple(disks)
 
 
+def get_guest_os(
+    instance: Instance, disk_info: DiskInfo, instance_dir: Path, os_command_line: str = ""
+) -> GuestOS:
+    """Nova's choice for ``<os>``: with a kernel image, the copies of the kernel and
+    ramdisk in the instance dir and ``root=/dev/<root disk> console...``, unless the
+    image gives its own ``os_command_line``; otherwise the BIOS boots the root disk."""
+    if not instance.kernel_id:
+        return GuestOS()
+    return GuestOS(
+        kernel=os.fspath(instance_dir / "kernel"),
+        initrd=os.fspath(instance_dir / "ramdisk") if instance.ramdisk_id else None,
+        cmdline=os_command_line or f"root=/dev/{disk_info.root.dev} {KERNEL_CONSOLE}",
+    )
+
+
 def get_guest_config(
     instance: Instance,
     disk_info: DiskInfo,
@@ -132,6 +162,7 @@ def get_guest_config(
     cpu_mode: str,
     state_id: str,
     cache: str | None = None,
+    os_command_line: str = "",
 ) -> GuestConfig:
     """Every decision about the domain, made here in Python."""
     return GuestConfig(
@@ -155,6 +186,7 @@ def get_guest_config(
             flavor=instance.flavor,
             image_id=instance.image_ref,
         ),
+        os=get_guest_os(instance, disk_info, instance_dir, os_command_line),
     )
 
 

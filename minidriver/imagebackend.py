@@ -18,6 +18,7 @@ from minidriver.config import Config
 from minidriver.exception import MinidriverError
 from minidriver.fileutils import publish, removed_on_error
 from minidriver.images import qemu_img
+from minidriver.images.inspect import UNINSPECTED
 from minidriver.lockutils import external_lock
 from minidriver.objects import GiB
 from minidriver.process import ResourceLimits, run
@@ -157,7 +158,8 @@ class Flat(Image):
 
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
         with self._step(Step.OVERLAY, timed):
-            if self.base_format == "raw":
+            # A kernel or ramdisk (aki, ari) is copied as it is, like a raw disk.
+            if self.base_format in ("raw", *UNINSPECTED):
                 self.commands.append(copy_sparse(base, self.path))
             else:
                 self.commands.append(qemu_img.convert(base, self.base_format, self.path, "raw"))

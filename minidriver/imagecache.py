@@ -183,10 +183,13 @@ def instances_in_use(
     records: Iterable[InstanceRecord], base_name: Callable[[str], str]
 ) -> dict[str, set[str]]:
     """The bases of the instances in the state database (``base_name``: the driver's
-    ``base_filename``), whether or not their disks exist yet."""
+    ``base_filename``), whether or not their disks exist yet: the image's, and the
+    kernel's and ramdisk's of an instance booted from a kernel image."""
     in_use: dict[str, set[str]] = {}
     for record in records:
-        in_use.setdefault(base_name(record.image_id), set()).add(record.uuid)
+        for image_id in (record.image_id, record.kernel_id, record.ramdisk_id):
+            if image_id:
+                in_use.setdefault(base_name(image_id), set()).add(record.uuid)
     return in_use
 
 

@@ -65,6 +65,21 @@ class ImageMeta:
     min_ram: int = 0  # MB
     properties: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def kernel_id(self) -> str:
+        """The kernel image (aki) this disk image boots with, '' for its own loader."""
+        return self.properties.get("kernel_id", "")
+
+    @property
+    def ramdisk_id(self) -> str:
+        """The ramdisk image (ari) of that kernel, '' for none."""
+        return self.properties.get("ramdisk_id", "")
+
+    @property
+    def os_command_line(self) -> str:
+        """The kernel command line the image asks for, '' for Nova's default."""
+        return self.properties.get("os_command_line", "")
+
 
 class DiskBus(enum.StrEnum):
     VIRTIO = "virtio"
@@ -133,5 +148,7 @@ class Instance:
     state: str = "building"
     created_at: str = ""
     instance_dir: str = ""
+    kernel_id: str = ""  # Nova's fields: the kernel and ramdisk images booted directly
+    ramdisk_id: str = ""
     cache_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)

@@ -24,6 +24,7 @@ class Step(enum.StrEnum):
     WAIT = "wait"
     # Added by later features; they extend the list, never rename it.
     CONFIG_DRIVE = "config_drive"
+    KERNEL_RAMDISK = "kernel_ramdisk"  # a kernel image's kernel and ramdisk, fetch and copy
 
 
 # (step, seconds, finished): called when a step starts (finished False) and ends.
