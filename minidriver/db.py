@@ -138,10 +138,24 @@ def _schema_1(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO meta (key, value) VALUES ('state_id', ?)", (str(uuid.uuid4()),))
 
 
+def _network_2(conn: sqlite3.Connection) -> None:
+    """Networking (issue 11): each instance's NIC, its forwarded port, its key pair.
+
+    Instances made before had no NIC: their mode is ``none``."""
+    for column in (
+        "network_mode TEXT NOT NULL DEFAULT 'none'",
+        "network_source TEXT NOT NULL DEFAULT ''",
+        "mac_address TEXT",
+        "forward_port INTEGER",
+        "key_name TEXT",
+    ):
+        conn.execute(f"ALTER TABLE instances ADD COLUMN {column}")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
-MIGRATIONS: Final[Sequence[Migration]] = (_schema_1,)
+MIGRATIONS: Final[Sequence[Migration]] = (_schema_1, _network_2)
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,11 @@ class InstanceRecord:
     state: str
     created_at: str  # ISO 8601 UTC
     instance_dir: str
+    network_mode: str = "none"  # user | network | bridge | none
+    network_source: str = ""  # the libvirt network's or bridge's name
+    mac_address: str | None = None
+    forward_port: int | None = None  # user mode: the host port on 127.0.0.1
+    key_name: str | None = None  # the key pair booted with (boot --key-name)
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""
@@ -163,6 +182,19 @@ class InstanceRecord:
 
 
 _INSTANCE_FIELDS: Final = tuple(f.name for f in dataclasses.fields(InstanceRecord))
+_INSERT_INSTANCE: Final = (
+    "INSERT INTO instances (uuid, name, display_name, flavor, image_id, state, created_at, "
+    "instance_dir, network_mode, network_source, mac_address, forward_port, key_name) "
+    "VALUES (:uuid, :name, :display_name, :flavor, :image_id, :state, :created_at, "
+    ":instance_dir, :network_mode, :network_source, :mac_address, :forward_port, :key_name)"
+)
+_UPDATE_INSTANCE: Final = (
+    "UPDATE instances SET name = :name, display_name = :display_name, flavor = :flavor, "
+    "image_id = :image_id, state = :state, created_at = :created_at, "
+    "instance_dir = :instance_dir, network_mode = :network_mode, "
+    "network_source = :network_source, mac_address = :mac_address, "
+    "forward_port = :forward_port, key_name = :key_name WHERE uuid = :uuid"
+)
 
 
 def _instance(row: sqlite3.Row) -> InstanceRecord:
@@ -353,18 +385,13 @@ class Database:
     def create_instance(self, rec: InstanceRecord) -> None:
         with self.transaction() as conn:
             try:
-                conn.execute(
-                    "INSERT INTO instances (uuid, name, display_name, flavor, image_id, "
-                    "state, created_at, instance_dir) VALUES (:uuid, :name, :display_name, "
-                    ":flavor, :image_id, :state, :created_at, :instance_dir)",
-                    dataclasses.asdict(rec),
-                )
+                conn.execute(_INSERT_INSTANCE, dataclasses.asdict(rec))
             except sqlite3.IntegrityError as exc:
                 raise StateDatabaseError(
                     f"cannot record instance {rec.uuid} (domain {rec.name}): {exc}"
                 ) from exc
 
-    def update_instance(self, uuid: str, **fields: str) -> None:
+    def update_instance(self, uuid: str, **fields: str | int | None) -> None:
         """Change some fields of an instance, e.g. ``update_instance(u, state="running")``."""
         if "uuid" in fields:
             raise TypeError("update_instance: the uuid of an instance does not change")
@@ -372,13 +399,8 @@ class Database:
             row = conn.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()
             if row is None:
                 raise InstanceNotFound(f"instance {uuid} not found")
-            rec = dataclasses.replace(_instance(row), **fields)
-            conn.execute(
-                "UPDATE instances SET name = :name, display_name = :display_name, "
-                "flavor = :flavor, image_id = :image_id, state = :state, "
-                "created_at = :created_at, instance_dir = :instance_dir WHERE uuid = :uuid",
-                dataclasses.asdict(rec),
-            )
+            rec = dataclasses.replace(_instance(row), **fields)  # type: ignore[arg-type]
+            conn.execute(_UPDATE_INSTANCE, dataclasses.asdict(rec))
 
     def get_instance(self, uuid: str) -> InstanceRecord:
         rows = self.query("SELECT * FROM instances WHERE uuid = ?", (uuid,))
