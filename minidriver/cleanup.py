@@ -8,7 +8,8 @@ for this state dir only (domains are recognised by their metadata's state id):
 - instances still recorded as ``building`` with no spawn at work on them (a spawn
   killed half-way): domain, instance dir and record removed;
 - instance dirs with neither record nor domain: removed;
-- stale ``.part``/``.converted`` files in ``_base`` and lock files nobody holds.
+- stale ``.part``/``.converted`` files in ``_base`` and lock files nobody holds;
+- forwarded-port reservations of this state dir whose instance is gone.
 
 An instance whose lock is held is being built or deleted right now and is skipped,
 and so is a partial base file whose base's lock is held: a crash releases every lock,
@@ -36,6 +37,7 @@ class CleanupReport:
     instance_dirs: list[str] = field(default_factory=list)
     partial_files: list[str] = field(default_factory=list)
     locks: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)  # forwarded-port reservations freed
     skipped: list[str] = field(default_factory=list)  # busy: what and why
 
     def total(self) -> int:
@@ -47,6 +49,7 @@ class CleanupReport:
                 self.instance_dirs,
                 self.partial_files,
                 self.locks,
+                self.ports,
             )
         )
 
@@ -155,6 +158,19 @@ class _Pass:
                 self.report.locks.append(entry.name)
                 lockutils.release(self.locks, entry.name, fd)  # which removes the file
 
+    def port_reservations(self) -> None:
+        """After the records pass: a record it removed (or would) frees its port too."""
+        state_id = self.drv.db.state_id
+        forgotten = set(self.report.records)
+        for reservation in self.drv.ports.list():
+            if reservation.state_id != state_id:
+                continue
+            if reservation.instance_uuid not in forgotten and not reservation.is_stale():
+                continue
+            self.report.ports.append(reservation.port)
+            if not self.report.dry_run:
+                self.drv.ports.release(reservation.port, reservation.instance_uuid)
+
 
 def cleanup(drv: LibvirtDriver, *, dry_run: bool = False) -> CleanupReport:
     """One reconciliation pass; what it removed (or would remove) is in the report."""
@@ -164,4 +180,5 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool = False) -> CleanupReport:
     work.dirs_without_either()
     work.partial_files()
     work.free_locks()
+    work.port_reservations()
     return work.report

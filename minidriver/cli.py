@@ -3,7 +3,8 @@
 People get aligned tables and each step as it happens; machines get ``--json``: one
 JSON document on stdout and nothing else there. Exit codes: 0 done, 1 a clear error
 (one line and a hint on stderr; a traceback only with ``--debug``), 2 usage, 3 a
-deadline passed.
+deadline passed; ``minidriver ssh`` exits with the remote command's code (255: ssh
+itself failed).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from typing import Any, NoReturn, TextIO
 
 import libvirt
 
-from minidriver import __version__, cleanup, console, explain, imagecache
+from minidriver import __version__, cleanup, console, explain, imagecache, process, ssh
 from minidriver.config import Config, load_config
 from minidriver.db import InstanceRecord
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver, base_filename
 from minidriver.exception import MinidriverError
+from minidriver.guest import CUSTOM_ARGV_TAINT
 from minidriver.host import Host
 from minidriver.images import download
+from minidriver.network import NetworkMode, NetworkRequest
 from minidriver.objects import Instance
 from minidriver.steps import Step
 
@@ -179,11 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("list", "list flavors", flavor)
 
+    keypair = command("keypair", "SSH key pairs kept in the state dir").add_subparsers(
+        dest="keypair_command", metavar="SUBCOMMAND", required=True
+    )
+    p = command("create", "a new ed25519 key pair (or import a public key)", keypair)
+    p.add_argument("name")
+    p.add_argument("--public-key", metavar="FILE", help="import this public key instead")
+    command("list", "list key pairs", keypair)
+    command("delete", "delete a key pair", keypair).add_argument("name")
+
+    _boot_command(command)
     _instance_commands(command)
     return parser
 
 
-def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("boot", "boot a new instance")
     p.add_argument("--image", required=True)
     p.add_argument("--flavor", required=True)
@@ -197,13 +210,26 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--config-drive", action="store_true", help="attach a config drive")
     p.add_argument("--user-data", metavar="FILE", help="user data for the config drive")
     p.add_argument("--key-file", metavar="FILE", help="an SSH public key for the config drive")
+    p.add_argument("--key-name", metavar="NAME", help="a key pair's public key, for the drive")
+    p.add_argument(
+        "--network", metavar="MODE[:NAME]", help="user, none, network[:NAME] or bridge[:NAME]"
+    )
+    p.add_argument(
+        "--wait-ssh", action="store_true", help="wait until the guest's SSH server answers"
+    )
     p.add_argument(
         "--meta", metavar="K=V", action="append", default=[], help="metadata (repeatable)"
     )
     p.add_argument("--hostname", metavar="NAME", help="the guest's hostname (a DNS label)")
 
+
+def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     command("list", "list this state dir's instances")
     command("show", "show an instance and its image chain").add_argument("instance")
+    p = command("ssh", "log into an instance (user network) with its key pair's key")
+    p.add_argument("instance")
+    p.add_argument("--user", help="login name (default: [DEFAULT] ssh_user)")
+    p.add_argument("remote_command", nargs="*", metavar="-- COMMAND", help="run this instead")
     p = command("console", "print an instance's serial console log")
     p.add_argument("instance")
     p.add_argument("--follow", "-f", action="store_true", help="stream until interrupted")
@@ -253,6 +279,15 @@ def instance_dict(drv: LibvirtDriver, uuid: str) -> dict[str, Any]:
         "instance_dir": record.instance_dir,
         "created_at": record.created_at,
         "disks": {name: asdict(d) for name, d in drv.get_disks(uuid).items()},
+        "network": {
+            "mode": record.network_mode,
+            "source": record.network_source or None,
+            "mac_address": record.mac_address,
+            "forward_port": record.forward_port,
+        },
+        "key_name": record.key_name,
+        # libvirt's mark for QEMU arguments it does not manage: the user network's.
+        "tainted": [CUSTOM_ARGV_TAINT] if record.network_mode == NetworkMode.USER else [],
         # A kernel image's kernel and ramdisk (None for a BIOS boot from the disk).
         "kernel": boot_file(record, "kernel", record.kernel_id, drv.conf.base_dir),
         "ramdisk": boot_file(record, "ramdisk", record.ramdisk_id, drv.conf.base_dir),
@@ -320,9 +355,28 @@ def show_text(data: dict[str, Any], base_dir: Path) -> str:
             "created_at",
         )
     ]
+    rows += network_rows(data)
     text = format_table(("field", "value"), rows)
     lines = boot_file_lines(data) + chain_lines(data["disks"], base_dir)
     return text + "\n\n" + "\n".join(lines)
+
+
+def network_rows(data: dict[str, Any]) -> list[tuple[str, object]]:
+    net = data["network"]
+    mode = net["mode"]
+    if mode == NetworkMode.NONE:
+        return [("network", "none")]
+    rows: list[tuple[str, object]] = [
+        ("network", f"{mode}:{net['source']}" if net["source"] else mode),
+        ("mac_address", net["mac_address"]),
+    ]
+    if net["forward_port"] is not None:
+        rows.append(("ssh", f"127.0.0.1:{net['forward_port']} -> guest port 22"))
+    if data["key_name"]:
+        rows.append(("key_name", data["key_name"]))
+    for taint in data["tainted"]:
+        rows.append(("tainted", f"{taint} (libvirt's mark: QEMU arguments it does not manage)"))
+    return rows
 
 
 def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> Instance:
@@ -346,6 +400,8 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
                 f"--wait-for {args.wait_for!r} is not a valid regex: {exc}",
                 hint="a Python regular expression, e.g. 'minidriver-guest: ready'",
             ) from None
+    if args.wait_ssh:
+        check_wait_ssh(drv, args)
     name = args.name or image.name
     out.say(f"booting {name} from {image.name} ({image.id[:8]}) as {args.flavor}")
     try:
@@ -360,6 +416,8 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
                 wait=not args.no_wait,
                 listener=listener,
                 progress=bar.update,
+                network=args.network,
+                key_name=args.key_name,
                 **drive_args,
             )
     except InstanceBuildTimeout as exc:
@@ -399,6 +457,55 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     return inst
 
 
+def check_wait_ssh(drv: LibvirtDriver, args: argparse.Namespace) -> None:
+    """--wait-ssh's conditions, checked before anything is booted."""
+    if args.no_wait:
+        raise UsageError(
+            "--wait-ssh waits for a running guest: it cannot go with --no-wait",
+            hint="drop one of the two",
+        )
+    if NetworkRequest.parse(args.network, drv.conf.libvirt).mode is not NetworkMode.USER:
+        raise UsageError(
+            "--wait-ssh needs the user network: only it forwards a port on 127.0.0.1",
+            hint="boot with --network user",
+        )
+
+
+def wait_ssh(
+    drv: LibvirtDriver, inst: Instance, args: argparse.Namespace, started: float
+) -> dict[str, Any]:
+    """After RUNNING: wait for the guest's SSH banner within what is left of --timeout."""
+    port = drv.db.get_instance(inst.uuid).forward_port
+    assert port is not None  # check_wait_ssh made sure of the user network
+    budget = args.timeout if args.timeout is not None else drv.conf.default.instance_build_timeout
+    remaining = max(0.0, budget - (time.monotonic() - started))
+    tty = not args.json and sys.stderr.isatty()
+
+    def progress(waited: float) -> None:
+        if tty:
+            sys.stderr.write(f"\r\033[K  waiting for ssh on 127.0.0.1:{port} ... {waited:.0f} s")
+            sys.stderr.flush()
+
+    try:
+        banner = ssh.wait_for_banner(
+            port,
+            remaining,
+            alive=lambda: drv.get_info(inst.uuid).state == "running",
+            progress=progress,
+        )
+    except ssh.SSHTimeout as exc:
+        if not args.keep_on_timeout:
+            drv.destroy(inst.uuid)
+        raise DeadlineExceeded(
+            f"no SSH server answered on 127.0.0.1:{port} within {budget:g} s of the boot",
+            hint="raise --timeout, or --keep-on-timeout to look at the guest",
+        ) from exc
+    finally:
+        if tty:
+            sys.stderr.write("\r\033[K")
+    return {"port": port, "banner": banner, "ready_after": round(time.monotonic() - started, 3)}
+
+
 def key_values(items: list[str], option: str) -> dict[str, str]:
     pairs = {}
     for item in items:
@@ -428,7 +535,7 @@ def config_drive_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
     if args.print_xml or args.dry_run:
-        plan = explain.explain(drv, args.image, args.flavor)
+        plan = explain.explain(drv, args.image, args.flavor, args.network)
         if args.print_xml:
             out.result({"xml": plan.xml}, plan.xml.rstrip("\n"))
         else:
@@ -440,11 +547,58 @@ def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
                 ),
             )
         return EXIT_OK
+    started = time.monotonic()
     inst = boot_instance(drv, args, out)
+    ssh_ready = wait_ssh(drv, inst, args, started) if args.wait_ssh else None
+    if ssh_ready is not None:
+        out.say(
+            f"  ssh answered {ssh_ready['ready_after']:.3f} s after start: {ssh_ready['banner']}"
+        )
     data = instance_dict(drv, inst.uuid)
     data["cache_hit"] = inst.cache_hit
     data["timings"] = inst.timings
+    if ssh_ready is not None:
+        data["ssh"] = ssh_ready
     out.result(data, lambda: show_text(data, drv.conf.base_dir))
+    return EXIT_OK
+
+
+def cmd_ssh(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    record = drv.db.find_instance(args.instance)
+    argv = ssh.instance_ssh_argv(
+        record, drv.conf, drv.keypairs, user=args.user, command=args.remote_command
+    )
+    state = drv.get_info(record.uuid).state
+    if state != "running":
+        raise MinidriverError(
+            f"instance {record.display_name} is {state}, not running",
+            hint=f"start it: minidriver start {record.display_name}",
+        )
+    return process.run_attached(argv)
+
+
+def cmd_keypair(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    store = drv.keypairs
+    sub = args.keypair_command
+    if sub == "create":
+        if args.public_key:
+            keypair = store.import_public_key(args.name, Path(args.public_key).read_text())
+        else:
+            keypair = store.create(args.name)
+        where = f", private key {keypair.private_key}" if keypair.private_key else " (imported)"
+        out.result(keypair.to_dict(), f"key pair {keypair.name}: {keypair.fingerprint}{where}")
+    elif sub == "list":
+        pairs = store.list()
+        out.result(
+            [k.to_dict() for k in pairs],
+            lambda: format_table(
+                ("name", "type", "fingerprint", "private_key"),
+                [(k.name, k.type, k.fingerprint, k.private_key or "(imported)") for k in pairs],
+            ),
+        )
+    elif sub == "delete":
+        store.delete(args.name)
+        out.result({"deleted": args.name}, f"deleted key pair {args.name}")
     return EXIT_OK
 
 
@@ -564,6 +718,7 @@ def cmd_cleanup(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
         *(f"{verb} instance dir {d} (no record, no domain)" for d in report.instance_dirs),
         *(f"{verb} partial file {f}" for f in report.partial_files),
         *(f"{verb} free lock {name}" for name in report.locks),
+        *(f"{verb} reservation of forwarded port {port}" for port in report.ports),
         *(f"skipped {s}" for s in report.skipped),
         f"{verb} {report.total()} leftovers" if report.total() else "nothing to clean up",
     ]
@@ -669,6 +824,8 @@ def run_command(
         "snapshot": cmd_snapshot,
         "cleanup": cmd_cleanup,
         "demo": cmd_demo,
+        "ssh": cmd_ssh,
+        "keypair": cmd_keypair,
     }
     return commands[args.command](LibvirtDriver(conf, host=host), args, out)
 
@@ -849,9 +1006,22 @@ def die(out: Output, exc: MinidriverError, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse, but ``ssh INSTANCE [options] -- COMMAND...`` keeps the command whole:
+    argparse cannot give a ``*`` positional what follows ``--`` once options came
+    between the two."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "ssh" and extra[0] == "--" and not args.remote_command:
+        args.remote_command = extra[1:]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None, *, host: Host | None = None) -> int:
     """The command. ``host`` injects a libvirt connection (tests share one across calls)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     out = Output(args.json, stream=sys.stdout)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,

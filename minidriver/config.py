@@ -32,6 +32,15 @@ def default_state_path() -> str:
     return os.path.join(data_home, "minidriver")
 
 
+def default_port_reservations_path() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/minidriver/ports")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "minidriver" / "ports"
+    return Path(f"/tmp/minidriver-{os.geteuid()}") / "ports"
+
+
 @dataclass(frozen=True)
 class DefaultOptions:
     """``[DEFAULT]``"""
@@ -46,6 +55,8 @@ class DefaultOptions:
     image_size_cap: int = 1024**4  # Glance's name: the largest image `image add` takes
     force_config_drive: bool = False
     config_drive_format: str = "iso9660"
+    # The login `minidriver ssh` uses (Debian cloud images' cloud-init default user).
+    ssh_user: str = "debian"
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,18 @@ class LibvirtOptions:
     images_address_space_limit: int = 2 * 1024**3  # bytes
     # The largest virtual size an image may have (bytes); 0: only the flavor bounds it.
     images_max_virtual_size: int = 0
+    # The instance's one NIC: user (QEMU's own network, the guest's port 22 forwarded
+    # from 127.0.0.1), network (a libvirt network), bridge (a host bridge) or none.
+    network_mode: str = "user"
+    network_name: str = "default"  # for network_mode = network
+    bridge: str = ""  # for network_mode = bridge
+    # The host ports user mode forwards to guests' port 22 (both ends included).
+    forward_port_min: int = 10022
+    forward_port_max: int = 10999
+    # Host-wide record of forwarded ports, shared by every state dir on this host;
+    # empty: /run/minidriver/ports as root, else $XDG_RUNTIME_DIR/minidriver/ports
+    # (or /tmp/minidriver-<uid>/ports).
+    port_reservations_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,7 @@ CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("libvirt", "virt_type"): ("auto", "kvm", "qemu"),
     ("libvirt", "cpu_mode"): ("", "host-model", "host-passthrough", "custom", "none"),
     ("libvirt", "images_type"): ("default", "qcow2", "raw", "flat"),
+    ("libvirt", "network_mode"): ("user", "network", "bridge", "none"),
 }
 
 SECTIONS: Mapping[str, type[Any]] = {
@@ -127,6 +151,23 @@ class Config:
     @property
     def database_path(self) -> Path:
         return self.state_path / "minidriver.db"
+
+    @property
+    def keypairs_path(self) -> Path:
+        """SSH keypairs (``keypair create``): NAME (private, 0600) and NAME.pub."""
+        return self.state_path / "keypairs"
+
+    @property
+    def known_hosts_path(self) -> Path:
+        """The guests' SSH host keys, one entry per instance (``minidriver ssh``)."""
+        return self.state_path / "known_hosts"
+
+    @property
+    def port_reservations_path(self) -> Path:
+        """Host-wide: every state dir on this host must see the same directory."""
+        if self.libvirt.port_reservations_path:
+            return Path(self.libvirt.port_reservations_path)
+        return default_port_reservations_path()
 
     @property
     def embed_root(self) -> Path:
@@ -263,6 +304,12 @@ def load_config(
     default = dataclasses.replace(
         default, state_path=state_path, instances_path=os.path.abspath(instances_path)
     )
+    low, high = libvirt_opts.forward_port_min, libvirt_opts.forward_port_max
+    if not 1024 <= low <= high <= 65535:
+        raise ConfigError(
+            f"[libvirt] forward_port_min = {low}, forward_port_max = {high}: not a port range",
+            hint="1024 <= forward_port_min <= forward_port_max <= 65535",
+        )
     return Config(
         default=default,
         libvirt=libvirt_opts,

@@ -145,10 +145,24 @@ def _schema_2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE instances ADD COLUMN ramdisk_id TEXT NOT NULL DEFAULT ''")
 
 
+def _schema_3(conn: sqlite3.Connection) -> None:
+    """Networking (issue 11): each instance's NIC, its forwarded port, its key pair.
+
+    Instances made before had no NIC: their mode is ``none``."""
+    for column in (
+        "network_mode TEXT NOT NULL DEFAULT 'none'",
+        "network_source TEXT NOT NULL DEFAULT ''",
+        "mac_address TEXT",
+        "forward_port INTEGER",
+        "key_name TEXT",
+    ):
+        conn.execute(f"ALTER TABLE instances ADD COLUMN {column}")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
-MIGRATIONS: Final[Sequence[Migration]] = (_schema_1, _schema_2)
+MIGRATIONS: Final[Sequence[Migration]] = (_schema_1, _schema_2, _schema_3)
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,11 @@ class InstanceRecord:
     instance_dir: str
     kernel_id: str = ""  # the kernel image (aki) booted directly; '' for none
     ramdisk_id: str = ""  # its ramdisk image (ari); '' for none
+    network_mode: str = "none"  # user | network | bridge | none
+    network_source: str = ""  # the libvirt network's or bridge's name
+    mac_address: str | None = None
+    forward_port: int | None = None  # user mode: the host port on 127.0.0.1
+    key_name: str | None = None  # the key pair booted with (boot --key-name)
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""
@@ -376,7 +395,7 @@ class Database:
                     f"cannot record instance {rec.uuid} (domain {rec.name}): {exc}"
                 ) from exc
 
-    def update_instance(self, uuid: str, **fields: str) -> None:
+    def update_instance(self, uuid: str, **fields: str | int | None) -> None:
         """Change some fields of an instance, e.g. ``update_instance(u, state="running")``."""
         if "uuid" in fields:
             raise TypeError("update_instance: the uuid of an instance does not change")
@@ -384,7 +403,7 @@ class Database:
             row = conn.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()
             if row is None:
                 raise InstanceNotFound(f"instance {uuid} not found")
-            rec = dataclasses.replace(_instance(row), **fields)
+            rec = dataclasses.replace(_instance(row), **fields)  # type: ignore[arg-type]
             conn.execute(_UPDATE_INSTANCE, dataclasses.asdict(rec))
 
     def get_instance(self, uuid: str) -> InstanceRecord:

@@ -9,6 +9,7 @@ never the shared cache) and a typed error names the step that failed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import libvirt
 
-from minidriver import blockinfo, configdrive, guest, imagecache, snapshot
+from minidriver import blockinfo, configdrive, guest, imagecache, snapshot, ssh
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.exception import (
@@ -46,8 +47,17 @@ from minidriver.images import fetch, qemu_img
 from minidriver.images.inspect import UNINSPECTED
 from minidriver.images.store import Image as StoreImage
 from minidriver.images.store import ImageService
+from minidriver.keypairs import KeyPairStore
 from minidriver.lockutils import external_lock
+from minidriver.network import (
+    VIF,
+    NetworkMode,
+    NetworkRequest,
+    generate_mac_address,
+    get_network_metadata,
+)
 from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
+from minidriver.ports import PortReservations
 from minidriver.steps import Step, StepListener, StepTimer
 
 LOG = logging.getLogger(__name__)
@@ -147,6 +157,12 @@ class LibvirtDriver:
         self.host = host or Host(conf)
         self.db = Database(conf.database_path)
         self.images = ImageService(self.db, conf.images_path, size_cap=conf.default.image_size_cap)
+        self.keypairs = KeyPairStore(conf.keypairs_path)
+        self.ports = PortReservations(
+            conf.port_reservations_path,
+            conf.libvirt.forward_port_min,
+            conf.libvirt.forward_port_max,
+        )
         self.clock = clock
 
     # -- lookups --------------------------------------------------------------
@@ -181,6 +197,8 @@ class LibvirtDriver:
         user_data: bytes | None = None,
         public_keys: Mapping[str, str] | None = None,
         meta: Mapping[str, str] | None = None,
+        network: str | None = None,
+        key_name: str | None = None,
     ) -> Instance:
         """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``.
 
@@ -188,7 +206,9 @@ class LibvirtDriver:
         now until RUNNING; ``wait=False`` returns once the domain is started.
         ``config_drive`` (default ``force_config_drive``) adds ``disk.config`` with the
         hostname, user data, public keys and metadata; bad values fail here, before
-        anything is written.
+        anything is written. ``network`` is ``MODE[:NAME]`` (default: ``[libvirt]
+        network_mode``); ``key_name`` names a key pair whose public key goes on the
+        config drive and which ``minidriver ssh`` logs in with.
         """
         validate_display_name(name)
         timer = StepTimer(listener, clock=self.clock)
@@ -200,6 +220,14 @@ class LibvirtDriver:
         check_flavor_fits(flavor_obj, image_meta, self.conf.libvirt.images_max_virtual_size)
         kernel, ramdisk = self.kernel_images(image_meta)
         instance_uuid = str(uuidlib.uuid4())
+        request = NetworkRequest.parse(network, self.conf.libvirt)
+        vif = None
+        if request.mode is not NetworkMode.NONE:
+            taken = {r.mac_address for r in self.db.list_instances() if r.mac_address}
+            vif = VIF(request.mode, generate_mac_address(taken), request.source)
+        keys = dict(public_keys or {})
+        if key_name is not None:
+            keys[key_name] = self.keypairs.get(key_name).public_key
         drive = None
         if config_drive or (config_drive is None and self.conf.default.force_config_drive):
             drive = configdrive.ConfigDriveData(
@@ -207,10 +235,11 @@ class LibvirtDriver:
                 name=name,
                 hostname=hostname or configdrive.hostname_from_display_name(name),
                 user_data=user_data,
-                public_keys=public_keys or {},
+                public_keys=keys,
                 meta=meta or {},
+                network_data=get_network_metadata(vif),
             )
-        elif hostname or user_data or public_keys or meta:
+        elif hostname or user_data or keys or meta:
             raise MinidriverError(
                 "hostname, user data, keys and metadata reach the guest on a config drive",
                 hint="add --config-drive (or set force_config_drive = true)",
@@ -240,6 +269,8 @@ class LibvirtDriver:
                     keep_on_timeout=keep_on_timeout,
                     progress=progress,
                     config_drive=drive,
+                    vif=vif,
+                    key_name=key_name,
                 )
             except InstanceBuildTimeout as exc:
                 # Said against the whole spawn's budget, which is what the caller gave.
@@ -264,13 +295,26 @@ class LibvirtDriver:
         keep_on_timeout: bool,
         progress: fetch.Progress | None,
         config_drive: configdrive.ConfigDriveData | None,
+        vif: VIF | None = None,
+        key_name: str | None = None,
     ) -> libvirt.virDomain:
         """Nova's spawn, step by step, with everything it creates on an undo list."""
         with contextlib.ExitStack() as undo:
             step = "record"
             try:
-                self.db.create_instance(_record(instance))
+                self.db.create_instance(_record(instance, vif, key_name))
                 undo.callback(self.db.delete_instance, instance.uuid)
+
+                if vif is not None and vif.mode is NetworkMode.USER:
+                    step = "allocate_network"
+                    port = self.ports.reserve(
+                        state_path=self.conf.state_path,
+                        state_id=self.db.state_id,
+                        instance_uuid=instance.uuid,
+                    )
+                    undo.callback(self.ports.release, port, instance.uuid)
+                    vif = dataclasses.replace(vif, forward_port=port)
+                    self.db.update_instance(instance.uuid, forward_port=port)
 
                 step = "get_disk_info"
                 disk_info = blockinfo.get_disk_info(
@@ -293,7 +337,7 @@ class LibvirtDriver:
 
                 step = "define"
                 with timer.step(Step.DEFINE):
-                    domain = self._define(instance, image_meta, disk_info, formats)
+                    domain = self._define(instance, image_meta, disk_info, formats, vif)
                 undo.callback(self._undefine, instance.name)
 
                 # Nova's post-XML callback: the config drive is made once the domain
@@ -333,12 +377,13 @@ class LibvirtDriver:
         image_meta: ImageMeta,
         disk_info: DiskInfo,
         formats: dict[str, str],
+        vif: VIF | None,
     ) -> libvirt.virDomain:
         """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
         take the chosen name between our check and our define (each counts its own
         names): then the next free name is taken and the XML made again."""
         for _attempt in range(DEFINE_ATTEMPTS):
-            xml = self.to_xml(instance, image_meta, disk_info, formats)
+            xml = self.to_xml(instance, image_meta, disk_info, formats, vif)
             (Path(instance.instance_dir) / "libvirt.xml").write_text(xml)
             try:
                 return self.host.define(xml)
@@ -498,6 +543,7 @@ class LibvirtDriver:
         image_meta: ImageMeta,
         disk_info: DiskInfo,
         formats: dict[str, str],
+        vif: VIF | None = None,
     ) -> str:
         config = guest.get_guest_config(
             instance,
@@ -508,6 +554,7 @@ class LibvirtDriver:
             cpu_mode=self.conf.libvirt.cpu_mode,
             state_id=self.db.state_id,
             os_command_line=image_meta.os_command_line,
+            vif=vif,
         )
         return guest.to_xml(config)
 
@@ -569,7 +616,8 @@ class LibvirtDriver:
             self.host.undefine(domain)
 
     def destroy(self, instance_uuid: str) -> None:
-        """Stop and undefine the domain, remove the instance dir and record.
+        """Stop and undefine the domain, remove the instance dir, free its forwarded port,
+        forget its SSH host key, remove its record.
 
         Whatever of it exists is removed; what is already gone is no error. The image
         cache stays.
@@ -578,6 +626,9 @@ class LibvirtDriver:
         with external_lock(self.conf.locks_dir, instance_lock_name(record.uuid)):
             self._undefine(record.name)
             shutil.rmtree(record.instance_dir or self.instance_dir(record.uuid), ignore_errors=True)
+            if record.forward_port is not None:
+                self.ports.release(record.forward_port, record.uuid)
+            ssh.forget_host_key(self.conf.known_hosts_path, record.uuid, self.conf.locks_dir)
             self.db.delete_instance(record.uuid)
 
     def get_info(self, instance_uuid: str) -> InstanceInfo:
@@ -789,7 +840,7 @@ def write_disk_info(instance_dir: Path, formats: dict[str, str]) -> None:
     path.write_text(json.dumps(data))
 
 
-def _record(instance: Instance) -> InstanceRecord:
+def _record(instance: Instance, vif: VIF | None, key_name: str | None) -> InstanceRecord:
     return InstanceRecord(
         uuid=instance.uuid,
         name=instance.name,
@@ -801,4 +852,8 @@ def _record(instance: Instance) -> InstanceRecord:
         instance_dir=instance.instance_dir,
         kernel_id=instance.kernel_id,
         ramdisk_id=instance.ramdisk_id,
+        network_mode=str(vif.mode) if vif else str(NetworkMode.NONE),
+        network_source=vif.source if vif else "",
+        mac_address=vif.mac_address if vif else None,
+        key_name=key_name,
     )

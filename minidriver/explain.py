@@ -30,6 +30,7 @@ from minidriver.imagebackend import (
 )
 from minidriver.images import qemu_img
 from minidriver.images.store import Image as StoreImage
+from minidriver.network import VIF, NetworkMode, NetworkRequest, generate_mac_address
 from minidriver.objects import GiB, Instance, MiB
 
 
@@ -85,7 +86,9 @@ class Plan:
         }
 
 
-def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
+def explain(
+    drv: LibvirtDriver, image_ref: str, flavor_name: str, network: str | None = None
+) -> Plan:
     flavor = drv.get_flavor(flavor_name)
     image = drv.images.get(image_ref)
     meta = image.to_image_meta()
@@ -208,9 +211,19 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
         state_id=drv.db.state_id,
         cache="none",
         os_command_line=meta.os_command_line,
+        vif=planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt)),
     )
     plan.xml = guest.to_xml(config)
     return plan
+
+
+def planned_vif(drv: LibvirtDriver, request: NetworkRequest) -> VIF | None:
+    """The NIC a boot would get: a fresh MAC and, in user mode, the port it would take
+    now (reserved only by the boot itself)."""
+    if request.mode is NetworkMode.NONE:
+        return None
+    port = drv.ports.first_free() if request.mode is NetworkMode.USER else None
+    return VIF(request.mode, generate_mac_address(), request.source, port)
 
 
 def add_boot_file(

@@ -21,9 +21,21 @@ import jinja2
 from lxml import etree
 
 from minidriver.exception import MinidriverError
+from minidriver.network import GUEST_SSH_PORT, VIF, NetworkMode
 from minidriver.objects import DeviceType, DiskInfo, Flavor, Instance
 
 METADATA_NAMESPACE = "urn:minidriver:instance:1"
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+# libvirt marks a domain with QEMU arguments it does not manage "tainted: custom-argv".
+CUSTOM_ARGV_TAINT = "custom-argv"
+# The user-mode NIC is given to QEMU directly, so libvirt does not know its PCI slot and
+# may not skip it: it is put where libvirt's own assignment never reaches. libvirt
+# fills slots upwards from the lowest free one (pc: 0x01 is the PIIX3, then 0x02...);
+# the most a flavor and a config drive can add is four virtio disks and the balloon,
+# so 0x10 leaves room for eleven more devices before a collision could happen.
+USER_NIC_PCI_SLOT = 0x10
+USER_NETDEV_ID = "minidriver-net0"
+USER_NIC_ID = "minidriver-nic0"
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,16 @@ class GuestDisk:
     target_bus: str
     cache: str
     readonly: bool = False
+
+
+@dataclass(frozen=True)
+class GuestInterface:
+    """A NIC libvirt manages (Nova's ``LibvirtConfigGuestInterface``)."""
+
+    net_type: str  # network | bridge
+    source: str  # the network's or the bridge's name
+    mac_address: str
+    model: str = "virtio"
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,15 @@ class GuestConfig:
     console_log: str
     metadata: GuestMetadata
     os: GuestOS = GuestOS()
+    interfaces: tuple[GuestInterface, ...] = ()
+    # Extra QEMU arguments (libvirt's QEMU namespace): the user-mode NIC.
+    qemu_args: tuple[str, ...] = ()
+    qemu_namespace: str = QEMU_NAMESPACE
+
+    @property
+    def taints(self) -> tuple[str, ...]:
+        """What libvirt will mark the running domain with."""
+        return (CUSTOM_ARGV_TAINT,) if self.qemu_args else ()
 
 
 class GuestXMLError(MinidriverError):
@@ -152,6 +183,31 @@ def get_guest_os(
     )
 
 
+def pci_root_bus(machine_type: str) -> str:
+    """The id libvirt gives QEMU's root PCI bus: pcie.0 on q35, pci.0 on pc."""
+    return "pcie.0" if "q35" in machine_type else "pci.0"
+
+
+def user_network_args(vif: VIF, machine_type: str) -> tuple[str, ...]:
+    """QEMU's user network with the guest's SSH port forwarded from 127.0.0.1 only, and a
+    virtio NIC on it with the VIF's MAC at a fixed PCI address. ``romfile=`` (none):
+    the guest boots from disk, and QEMU has no iPXE ROM here without ipxe-qemu."""
+    if vif.forward_port is None:
+        raise ValueError("a user-mode VIF needs its forwarded port")
+    netdev = f"user,id={USER_NETDEV_ID},hostfwd=tcp:127.0.0.1:{vif.forward_port}-:{GUEST_SSH_PORT}"
+    device = (
+        f"virtio-net-pci,netdev={USER_NETDEV_ID},id={USER_NIC_ID},mac={vif.mac_address},"
+        f"bus={pci_root_bus(machine_type)},addr={USER_NIC_PCI_SLOT:#x},romfile="
+    )
+    return ("-netdev", netdev, "-device", device)
+
+
+def get_guest_interfaces(vif: VIF | None) -> tuple[GuestInterface, ...]:
+    if vif is None or vif.mode not in (NetworkMode.NETWORK, NetworkMode.BRIDGE):
+        return ()
+    return (GuestInterface(net_type=str(vif.mode), source=vif.source, mac_address=vif.mac_address),)
+
+
 def get_guest_config(
     instance: Instance,
     disk_info: DiskInfo,
@@ -163,8 +219,10 @@ def get_guest_config(
     state_id: str,
     cache: str | None = None,
     os_command_line: str = "",
+    vif: VIF | None = None,
 ) -> GuestConfig:
     """Every decision about the domain, made here in Python."""
+    user = vif is not None and vif.mode is NetworkMode.USER
     return GuestConfig(
         virt_type=instance.virt_type,
         name=instance.name,
@@ -187,6 +245,8 @@ def get_guest_config(
             image_id=instance.image_ref,
         ),
         os=get_guest_os(instance, disk_info, instance_dir, os_command_line),
+        interfaces=get_guest_interfaces(vif),
+        qemu_args=user_network_args(vif, machine_type) if vif is not None and user else (),
     )
 
 

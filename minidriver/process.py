@@ -111,3 +111,19 @@ def run(
             stderr=stderr,
         )
     return Completed(cmd=cmd, returncode=proc.returncode, stdout=stdout, stderr=stderr)
+
+
+def run_attached(args: Sequence[Arg]) -> int:
+    """Run ``args`` on this terminal (stdin, stdout, stderr inherited) and return its
+    exit code unchecked: for ``minidriver ssh``, whose exit code is the remote one.
+    The user's locale is kept: the output is theirs to read, not ours to parse."""
+    cmd = [os.fspath(a) for a in args]
+    LOG.debug("running: %s", shlex.join(cmd))
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except FileNotFoundError as exc:
+        raise ProcessExecutionError(
+            f"{cmd[0]} not found",
+            cmd=cmd,
+            hint="install it (scripts/setup-host installs openssh-client)",
+        ) from exc

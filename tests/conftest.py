@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from minidriver import console, guest
+from minidriver import config, console, guest
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver
 from minidriver.host import EMBED_URI, SYSTEM_URI, Host
@@ -40,6 +40,23 @@ def test_image() -> Path:
     from minidriver import testimage
 
     return testimage.build(log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def session_port_reservations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("port-reservations")
+
+
+@pytest.fixture(autouse=True)
+def isolated_port_reservations(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unit tests reserve forwarded ports in a registry of their session, not the host's
+    (/run/minidriver/ports): their state dirs outlive them in pytest's temp dirs, and
+    their reservations with them. Integration tests use the host's, as users do."""
+    if request.node.get_closest_marker("integration") is None:
+        path = request.getfixturevalue("session_port_reservations")
+        monkeypatch.setattr(config, "default_port_reservations_path", lambda: path)
 
 
 @pytest.fixture(scope="session")

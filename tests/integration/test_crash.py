@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from minidriver.config import Config
+from minidriver.config import Config, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +112,14 @@ def test_kill_9_then_cleanup_then_boot(
     assert report["skipped"] == []
     if point in ("define", "start"):
         assert len(report["records"]) == 1  # the record and its domain, both gone
+    # The forwarded port is reserved right after the record, before any of the points.
+    assert len(report["ports"]) == 1
+    reservations = load_config(None, state_dir=state, environ={}).port_reservations_path
+    assert not [
+        f
+        for f in reservations.glob("[0-9]*")
+        if json.loads(f.read_text())["state_path"] == str(state)
+    ]
     assert run_json(minidriver(state, uri, "--json", "list")) == []
     instances = state / "instances"
     assert sorted(p.name for p in instances.iterdir() if p.is_dir()) == ["_base", "locks"]
@@ -121,7 +129,7 @@ def test_kill_9_then_cleanup_then_boot(
     assert list((instances / "locks").iterdir()) == []
     assert run_json(minidriver(state, uri, "--json", "cleanup", "--dry-run")) == {
         "dry_run": True, "domains": [], "records": [], "instance_dirs": [],
-        "partial_files": [], "locks": [], "skipped": [],
+        "partial_files": [], "locks": [], "ports": [], "skipped": [],
     }  # fmt: skip
 
     boot = run_json(

@@ -64,16 +64,18 @@ def test_orphans_of_every_kind_are_removed_and_others_kept(
     free_lock = mine.conf.locks_dir / "stale-lock"
     free_lock.write_text("")
 
+    ports = {r.instance_uuid: r.port for r in mine.ports.list()}
     dry = cleanup(mine, dry_run=True)
     assert dry.domains == [no_record.name]
     assert dry.records == [no_domain.uuid]
     assert dry.instance_dirs == [no_record.instance_dir, str(stray)]
     assert dry.partial_files == [str(part)]
     assert dry.locks == ["stale-lock"]
+    assert dry.ports == sorted([ports[no_record.uuid], ports[no_domain.uuid]])
     assert stray.exists() and part.exists() and free_lock.exists()
 
     done = cleanup(mine)
-    assert done.total() == dry.total() == 6
+    assert done.total() == dry.total() == 8
     domains = {d.name() for d in host.get_connection().listAllDomains()}
     assert domains == {healthy.name, theirs.name}
     assert [r.uuid for r in mine.db.list_instances()] == [healthy.uuid]
@@ -134,3 +136,30 @@ def test_a_spawn_killed_half_way_is_removed_but_live_work_is_not(
     assert Path(busy.instance_dir).exists()
     assert writing.exists()
     assert len(report.skipped) == 2
+
+
+def test_port_reservations_of_gone_instances_are_freed(
+    host: Host, tmp_path: Path, image: Path
+) -> None:
+    mine = driver(host, tmp_path / "mine")
+    other = driver(host, tmp_path / "other")
+    image_id = mine.images.add(image, name="i", disk_format="qcow2").id
+    other_image = other.images.add(image, name="i", disk_format="qcow2").id
+    kept = mine.spawn("kept", image_id, "m1.tiny")
+    crashed = mine.spawn("crashed", image_id, "m1.tiny")
+    theirs = other.spawn("theirs", other_image, "m1.tiny")
+    ours = {kept.uuid, crashed.uuid, theirs.uuid}
+
+    def reserved() -> dict[str, int]:
+        # The unit tests' registry is shared by the session: only these instances count.
+        return {r.instance_uuid: r.port for r in mine.ports.list() if r.instance_uuid in ours}
+
+    port_of = reserved()
+    # A crash between forgetting the record and releasing the port (and its domain).
+    mine.db.delete_instance(crashed.uuid)
+
+    assert cleanup(mine, dry_run=True).ports == [port_of[crashed.uuid]]
+    assert len(reserved()) == 3
+    report = cleanup(mine)
+    assert report.ports == [port_of[crashed.uuid]]
+    assert set(reserved()) == {kept.uuid, theirs.uuid}

@@ -93,12 +93,39 @@ def test_environment_and_argument_precedence(tmp_path: Path) -> None:
         ("[flavor:x]\nvcpus = 0\nmemory_mb = 1\nroot_gb = 1\n", "vcpus must be at least 1"),
         ("[flavor:x]\nvcpus = 1\nmemory_mb = 1\nroot_gb = 1\ndisk = 3\n", "unknown option"),
         ("not ini at all\n", "is not valid INI"),
+        ("[libvirt]\nnetwork_mode = slirp\n", "is not one of: user, network, bridge, none"),
+        ("[libvirt]\nforward_port_min = 80\n", "not a port range"),
+        ("[libvirt]\nforward_port_min = 3000\nforward_port_max = 2999\n", "not a port range"),
+        ("[libvirt]\nforward_port_max = 70000\n", "not a port range"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text), state_dir=tmp_path, environ={})
     assert message in str(err.value)
+
+
+def test_network_options(tmp_path: Path) -> None:
+    conf = load_config(None, state_dir=tmp_path, environ={})
+    assert conf.libvirt.network_mode == "user"
+    assert conf.libvirt.network_name == "default"
+    assert conf.libvirt.bridge == ""
+    assert (conf.libvirt.forward_port_min, conf.libvirt.forward_port_max) == (10022, 10999)
+    assert conf.default.ssh_user == "debian"
+    assert conf.keypairs_path == tmp_path / "keypairs"
+    assert conf.known_hosts_path == tmp_path / "known_hosts"
+    # Host-wide, whatever the state dir: two state dirs see one set of reservations.
+    other = load_config(None, state_dir=tmp_path / "other", environ={})
+    assert conf.port_reservations_path == other.port_reservations_path
+    path = write(
+        tmp_path,
+        "[DEFAULT]\nssh_user = root\n[libvirt]\nnetwork_mode = bridge\nbridge = br0\n"
+        f"port_reservations_path = {tmp_path}/ports\n",
+    )
+    conf = load_config(path, state_dir=tmp_path, environ={})
+    assert (conf.libvirt.network_mode, conf.libvirt.bridge) == ("bridge", "br0")
+    assert conf.default.ssh_user == "root"
+    assert conf.port_reservations_path == tmp_path / "ports"
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

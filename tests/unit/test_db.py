@@ -122,6 +122,31 @@ def test_schema_2_gives_old_instances_no_kernel(tmp_path: Path) -> None:
         assert database.get_instance(new.uuid).ramdisk_id == ""
 
 
+def test_instances_of_the_first_schema_get_no_nic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 2 (networking) on a database of schema 1: old instances had no NIC."""
+    path = tmp_path / "minidriver.db"
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS[:1])
+    with Database(path) as database, database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO instances VALUES ('u1', 'instance-1', 'old', 't1.nano', 'i', "
+            "'running', '', '/x')"
+        )
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS)
+    with Database(path) as database:
+        assert database.schema_version == len(MIGRATIONS)
+        old = database.get_instance("u1")
+        assert (old.network_mode, old.mac_address, old.forward_port, old.key_name) == (
+            "none",
+            None,
+            None,
+            None,
+        )
+        database.update_instance("u1", forward_port=10022, key_name="k")
+        assert database.get_instance("u1").forward_port == 10022
+
+
 def test_a_failed_migration_leaves_the_old_schema(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,20 +8,40 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from conftest import TEST_DRIVER_NODE
 from lxml import etree
 
 from minidriver import blockinfo, guest
+from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DEFAULT_FLAVORS, Flavor, ImageMeta, Instance
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 INSTANCE_DIR = Path("/var/lib/minidriver/instances/7d1e4a52-9f64-4d8e-a0b4-1f1a5c3e2b10")
 
-CASES = {
-    "t1.nano-qemu": (DEFAULT_FLAVORS["t1.nano"], {}, "qemu", None),
-    "m1.small-kvm": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", None),
-    "t1.nano-config-drive": (DEFAULT_FLAVORS["t1.nano"], {}, "qemu", "iso9660"),
-    "scsi-bus": (Flavor("two", 2, 256, 2, swap=16), {"hw_disk_bus": "scsi"}, "qemu", None),
+NANO = DEFAULT_FLAVORS["t1.nano"]
+MAC = "fa:16:3e:4d:a1:07"
+USER_VIF = VIF(NetworkMode.USER, MAC, forward_port=10022)
+# The most disks an instance can have: root, ephemeral, swap and a vfat config drive,
+# all virtio (each a PCI device libvirt places itself), beside the user-mode NIC.
+MOST_DISKS = Flavor("most", 1, 128, 1, ephemeral_gb=1, swap=16)
+CASES: dict[str, tuple[Flavor, dict[str, str], str, str | None, VIF | None]] = {
+    "t1.nano-qemu": (NANO, {}, "qemu", None, None),
+    "m1.small-kvm": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", None, None),
+    "t1.nano-config-drive": (NANO, {}, "qemu", "iso9660", None),
+    "scsi-bus": (Flavor("two", 2, 256, 2, swap=16), {"hw_disk_bus": "scsi"}, "qemu", None, None),
+    # The four network modes (none: no interface at all).
+    "net-user": (NANO, {}, "qemu", None, USER_VIF),
+    "net-network": (NANO, {}, "qemu", None, VIF(NetworkMode.NETWORK, MAC, "labnet")),
+    "net-bridge": (NANO, {}, "qemu", None, VIF(NetworkMode.BRIDGE, MAC, "br-lab")),
+    "net-none": (NANO, {}, "qemu", None, VIF(NetworkMode.NONE, MAC)),
+    "net-user-most-disks": (MOST_DISKS, {}, "qemu", "vfat", USER_VIF),
 }
+# The test driver's node, with the libvirt network the network mode names.
+NODE_WITH_NETWORK = TEST_DRIVER_NODE.replace(
+    "</node>",
+    "  <network><name>labnet</name><bridge name='virbr-md'/>"
+    "<ip address='192.0.2.1' netmask='255.255.255.0'/></network>\n</node>",
+)
 
 
 def render(
@@ -29,6 +49,7 @@ def render(
     props: dict[str, str],
     virt_type: str,
     config_drive: str | None,
+    vif: VIF | None = None,
     display_name: str = "web-1",
 ) -> str:
     image = ImageMeta(id="c036d689-0336-4fcd-a8e0-4aed4dd5e420", name="x", disk_format="qcow2")
@@ -53,6 +74,7 @@ def render(
         cpu_mode="",
         state_id="0b5a3c44-2a41-4ad4-9a39-5a1f2f0c0d77",
         cache="none",
+        vif=vif,
     )
     return guest.to_xml(config)
 
@@ -72,10 +94,17 @@ def test_golden_xml(case: str, request: pytest.FixtureRequest) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_xml_defines_and_starts_on_the_test_driver(
-    case: str, test_driver: libvirt.virConnect
-) -> None:
-    xml = render(*CASES[case])
+def test_xml_defines_and_starts_on_the_test_driver(case: str, tmp_path: Path) -> None:
+    node = tmp_path / "testdriver.xml"
+    node.write_text(NODE_WITH_NETWORK)
+    test_driver = libvirt.open(f"test://{node}")
+    try:
+        _define_start_undefine(test_driver, render(*CASES[case]))
+    finally:
+        test_driver.close()
+
+
+def _define_start_undefine(test_driver: libvirt.virConnect, xml: str) -> None:
     dom = test_driver.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
     dom.create()
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
@@ -85,9 +114,54 @@ def test_xml_defines_and_starts_on_the_test_driver(
         t.get("dev") for t in etree.fromstring(xml.encode()).iterfind("devices/disk/target")
     ]
     assert targets == expected
+    rendered = etree.fromstring(xml.encode())
+    for path in ("devices/interface/@type", "devices/interface/mac/@address"):
+        assert described.xpath(path) == rendered.xpath(path)
+    nics = len(rendered.findall("devices/interface"))
+    assert described.xpath("devices/interface/model/@type") == ["virtio"] * nics
     dom.destroy()
     dom.undefine()
     assert test_driver.listAllDomains() == []
+
+
+QEMU_NS = {"qemu": guest.QEMU_NAMESPACE}
+
+
+def test_user_mode_is_qemus_own_network_forwarding_only_from_loopback() -> None:
+    tree = etree.fromstring(render(*CASES["net-user"]).encode())
+    assert tree.findall("devices/interface") == []  # libvirt manages no NIC here
+    args = [a.get("value") for a in tree.iterfind("qemu:commandline/qemu:arg", QEMU_NS)]
+    assert args == [
+        "-netdev",
+        "user,id=minidriver-net0,hostfwd=tcp:127.0.0.1:10022-:22",
+        "-device",
+        f"virtio-net-pci,netdev=minidriver-net0,id=minidriver-nic0,mac={MAC},"
+        "bus=pci.0,addr=0x10,romfile=",
+    ]
+
+
+def test_other_modes_add_no_qemu_arguments_and_no_taint() -> None:
+    for case in ("net-network", "net-bridge", "net-none", "t1.nano-qemu"):
+        tree = etree.fromstring(render(*CASES[case]).encode())
+        assert tree.find("qemu:commandline", QEMU_NS) is None, case
+
+
+def test_the_user_nic_slot_is_beyond_what_libvirt_assigns_to_the_most_disks() -> None:
+    """libvirt places devices without an address in the lowest free slots from 0x02
+    up (0x00: host bridge, 0x01: PIIX3). The most disks plus the balloon fill 0x02 to
+    0x06 (a real boot of this case is in tests/integration/test_network.py)."""
+    tree = etree.fromstring(render(*CASES["net-user-most-disks"]).encode())
+    virtio_disks = [t for t in tree.iterfind("devices/disk/target") if t.get("bus") == "virtio"]
+    auto_placed = len(virtio_disks) + len(tree.findall("devices/memballoon"))
+    assert auto_placed == 5
+    assert 0x02 + auto_placed - 1 < guest.USER_NIC_PCI_SLOT
+    assert tree.find(".//address") is None  # every other device is libvirt's to place
+
+
+def test_q35_puts_the_user_nic_on_its_pcie_root() -> None:
+    vif = VIF(NetworkMode.USER, MAC, forward_port=10100)
+    assert "bus=pcie.0,addr=0x10" in guest.user_network_args(vif, "pc-q35-7.2")[3]
+    assert "bus=pci.0,addr=0x10" in guest.user_network_args(vif, "pc-i440fx-7.2")[3]
 
 
 def test_hostile_display_name_is_escaped_and_changes_no_device() -> None:

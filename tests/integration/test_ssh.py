@@ -1,0 +1,110 @@
+"""Issue 11's acceptance: a Debian cloud guest (cloud-init, openssh-server) booted with
+a key pair and a config drive answers `minidriver ssh`, and exit codes pass through.
+
+Everything goes through the `minidriver` command in its own processes, as a user runs
+it, on a state dir of its own; the only traffic is ssh to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import TRAVERSABLE_TMP
+
+from minidriver.objects import GiB
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT_GB = 4  # more than the cloud image's virtual size: cloud-init grows the root into it
+BOOT_TIMEOUT = 900  # seconds; a Debian guest's sshd answered after 83 s under TCG here
+DEBIAN_IMAGE_ENV = "MINIDRIVER_DEBIAN_IMAGE"
+
+
+@pytest.fixture(scope="session")
+def debian_cloud_image() -> Path:
+    """TODO(issue 11): wire this hook to the Debian cloud guest image (cloud-init and
+    openssh-server in it) once its builder lands; until then the image is taken from
+    $MINIDRIVER_DEBIAN_IMAGE (a qcow2 path), and without it this test fails under CI
+    and is skipped elsewhere."""
+    path = os.environ.get(DEBIAN_IMAGE_ENV)
+    if path and Path(path).is_file():
+        return Path(path)
+    why = f"no Debian cloud guest image: set {DEBIAN_IMAGE_ENV} (the builder is not wired yet)"
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture
+def cli_state() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="mdssh-", dir=TRAVERSABLE_TMP))
+    path.chmod(0o755)
+    (path / "minidriver.conf").write_text(
+        f"[flavor:ssh.test]\nvcpus = 1\nmemory_mb = 1024\nroot_gb = {ROOT_GB}\n"
+    )
+    yield path
+    minidriver(path, "delete", "--all", check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def connection_uri() -> str:
+    wanted = os.environ.get("MINIDRIVER_TEST_CONNECTION", "")
+    return {"daemon": "qemu:///system", "embed": "qemu:///embed"}.get(wanted, "")
+
+
+def minidriver(
+    state: Path, *argv: str, check: bool = True, timeout: float = BOOT_TIMEOUT + 60
+) -> subprocess.CompletedProcess[str]:
+    uri = connection_uri()
+    cmd = [sys.executable, "-m", "minidriver", "--state-dir", str(state),
+           "--config", str(state / "minidriver.conf"), *(["--connect", uri] if uri else []),
+           *argv]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check:
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_ssh_into_a_debian_guest_booted_with_a_key_pair(
+    debian_cloud_image: Path, cli_state: Path
+) -> None:
+    minidriver(cli_state, "image", "add", str(debian_cloud_image), "--name", "debian",
+               "--disk-format", "qcow2")  # fmt: skip
+    minidriver(cli_state, "keypair", "create", "k")
+    booted = json.loads(
+        minidriver(
+            cli_state, "--json", "boot", "--image", "debian", "--flavor", "ssh.test",
+            "--name", "deb", "--key-name", "k", "--config-drive", "--wait-ssh",
+            "--timeout", str(BOOT_TIMEOUT),
+        ).stdout
+    )  # fmt: skip
+    assert booted["ssh"]["banner"].startswith("SSH-2.0-")
+    assert booted["ssh"]["port"] == booted["network"]["forward_port"]
+
+    # sshd may answer before cloud-init has put the key in place: retry the login (255
+    # is ssh's own failure) until the guest lets us in.
+    df = minidriver(cli_state, "ssh", "deb", "--", "df", "-B1", "/", check=False)
+    for _ in range(60):
+        if df.returncode != 255:
+            break
+        subprocess.run(["sleep", "5"], check=True)
+        df = minidriver(cli_state, "ssh", "deb", "--", "df", "-B1", "/", check=False)
+    assert df.returncode == 0, df.stderr
+    # Filesystem 1B-blocks Used Available Use% Mounted on / then the root's line.
+    size = int(df.stdout.splitlines()[1].split()[1])
+    image_virtual = json.loads(minidriver(cli_state, "--json", "image", "show", "debian").stdout)[
+        "virtual_size"
+    ]
+    # cloud-init grew the root file system past the image, into the flavor's disk.
+    assert image_virtual < size <= ROOT_GB * GiB, (size, image_virtual)
+
+    assert minidriver(cli_state, "ssh", "deb", "--", "false", check=False).returncode == 1
+    assert minidriver(cli_state, "ssh", "deb", "--", "exit 3", check=False).returncode == 3
