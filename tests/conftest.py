@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from minidriver import config, console, guest
+from minidriver import cloudimage, config, console, guest
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver
 from minidriver.host import EMBED_URI, SYSTEM_URI, Host
@@ -57,6 +57,13 @@ def isolated_port_reservations(
     if request.node.get_closest_marker("integration") is None:
         path = request.getfixturevalue("session_port_reservations")
         monkeypatch.setattr(config, "default_port_reservations_path", lambda: path)
+
+
+@pytest.fixture(scope="session")
+def cloud_image() -> cloudimage.CloudImage:
+    """The Debian cloud guest (scripts/build-cloud-image): built once, about two
+    minutes, then cached by its inputs."""
+    return cloudimage.build(log=lambda _msg: None)
 
 
 @pytest.fixture(scope="session")

@@ -42,12 +42,6 @@ USER_DATA = b"""#!/bin/sh
 
 
 @pytest.fixture(scope="module")
-def cloud_image() -> cloudimage.CloudImage:
-    """The Debian cloud guest, built once (about 5 minutes) and cached by its inputs."""
-    return cloudimage.build(log=lambda _msg: None)
-
-
-@pytest.fixture(scope="module")
 def cloud_driver(
     host_config: Config, libvirt_host: Host, cloud_image: cloudimage.CloudImage
 ) -> Iterator[LibvirtDriver]:

@@ -19,28 +19,13 @@ from pathlib import Path
 import pytest
 from conftest import TRAVERSABLE_TMP
 
+from minidriver import cloudimage
 from minidriver.objects import GiB
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT_GB = 4  # more than the cloud image's virtual size: cloud-init grows the root into it
 BOOT_TIMEOUT = 900  # seconds; a Debian guest's sshd answered after 83 s under TCG here
-DEBIAN_IMAGE_ENV = "MINIDRIVER_DEBIAN_IMAGE"
-
-
-@pytest.fixture(scope="session")
-def debian_cloud_image() -> Path:
-    """TODO(issue 11): wire this hook to the Debian cloud guest image (cloud-init and
-    openssh-server in it) once its builder lands; until then the image is taken from
-    $MINIDRIVER_DEBIAN_IMAGE (a qcow2 path), and without it this test fails under CI
-    and is skipped elsewhere."""
-    path = os.environ.get(DEBIAN_IMAGE_ENV)
-    if path and Path(path).is_file():
-        return Path(path)
-    why = f"no Debian cloud guest image: set {DEBIAN_IMAGE_ENV} (the builder is not wired yet)"
-    if os.environ.get("CI"):
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 @pytest.fixture
@@ -74,10 +59,16 @@ def minidriver(
 
 
 def test_ssh_into_a_debian_guest_booted_with_a_key_pair(
-    debian_cloud_image: Path, cli_state: Path
+    cloud_image: cloudimage.CloudImage, cli_state: Path
 ) -> None:
-    minidriver(cli_state, "image", "add", str(debian_cloud_image), "--name", "debian",
-               "--disk-format", "qcow2")  # fmt: skip
+    minidriver(cli_state, "image", "add", str(cloud_image.kernel), "--name", "vmlinuz",
+               "--disk-format", "aki")  # fmt: skip
+    minidriver(cli_state, "image", "add", str(cloud_image.ramdisk), "--name", "initrd",
+               "--disk-format", "ari")  # fmt: skip
+    minidriver(cli_state, "image", "add", str(cloud_image.image), "--name", "debian",
+               "--disk-format", "qcow2", "--property", "kernel_id=vmlinuz",
+               "--property", "ramdisk_id=initrd",
+               "--property", f"os_command_line={cloud_image.cmdline}")  # fmt: skip
     minidriver(cli_state, "keypair", "create", "k")
     booted = json.loads(
         minidriver(
