@@ -3,6 +3,10 @@
 For each file a boot would create (or find cached): its path, format, virtual size and
 the exact command lines that make it, built by the same ``*_cmd`` functions the real
 code runs; then the domain XML. Nothing is written, nothing is defined.
+
+With ``images_type = rbd`` the cluster is asked (read only) whether the image can be
+cloned; the root disk's work is done through librbd, so its lines are the ``rbd``
+commands that do the same.
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ from minidriver.driver import (
 )
 from minidriver.imagebackend import (
     Qcow2,
+    Rbd,
     backend_class,
     copy_sparse_cmd,
+    local_backend_class,
     mkfs_cmd,
     mkswap_cmd,
+    rbd_path,
 )
 from minidriver.images import qemu_img
+from minidriver.images.store import Image as StoreImage
 from minidriver.objects import GiB, Instance, MiB
+from minidriver.rbd_utils import RbdLocation
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,22 @@ class Plan:
     flavor: str
     files: list[PlannedFile] = field(default_factory=list)
     xml: str = ""
+
+    def add(
+        self, path: Path, fmt: str, size: int | None, cmds: list[list[str]], note: str = ""
+    ) -> None:
+        """A file a boot may make: nothing to run for it if it is there (cached)."""
+        exists = path.exists()
+        self.files.append(
+            PlannedFile(
+                path=str(path),
+                format=fmt,
+                virtual_size=size,
+                exists=exists,
+                commands=() if exists else tuple(tuple(c) for c in cmds),
+                note=note,
+            )
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -85,68 +110,133 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
     )
     instance_dir = conf.instances_path / instance.uuid
     instance.instance_dir = str(instance_dir)
-    base_dir = conf.base_dir
-    backend = backend_class(conf)
+    backend = local_backend_class(conf)
+    if backend_class(conf) is Rbd:
+        rbd = drv.rbd_driver()
+        with rbd.connected():
+            rbd.check_pool()
+            clone = drv.clone_location(rbd, image)
+            rbd_root = rbd_path(rbd.pool, f"{instance.uuid}_disk")
+            network_disks = {"disk": drv.rbd_network_source(rbd, instance.uuid)}
+    else:
+        clone, rbd_root, network_disks = None, None, {}
 
-    def add(path: Path, fmt: str, size: int | None, cmds: list[list[str]], note: str = "") -> None:
-        exists = path.exists()
-        plan.files.append(
-            PlannedFile(
-                path=str(path),
-                format=fmt,
-                virtual_size=size,
-                exists=exists,
-                commands=() if exists else tuple(tuple(c) for c in cmds),
-                note=note,
-            )
-        )
+    add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
+    add_local_disks(plan, drv, instance_dir)
 
-    # Root: the download, the conversion, the optional _<GB> copy, the disk itself.
-    base = base_dir / base_filename(image.id)
+    disk_info = blockinfo.get_disk_info(
+        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
+    )
+    formats = {m.name: backend.driver_format for m in disk_info}
+    if rbd_root is not None:
+        formats["disk"] = Rbd.driver_format
+    config = guest.get_guest_config(
+        instance,
+        disk_info,
+        formats,
+        instance_dir=instance_dir,
+        machine_type=conf.libvirt.hw_machine_type,
+        cpu_mode=conf.libvirt.cpu_mode,
+        state_id=drv.db.state_id,
+        cache="none",
+        network_disks=network_disks,
+    )
+    plan.xml = guest.to_xml(config)
+    return plan
+
+
+def add_root_files(
+    plan: Plan,
+    drv: LibvirtDriver,
+    image: StoreImage,
+    instance_dir: Path,
+    *,
+    clone: RbdLocation | None,
+    rbd_root: str | None,
+) -> None:
+    """The root disk: a clone, or the download, the conversion, the optional _<GB>
+    copy and the disk itself (a file, or imported into RBD)."""
+    conf = drv.conf
+    flavor = drv.get_flavor(plan.flavor)
+    backend = local_backend_class(conf)
+    meta = image.to_image_meta()
+    root_size = flavor.root_gb * GiB if flavor.root_gb else None
+    base = conf.base_dir / base_filename(image.id)
     source_fmt = qemu_img.qemu_format(image.disk_format)
-    force_raw = conf.default.force_raw_images
+    force_raw = conf.default.force_raw_images or rbd_root is not None
     base_fmt = "raw" if force_raw else source_fmt
     part = base.with_name(base.name + ".part")
-    if not base.exists():
-        add(part, source_fmt, meta.virtual_size, [], f"copy of {image.path}, sha512 verified")
-    if force_raw and source_fmt != "raw":
-        converted = base.with_name(base.name + ".converted")
-        add(
-            base,
-            "raw",
-            meta.virtual_size,
-            [qemu_img.convert_cmd(part, source_fmt, converted, "raw")],
-            f"converted, then renamed from {converted.name}",
+    if clone is not None and rbd_root is not None:
+        plan.files.append(
+            PlannedFile(
+                path=rbd_root,
+                format="raw",
+                virtual_size=root_size,
+                exists=False,
+                commands=rbd_commands(["clone", str(clone), rbd_root], root_size),
+                note=f"a copy-on-write clone of {clone}: nothing is fetched",
+            )
         )
     else:
-        add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
-    root_size = flavor.root_gb * GiB if flavor.root_gb else None
-    backing = base
-    if backend is Qcow2 and conf.libvirt.resized_base_copies and root_size is not None:
-        resized = base.with_name(f"{base.name}_{flavor.root_gb}")
-        temp = resized.with_name(resized.name + ".part")
-        add(
-            resized,
-            base_fmt,
-            root_size,
-            [copy_sparse_cmd(base, temp), qemu_img.resize_cmd(temp, base_fmt, root_size)],
-            f"a full copy, resized, renamed from {temp.name}",
+        if not base.exists():
+            plan.add(
+                part, source_fmt, meta.virtual_size, [], f"copy of {image_source(image)}, verified"
+            )
+        if force_raw and source_fmt != "raw":
+            converted = base.with_name(base.name + ".converted")
+            plan.add(
+                base,
+                "raw",
+                meta.virtual_size,
+                [qemu_img.convert_cmd(part, source_fmt, converted, "raw")],
+                f"converted, then renamed from {converted.name}",
+            )
+        else:
+            plan.add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
+    if clone is None and rbd_root is not None:
+        plan.files.append(
+            PlannedFile(
+                path=rbd_root,
+                format="raw",
+                virtual_size=root_size,
+                exists=False,
+                commands=rbd_commands(["import", str(base), rbd_root], root_size),
+                note=f"{base.name} imported into the pool (the image is not cloneable)",
+            )
         )
-        backing, root_size = resized, None
-    add_disk(
-        plan,
-        instance_dir / "disk",
-        cow=backend is Qcow2,
-        backing=backing,
-        backing_fmt=base_fmt,
-        size=root_size,
-    )
+    if rbd_root is None:
+        backing = base
+        if backend is Qcow2 and conf.libvirt.resized_base_copies and root_size is not None:
+            resized = base.with_name(f"{base.name}_{flavor.root_gb}")
+            temp = resized.with_name(resized.name + ".part")
+            plan.add(
+                resized,
+                base_fmt,
+                root_size,
+                [copy_sparse_cmd(base, temp), qemu_img.resize_cmd(temp, base_fmt, root_size)],
+                f"a full copy, resized, renamed from {temp.name}",
+            )
+            backing, root_size = resized, None
+        add_disk(
+            plan,
+            instance_dir / "disk",
+            cow=backend is Qcow2,
+            backing=backing,
+            backing_fmt=base_fmt,
+            size=root_size,
+        )
 
+
+def add_local_disks(plan: Plan, drv: LibvirtDriver, instance_dir: Path) -> None:
+    """Ephemeral and swap: formatted bases in _base, the instance's files on them."""
+    flavor = drv.get_flavor(plan.flavor)
+    backend = local_backend_class(drv.conf)
+    base_dir = drv.conf.base_dir
     if flavor.ephemeral_gb:
         eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
         temp = eph.with_name(eph.name + ".part")
         size = flavor.ephemeral_gb * GiB
-        add(
+        plan.add(
             eph,
             "raw",
             size,
@@ -165,7 +255,7 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
         swap = base_dir / swap_filename(flavor.swap)
         temp = swap.with_name(swap.name + ".part")
         size = flavor.swap * MiB
-        add(
+        plan.add(
             swap,
             "raw",
             size,
@@ -181,22 +271,19 @@ def explain(drv: LibvirtDriver, image_ref: str, flavor_name: str) -> Plan:
             size=size,
         )
 
-    disk_info = blockinfo.get_disk_info(
-        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
-    )
-    formats = {m.name: backend.driver_format for m in disk_info}
-    config = guest.get_guest_config(
-        instance,
-        disk_info,
-        formats,
-        instance_dir=instance_dir,
-        machine_type=conf.libvirt.hw_machine_type,
-        cpu_mode=conf.libvirt.cpu_mode,
-        state_id=drv.db.state_id,
-        cache="none",
-    )
-    plan.xml = guest.to_xml(config)
-    return plan
+
+def image_source(image: StoreImage) -> str:
+    location = image.rbd_location
+    return str(location) if location is not None else str(image.path)
+
+
+def rbd_commands(first: list[str], size: int | None) -> tuple[tuple[str, ...], ...]:
+    """The ``rbd`` command lines equal to what librbd is asked: ``first``, then the
+    resize to the flavor's root size (``rbd:`` dropped: the CLI takes pool/name)."""
+    cmds = [["rbd", *(a.removeprefix("rbd:") for a in first)]]
+    if size is not None:
+        cmds.append(["rbd", "resize", "--size", f"{size // MiB}M", cmds[0][-1]])
+    return tuple(tuple(c) for c in cmds)
 
 
 def add_disk(

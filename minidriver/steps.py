@@ -24,6 +24,8 @@ class Step(enum.StrEnum):
     WAIT = "wait"
     # Added by later features; they extend the list, never rename it.
     CONFIG_DRIVE = "config_drive"
+    CLONE = "clone"  # images_type = rbd: a copy-on-write clone of the image's snapshot
+    IMPORT = "import"  # images_type = rbd: the raw base written into the pool
 
 
 # (step, seconds, finished): called when a step starts (finished False) and ends.

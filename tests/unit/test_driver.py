@@ -46,7 +46,7 @@ SOURCE_VIRTUAL = 64 * MiB
 SOURCE_DATA = 4 * MiB  # written with pattern 0xab at offset 0
 PATTERN = 0xAB
 # The contract's names, and the step the config drive added.
-TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive"}
+TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive", "clone", "import"}
 # The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
 NANO_DISKS = {"disk": 1 * GiB, "disk.local": 1 * GiB, "disk.swap": 64 * MiB}
 
