@@ -121,7 +121,7 @@ def test_kill_9_then_cleanup_then_boot(
     assert list((instances / "locks").iterdir()) == []
     assert run_json(minidriver(state, uri, "--json", "cleanup", "--dry-run")) == {
         "dry_run": True, "domains": [], "records": [], "instance_dirs": [],
-        "partial_files": [], "locks": [], "skipped": [],
+        "partial_files": [], "locks": [], "rbd_disks": [], "skipped": [],
     }  # fmt: skip
 
     boot = run_json(
