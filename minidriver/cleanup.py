@@ -10,6 +10,8 @@ for this state dir only (domains are recognised by their metadata's state id):
 - instance dirs with neither record nor domain: removed;
 - stale ``.part``/``.converted`` files in ``_base`` and lock files nobody holds;
 - forwarded-port reservations of this state dir whose instance is gone.
+- the RBD disks (``<uuid>_*``) of every instance reaped above. Only those: a pool may
+  be shared with other hosts, so an RBD image of an unknown uuid is not ours to judge.
 
 An instance whose lock is held is being built or deleted right now and is skipped,
 and so is a partial base file whose base's lock is held: a crash releases every lock,
@@ -20,8 +22,9 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from minidriver import lockutils
+from minidriver import lockutils, rbd_utils
 from minidriver.driver import LibvirtDriver, instance_lock_name
 
 PARTIAL_SUFFIXES = (".part", ".converted")
@@ -38,7 +41,8 @@ class CleanupReport:
     partial_files: list[str] = field(default_factory=list)
     locks: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # forwarded-port reservations freed
-    skipped: list[str] = field(default_factory=list)  # busy: what and why
+    rbd_disks: list[str] = field(default_factory=list)  # pool/name of reaped instances
+    skipped: list[str] = field(default_factory=list)  # busy or unreachable: what and why
 
     def total(self) -> int:
         return sum(
@@ -50,6 +54,7 @@ class CleanupReport:
                 self.partial_files,
                 self.locks,
                 self.ports,
+                self.rbd_disks,
             )
         )
 
@@ -73,6 +78,21 @@ class _Pass:
         record, domain = self.records.get(instance_uuid), self.ours.get(instance_uuid)
         return record is not None and domain is not None and record.name == domain.name()
 
+    def reap_rbd_disks(self, instance_uuid: str, directory: Path) -> None:
+        """The RBD disks of an instance being reaped; before its dir, whose disk.info
+        says where they are. An unreachable cluster is reported, not fatal."""
+        try:
+            if not self.report.dry_run:
+                self.report.rbd_disks.extend(self.drv.destroy_rbd_disks(instance_uuid, directory))
+                return
+            for pool in sorted(self.drv.rbd_pools_of(directory)):
+                names = self.drv.rbd_driver(pool).list_images()
+                self.report.rbd_disks.extend(
+                    f"{pool}/{n}" for n in names if n.startswith(f"{instance_uuid}_")
+                )
+        except rbd_utils.RbdError as exc:
+            self.report.skipped.append(f"RBD disks of {instance_uuid}: {exc}")
+
     def domains_without_record(self) -> None:
         for instance_uuid, domain in self.ours.items():
             if self.matched(instance_uuid) or self.busy(instance_uuid, domain.name()):
@@ -83,6 +103,9 @@ class _Pass:
                 self.report.instance_dirs.append(str(directory))
             if not self.report.dry_run:
                 self.drv.host.undefine(domain)
+            if instance_uuid not in self.records:  # else records_without_domain reaps it
+                self.reap_rbd_disks(instance_uuid, directory)
+            if not self.report.dry_run:
                 shutil.rmtree(directory, ignore_errors=True)
 
     def records_without_domain(self) -> None:
@@ -100,8 +123,9 @@ class _Pass:
             if domain is not None:
                 self.report.domains.append(domain.name())
             self.report.records.append(instance_uuid)
+            directory = Path(record.instance_dir or self.drv.instance_dir(instance_uuid))
+            self.reap_rbd_disks(instance_uuid, directory)
             if not self.report.dry_run:
-                directory = record.instance_dir or self.drv.instance_dir(instance_uuid)
                 shutil.rmtree(directory, ignore_errors=True)
                 self.drv.db.delete_instance(instance_uuid)
 
@@ -117,6 +141,7 @@ class _Pass:
             if self.busy(name, f"instance dir {name}"):
                 continue
             self.report.instance_dirs.append(str(entry))
+            self.reap_rbd_disks(name, entry)
             if not self.report.dry_run:
                 shutil.rmtree(entry, ignore_errors=True)
 

@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checksum", metavar="ALGO:HEX", help="md5, sha256 or sha512 of the source")
     p.add_argument("--property", metavar="K=V", action="append", default=[], help="image property")
+    p.add_argument(
+        "--store",
+        default="file",
+        choices=["file", "rbd"],
+        help="file (default) or rbd: raw in Ceph's [glance_store] rbd_store_pool",
+    )
     command("list", "list images", image)
     command("show", "show one image", image).add_argument("image")
     command("delete", "delete an image", image).add_argument("image")
@@ -719,6 +725,7 @@ def cmd_cleanup(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
         *(f"{verb} partial file {f}" for f in report.partial_files),
         *(f"{verb} free lock {name}" for name in report.locks),
         *(f"{verb} reservation of forwarded port {port}" for port in report.ports),
+        *(f"{verb} RBD disk {d}" for d in report.rbd_disks),
         *(f"skipped {s}" for s in report.skipped),
         f"{verb} {report.total()} leftovers" if report.total() else "nothing to clean up",
     ]
@@ -883,6 +890,7 @@ def cmd_image(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
                 properties=props,
                 checksum=args.checksum,
                 progress=bar.update,
+                store=args.store,
             )
         out.result(
             img.to_dict(),
@@ -930,6 +938,10 @@ def cmd_host_check(drv: LibvirtDriver, args: argparse.Namespace, out: Output) ->
     except MinidriverError as exc:
         problems.append(str(exc))
     free = st.f_bavail * st.f_frsize
+    ceph = None
+    if drv.uses_rbd:
+        ceph, ceph_problems = ceph_check(drv)
+        problems.extend(ceph_problems)
     data: dict[str, Any] = {
         "uri": drv.host.uri,
         "libvirt_version": version_string(conn.getLibVersion()),
@@ -940,10 +952,42 @@ def cmd_host_check(drv: LibvirtDriver, args: argparse.Namespace, out: Output) ->
         "free_bytes": free,
         "problems": problems,
     }
-    rows = [(k, v) for k, v in data.items() if k not in ("problems", "free_bytes")]
+    if ceph is not None:
+        data["ceph"] = ceph
+    rows = [(k, v) for k, v in data.items() if k not in ("problems", "free_bytes", "ceph")]
     rows.append(("free", human_size(free)))
+    if ceph is not None:
+        rows.extend((f"ceph {k}", v) for k, v in ceph.items() if v is not None)
     out.result(data, lambda: "\n".join([format_table(("check", "value"), rows), *problems]))
     return EXIT_ERROR if problems else EXIT_OK
+
+
+def ceph_check(drv: LibvirtDriver) -> tuple[dict[str, Any], list[str]]:
+    """With images_type = rbd: the cluster's fsid and health, and the pools of instance
+    disks and of images; each problem as one line."""
+    opts = drv.conf.libvirt
+    pools = {"pool": opts.images_rbd_pool, "images_pool": drv.conf.glance_store.rbd_store_pool}
+    report: dict[str, Any] = {
+        "conf": opts.images_rbd_ceph_conf or "(librados default)",
+        "fsid": None,
+        "health": None,
+        **pools,
+    }
+    problems = []
+    rbd = drv.rbd_driver()
+    try:
+        with rbd.connected():
+            report["fsid"] = rbd.get_fsid()
+            report["health"] = rbd.health()
+            for key, pool in pools.items():
+                try:
+                    rbd.check_pool(pool)
+                except MinidriverError as exc:
+                    report[key] = f"{pool} (missing)"
+                    problems.append(str(exc))
+    except MinidriverError as exc:
+        problems.append(str(exc) + (f" ({exc.hint})" if exc.hint else ""))
+    return report, problems
 
 
 def version_string(v: int) -> str:

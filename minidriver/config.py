@@ -11,6 +11,7 @@ import configparser
 import dataclasses
 import hashlib
 import os
+import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -87,6 +88,12 @@ class LibvirtOptions:
     # empty: /run/minidriver/ports as root, else $XDG_RUNTIME_DIR/minidriver/ports
     # (or /tmp/minidriver-<uid>/ports).
     port_reservations_path: str = ""
+    # images_type = rbd: root disks are RBD images <instance uuid>_disk in this pool.
+    images_rbd_pool: str = "rbd"
+    images_rbd_ceph_conf: str = ""  # empty: librados' own search (/etc/ceph/ceph.conf...)
+    rbd_user: str = ""  # the cephx user (client.<rbd_user>); empty: librados' default
+    rbd_secret_uuid: str = ""  # libvirt secret of rbd_user's key: QEMU's <auth>
+    rbd_connect_timeout: int = 5  # seconds to reach the cluster before a clear error
 
 
 @dataclass(frozen=True)
@@ -100,12 +107,23 @@ class ImageCacheOptions:
     manager_interval: int = 2400  # seconds between passes of `cache clean --loop`
 
 
+@dataclass(frozen=True)
+class GlanceStoreOptions:
+    """``[glance_store]``: Glance's rbd store, for ``image add --store rbd``.
+
+    The cluster is the one ``[libvirt]`` names (``images_rbd_ceph_conf``, ``rbd_user``):
+    a clone needs the image and the disk in the same cluster, so one host has one.
+    """
+
+    rbd_store_pool: str = "images"
+
+
 CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("DEFAULT", "preallocate_images"): ("none", "space"),
     ("DEFAULT", "config_drive_format"): ("iso9660", "vfat"),
     ("libvirt", "virt_type"): ("auto", "kvm", "qemu"),
     ("libvirt", "cpu_mode"): ("", "host-model", "host-passthrough", "custom", "none"),
-    ("libvirt", "images_type"): ("default", "qcow2", "raw", "flat"),
+    ("libvirt", "images_type"): ("default", "qcow2", "raw", "flat", "rbd"),
     ("libvirt", "network_mode"): ("user", "network", "bridge", "none"),
 }
 
@@ -113,6 +131,7 @@ SECTIONS: Mapping[str, type[Any]] = {
     "DEFAULT": DefaultOptions,
     "libvirt": LibvirtOptions,
     "image_cache": ImageCacheOptions,
+    "glance_store": GlanceStoreOptions,
 }
 FLAVOR_FIELDS = ("vcpus", "memory_mb", "root_gb", "ephemeral_gb", "swap")
 
@@ -124,6 +143,7 @@ class Config:
     default: DefaultOptions = field(default_factory=DefaultOptions)
     libvirt: LibvirtOptions = field(default_factory=LibvirtOptions)
     image_cache: ImageCacheOptions = field(default_factory=ImageCacheOptions)
+    glance_store: GlanceStoreOptions = field(default_factory=GlanceStoreOptions)
     flavors: Mapping[str, Flavor] = field(default_factory=lambda: dict(DEFAULT_FLAVORS))
     source: str | None = None  # the file it was read from, if any
 
@@ -248,6 +268,29 @@ def _flavor(parser: configparser.RawConfigParser, section: str) -> Flavor:
         raise ConfigError(str(exc)) from None
 
 
+def _check_rbd(opts: LibvirtOptions) -> None:
+    """QEMU authenticates as ``rbd_user`` with the key in libvirt's secret: a secret
+    without a user names nobody, and a secret uuid must be one."""
+    if opts.rbd_connect_timeout < 1:
+        raise ConfigError(
+            f"[libvirt] rbd_connect_timeout = {opts.rbd_connect_timeout}: at least 1 second"
+        )
+    if not opts.rbd_secret_uuid:
+        return
+    if not opts.rbd_user:
+        raise ConfigError(
+            "[libvirt] rbd_secret_uuid is set but rbd_user is not",
+            hint="set rbd_user to the cephx user whose key the libvirt secret holds",
+        )
+    try:
+        uuidlib.UUID(opts.rbd_secret_uuid)
+    except ValueError:
+        raise ConfigError(
+            f"[libvirt] rbd_secret_uuid = {opts.rbd_secret_uuid!r} is not a uuid",
+            hint="virsh secret-list shows the uuids of libvirt's secrets",
+        ) from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -279,7 +322,7 @@ def load_config(
         if section not in SECTIONS and not section.startswith("flavor:"):
             raise ConfigError(
                 f"unknown section [{section}] in {source}",
-                hint="sections: [DEFAULT], [libvirt], [image_cache], [flavor:NAME]",
+                hint="sections: [DEFAULT], [libvirt], [image_cache], [glance_store], [flavor:NAME]",
             )
     default: DefaultOptions = _section(parser, "DEFAULT", DefaultOptions)
     libvirt_opts = (
@@ -292,6 +335,12 @@ def load_config(
         if parser.has_section("image_cache")
         else ImageCacheOptions()
     )
+    glance_store = (
+        _section(parser, "glance_store", GlanceStoreOptions)
+        if parser.has_section("glance_store")
+        else GlanceStoreOptions()
+    )
+    _check_rbd(libvirt_opts)
     flavors = dict(DEFAULT_FLAVORS)
     for section in parser.sections():
         if section.startswith("flavor:"):
@@ -314,6 +363,7 @@ def load_config(
         default=default,
         libvirt=libvirt_opts,
         image_cache=image_cache,
+        glance_store=glance_store,
         flavors=flavors,
         source=source,
     )

@@ -25,7 +25,16 @@ from pathlib import Path
 
 import libvirt
 
-from minidriver import blockinfo, configdrive, guest, imagecache, snapshot, ssh
+from minidriver import (
+    blockinfo,
+    configdrive,
+    guest,
+    imagebackend,
+    imagecache,
+    rbd_utils,
+    snapshot,
+    ssh,
+)
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.exception import (
@@ -39,9 +48,10 @@ from minidriver.imagebackend import (
     Flat,
     FlavorDiskSmallerThanImage,
     Image,
-    backend_class,
+    Rbd,
     create_ephemeral,
     create_swap,
+    local_backend_class,
 )
 from minidriver.images import fetch, qemu_img
 from minidriver.images.inspect import UNINSPECTED
@@ -156,7 +166,15 @@ class LibvirtDriver:
         self.conf = conf
         self.host = host or Host(conf)
         self.db = Database(conf.database_path)
-        self.images = ImageService(self.db, conf.images_path, size_cap=conf.default.image_size_cap)
+        self.images = ImageService(
+            self.db,
+            conf.images_path,
+            size_cap=conf.default.image_size_cap,
+            rbd=lambda: self.rbd_driver(conf.glance_store.rbd_store_pool),
+            limits=qemu_img.resource_limits(
+                conf.libvirt.images_cpu_time_limit, conf.libvirt.images_address_space_limit
+            ),
+        )
         self.keypairs = KeyPairStore(conf.keypairs_path)
         self.ports = PortReservations(
             conf.port_reservations_path,
@@ -164,6 +182,21 @@ class LibvirtDriver:
             conf.libvirt.forward_port_max,
         )
         self.clock = clock
+
+    def rbd_driver(self, pool: str | None = None) -> rbd_utils.RBDDriver:
+        """A driver for ``pool`` (default ``images_rbd_pool``) of the configured
+        cluster; a new one per use, as a driver is not shared between threads."""
+        opts = self.conf.libvirt
+        return rbd_utils.RBDDriver(
+            pool or opts.images_rbd_pool,
+            opts.images_rbd_ceph_conf,
+            opts.rbd_user,
+            opts.rbd_connect_timeout,
+        )
+
+    @property
+    def uses_rbd(self) -> bool:
+        return self.conf.libvirt.images_type == "rbd"
 
     # -- lookups --------------------------------------------------------------
 
@@ -298,8 +331,13 @@ class LibvirtDriver:
         vif: VIF | None = None,
         key_name: str | None = None,
     ) -> libvirt.virDomain:
-        """Nova's spawn, step by step, with everything it creates on an undo list."""
-        with contextlib.ExitStack() as undo:
+        """Nova's spawn, step by step, with everything it creates on an undo list.
+
+        With ``images_type = rbd`` one connection to the cluster serves the whole
+        spawn; it outlives the undo list, which may need it to remove the root disk.
+        """
+        rbd = self.rbd_driver() if self.uses_rbd else None
+        with contextlib.ExitStack() as session, contextlib.ExitStack() as undo:
             step = "record"
             try:
                 self.db.create_instance(_record(instance, vif, key_name))
@@ -307,14 +345,7 @@ class LibvirtDriver:
 
                 if vif is not None and vif.mode is NetworkMode.USER:
                     step = "allocate_network"
-                    port = self.ports.reserve(
-                        state_path=self.conf.state_path,
-                        state_id=self.db.state_id,
-                        instance_uuid=instance.uuid,
-                    )
-                    undo.callback(self.ports.release, port, instance.uuid)
-                    vif = dataclasses.replace(vif, forward_port=port)
-                    self.db.update_instance(instance.uuid, forward_port=port)
+                    vif = self._reserve_forward_port(instance.uuid, vif, undo)
 
                 step = "get_disk_info"
                 disk_info = blockinfo.get_disk_info(
@@ -328,16 +359,28 @@ class LibvirtDriver:
                 )
                 step = "create_image"
                 undo.callback(shutil.rmtree, instance.instance_dir, ignore_errors=True)
+                network_disks: dict[str, guest.NetworkSource] = {}
+                if rbd is not None:
+                    self._connect_rbd(rbd, instance.uuid, session, undo)
                 formats = self.create_image(
-                    instance, disk_info, image, timer=timer, progress=progress
+                    instance, disk_info, image, timer=timer, progress=progress, rbd=rbd
                 )
+                if rbd is not None:
+                    network_disks["disk"] = self.rbd_network_source(rbd, instance.uuid)
                 step = "console"
                 instance_dir = Path(instance.instance_dir)
                 (instance_dir / "console.log").touch()
 
                 step = "define"
                 with timer.step(Step.DEFINE):
-                    domain = self._define(instance, image_meta, disk_info, formats, vif)
+                    domain = self._define(
+                        instance,
+                        image_meta,
+                        disk_info,
+                        formats,
+                        vif=vif,
+                        network_disks=network_disks,
+                    )
                 undo.callback(self._undefine, instance.name)
 
                 # Nova's post-XML callback: the config drive is made once the domain
@@ -371,19 +414,72 @@ class LibvirtDriver:
             undo.pop_all()
         return domain
 
+    def _reserve_forward_port(
+        self, instance_uuid: str, vif: VIF, undo: contextlib.ExitStack
+    ) -> VIF:
+        """User mode: a host port for the guest's SSH, recorded; the undo list frees it."""
+        port = self.ports.reserve(
+            state_path=self.conf.state_path,
+            state_id=self.db.state_id,
+            instance_uuid=instance_uuid,
+        )
+        undo.callback(self.ports.release, port, instance_uuid)
+        self.db.update_instance(instance_uuid, forward_port=port)
+        return dataclasses.replace(vif, forward_port=port)
+
+    def _connect_rbd(
+        self,
+        rbd: rbd_utils.RBDDriver,
+        instance_uuid: str,
+        session: contextlib.ExitStack,
+        undo: contextlib.ExitStack,
+    ) -> None:
+        """One connection for the spawn (``session``); an unreachable cluster or a
+        missing pool is one clear error before anything is made in it."""
+        session.enter_context(rbd.connected())
+        rbd.check_pool()
+        undo.callback(self._undo_rbd_disks, rbd, instance_uuid)
+
+    def _undo_rbd_disks(self, rbd: rbd_utils.RBDDriver, instance_uuid: str) -> None:
+        """Undo of a failed spawn: its RBD disks. A failure here is logged, never
+        raised: the spawn's own error is the one to report."""
+        try:
+            rbd.cleanup_volumes(instance_uuid)
+        except rbd_utils.RbdError as exc:
+            LOG.warning("could not remove the RBD disks of %s: %s", instance_uuid, exc)
+
+    def rbd_network_source(
+        self, rbd: rbd_utils.RBDDriver, instance_uuid: str, disk_name: str = "disk"
+    ) -> guest.NetworkSource:
+        """The root disk as QEMU reaches it: the monitors, and cephx auth when a
+        libvirt secret holds the key (Nova's ``rbd_user``/``rbd_secret_uuid``)."""
+        opts = self.conf.libvirt
+        auth = bool(opts.rbd_secret_uuid)
+        return guest.NetworkSource(
+            protocol="rbd",
+            name=f"{rbd.pool}/{instance_uuid}_{disk_name}",
+            hosts=tuple(guest.NetworkHost(h.name, h.port) for h in rbd.get_mon_addrs()),
+            auth_username=opts.rbd_user if auth else None,
+            secret_uuid=opts.rbd_secret_uuid if auth else None,
+        )
+
     def _define(
         self,
         instance: Instance,
         image_meta: ImageMeta,
         disk_info: DiskInfo,
         formats: dict[str, str],
+        *,
         vif: VIF | None,
+        network_disks: Mapping[str, guest.NetworkSource],
     ) -> libvirt.virDomain:
         """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
         take the chosen name between our check and our define (each counts its own
         names): then the next free name is taken and the XML made again."""
         for _attempt in range(DEFINE_ATTEMPTS):
-            xml = self.to_xml(instance, image_meta, disk_info, formats, vif)
+            xml = self.to_xml(
+                instance, image_meta, disk_info, formats, vif=vif, network_disks=network_disks
+            )
             (Path(instance.instance_dir) / "libvirt.xml").write_text(xml)
             try:
                 return self.host.define(xml)
@@ -414,25 +510,38 @@ class LibvirtDriver:
         *,
         timer: StepTimer,
         progress: fetch.Progress | None = None,
+        rbd: rbd_utils.RBDDriver | None = None,
     ) -> dict[str, str]:
         """Nova's ``_create_image``: the instance dir, the kernel and ramdisk of a kernel
         image, the root, ephemeral and swap disks.
 
-        Returns each disk's driver format, as written to ``disk.info``.
+        With ``rbd`` (``images_type = rbd``) the root disk is an RBD image in its pool;
+        ephemeral and swap stay files. Returns each disk's driver format, as written
+        to ``disk.info``.
         """
         instance_dir = Path(instance.instance_dir)
         instance_dir.mkdir(parents=True)
         instance_dir.chmod(0o755)
         if instance.kernel_id:
             self.create_kernel_ramdisk(instance, timer=timer, progress=progress)
-        backend = backend_class(self.conf)
+        backend = local_backend_class(self.conf)
         flavor = instance.flavor
 
         def disk(name: str) -> Image:
             return backend(self.conf, instance_dir / name, timer)
 
+        root: Image = disk("disk")
+        if rbd is not None:
+            root = Rbd(
+                self.conf,
+                timer,
+                driver=rbd,
+                instance_uuid=instance.uuid,
+                clone_location=self.clone_location(rbd, image),
+            )
         root_size = flavor.root_gb * GiB if flavor.root_gb else None
-        force_raw = self.conf.default.force_raw_images
+        # RBD holds raw data only: its base is raw whatever force_raw_images says.
+        force_raw = self.conf.default.force_raw_images or rbd is not None
         limits = qemu_img.resource_limits(
             self.conf.libvirt.images_cpu_time_limit, self.conf.libvirt.images_address_space_limit
         )
@@ -444,15 +553,16 @@ class LibvirtDriver:
             progress=progress,
             limits=limits,
             max_virtual_size=self.conf.libvirt.images_max_virtual_size,
+            open_data=self.images.open_data,
         )
         base_format = "raw" if force_raw else qemu_img.qemu_format(image.disk_format)
         # A cached base is checked again before a disk is made on it (cheaply: its head
         # and qemu-img info); the base the fetch makes is checked in full instead.
         fetch.recheck_base(self.conf.base_dir / base_filename(image.id), base_format, limits=limits)
-        instance.cache_hit = disk("disk").cache(
+        instance.cache_hit = root.cache(
             fetch_func, base_filename(image.id), root_size, base_format=base_format
         )
-        formats = {"disk": backend.driver_format}
+        formats = {"disk": root.driver_format}
         if "disk.local" in disk_info:
             disk("disk.local").cache(
                 partial(
@@ -476,7 +586,7 @@ class LibvirtDriver:
             formats["disk.swap"] = backend.driver_format
         if "disk.config" in disk_info:
             formats["disk.config"] = "raw"  # made after define (see _spawn)
-        write_disk_info(instance_dir, formats)
+        write_disk_info(instance_dir, formats, {"disk": os.fspath(root.path)})
         return formats
 
     def kernel_images(self, image_meta: ImageMeta) -> tuple[StoreImage | None, StoreImage | None]:
@@ -537,13 +647,25 @@ class LibvirtDriver:
                 base_format=image.disk_format,
             )
 
+    def clone_location(
+        self, rbd: rbd_utils.RBDDriver, image: StoreImage
+    ) -> rbd_utils.RbdLocation | None:
+        """Nova's ``Rbd.clone`` choice: the first of the image's locations that
+        ``is_cloneable`` (it logs why one is not); None: fetch and import instead."""
+        for location in image.locations:
+            if rbd.is_cloneable(location["url"], image.disk_format):
+                return rbd_utils.parse_url(location["url"])
+        return None
+
     def to_xml(
         self,
         instance: Instance,
         image_meta: ImageMeta,
         disk_info: DiskInfo,
         formats: dict[str, str],
+        *,
         vif: VIF | None = None,
+        network_disks: Mapping[str, guest.NetworkSource] | None = None,
     ) -> str:
         config = guest.get_guest_config(
             instance,
@@ -555,6 +677,7 @@ class LibvirtDriver:
             state_id=self.db.state_id,
             os_command_line=image_meta.os_command_line,
             vif=vif,
+            network_disks=network_disks,
         )
         return guest.to_xml(config)
 
@@ -623,13 +746,34 @@ class LibvirtDriver:
         cache stays.
         """
         record = self.db.get_instance(instance_uuid)
+        instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
         with external_lock(self.conf.locks_dir, instance_lock_name(record.uuid)):
             self._undefine(record.name)
-            shutil.rmtree(record.instance_dir or self.instance_dir(record.uuid), ignore_errors=True)
+            # Before the instance dir: its disk.info says where the RBD disks are. An
+            # unreachable cluster stops here, with the record kept for another try.
+            self.destroy_rbd_disks(record.uuid, instance_dir)
+            shutil.rmtree(instance_dir, ignore_errors=True)
             if record.forward_port is not None:
                 self.ports.release(record.forward_port, record.uuid)
             ssh.forget_host_key(self.conf.known_hosts_path, record.uuid, self.conf.locks_dir)
             self.db.delete_instance(record.uuid)
+
+    def rbd_pools_of(self, instance_dir: Path) -> set[str]:
+        """The pools holding an instance's RBD disks, from its ``disk.info``; without
+        one (a spawn that died early), the configured pool when images_type = rbd."""
+        recorded = read_disk_info(instance_dir)
+        if recorded is None:
+            return {self.conf.libvirt.images_rbd_pool} if self.uses_rbd else set()
+        return {parse_rbd_path(path)[0] for path in recorded if is_rbd_path(path)}
+
+    def destroy_rbd_disks(self, instance_uuid: str, instance_dir: Path) -> list[str]:
+        """Nova's ``cleanup_volumes`` for one instance: its ``<uuid>_*`` RBD images,
+        never an image's. Returns ``pool/name`` of each one removed."""
+        removed: list[str] = []
+        for pool in sorted(self.rbd_pools_of(instance_dir)):
+            names = self.rbd_driver(pool).cleanup_volumes(instance_uuid)
+            removed.extend(f"{pool}/{name}" for name in names)
+        return removed
 
     def get_info(self, instance_uuid: str) -> InstanceInfo:
         record = self.db.get_instance(instance_uuid)
@@ -701,13 +845,15 @@ class LibvirtDriver:
     def get_disks(self, instance_uuid: str) -> dict[str, DiskDetails]:
         """Every disk recorded in ``disk.info``, keyed by its disk_info name."""
         record = self.db.get_instance(instance_uuid)
-        instance_dir = Path(record.instance_dir)
-        try:
-            recorded = json.loads((instance_dir / "disk.info").read_text())
-        except FileNotFoundError:
+        recorded = read_disk_info(Path(record.instance_dir))
+        if recorded is None:
             return {}
         disks = {}
         for path, fmt in recorded.items():
+            if is_rbd_path(path):
+                pool, name = parse_rbd_path(path)
+                disks[name.removeprefix(f"{record.uuid}_")] = self._rbd_disk_details(pool, name)
+                continue
             info = qemu_img.info(path, fmt)
             backing_size = None
             if info.backing_file and info.backing_format:
@@ -723,6 +869,22 @@ class LibvirtDriver:
             )
         return disks
 
+    def _rbd_disk_details(self, pool: str, name: str) -> DiskDetails:
+        """An RBD disk as ``show`` describes a file: its size, its own data, and the
+        image snapshot it is a clone of (``rbd:pool/image@snap``) as its backing."""
+        rbd = self.rbd_driver(pool)
+        with rbd.connected():
+            parent = rbd.parent_info(name)
+            return DiskDetails(
+                path=imagebackend.rbd_path(pool, name),
+                format="raw",
+                virtual_size=rbd.size(name),
+                actual_size=rbd.allocated_bytes(name),
+                backing_file=f"rbd:{parent[0]}" if parent else None,
+                backing_format="raw" if parent else None,
+                backing_virtual_size=parent[1] if parent else None,
+            )
+
     # -- snapshots ------------------------------------------------------------
 
     def snapshot(self, instance_uuid: str, name: str) -> StoreImage:
@@ -730,39 +892,63 @@ class LibvirtDriver:
         record = self.db.get_instance(instance_uuid)
         domain = self._domain_of(instance_uuid)
         disk = Path(record.instance_dir) / "disk"
-        formats = json.loads((Path(record.instance_dir) / "disk.info").read_text())
-        disk_format = formats[os.fspath(disk)]
+        formats = read_disk_info(Path(record.instance_dir)) or {}
         try:
             parent = self.images.get(record.image_id)
         except ImageNotFound:
             parent = None  # deleted since the boot: the snapshot stands alone anyway
+        rbd_root = next((p for p in formats if is_rbd_path(p)), None)
+        if rbd_root is not None:
+            return self._direct_snapshot(record, rbd_root, name, parent)
+        disk_format = formats[os.fspath(disk)]
         with snapshot.work_dir(self.conf.instances_path) as work:
             out = work / "snapshot.qcow2"
             if domain.isActive():
                 snapshot.live(domain, disk, disk_format, work, out, clock=self.clock)
             else:
                 snapshot.cold(disk, disk_format, out)
-            properties = {
-                "image_type": "snapshot",
-                "instance_uuid": record.uuid,
-                "base_image_ref": record.image_id,
-            }
-            # As Nova's snapshot metadata: a disk booted from a kernel image still
-            # needs that kernel, ramdisk and command line.
-            if record.kernel_id:
-                properties["kernel_id"] = record.kernel_id
-            if record.ramdisk_id:
-                properties["ramdisk_id"] = record.ramdisk_id
-            if parent is not None and parent.to_image_meta().os_command_line:
-                properties["os_command_line"] = parent.to_image_meta().os_command_line
             return self.images.add(
                 out,
                 name=name,
                 disk_format="qcow2",
                 min_disk=parent.min_disk if parent else 0,
                 min_ram=parent.min_ram if parent else 0,
-                properties=properties,
+                properties=snapshot_properties(record, parent),
             )
+
+    def _direct_snapshot(
+        self, record: InstanceRecord, root_path: str, name: str, parent: StoreImage | None
+    ) -> StoreImage:
+        """Nova's direct snapshot of an RBD root disk, running or not (an RBD snapshot
+        is crash-consistent): the new image is a flattened clone in Ceph, recorded
+        with its rbd location, into the pool of the image the instance was booted
+        from when that is in this cluster (Nova's choice), else Glance's pool."""
+        pool, _name = parse_rbd_path(root_path)
+        rbd = self.rbd_driver(pool)
+        image_id = str(uuidlib.uuid4())
+        with rbd.connected():
+            origin = parent.rbd_location if parent else None
+            if origin is not None and origin.fsid == rbd.get_fsid():
+                dest_pool = origin.pool
+            else:
+                dest_pool = self.conf.glance_store.rbd_store_pool
+            root = Rbd(
+                self.conf, StepTimer(clock=self.clock), driver=rbd, instance_uuid=record.uuid
+            )
+            location = root.direct_snapshot(uuidlib.uuid4().hex, image_id, dest_pool)
+            try:
+                return self.images.add_location(
+                    image_id,
+                    name=name,
+                    url=location.url,
+                    size=rbd.size(image_id, dest_pool),
+                    min_disk=parent.min_disk if parent else 0,
+                    min_ram=parent.min_ram if parent else 0,
+                    properties=snapshot_properties(record, parent),
+                )
+            except BaseException:
+                rbd.remove_image(image_id, dest_pool)
+                raise
 
     # -- image cache ----------------------------------------------------------
 
@@ -828,16 +1014,59 @@ def check_flavor_fits(flavor: Flavor, image: ImageMeta, max_virtual_size: int = 
         )
 
 
-def write_disk_info(instance_dir: Path, formats: dict[str, str]) -> None:
-    """``disk.info``: JSON {path: format}, written once and never silently changed."""
+def write_disk_info(
+    instance_dir: Path, formats: dict[str, str], paths: Mapping[str, str] | None = None
+) -> None:
+    """``disk.info``: JSON {path: format}, written once and never silently changed.
+
+    ``paths`` names disks that are not files of the instance dir (an RBD root disk is
+    ``rbd:<pool>/<uuid>_disk``, as in Nova)."""
     path = instance_dir / "disk.info"
-    data = {os.fspath(instance_dir / name): fmt for name, fmt in formats.items()}
+    paths = paths or {}
+    data = {paths.get(name, os.fspath(instance_dir / name)): fmt for name, fmt in formats.items()}
     if path.exists():
         recorded = json.loads(path.read_text())
         if recorded != data:
             raise MinidriverError(f"{path} records {recorded}, not {data}")
         return
     path.write_text(json.dumps(data))
+
+
+def snapshot_properties(record: InstanceRecord, parent: StoreImage | None) -> dict[str, str]:
+    """Nova's snapshot metadata: where the image came from and, for a disk booted from
+    a kernel image, the kernel, ramdisk and command line it still needs."""
+    properties = {
+        "image_type": "snapshot",
+        "instance_uuid": record.uuid,
+        "base_image_ref": record.image_id,
+    }
+    if record.kernel_id:
+        properties["kernel_id"] = record.kernel_id
+    if record.ramdisk_id:
+        properties["ramdisk_id"] = record.ramdisk_id
+    command_line = parent.to_image_meta().os_command_line if parent else ""
+    if command_line:
+        properties["os_command_line"] = command_line
+    return properties
+
+
+def read_disk_info(instance_dir: Path) -> dict[str, str] | None:
+    """``disk.info`` as recorded; None when there is none."""
+    try:
+        recorded: dict[str, str] = json.loads((instance_dir / "disk.info").read_text())
+    except FileNotFoundError:
+        return None
+    return recorded
+
+
+def is_rbd_path(path: str) -> bool:
+    return path.startswith("rbd:")
+
+
+def parse_rbd_path(path: str) -> tuple[str, str]:
+    """``rbd:<pool>/<name>`` -> (pool, name)."""
+    pool, _, name = path.removeprefix("rbd:").partition("/")
+    return pool, name
 
 
 def _record(instance: Instance, vif: VIF | None, key_name: str | None) -> InstanceRecord:

@@ -3,6 +3,10 @@
 For each file a boot would create (or find cached): its path, format, virtual size and
 the exact command lines that make it, built by the same ``*_cmd`` functions the real
 code runs; then the domain XML. Nothing is written, nothing is defined.
+
+With ``images_type = rbd`` the cluster is asked (read only) whether the image can be
+cloned; the root disk's work is done through librbd, so its lines are the ``rbd``
+commands that do the same.
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ from minidriver.driver import (
 )
 from minidriver.imagebackend import (
     Qcow2,
+    Rbd,
     backend_class,
     copy_sparse_cmd,
+    local_backend_class,
     mkfs_cmd,
     mkswap_cmd,
+    rbd_path,
 )
 from minidriver.images import qemu_img
 from minidriver.images.store import Image as StoreImage
 from minidriver.network import VIF, NetworkMode, NetworkRequest, generate_mac_address
 from minidriver.objects import GiB, Instance, MiB
+from minidriver.rbd_utils import RbdLocation
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class Plan:
     def add(
         self, path: Path, fmt: str, size: int | None, cmds: list[list[str]], note: str = ""
     ) -> None:
-        """A file that may already be there (a cached base): then nothing runs for it."""
+        """A file a boot may make: nothing to run for it if it is there (cached)."""
         exists = path.exists()
         self.files.append(
             PlannedFile(
@@ -108,56 +116,166 @@ def explain(
     )
     instance_dir = conf.instances_path / instance.uuid
     instance.instance_dir = str(instance_dir)
-    base_dir = conf.base_dir
-    backend = backend_class(conf)
+    backend = local_backend_class(conf)
+    if backend_class(conf) is Rbd:
+        rbd = drv.rbd_driver()
+        with rbd.connected():
+            rbd.check_pool()
+            clone = drv.clone_location(rbd, image)
+            rbd_root = rbd_path(rbd.pool, f"{instance.uuid}_disk")
+            network_disks = {"disk": drv.rbd_network_source(rbd, instance.uuid)}
+    else:
+        clone, rbd_root, network_disks = None, None, {}
 
     # A kernel image's kernel and ramdisk: fetched as they are, copied into the
     # instance dir for <os> to name.
     for name, linked in (("kernel", kernel), ("ramdisk", ramdisk)):
         if linked is not None:
-            add_boot_file(plan, name, linked, base_dir, instance_dir)
+            add_boot_file(plan, name, linked, conf.base_dir, instance_dir)
+    add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
+    add_local_disks(plan, drv, instance_dir)
 
-    # Root: the download, the conversion, the optional _<GB> copy, the disk itself.
+    disk_info = blockinfo.get_disk_info(
+        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
+    )
+    formats = {m.name: backend.driver_format for m in disk_info}
+    if rbd_root is not None:
+        formats["disk"] = Rbd.driver_format
+    config = guest.get_guest_config(
+        instance,
+        disk_info,
+        formats,
+        instance_dir=instance_dir,
+        machine_type=conf.libvirt.hw_machine_type,
+        cpu_mode=conf.libvirt.cpu_mode,
+        state_id=drv.db.state_id,
+        cache="none",
+        network_disks=network_disks,
+        os_command_line=meta.os_command_line,
+        vif=planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt)),
+    )
+    plan.xml = guest.to_xml(config)
+    return plan
+
+
+def planned_vif(drv: LibvirtDriver, request: NetworkRequest) -> VIF | None:
+    """The NIC a boot would get: a fresh MAC and, in user mode, the port it would take
+    now (reserved only by the boot itself)."""
+    if request.mode is NetworkMode.NONE:
+        return None
+    port = drv.ports.first_free() if request.mode is NetworkMode.USER else None
+    return VIF(request.mode, generate_mac_address(), request.source, port)
+
+
+def add_boot_file(
+    plan: Plan, name: str, image: StoreImage, base_dir: Path, instance_dir: Path
+) -> None:
+    """A kernel or ramdisk image: its base, then the copy ``<os>`` names."""
     base = base_dir / base_filename(image.id)
-    source_fmt = qemu_img.qemu_format(image.disk_format)
-    force_raw = conf.default.force_raw_images
-    base_fmt = "raw" if force_raw else source_fmt
-    part = base.with_name(base.name + ".part")
     if not base.exists():
-        plan.add(part, source_fmt, meta.virtual_size, [], f"copy of {image.path}, sha512 verified")
-    if force_raw and source_fmt != "raw":
-        converted = base.with_name(base.name + ".converted")
-        plan.add(
-            base,
-            "raw",
-            meta.virtual_size,
-            [qemu_img.convert_cmd(part, source_fmt, converted, "raw")],
-            f"converted, then renamed from {converted.name}",
+        part = base.with_name(base.name + ".part")
+        plan.add(part, image.disk_format, image.size, [], f"copy of {image.path}, sha512 verified")
+    plan.add(base, image.disk_format, image.size, [], f"{name}, image {image.id}")
+    target = instance_dir / name
+    plan.files.append(
+        PlannedFile(
+            path=str(target),
+            format=image.disk_format,
+            virtual_size=image.size,
+            exists=False,
+            commands=(tuple(copy_sparse_cmd(base, target)),),
+            note=f"a full copy of {base_dir.name}/{base.name}",
         )
-    else:
-        plan.add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
-    root_size = flavor.root_gb * GiB if flavor.root_gb else None
-    backing = base
-    if backend is Qcow2 and conf.libvirt.resized_base_copies and root_size is not None:
-        resized = base.with_name(f"{base.name}_{flavor.root_gb}")
-        temp = resized.with_name(resized.name + ".part")
-        plan.add(
-            resized,
-            base_fmt,
-            root_size,
-            [copy_sparse_cmd(base, temp), qemu_img.resize_cmd(temp, base_fmt, root_size)],
-            f"a full copy, resized, renamed from {temp.name}",
-        )
-        backing, root_size = resized, None
-    add_disk(
-        plan,
-        instance_dir / "disk",
-        cow=backend is Qcow2,
-        backing=backing,
-        backing_fmt=base_fmt,
-        size=root_size,
     )
 
+
+def add_root_files(
+    plan: Plan,
+    drv: LibvirtDriver,
+    image: StoreImage,
+    instance_dir: Path,
+    *,
+    clone: RbdLocation | None,
+    rbd_root: str | None,
+) -> None:
+    """The root disk: a clone, or the download, the conversion, the optional _<GB>
+    copy and the disk itself (a file, or imported into RBD)."""
+    conf = drv.conf
+    flavor = drv.get_flavor(plan.flavor)
+    backend = local_backend_class(conf)
+    meta = image.to_image_meta()
+    root_size = flavor.root_gb * GiB if flavor.root_gb else None
+    base = conf.base_dir / base_filename(image.id)
+    source_fmt = qemu_img.qemu_format(image.disk_format)
+    force_raw = conf.default.force_raw_images or rbd_root is not None
+    base_fmt = "raw" if force_raw else source_fmt
+    part = base.with_name(base.name + ".part")
+    if clone is not None and rbd_root is not None:
+        plan.files.append(
+            PlannedFile(
+                path=rbd_root,
+                format="raw",
+                virtual_size=root_size,
+                exists=False,
+                commands=rbd_commands(["clone", str(clone), rbd_root], root_size),
+                note=f"a copy-on-write clone of {clone}: nothing is fetched",
+            )
+        )
+    else:
+        if not base.exists():
+            plan.add(
+                part, source_fmt, meta.virtual_size, [], f"copy of {image_source(image)}, verified"
+            )
+        if force_raw and source_fmt != "raw":
+            converted = base.with_name(base.name + ".converted")
+            plan.add(
+                base,
+                "raw",
+                meta.virtual_size,
+                [qemu_img.convert_cmd(part, source_fmt, converted, "raw")],
+                f"converted, then renamed from {converted.name}",
+            )
+        else:
+            plan.add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
+    if clone is None and rbd_root is not None:
+        plan.files.append(
+            PlannedFile(
+                path=rbd_root,
+                format="raw",
+                virtual_size=root_size,
+                exists=False,
+                commands=rbd_commands(["import", str(base), rbd_root], root_size),
+                note=f"{base.name} imported into the pool (the image is not cloneable)",
+            )
+        )
+    if rbd_root is None:
+        backing = base
+        if backend is Qcow2 and conf.libvirt.resized_base_copies and root_size is not None:
+            resized = base.with_name(f"{base.name}_{flavor.root_gb}")
+            temp = resized.with_name(resized.name + ".part")
+            plan.add(
+                resized,
+                base_fmt,
+                root_size,
+                [copy_sparse_cmd(base, temp), qemu_img.resize_cmd(temp, base_fmt, root_size)],
+                f"a full copy, resized, renamed from {temp.name}",
+            )
+            backing, root_size = resized, None
+        add_disk(
+            plan,
+            instance_dir / "disk",
+            cow=backend is Qcow2,
+            backing=backing,
+            backing_fmt=base_fmt,
+            size=root_size,
+        )
+
+
+def add_local_disks(plan: Plan, drv: LibvirtDriver, instance_dir: Path) -> None:
+    """Ephemeral and swap: formatted bases in _base, the instance's files on them."""
+    flavor = drv.get_flavor(plan.flavor)
+    backend = local_backend_class(drv.conf)
+    base_dir = drv.conf.base_dir
     if flavor.ephemeral_gb:
         eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
         temp = eph.with_name(eph.name + ".part")
@@ -197,55 +315,19 @@ def explain(
             size=size,
         )
 
-    disk_info = blockinfo.get_disk_info(
-        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
-    )
-    formats = {m.name: backend.driver_format for m in disk_info}
-    config = guest.get_guest_config(
-        instance,
-        disk_info,
-        formats,
-        instance_dir=instance_dir,
-        machine_type=conf.libvirt.hw_machine_type,
-        cpu_mode=conf.libvirt.cpu_mode,
-        state_id=drv.db.state_id,
-        cache="none",
-        os_command_line=meta.os_command_line,
-        vif=planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt)),
-    )
-    plan.xml = guest.to_xml(config)
-    return plan
+
+def image_source(image: StoreImage) -> str:
+    location = image.rbd_location
+    return str(location) if location is not None else str(image.path)
 
 
-def planned_vif(drv: LibvirtDriver, request: NetworkRequest) -> VIF | None:
-    """The NIC a boot would get: a fresh MAC and, in user mode, the port it would take
-    now (reserved only by the boot itself)."""
-    if request.mode is NetworkMode.NONE:
-        return None
-    port = drv.ports.first_free() if request.mode is NetworkMode.USER else None
-    return VIF(request.mode, generate_mac_address(), request.source, port)
-
-
-def add_boot_file(
-    plan: Plan, name: str, image: StoreImage, base_dir: Path, instance_dir: Path
-) -> None:
-    """A kernel or ramdisk image: its base, then the copy ``<os>`` names."""
-    base = base_dir / base_filename(image.id)
-    if not base.exists():
-        part = base.with_name(base.name + ".part")
-        plan.add(part, image.disk_format, image.size, [], f"copy of {image.path}, sha512 verified")
-    plan.add(base, image.disk_format, image.size, [], f"{name}, image {image.id}")
-    target = instance_dir / name
-    plan.files.append(
-        PlannedFile(
-            path=str(target),
-            format=image.disk_format,
-            virtual_size=image.size,
-            exists=False,
-            commands=(tuple(copy_sparse_cmd(base, target)),),
-            note=f"a full copy of {base_dir.name}/{base.name}",
-        )
-    )
+def rbd_commands(first: list[str], size: int | None) -> tuple[tuple[str, ...], ...]:
+    """The ``rbd`` command lines equal to what librbd is asked: ``first``, then the
+    resize to the flavor's root size (``rbd:`` dropped: the CLI takes pool/name)."""
+    cmds = [["rbd", *(a.removeprefix("rbd:") for a in first)]]
+    if size is not None:
+        cmds.append(["rbd", "resize", "--size", f"{size // MiB}M", cmds[0][-1]])
+    return tuple(tuple(c) for c in cmds)
 
 
 def add_disk(

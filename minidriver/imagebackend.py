@@ -4,6 +4,12 @@
 ``fetch_func``: a download, an ephemeral mkfs or a mkswap), then ``create_image``
 makes the instance's file from it: a qcow2 overlay (``Qcow2``) or a full copy
 (``Flat``, for ``images_type = raw/flat`` or ``use_cow_images = false``).
+
+``Rbd`` (``images_type = rbd``) keeps the root disk in Ceph as ``<instance uuid>_disk``:
+a copy-on-write clone of the image's protected snapshot when the image is in the same
+cluster, else the raw base is fetched into ``_base`` as for the others and imported
+into the pool (Nova imports it anew for each instance); then it is grown to the
+flavor's size.
 """
 
 from __future__ import annotations
@@ -11,16 +17,17 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from minidriver import rbd_utils
 from minidriver.config import Config
 from minidriver.exception import MinidriverError
 from minidriver.fileutils import publish, removed_on_error
 from minidriver.images import qemu_img
 from minidriver.images.inspect import UNINSPECTED
 from minidriver.lockutils import external_lock
-from minidriver.objects import GiB
+from minidriver.objects import GiB, MiB
 from minidriver.process import ResourceLimits, run
 from minidriver.steps import Step, StepTimer
 
@@ -86,9 +93,13 @@ class Image(abc.ABC):
             self.base_format = base_format
             self.verify_base_size(base, size, base_format, self.limits)
             if not self.exists():
-                with removed_on_error(self.path):
+                with self.removed_on_error():
                     self.create_image(base, size, timed=step is None)
         return hit
+
+    def removed_on_error(self) -> contextlib.AbstractContextManager[None]:
+        """Whatever ``create_image`` made is removed if it fails half-way."""
+        return removed_on_error(self.path)
 
     @property
     def limits(self) -> ResourceLimits:
@@ -168,6 +179,117 @@ class Flat(Image):
                 self.commands.append(qemu_img.resize(self.path, "raw", size))
 
 
+class Rbd(Image):
+    """The root disk as the RBD image ``<instance uuid>_<disk name>`` (Nova's names).
+
+    ``clone_location``: the image's cloneable snapshot (the driver asked
+    ``is_cloneable``), or None to fetch into ``_base`` and import. ``path`` is
+    ``rbd:<pool>/<name>``, as ``disk.info`` records it; it is no file.
+    """
+
+    driver_format = "raw"
+
+    def __init__(
+        self,
+        conf: Config,
+        timer: StepTimer,
+        *,
+        driver: rbd_utils.RBDDriver,
+        instance_uuid: str,
+        disk_name: str = "disk",
+        clone_location: rbd_utils.RbdLocation | None = None,
+    ) -> None:
+        self.driver = driver
+        self.rbd_name = f"{instance_uuid}_{disk_name}"
+        self.clone_location = clone_location
+        super().__init__(conf, Path(rbd_path(driver.pool, self.rbd_name)), timer)
+
+    @property
+    def source_name(self) -> str:
+        """``pool/name``: the domain XML's ``<source name=>``."""
+        return f"{self.driver.pool}/{self.rbd_name}"
+
+    def exists(self) -> bool:
+        return self.driver.exists(self.rbd_name)
+
+    def cache(
+        self,
+        fetch_func: FetchFunc,
+        filename: str,
+        size: int | None,
+        step: Step | None = None,
+        base_format: str = "raw",
+    ) -> bool:
+        """Clone when the image allows it (no base in ``_base`` at all; returns False:
+        no cached base was used), else the usual base, then an import."""
+        if self.clone_location is None:
+            return super().cache(fetch_func, filename, size, step, base_format)
+        with self.removed_on_error():
+            with self.timer.step(Step.CLONE):
+                self.driver.clone(self.clone_location, self.rbd_name)
+            self.commands.append(["rbd", "clone", str(self.clone_location), self.source_name])
+            self._grow(size, timed=True)
+        return False
+
+    def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
+        """Nova's ``Rbd.create_image`` past the fetch: import the raw base, grow it."""
+        if self.base_format != "raw":
+            raise MinidriverError(f"base {base} is {self.base_format}: rbd imports raw only")
+        with self._step(Step.IMPORT, timed):
+            self.driver.import_image(base, self.rbd_name)
+        self.commands.append(["rbd", "import", os.fspath(base), self.source_name])
+        self._grow(size, timed=timed)
+
+    def _grow(self, size: int | None, *, timed: bool) -> None:
+        if size is None:
+            return
+        current = self.driver.size(self.rbd_name)
+        if size < current:
+            raise FlavorDiskSmallerThanImage(
+                f"flavor's disk ({size} bytes) is smaller than the image ({current} bytes)",
+                hint="choose a flavor with a larger root_gb",
+            )
+        if size > current:
+            with self._step(Step.RESIZE, timed):
+                self.driver.resize(self.rbd_name, size)
+            self.commands.append(["rbd", "resize", "--size", f"{size // MiB}M", self.source_name])
+
+    @contextlib.contextmanager
+    def removed_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(rbd_utils.RbdError):
+                self.driver.remove_image(self.rbd_name)
+            raise
+
+    def direct_snapshot(
+        self, snapshot_name: str, image_id: str, dest_pool: str
+    ) -> rbd_utils.RbdLocation:
+        """Nova's ``direct_snapshot``: an RBD snapshot of the disk, cloned into
+        ``dest_pool`` as ``image_id``, flattened (it must outlive this disk), with its
+        own protected ``snap``. The disk's temporary snapshot goes in every outcome."""
+        driver = self.driver
+        source = rbd_utils.RbdLocation(driver.get_fsid(), driver.pool, self.rbd_name, snapshot_name)
+        driver.create_snap(self.rbd_name, snapshot_name, protect=True)
+        try:
+            driver.clone(source, image_id, dest_pool)
+            try:
+                driver.flatten(image_id, dest_pool)
+                driver.create_snap(image_id, rbd_utils.IMAGE_SNAPSHOT, dest_pool, protect=True)
+            except BaseException:
+                driver.remove_image(image_id, dest_pool)
+                raise
+        finally:
+            driver.remove_snap(self.rbd_name, snapshot_name, unprotect=True)
+        return rbd_utils.RbdLocation(source.fsid, dest_pool, image_id, rbd_utils.IMAGE_SNAPSHOT)
+
+
+def rbd_path(pool: str, name: str) -> str:
+    """How ``disk.info`` and ``show`` name an RBD disk (Nova's ``rbd:pool/name``)."""
+    return f"rbd:{pool}/{name}"
+
+
 def copy_sparse_cmd(source: Path, dest: Path) -> list[str]:
     return ["cp", "--sparse=always", "--reflink=auto", os.fspath(source), os.fspath(dest)]
 
@@ -187,7 +309,16 @@ def mkswap_cmd(target: Path) -> list[str]:
 def backend_class(conf: Config) -> type[Image]:
     """Nova's choice: ``images_type``, with ``default`` following ``use_cow_images``."""
     images_type = conf.libvirt.images_type
-    if images_type == "default":
+    if images_type == "rbd":
+        return Rbd
+    return local_backend_class(conf)
+
+
+def local_backend_class(conf: Config) -> type[Image]:
+    """The backend of disks kept in files: all of them, or with ``images_type = rbd``
+    the ephemeral and swap disks (the root alone goes to Ceph)."""
+    images_type = conf.libvirt.images_type
+    if images_type in ("default", "rbd"):
         return Qcow2 if conf.default.use_cow_images else Flat
     return Qcow2 if images_type == "qcow2" else Flat
 
@@ -220,7 +351,10 @@ __all__ = [
     "FlavorDiskSmallerThanImage",
     "Image",
     "Qcow2",
+    "Rbd",
     "backend_class",
     "create_ephemeral",
     "create_swap",
+    "local_backend_class",
+    "rbd_path",
 ]

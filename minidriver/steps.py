@@ -25,6 +25,8 @@ class Step(enum.StrEnum):
     # Added by later features; they extend the list, never rename it.
     CONFIG_DRIVE = "config_drive"
     KERNEL_RAMDISK = "kernel_ramdisk"  # a kernel image's kernel and ramdisk, fetch and copy
+    CLONE = "clone"  # images_type = rbd: a copy-on-write clone of the image's snapshot
+    IMPORT = "import"  # images_type = rbd: the raw base written into the pool
 
 
 # (step, seconds, finished): called when a step starts (finished False) and ends.

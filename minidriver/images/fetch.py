@@ -20,18 +20,29 @@ import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minidriver.exception import ImageUnacceptable, MinidriverError
 from minidriver.fileutils import publish, removed_on_error
 from minidriver.images import inspect, qemu_img
-from minidriver.images.store import Image
+from minidriver.images.inspect import Readable
 from minidriver.process import ResourceLimits
 from minidriver.steps import Step, StepTimer
+
+if TYPE_CHECKING:  # the store imports this module for its own checks
+    from minidriver.images.store import Image
 
 CHUNK = 1024 * 1024
 # (bytes done, bytes total) while copying, for a progress bar.
 Progress = Callable[[int, int], None]
+# The image's data, for reading: its file, or its rbd snapshot (ImageService.open_data).
+OpenData = Callable[["Image"], AbstractContextManager[Readable]]
+
+
+def open_file(image: Image) -> AbstractContextManager[Readable]:
+    return open(image.path, "rb")
 
 
 class InsufficientSpace(MinidriverError):
@@ -80,12 +91,17 @@ def _describe(image: Image) -> str:
     return f"image {image.name} ({image.id})"
 
 
-def download(image: Image, dest: Path, progress: Progress | None = None) -> None:
-    """Copy the image's file to ``dest``, verifying Glance's multihash and the size
+def download(
+    image: Image,
+    dest: Path,
+    progress: Progress | None = None,
+    open_data: OpenData = open_file,
+) -> None:
+    """Copy the image's data to ``dest``, verifying Glance's multihash and the size
     on the way."""
     hasher = hashlib.new(image.os_hash_algo or "sha512")
     done = 0
-    with open(image.path, "rb") as src, open(dest, "wb") as out:
+    with open_data(image) as src, open(dest, "wb") as out:
         while chunk := src.read(CHUNK):
             out.write(chunk)
             hasher.update(chunk)
@@ -105,7 +121,7 @@ def download(image: Image, dest: Path, progress: Progress | None = None) -> None
         )
 
 
-def _agree(label: str, path: Path, glance_format: str, limits: ResourceLimits | None) -> int:
+def agree(label: str, path: Path, glance_format: str, limits: ResourceLimits | None) -> int:
     """The format inspector has passed ``path`` as ``glance_format``; qemu-img, reading
     it with that format pinned, must see the same: no backing or data file, the same
     virtual size. Returns that size."""
@@ -139,7 +155,7 @@ def verify(
     """
     if image.disk_format in inspect.UNINSPECTED:
         return path.stat().st_size
-    return _agree(f"{image.name} ({image.id})", path, image.disk_format, limits)
+    return agree(f"{image.name} ({image.id})", path, image.disk_format, limits)
 
 
 def check_virtual_size(image: Image, virtual_size: int, max_virtual_size: int) -> None:
@@ -195,6 +211,7 @@ def fetch_to_raw(
     progress: Progress | None = None,
     limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS,
     max_virtual_size: int = 0,
+    open_data: OpenData = open_file,
 ) -> str:
     """Bring ``image`` into ``target``; returns the base's format (raw, or the image's).
 
@@ -220,7 +237,7 @@ def fetch_to_raw(
             needed = image.size + ((image.virtual_size or 0) if convert else 0)
             ensure_free_space(base_dir, needed, fetching)
             with out_of_space_is_clear(base_dir, fetching):
-                download(image, part, progress)
+                download(image, part, progress, open_data)
             virtual_size = verify(part, image, limits)
             if kernel:
                 fmt = image.disk_format

@@ -8,6 +8,12 @@ sha512 ``os_hash_value``), so that code written against Glance reads the same he
 written to ``<id>.part``; only a file that passed every check is renamed to ``<id>``
 and its record made active. A record is written first, as ``saving``, so that an
 interrupted add is visible in the list rather than a silent stray file.
+
+``add(..., store="rbd")`` is Glance's rbd store: the same checked copy, converted to
+raw when it is not (qemu-img must agree with the inspector first, and the result is
+inspected again), then written into the pool as an RBD image named by the image id,
+with a protected snapshot ``snap`` to clone from; the location recorded is
+``rbd://<fsid>/<pool>/<id>/snap`` and the checksums are of the raw data stored.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO, Final, TypedDict
 
+from minidriver import rbd_utils
 from minidriver.db import Database, resolve, utc_now
 from minidriver.exception import (
     ImageNotFound,
@@ -34,9 +41,10 @@ from minidriver.exception import (
     MinidriverError,
 )
 from minidriver.fileutils import fsync_dir
-from minidriver.images import download, inspect
+from minidriver.images import download, fetch, inspect, qemu_img
 from minidriver.images.inspect import Readable
 from minidriver.objects import ImageMeta
+from minidriver.process import ResourceLimits
 
 CHUNK_SIZE: Final = 1024 * 1024
 # Glance's image_size_cap default: the largest image add accepts.
@@ -46,6 +54,10 @@ OS_HASH_ALGO: Final = "sha512"
 # Glance's container formats that hold one bare disk; ovf, ova, docker and
 # compressed wrap it in something no format inspector reads.
 CONTAINER_FORMATS: Final = ("bare", "ami", "aki", "ari")
+
+# Where ``add`` puts the data: a file under images_path, or an RBD image (Glance's
+# stores of those names).
+STORES: Final = ("file", "rbd")
 
 # The hex length of each checksum algorithm ``add`` verifies.
 CHECKSUM_ALGOS: Final[Mapping[str, int]] = {"md5": 32, "sha256": 64, "sha512": 128}
@@ -103,6 +115,14 @@ class Image:
             f"image {self.id} has no file (status {self.status})",
             hint="an image has its file once it is active",
         )
+
+    @property
+    def rbd_location(self) -> rbd_utils.RbdLocation | None:
+        """The first ``rbd://`` location, if the image is stored in Ceph."""
+        for location in self.locations:
+            if rbd_utils.is_rbd_url(location["url"]):
+                return rbd_utils.parse_url(location["url"])
+        return None
 
     def to_image_meta(self) -> ImageMeta:
         return ImageMeta(
@@ -191,14 +211,34 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class ImageService:
-    """Glance's image API, on the local state dir."""
+    """Glance's image API, on the local state dir.
+
+    ``rbd`` makes a driver for Glance's rbd store pool (a new one per use: a driver
+    is not shared between threads); without it ``store="rbd"`` is refused.
+    """
 
     def __init__(
-        self, db: Database, images_path: Path, *, size_cap: int = DEFAULT_SIZE_CAP
+        self,
+        db: Database,
+        images_path: Path,
+        *,
+        size_cap: int = DEFAULT_SIZE_CAP,
+        rbd: Callable[[], rbd_utils.RBDDriver] | None = None,
+        limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS,
     ) -> None:
         self.db = db
         self.images_path = images_path
         self.size_cap = size_cap
+        self.rbd = rbd
+        self.limits = limits
+
+    def rbd_driver(self) -> rbd_utils.RBDDriver:
+        if self.rbd is None:
+            raise ImageStoreError(
+                "this image service has no rbd store",
+                hint="configure [glance_store] rbd_store_pool and the cluster in [libvirt]",
+            )
+        return self.rbd()
 
     def add(
         self,
@@ -212,12 +252,14 @@ class ImageService:
         properties: Mapping[str, str] | None = None,
         checksum: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        store: str = "file",
     ) -> Image:
         """Copy ``source`` (a path, or an http(s) URL) into the store; the active image.
 
         ``disk_format`` must match the content (``auto`` takes what is detected);
         ``checksum`` (``md5:HEX``, ``sha256:HEX``, ``sha512:HEX``) must match the
-        bytes. On any failure nothing is left: no file, no record.
+        bytes. ``store``: ``file``, or ``rbd`` (stored as raw in Ceph). On any failure
+        nothing is left: no file, no RBD image, no record.
         """
         # Refuse bad arguments before any byte is copied.
         if isinstance(source, str) and "://" in source:
@@ -230,50 +272,69 @@ class ImageService:
             )
         if min_disk < 0 or min_ram < 0:
             raise ImageUnacceptable("min_disk and min_ram must not be negative")
-        expected = _parse_checksum(checksum) if checksum is not None else None
-
-        image_id = str(uuid.uuid4())
-        now = utc_now()
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO images (id, name, disk_format, container_format, min_disk, "
-                "min_ram, status, created_at, updated_at, properties) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    image_id,
-                    name,
-                    disk_format,
-                    container_format,
-                    min_disk,
-                    min_ram,
-                    ImageStatus.SAVING,
-                    now,
-                    now,
-                    json.dumps(dict(properties or {}), sort_keys=True),
-                ),
+        if store not in STORES:
+            raise ImageStoreError(
+                f"store {store!r} is not one of: {', '.join(STORES)}",
+                hint="--store file (the default) or --store rbd",
             )
-        part = self.images_path / f"{image_id}.part"
-        final = self.images_path / image_id
-        try:
-            detected, hashes = self._copy(source, part, disk_format, expected, progress)
-            if expected is not None and hashes[expected[0]] != expected[1]:
-                raise ImageUnacceptable(
-                    f"image {_label(source)} is refused: its {expected[0]} checksum is "
-                    f"{hashes[expected[0]]}, not {expected[1]}",
-                    hint="the file is corrupt or not the one the checksum is for",
+        if store == "rbd" and disk_format in inspect.UNINSPECTED:
+            raise ImageUnacceptable(
+                f"a {disk_format} (kernel or ramdisk) is no disk to store in rbd",
+                hint="add kernels and ramdisks to the file store (--store file)",
+            )
+        expected = _parse_checksum(checksum) if checksum is not None else None
+        rbd = self.rbd_driver() if store == "rbd" else None
+
+        # With rbd, the cluster and its pool are checked before any byte is copied.
+        with rbd.connected() if rbd else contextlib.nullcontext():
+            if rbd is not None:
+                rbd.check_pool()
+            image_id = str(uuid.uuid4())
+            now = utc_now()
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO images (id, name, disk_format, container_format, min_disk, "
+                    "min_ram, status, created_at, updated_at, properties) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        image_id,
+                        name,
+                        disk_format,
+                        container_format,
+                        min_disk,
+                        min_ram,
+                        ImageStatus.SAVING,
+                        now,
+                        now,
+                        json.dumps(dict(properties or {}), sort_keys=True),
+                    ),
                 )
-            self._activate(image_id, part, final, detected, hashes)
-        except BaseException as exc:
-            part.unlink(missing_ok=True)
-            final.unlink(missing_ok=True)
-            # The original error matters more than a failed clean-up; a record left
-            # behind stays visible as "saving".
-            with contextlib.suppress(MinidriverError):
-                self._forget(image_id)
-            if isinstance(exc, OSError):
-                raise self._os_error(source, exc) from exc
-            raise
-        return self.get(image_id)
+            part = self.images_path / f"{image_id}.part"
+            final = self.images_path / image_id
+            try:
+                detected, hashes = self._copy(source, part, disk_format, expected, progress)
+                if expected is not None and hashes[expected[0]] != expected[1]:
+                    raise ImageUnacceptable(
+                        f"image {_label(source)} is refused: its {expected[0]} checksum is "
+                        f"{hashes[expected[0]]}, not {expected[1]}",
+                        hint="the file is corrupt or not the one the checksum is for",
+                    )
+                if rbd is None:
+                    self._activate(image_id, part, final, detected, hashes)
+                else:
+                    self._activate_rbd(rbd, image_id, part, detected, _label(source))
+            except BaseException as exc:
+                part.unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
+                part.with_suffix(".raw").unlink(missing_ok=True)
+                # The original error matters more than a failed clean-up; a record left
+                # behind stays visible as "saving".
+                with contextlib.suppress(MinidriverError):
+                    self._forget(image_id)
+                if isinstance(exc, OSError):
+                    raise self._os_error(source, exc) from exc
+                raise
+            return self.get(image_id)
 
     def _os_error(self, source: Path | str, exc: OSError) -> MinidriverError:
         if exc.filename == os.fspath(source):
@@ -365,6 +426,114 @@ class ImageService:
             # The rename durable before the record says active.
             fsync_dir(self.images_path)
 
+    def _to_raw(self, part: Path, detected: inspect.DetectedImage, label: str) -> Path:
+        """The checked copy as raw: itself, or converted next to it (``<id>.raw``)
+        after qemu-img agreed with the inspector; the result is inspected again."""
+        if detected.format == "raw":
+            return part
+        fmt = qemu_img.qemu_format(detected.format)
+        virtual_size = fetch.agree(label, part, detected.format, self.limits)
+        if virtual_size > self.size_cap:
+            raise ImageUnacceptable(
+                f"image {label} is refused: as raw it is {virtual_size} bytes, over the"
+                f" store's image_size_cap ({self.size_cap} bytes)",
+                hint="raise [DEFAULT] image_size_cap, or use a smaller image",
+            )
+        raw = part.with_suffix(".raw")
+        converting = f"converting {label} to raw"
+        fetch.ensure_free_space(self.images_path, virtual_size, converting)
+        with fetch.out_of_space_is_clear(self.images_path, converting):
+            qemu_img.convert(part, fmt, raw, "raw")
+        inspect.check_image(raw, "raw", label=f"{label} as raw")
+        part.unlink()
+        return raw
+
+    def _activate_rbd(
+        self,
+        rbd: rbd_utils.RBDDriver,
+        image_id: str,
+        part: Path,
+        detected: inspect.DetectedImage,
+        label: str,
+    ) -> None:
+        """Glance's rbd store ``add``: raw data into the pool, a protected snapshot."""
+        raw = self._to_raw(part, detected, label)
+        hashers = {"md5": hashlib.md5(usedforsecurity=False), OS_HASH_ALGO: hashlib.sha512()}
+
+        def hash_chunk(chunk: bytes) -> None:
+            for hasher in hashers.values():
+                hasher.update(chunk)
+
+        location = rbd_utils.RbdLocation(
+            rbd.get_fsid(), rbd.pool, image_id, rbd_utils.IMAGE_SNAPSHOT
+        )
+        rbd.import_image(raw, image_id, on_chunk=hash_chunk)
+        try:
+            rbd.create_snap(image_id, location.snapshot, protect=True)
+            size = raw.stat().st_size
+            with self.db.transaction() as conn:
+                row = conn.execute("SELECT id FROM images WHERE id = ?", (image_id,)).fetchone()
+                if row is None:
+                    raise ImageNotFound(f"image {image_id} was deleted while it was being added")
+                conn.execute(
+                    "UPDATE images SET disk_format = 'raw', size = ?, virtual_size = ?, "
+                    "checksum = ?, os_hash_algo = ?, os_hash_value = ?, status = ?, "
+                    "updated_at = ?, locations = ? WHERE id = ?",
+                    (
+                        size,
+                        size,
+                        hashers["md5"].hexdigest(),
+                        OS_HASH_ALGO,
+                        hashers[OS_HASH_ALGO].hexdigest(),
+                        ImageStatus.ACTIVE,
+                        utc_now(),
+                        json.dumps([{"url": location.url, "metadata": {}}]),
+                        image_id,
+                    ),
+                )
+        except BaseException:
+            rbd.remove_image(image_id)
+            raise
+        finally:
+            raw.unlink(missing_ok=True)
+
+    def add_location(
+        self,
+        image_id: str,
+        *,
+        name: str,
+        url: str,
+        size: int,
+        disk_format: str = "raw",
+        min_disk: int = 0,
+        min_ram: int = 0,
+        properties: Mapping[str, str] | None = None,
+    ) -> Image:
+        """An active image whose data already sits at ``url`` (Glance's image create
+        plus location add, as Nova's direct snapshot does): no checksum, no copy."""
+        now = utc_now()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO images (id, name, disk_format, container_format, size, "
+                "virtual_size, min_disk, min_ram, status, created_at, updated_at, "
+                "properties, locations) VALUES (?, ?, ?, 'bare', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    image_id,
+                    name,
+                    disk_format,
+                    size,
+                    size if disk_format == "raw" else None,
+                    min_disk,
+                    min_ram,
+                    ImageStatus.ACTIVE,
+                    now,
+                    now,
+                    json.dumps(dict(properties or {}), sort_keys=True),
+                    json.dumps([{"url": url, "metadata": {}}]),
+                ),
+            )
+        return self.get(image_id)
+
     def _forget(self, image_id: str) -> None:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
@@ -397,11 +566,26 @@ class ImageService:
 
     def delete(self, ref: str) -> None:
         image = self.get(ref)
+        location = image.rbd_location
+        if location is not None:
+            # Glance's order for rbd: the snapshot (refused while clones use it), the
+            # image, then the record; a refusal leaves the image whole.
+            rbd = self.rbd_driver()
+            with rbd.connected():
+                rbd.remove_snap(location.image, location.snapshot, location.pool, unprotect=True)
+                rbd.remove_image(location.image, location.pool)
         # The record goes first: a file without a record is garbage, a record without
         # its file would be an image that fails at boot.
         self._forget(image.id)
         for path in (self.images_path / image.id, self.images_path / f"{image.id}.part"):
             path.unlink(missing_ok=True)
+
+    def open_data(self, image: Image) -> contextlib.AbstractContextManager[Readable]:
+        """The image's data for reading, wherever it is stored (fetch's source)."""
+        location = image.rbd_location
+        if location is not None:
+            return self.rbd_driver().open_location(location)
+        return open(image.path, "rb")
 
     def open(self, ref: str) -> BinaryIO:
         """The image's data, for reading (as Glance's download)."""

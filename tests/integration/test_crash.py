@@ -38,7 +38,7 @@ def stall():
     marker.write_text(point)
     time.sleep(3600)
 
-def half_download(image, dest, progress=None):
+def half_download(image, dest, progress=None, open_data=None):
     with open(image.path, "rb") as src, open(dest, "wb") as out:
         out.write(src.read(1 << 20))
     stall()
@@ -129,7 +129,7 @@ def test_kill_9_then_cleanup_then_boot(
     assert list((instances / "locks").iterdir()) == []
     assert run_json(minidriver(state, uri, "--json", "cleanup", "--dry-run")) == {
         "dry_run": True, "domains": [], "records": [], "instance_dirs": [],
-        "partial_files": [], "locks": [], "ports": [], "skipped": [],
+        "partial_files": [], "locks": [], "ports": [], "rbd_disks": [], "skipped": [],
     }  # fmt: skip
 
     boot = run_json(

@@ -140,3 +140,52 @@ def test_embed_root_stays_short_for_long_state_paths(tmp_path: Path) -> None:
     assert len(str(deep.embed_root)) <= EMBED_ROOT_MAX
     other = load_config(None, state_dir=tmp_path / ("y" * 80), environ={})
     assert deep.embed_root != other.embed_root
+
+
+def test_rbd_options_with_nova_names_and_defaults(tmp_path: Path) -> None:
+    conf = load_config(None, state_dir=tmp_path, environ={})
+    assert conf.libvirt.images_rbd_pool == "rbd"
+    assert conf.libvirt.images_rbd_ceph_conf == ""
+    assert conf.libvirt.rbd_user == ""
+    assert conf.libvirt.rbd_secret_uuid == ""
+    assert conf.libvirt.rbd_connect_timeout == 5
+    assert conf.glance_store.rbd_store_pool == "images"
+
+    path = write(
+        tmp_path,
+        """
+[libvirt]
+images_type = rbd
+images_rbd_pool = vms
+images_rbd_ceph_conf = /etc/ceph/lab.conf
+rbd_user = nova
+rbd_secret_uuid = 457eb676-33da-42ec-9a8c-9293d545c337
+rbd_connect_timeout = 2
+
+[glance_store]
+rbd_store_pool = glance
+""",
+    )
+    conf = load_config(path, state_dir=tmp_path, environ={})
+    assert conf.libvirt.images_type == "rbd"
+    assert conf.libvirt.images_rbd_pool == "vms"
+    assert conf.libvirt.images_rbd_ceph_conf == "/etc/ceph/lab.conf"
+    assert conf.libvirt.rbd_user == "nova"
+    assert conf.libvirt.rbd_secret_uuid == "457eb676-33da-42ec-9a8c-9293d545c337"
+    assert conf.libvirt.rbd_connect_timeout == 2
+    assert conf.glance_store.rbd_store_pool == "glance"
+
+
+@pytest.mark.parametrize(
+    ("libvirt", "message"),
+    [
+        ("rbd_secret_uuid = 457eb676-33da-42ec-9a8c-9293d545c337", "rbd_user is not"),
+        ("rbd_user = nova\nrbd_secret_uuid = not-a-uuid", "is not a uuid"),
+        ("rbd_connect_timeout = 0", "at least 1 second"),
+        ("images_type = ceph", "is not one of: default, qcow2, raw, flat, rbd"),
+    ],
+)
+def test_bad_rbd_options_are_refused(tmp_path: Path, libvirt: str, message: str) -> None:
+    path = write(tmp_path, f"[libvirt]\n{libvirt}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, state_dir=tmp_path, environ={})

@@ -46,8 +46,8 @@ SOURCE_VIRTUAL = 64 * MiB
 SOURCE_DATA = 4 * MiB  # written with pattern 0xab at offset 0
 PATTERN = 0xAB
 # The contract's names, and the steps later features added: the config drive, a
-# kernel image's kernel and ramdisk.
-TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive", "kernel_ramdisk"}
+# kernel image's kernel and ramdisk, the rbd clone and import.
+TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive", "kernel_ramdisk", "clone", "import"}
 # The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
 NANO_DISKS = {"disk": 1 * GiB, "disk.local": 1 * GiB, "disk.swap": 64 * MiB}
 

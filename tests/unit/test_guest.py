@@ -24,17 +24,40 @@ USER_VIF = VIF(NetworkMode.USER, MAC, forward_port=10022)
 # The most disks an instance can have: root, ephemeral, swap and a vfat config drive,
 # all virtio (each a PCI device libvirt places itself), beside the user-mode NIC.
 MOST_DISKS = Flavor("most", 1, 128, 1, ephemeral_gb=1, swap=16)
-CASES: dict[str, tuple[Flavor, dict[str, str], str, str | None, VIF | None]] = {
-    "t1.nano-qemu": (NANO, {}, "qemu", None, None),
-    "m1.small-kvm": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", None, None),
-    "t1.nano-config-drive": (NANO, {}, "qemu", "iso9660", None),
-    "scsi-bus": (Flavor("two", 2, 256, 2, swap=16), {"hw_disk_bus": "scsi"}, "qemu", None, None),
+# images_type = rbd: the root disk in Ceph, through the dev cluster's monitor (and a
+# second one, as real clusters have), with and without cephx auth.
+MONS = (guest.NetworkHost("127.0.0.1", "6789"), guest.NetworkHost("fd00::2", "6789"))
+RBD_ROOT = guest.NetworkSource(protocol="rbd", name=f"rbd/{INSTANCE_DIR.name}_disk", hosts=MONS)
+RBD_ROOT_AUTH = guest.NetworkSource(
+    protocol="rbd",
+    name=f"vms/{INSTANCE_DIR.name}_disk",
+    hosts=MONS,
+    auth_username="nova",
+    secret_uuid="457eb676-33da-42ec-9a8c-9293d545c337",
+)
+
+# flavor, image properties, virt_type, config drive format, NIC, root disk in Ceph
+Case = tuple[Flavor, dict[str, str], str, str | None, VIF | None, guest.NetworkSource | None]
+CASES: dict[str, Case] = {
+    "t1.nano-qemu": (NANO, {}, "qemu", None, None, None),
+    "m1.small-kvm": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", None, None, None),
+    "t1.nano-config-drive": (NANO, {}, "qemu", "iso9660", None, None),
+    "scsi-bus": (
+        Flavor("two", 2, 256, 2, swap=16),
+        {"hw_disk_bus": "scsi"},
+        "qemu",
+        None,
+        None,
+        None,
+    ),
     # The four network modes (none: no interface at all).
-    "net-user": (NANO, {}, "qemu", None, USER_VIF),
-    "net-network": (NANO, {}, "qemu", None, VIF(NetworkMode.NETWORK, MAC, "labnet")),
-    "net-bridge": (NANO, {}, "qemu", None, VIF(NetworkMode.BRIDGE, MAC, "br-lab")),
-    "net-none": (NANO, {}, "qemu", None, VIF(NetworkMode.NONE, MAC)),
-    "net-user-most-disks": (MOST_DISKS, {}, "qemu", "vfat", USER_VIF),
+    "net-user": (NANO, {}, "qemu", None, USER_VIF, None),
+    "net-network": (NANO, {}, "qemu", None, VIF(NetworkMode.NETWORK, MAC, "labnet"), None),
+    "net-bridge": (NANO, {}, "qemu", None, VIF(NetworkMode.BRIDGE, MAC, "br-lab"), None),
+    "net-none": (NANO, {}, "qemu", None, VIF(NetworkMode.NONE, MAC), None),
+    "net-user-most-disks": (MOST_DISKS, {}, "qemu", "vfat", USER_VIF, None),
+    "t1.nano-rbd": (NANO, {}, "qemu", None, None, RBD_ROOT),
+    "m1.small-rbd-auth": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", "iso9660", None, RBD_ROOT_AUTH),
 }
 # The test driver's node, with the libvirt network the network mode names.
 NODE_WITH_NETWORK = TEST_DRIVER_NODE.replace(
@@ -50,6 +73,7 @@ def render(
     virt_type: str,
     config_drive: str | None,
     vif: VIF | None = None,
+    rbd_root: guest.NetworkSource | None = None,
     display_name: str = "web-1",
 ) -> str:
     image = ImageMeta(id="c036d689-0336-4fcd-a8e0-4aed4dd5e420", name="x", disk_format="qcow2")
@@ -65,6 +89,8 @@ def render(
     )
     disk_info = blockinfo.get_disk_info(virt_type, flavor, image, config_drive_format=config_drive)
     formats = {m.name: ("raw" if m.name == "disk.config" else "qcow2") for m in disk_info}
+    if rbd_root is not None:
+        formats["disk"] = "raw"
     config = guest.get_guest_config(
         instance,
         disk_info,
@@ -75,6 +101,7 @@ def render(
         state_id="0b5a3c44-2a41-4ad4-9a39-5a1f2f0c0d77",
         cache="none",
         vif=vif,
+        network_disks={"disk": rbd_root} if rbd_root else None,
     )
     return guest.to_xml(config)
 
@@ -199,3 +226,24 @@ def test_cachemode_matches_what_dd_can_do(where: str, tmp_path: Path) -> None:
     before = set(directory.iterdir())
     assert guest.disk_cachemode(directory) == ("none" if dd.returncode == 0 else "writeback")
     assert set(directory.iterdir()) == before, "the probe file was left behind"
+
+
+def test_rbd_root_is_a_network_disk_and_the_others_stay_files() -> None:
+    tree = etree.fromstring(render(*CASES["m1.small-rbd-auth"]).encode())
+    root, *others = tree.findall("devices/disk")
+    assert root.get("type") == "network"
+    assert root.findall("target")[0].get("dev") == "vda"
+    assert root.findall("driver")[0].get("type") == "raw"
+    (source,) = root.findall("source")
+    assert (source.get("protocol"), source.get("name")) == ("rbd", RBD_ROOT_AUTH.name)
+    assert [(h.get("name"), h.get("port")) for h in source.iterfind("host")] == [
+        ("127.0.0.1", "6789"),
+        ("fd00::2", "6789"),
+    ]
+    (auth,) = root.findall("auth")
+    (secret,) = auth.findall("secret")
+    assert auth.get("username") == "nova"
+    assert (secret.get("type"), secret.get("uuid")) == ("ceph", RBD_ROOT_AUTH.secret_uuid)
+    assert all(d.get("type") == "file" for d in others)
+    no_auth = etree.fromstring(render(*CASES["t1.nano-rbd"]).encode())
+    assert no_auth.findall("devices/disk/auth") == []

@@ -1,0 +1,299 @@
+"""images_type = rbd on a real Ceph cluster (scripts/ceph-dev-cluster): the test guest
+booted from an image in Ceph (a clone, nothing fetched), from an image in the file
+store (fetch + import), from a direct snapshot; destroy and the faults.
+
+The cluster comes from ``MINIDRIVER_TEST_CEPH_CONF`` (its ceph.conf). Without it these
+tests skip, except under CI, where they fail: CI starts the cluster for them. Every
+RBD image a test makes is named by a fresh uuid and removed by that test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from minidriver import cli, rbd_utils
+from minidriver.driver import LibvirtDriver, SpawnError
+from minidriver.images.store import Image
+from minidriver.objects import GiB, MiB
+
+pytestmark = pytest.mark.integration
+
+ROOT_LINE = r"^minidriver-guest: disk vda 1073741824 root"
+READY = r"^minidriver-guest: ready"
+
+
+@pytest.fixture(scope="session")
+def ceph_conf() -> str:
+    conf = os.environ.get("MINIDRIVER_TEST_CEPH_CONF", "")
+    if not conf:
+        why = "MINIDRIVER_TEST_CEPH_CONF is not set (conf=$(scripts/ceph-dev-cluster start))"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}: CI must start the Ceph dev cluster for these tests")
+        pytest.skip(why)
+    if not Path(conf).is_file():
+        pytest.fail(f"MINIDRIVER_TEST_CEPH_CONF={conf}: no such file")
+    return conf
+
+
+@pytest.fixture
+def rbd_drv(driver: LibvirtDriver, ceph_conf: str) -> LibvirtDriver:
+    """The session's driver (its host, its state dir) with images_type = rbd."""
+    conf = driver.conf.with_libvirt(images_type="rbd", images_rbd_ceph_conf=ceph_conf)
+    return LibvirtDriver(conf, host=driver.host)
+
+
+@pytest.fixture
+def images(rbd_drv: LibvirtDriver) -> Iterator[list[Image]]:
+    """Images a test adds (newest first at the end); deleted after it, newest first."""
+    made: list[Image] = []
+    yield made
+    for image in reversed(made):
+        with contextlib.suppress(Exception):
+            rbd_drv.images.delete(image.id)
+
+
+@pytest.fixture
+def instances(rbd_drv: LibvirtDriver) -> Iterator[list[str]]:
+    """Uuids of instances a test boots; destroyed after it."""
+    made: list[str] = []
+    yield made
+    for instance_uuid in made:
+        with contextlib.suppress(Exception):
+            rbd_drv.destroy(instance_uuid)
+
+
+def in_pool(drv: LibvirtDriver, pool: str, prefix: str) -> list[str]:
+    return [n for n in drv.rbd_driver(pool).list_images() if n.startswith(prefix)]
+
+
+def console_log(drv: LibvirtDriver, instance_uuid: str) -> Path:
+    return Path(drv.db.get_instance(instance_uuid).instance_dir) / "console.log"
+
+
+def base_of(drv: LibvirtDriver, image_id: str) -> Path:
+    return drv.conf.base_dir / hashlib.sha1(image_id.encode()).hexdigest()
+
+
+def assert_nothing_left(drv: LibvirtDriver, instance_uuid: str) -> None:
+    assert instance_uuid not in {r.uuid for r in drv.db.list_instances()}
+    assert not drv.instance_dir(instance_uuid).exists()
+    assert in_pool(drv, drv.conf.libvirt.images_rbd_pool, instance_uuid) == []
+    assert instance_uuid not in drv.owned_domains()
+
+
+def test_boot_from_an_rbd_image_is_a_clone_of_its_snapshot(
+    rbd_drv: LibvirtDriver,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+) -> None:
+    image = rbd_drv.images.add(test_image, name="rbd-clone", disk_format="qcow2", store="rbd")
+    images.append(image)
+    rbd = rbd_drv.rbd_driver()
+    fsid = rbd.get_fsid()
+    # Glance's rbd store: raw, a protected snapshot, the location of that snapshot.
+    assert image.disk_format == "raw"
+    assert image.size == image.virtual_size == 64 * MiB
+    assert [loc["url"] for loc in image.locations] == [f"rbd://{fsid}/images/{image.id}/snap"]
+    assert in_pool(rbd_drv, "images", image.id) == [image.id]
+
+    inst = rbd_drv.spawn(name="rbd-clone", image=image.id, flavor="t1.nano")
+    instances.append(inst.uuid)
+    disk = f"{inst.uuid}_disk"
+    assert not base_of(rbd_drv, image.id).exists(), "nothing may be downloaded into _base"
+    assert inst.timings["clone"] > 0
+    assert inst.timings["fetch"] == inst.timings["convert"] == inst.timings["import"] == 0
+    parent = rbd.parent_info(disk)
+    assert parent == (rbd_utils.RbdLocation(fsid, "images", image.id, "snap"), 64 * MiB)
+    assert rbd.size(disk) == GiB
+    root = rbd_drv.get_disks(inst.uuid)["disk"]
+    assert root.path == f"rbd:rbd/{disk}"
+    assert root.backing_file == f"rbd:images/{image.id}@snap"
+    assert (root.virtual_size, root.backing_virtual_size) == (GiB, 64 * MiB)
+    wait_console(console_log(rbd_drv, inst.uuid), ROOT_LINE)
+    wait_console(console_log(rbd_drv, inst.uuid), READY)
+
+    # The image is in use: deleting it is refused, and it stays whole.
+    with pytest.raises(rbd_utils.RbdImageBusy, match=rf"1 clone\(s\): rbd/{disk}"):
+        rbd_drv.images.delete(image.id)
+    assert rbd.children(image.id, "snap", "images") == [f"rbd/{disk}"]
+
+    rbd_drv.destroy(inst.uuid)
+    assert_nothing_left(rbd_drv, inst.uuid)
+    assert in_pool(rbd_drv, "images", image.id) == [image.id], "never an image's RBD"
+    rbd_drv.images.delete(image.id)
+    assert in_pool(rbd_drv, "images", image.id) == []
+
+
+def test_boot_from_a_file_image_fetches_and_imports(
+    rbd_drv: LibvirtDriver,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+) -> None:
+    image = rbd_drv.images.add(test_image, name="rbd-import", disk_format="qcow2")
+    images.append(image)
+    inst = rbd_drv.spawn(name="rbd-import", image=image.id, flavor="t1.nano")
+    instances.append(inst.uuid)
+    assert inst.timings["fetch"] > 0
+    assert inst.timings["convert"] > 0
+    assert inst.timings["import"] > 0
+    assert inst.timings["clone"] == 0
+    assert base_of(rbd_drv, image.id).is_file()
+    rbd = rbd_drv.rbd_driver()
+    assert rbd.parent_info(f"{inst.uuid}_disk") is None
+    assert rbd.size(f"{inst.uuid}_disk") == GiB
+    recorded = json.loads((Path(inst.instance_dir) / "disk.info").read_text())
+    assert recorded[f"rbd:rbd/{inst.uuid}_disk"] == "raw"
+    assert recorded[f"{inst.instance_dir}/disk.local"] == "qcow2", "ephemeral stays a file"
+    wait_console(console_log(rbd_drv, inst.uuid), ROOT_LINE)
+    rbd_drv.destroy(inst.uuid)
+    assert_nothing_left(rbd_drv, inst.uuid)
+
+
+def test_direct_snapshot_boots_with_the_next_boot_count(
+    rbd_drv: LibvirtDriver,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+) -> None:
+    image = rbd_drv.images.add(test_image, name="rbd-src", disk_format="qcow2", store="rbd")
+    images.append(image)
+    inst = rbd_drv.spawn(name="rbd-src", image=image.id, flavor="t1.nano")
+    instances.append(inst.uuid)
+    wait_console(console_log(rbd_drv, inst.uuid), r"^minidriver-guest: boot-count 1")
+    wait_console(console_log(rbd_drv, inst.uuid), READY)
+
+    snap = rbd_drv.snapshot(inst.uuid, "rbd-snap")  # the guest runs on
+    images.append(snap)
+    rbd = rbd_drv.rbd_driver()
+    assert [loc["url"] for loc in snap.locations] == [
+        f"rbd://{rbd.get_fsid()}/images/{snap.id}/snap"
+    ]
+    assert snap.properties["instance_uuid"] == inst.uuid
+    assert rbd_drv.get_info(inst.uuid).state == "running"
+    # Flattened: it stands alone; the disk's temporary snapshot is gone.
+    assert rbd.parent_info(snap.id, "images") is None
+    with rbd.image(f"{inst.uuid}_disk") as disk:
+        assert list(disk.list_snaps()) == []
+
+    child = rbd_drv.spawn(name="rbd-child", image=snap.id, flavor="t1.nano")
+    instances.append(child.uuid)
+    assert child.timings["clone"] > 0
+    wait_console(console_log(rbd_drv, child.uuid), r"^minidriver-guest: boot-count 2")
+    for instance_uuid in (child.uuid, inst.uuid):
+        rbd_drv.destroy(instance_uuid)
+        assert_nothing_left(rbd_drv, instance_uuid)
+
+
+def test_unprotected_image_snapshot_falls_back_to_import(
+    rbd_drv: LibvirtDriver,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    image = rbd_drv.images.add(test_image, name="rbd-unprot", disk_format="qcow2", store="rbd")
+    images.append(image)
+    with rbd_drv.rbd_driver("images").image(image.id) as rbd_image:
+        rbd_image.unprotect_snap("snap")
+    with caplog.at_level(logging.WARNING, logger="minidriver.rbd_utils"):
+        inst = rbd_drv.spawn(name="rbd-unprot", image=image.id, flavor="t1.nano")
+    instances.append(inst.uuid)
+    assert f"snapshot images/{image.id}@snap is not protected" in caplog.text
+    assert "fetching and importing the image instead" in caplog.text
+    assert inst.timings["clone"] == 0
+    assert inst.timings["fetch"] > 0, "fetched from its rbd snapshot, hash checked"
+    assert inst.timings["import"] > 0
+    assert rbd_drv.rbd_driver().parent_info(f"{inst.uuid}_disk") is None
+    wait_console(console_log(rbd_drv, inst.uuid), ROOT_LINE)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_cluster_down_at_spawn_is_a_clear_error_and_leaves_nothing(
+    rbd_drv: LibvirtDriver, test_image_id: str, tmp_path: Path
+) -> None:
+    down = tmp_path / "down.conf"
+    down.write_text(f"[global]\nmon host = 127.0.0.1:{closed_port()}\n")
+    drv = LibvirtDriver(
+        rbd_drv.conf.with_libvirt(images_rbd_ceph_conf=str(down), rbd_connect_timeout=2),
+        host=rbd_drv.host,
+    )
+    before = set(rbd_drv.owned_domains())
+    with pytest.raises(SpawnError) as err:
+        drv.spawn(name="rbd-down", image=test_image_id, flavor="t1.nano")
+    assert err.value.step == "create_image"
+    assert "cannot reach the Ceph cluster" in str(err.value)
+    assert "within 2 s" in str(err.value)
+    assert err.value.hint is not None
+    assert err.value.instance is not None
+    instance_uuid = err.value.instance.uuid
+    assert_nothing_left(rbd_drv, instance_uuid)
+    assert set(rbd_drv.owned_domains()) == before
+
+
+def test_missing_pool_is_a_clear_error_and_leaves_nothing(
+    rbd_drv: LibvirtDriver, test_image_id: str
+) -> None:
+    pool = f"missing-{uuid.uuid4().hex[:8]}"
+    drv = LibvirtDriver(rbd_drv.conf.with_libvirt(images_rbd_pool=pool), host=rbd_drv.host)
+    with pytest.raises(SpawnError, match=f"Ceph pool '{pool}' does not exist") as err:
+        drv.spawn(name="rbd-nopool", image=test_image_id, flavor="t1.nano")
+    assert err.value.hint is not None
+    assert f"ceph osd pool create {pool}" in err.value.hint
+    assert err.value.instance is not None
+    assert_nothing_left(rbd_drv, err.value.instance.uuid)
+
+
+def test_cli_host_check_and_image_add_store_rbd(
+    rbd_drv: LibvirtDriver,
+    ceph_conf: str,
+    test_image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tmp_path / "rbd.conf"
+    config.write_text(f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n")
+    state = ["--config", str(config), "--state-dir", str(rbd_drv.conf.state_path), "--json"]
+
+    assert cli.main(["host", "check", *state], host=rbd_drv.host) == 0
+    check = json.loads(capsys.readouterr().out)
+    fsid = rbd_drv.rbd_driver().get_fsid()
+    assert check["ceph"]["fsid"] == fsid
+    assert check["ceph"]["health"].startswith("HEALTH_")
+    assert (check["ceph"]["pool"], check["ceph"]["images_pool"]) == ("rbd", "images")
+
+    argv = ["image", "add", str(test_image), "--name", "cli-rbd", "--store", "rbd", *state]
+    assert cli.main(argv, host=rbd_drv.host) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["locations"][0]["url"] == f"rbd://{fsid}/images/{added['id']}/snap"
+    assert cli.main(["image", "delete", added["id"], *state], host=rbd_drv.host) == 0
+    capsys.readouterr()
+    assert in_pool(rbd_drv, "images", added["id"]) == []
+
+    config.write_text(config.read_text() + "images_rbd_pool = nowhere\n")
+    assert cli.main(["host", "check", *state], host=rbd_drv.host) == 1
+    check = json.loads(capsys.readouterr().out)
+    assert check["ceph"]["pool"] == "nowhere (missing)"
+    assert any("'nowhere' does not exist" in p for p in check["problems"])
