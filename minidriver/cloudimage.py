@@ -34,7 +34,6 @@ last line on stdout.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -53,7 +52,7 @@ from pathlib import Path
 from minidriver.exception import MinidriverError, ProcessExecutionError
 from minidriver.fileutils import publish
 from minidriver.process import run
-from minidriver.testimage import parse_apt_records, resolve_kernel_package
+from minidriver.testimage import builder_main, parse_apt_records, resolve_kernel_package
 
 # Bump when the builder changes what it produces (part of the cache key).
 BUILDER_VERSION = "1"
@@ -863,32 +862,14 @@ def build(out_dir: Path | None = None, *, force: bool = False, log: Log = _stder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """Prints the image's kernel command line (its ``os_command_line``) on stdout."""
+    return builder_main(
+        argv,
         prog="build-cloud-image",
         description="Build a minimal Debian cloud guest (qcow2, kernel, initrd, command line).",
+        out_help=f"output directory (default: {default_output_dir()})",
+        build=lambda out, force: build(out, force=force).cmdline,
     )
-    parser.add_argument(
-        "out_dir",
-        nargs="?",
-        type=Path,
-        help=f"output directory (default: {default_output_dir()})",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    args = parser.parse_args(argv)
-    try:
-        image = build(args.out_dir, force=args.force)
-    except MinidriverError as exc:
-        hint = f" ({exc.hint})" if exc.hint else ""
-        print(f"build-cloud-image: error: {exc}{hint}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"build-cloud-image: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("build-cloud-image: interrupted", file=sys.stderr)
-        return 130
-    print(image.cmdline)
-    return 0
 
 
 if __name__ == "__main__":

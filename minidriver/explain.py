@@ -211,15 +211,12 @@ def add_root_files(
     base_fmt = "raw" if force_raw else source_fmt
     part = base.with_name(base.name + ".part")
     if clone is not None and rbd_root is not None:
-        plan.files.append(
-            PlannedFile(
-                path=rbd_root,
-                format="raw",
-                virtual_size=root_size,
-                exists=False,
-                commands=rbd_commands(["clone", str(clone), rbd_root], root_size),
-                note=f"a copy-on-write clone of {clone}: nothing is fetched",
-            )
+        add_rbd_root(
+            plan,
+            rbd_root,
+            root_size,
+            ["clone", str(clone), rbd_root],
+            f"a copy-on-write clone of {clone}: nothing is fetched",
         )
     else:
         if not base.exists():
@@ -238,15 +235,12 @@ def add_root_files(
         else:
             plan.add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
     if clone is None and rbd_root is not None:
-        plan.files.append(
-            PlannedFile(
-                path=rbd_root,
-                format="raw",
-                virtual_size=root_size,
-                exists=False,
-                commands=rbd_commands(["import", str(base), rbd_root], root_size),
-                note=f"{base.name} imported into the pool (the image is not cloneable)",
-            )
+        add_rbd_root(
+            plan,
+            rbd_root,
+            root_size,
+            ["import", str(base), rbd_root],
+            f"{base.name} imported into the pool (the image is not cloneable)",
         )
     if rbd_root is None:
         backing = base
@@ -319,6 +313,20 @@ def add_local_disks(plan: Plan, drv: LibvirtDriver, instance_dir: Path) -> None:
 def image_source(image: StoreImage) -> str:
     location = image.rbd_location
     return str(location) if location is not None else str(image.path)
+
+
+def add_rbd_root(plan: Plan, rbd_root: str, size: int | None, first: list[str], note: str) -> None:
+    """The root disk in the pool, made by ``rbd <first...>`` and grown to ``size``."""
+    plan.files.append(
+        PlannedFile(
+            path=rbd_root,
+            format="raw",
+            virtual_size=size,
+            exists=False,
+            commands=rbd_commands(first, size),
+            note=note,
+        )
+    )
 
 
 def rbd_commands(first: list[str], size: int | None) -> tuple[tuple[str, ...], ...]:

@@ -697,32 +697,48 @@ def build(out: Path | None = None, *, force: bool = False, log: Log = print) -> 
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="build-test-image",
-        description="Build the tiny BIOS test guest (qcow2) the integration tests boot.",
-    )
-    parser.add_argument(
-        "out",
-        nargs="?",
-        type=Path,
-        help=f"image file (*.qcow2) or directory (default: {default_output_dir()})",
-    )
+def builder_main(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    out_help: str,
+    build: Callable[[Path | None, bool], str | None],
+) -> int:
+    """The command line of an image builder: ``[OUT] [--force]``; errors are one line
+    on stderr and exit 1. ``build`` may return a line to print on stdout."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("out", nargs="?", type=Path, help=out_help)
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
     try:
-        build(args.out, force=args.force)
+        line = build(args.out, args.force)
     except MinidriverError as exc:
         hint = f" ({exc.hint})" if exc.hint else ""
-        print(f"build-test-image: error: {exc}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"build-test-image: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("build-test-image: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    if line is not None:
+        print(line)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def build_quietly(out: Path | None, force: bool) -> None:
+        build(out, force=force)
+
+    return builder_main(
+        argv,
+        prog="build-test-image",
+        description="Build the tiny BIOS test guest (qcow2) the integration tests boot.",
+        out_help=f"image file (*.qcow2) or directory (default: {default_output_dir()})",
+        build=build_quietly,
+    )
 
 
 if __name__ == "__main__":
