@@ -186,6 +186,20 @@ def node_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def conf(tmp_path: Path, node_file: Path) -> Config:
+    """A state dir of this test's own on its own test-driver node (unit tests)."""
+    return load_config(None, state_dir=tmp_path / "state", environ={}).with_libvirt(
+        connection_uri=f"test://{node_file}", virt_type="qemu"
+    )
+
+
+@pytest.fixture
+def drv(conf: Config, make_driver: Callable[[Config], LibvirtDriver]) -> LibvirtDriver:
+    """The driver on ``conf``: libvirt's test driver, real files, real SQLite."""
+    return make_driver(conf)
+
+
+@pytest.fixture
 def make_driver() -> Iterator[Callable[[Config], LibvirtDriver]]:
     """Drivers made in a test, their connections and databases closed after it."""
     made: list[LibvirtDriver] = []

@@ -159,18 +159,6 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def conf(tmp_path: Path, node_file: Path) -> Config:
-    return load_config(None, state_dir=tmp_path / "state", environ={}).with_libvirt(
-        connection_uri=f"test://{node_file}", virt_type="qemu"
-    )
-
-
-@pytest.fixture
-def drv(conf: Config, make_driver: Callable[[Config], LibvirtDriver]) -> LibvirtDriver:
-    return make_driver(conf)
-
-
-@pytest.fixture
 def image_id(drv: LibvirtDriver, source_image: Path) -> str:
     return drv.images.add(source_image, name="cirros", disk_format="qcow2").id
 

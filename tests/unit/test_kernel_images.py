@@ -14,14 +14,13 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
 from minidriver.cli import main
-from minidriver.config import Config, load_config
+from minidriver.config import load_config
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.exception import ImageNotFound, ImageUnacceptable
 from minidriver.host import Host
@@ -31,18 +30,6 @@ MiB = 1024**2
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def conf(tmp_path: Path, node_file: Path) -> Config:
-    return load_config(None, state_dir=tmp_path / "state", environ={}).with_libvirt(
-        connection_uri=f"test://{node_file}", virt_type="qemu"
-    )
-
-
-@pytest.fixture
-def drv(conf: Config, make_driver: Callable[[Config], LibvirtDriver]) -> LibvirtDriver:
-    return make_driver(conf)
 
 
 @pytest.fixture
