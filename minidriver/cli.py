@@ -41,6 +41,7 @@ from minidriver.objects import Instance
 from minidriver.steps import Step
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process that SIGPIPE ended
 TEST_IMAGE_NAME = "minidriver-test-guest"
 
 
@@ -1091,6 +1092,11 @@ def main(argv: Sequence[str] | None = None, *, host: Host | None = None) -> int:
         if args.debug:
             logging.exception("failed")
         die(out, MinidriverError(f"libvirt: {exc.get_error_message()}"), EXIT_ERROR)
+    except BrokenPipeError:
+        # The reader went away (`minidriver list --json | head`): nothing more to say
+        # to it, and no traceback when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         if args.debug:
             logging.exception("failed")

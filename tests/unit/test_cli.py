@@ -17,6 +17,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1058,3 +1059,19 @@ def test_console_follow_streams_what_is_appended(
 
     assert r.code == 0, r
     assert r.out == CONSOLE_TEXT + "minidriver-guest: more\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`minidriver ... | head`: stdout closed before the command writes; no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minidriver", "--state-dir", str(tmp_path), "--json",
+         "flavor", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""
