@@ -78,20 +78,26 @@ class _Pass:
         record, domain = self.records.get(instance_uuid), self.ours.get(instance_uuid)
         return record is not None and domain is not None and record.name == domain.name()
 
-    def reap_rbd_disks(self, instance_uuid: str, directory: Path) -> None:
+    def reap_rbd_disks(self, instance_uuid: str, directory: Path) -> bool:
         """The RBD disks of an instance being reaped; before its dir, whose disk.info
-        says where they are. An unreachable cluster is reported, not fatal."""
+        says where they are. An unreachable cluster is reported and returns False: the
+        caller then keeps the dir and the record, the only trace of those disks, for
+        the next cleanup (as ``destroy`` keeps the record)."""
         try:
             if not self.report.dry_run:
                 self.report.rbd_disks.extend(self.drv.destroy_rbd_disks(instance_uuid, directory))
-                return
+                return True
             for pool in sorted(self.drv.rbd_pools_of(directory)):
                 names = self.drv.rbd_driver(pool).list_images()
                 self.report.rbd_disks.extend(
                     f"{pool}/{n}" for n in names if n.startswith(f"{instance_uuid}_")
                 )
         except rbd_utils.RbdError as exc:
-            self.report.skipped.append(f"RBD disks of {instance_uuid}: {exc}")
+            self.report.skipped.append(
+                f"RBD disks of {instance_uuid} (its dir and record kept for a retry): {exc}"
+            )
+            return False
+        return True
 
     def domains_without_record(self) -> None:
         for instance_uuid, domain in self.ours.items():
@@ -103,9 +109,10 @@ class _Pass:
                 self.report.instance_dirs.append(str(directory))
             if not self.report.dry_run:
                 self.drv.host.undefine(domain)
+            reaped = True
             if instance_uuid not in self.records:  # else records_without_domain reaps it
-                self.reap_rbd_disks(instance_uuid, directory)
-            if not self.report.dry_run:
+                reaped = self.reap_rbd_disks(instance_uuid, directory)
+            if reaped and not self.report.dry_run:
                 shutil.rmtree(directory, ignore_errors=True)
 
     def records_without_domain(self) -> None:
@@ -124,8 +131,7 @@ class _Pass:
                 self.report.domains.append(domain.name())
             self.report.records.append(instance_uuid)
             directory = Path(record.instance_dir or self.drv.instance_dir(instance_uuid))
-            self.reap_rbd_disks(instance_uuid, directory)
-            if not self.report.dry_run:
+            if self.reap_rbd_disks(instance_uuid, directory) and not self.report.dry_run:
                 shutil.rmtree(directory, ignore_errors=True)
                 self.drv.db.delete_instance(instance_uuid)
 
@@ -141,8 +147,7 @@ class _Pass:
             if self.busy(name, f"instance dir {name}"):
                 continue
             self.report.instance_dirs.append(str(entry))
-            self.reap_rbd_disks(name, entry)
-            if not self.report.dry_run:
+            if self.reap_rbd_disks(name, entry) and not self.report.dry_run:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def partial_files(self) -> None:

@@ -40,6 +40,9 @@ IMAGE_SNAPSHOT = "snap"
 CHUNK = 4 * 1024 * 1024  # librbd's default object size: one write per object
 REMOVE_TIMEOUT = 30.0  # seconds for a stopped QEMU's watch on a disk to go away
 REMOVE_INTERVAL = 0.5
+# Once connected, no OSD operation may wait forever (librados' default): an OSD down or
+# placement groups inactive become an error, not a hung spawn, delete or image add.
+OSD_OP_TIMEOUT = 60  # seconds
 
 
 class RbdError(MinidriverError):
@@ -178,6 +181,7 @@ class RBDDriver:
         timeout = str(self.connect_timeout)
         cluster.conf_set("client_mount_timeout", timeout)
         cluster.conf_set("rados_mon_op_timeout", timeout)
+        cluster.conf_set("rados_osd_op_timeout", str(max(OSD_OP_TIMEOUT, self.connect_timeout)))
         try:
             cluster.connect()
         except rados.Error as exc:
@@ -199,6 +203,15 @@ class RBDDriver:
         self._cluster = cluster
         try:
             yield cluster
+        except (rados.Error, rbd.Error) as exc:
+            # Whatever librados/librbd raise past the calls that map their own
+            # (a cephx refusal, a timeout, an image that exists...): one clear error.
+            timed_out = isinstance(exc, rados.TimedOut | rbd.Timeout)
+            raise RbdError(
+                f"Ceph: {exc}" + (f" (no answer within {OSD_OP_TIMEOUT} s)" if timed_out else ""),
+                hint="`ceph -s` (for the dev cluster: scripts/ceph-dev-cluster status) says"
+                " whether the cluster is healthy",
+            ) from exc
         finally:
             self._cluster = None
             cluster.shutdown()

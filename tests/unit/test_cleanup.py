@@ -3,6 +3,7 @@ state dir's orphans, skips live work, and never touches another state dir."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -163,3 +164,31 @@ def test_port_reservations_of_gone_instances_are_freed(
     report = cleanup(mine)
     assert report.ports == [port_of[crashed.uuid]]
     assert set(reserved()) == {kept.uuid, theirs.uuid}
+
+
+def test_rbd_disks_out_of_reach_keep_their_record_and_dir(host: Host, tmp_path: Path) -> None:
+    """A spawn died with its root disk in Ceph and the cluster is down now: cleanup says
+    so and keeps the record and dir (disk.info names the pool), so a later cleanup can
+    still find and remove the disk."""
+    pytest.importorskip("rbd")
+    down = tmp_path / "down.conf"
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down.write_text(f"[global]\nmon host = 127.0.0.1:{port}\n")
+    drv = driver(host, tmp_path / "mine")
+    drv.conf = drv.conf.with_libvirt(images_rbd_ceph_conf=str(down), rbd_connect_timeout=1)
+    uuid = "0f0f0f0f-0000-4000-8000-00000000abcd"
+    directory = drv.instance_dir(uuid)
+    directory.mkdir(parents=True)
+    (directory / "disk.info").write_text(f'{{"rbd:rbd/{uuid}_disk": "raw"}}')
+    drv.db.create_instance(
+        InstanceRecord(uuid, "instance-00000009", "died", "t1.nano", "img", "building",
+                       "2026-11-22T00:00:00Z", str(directory))
+    )  # fmt: skip
+
+    report = cleanup(drv)
+
+    assert any("cannot reach the Ceph cluster" in line for line in report.skipped), report
+    assert drv.db.get_instance(uuid).display_name == "died"
+    assert (directory / "disk.info").is_file()

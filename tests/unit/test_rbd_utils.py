@@ -109,3 +109,28 @@ def test_without_the_bindings_the_error_says_what_to_install(
         driver.get_fsid()
     assert err.value.hint is not None
     assert "--with-ceph" in err.value.hint
+
+
+def test_a_ceph_error_inside_a_connection_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librbd's own exceptions (here: a snapshot that exists) never escape as tracebacks;
+    the connection is shut down either way. The cluster is a stand-in: the fault is
+    what is injected, the mapping is what is tested."""
+    rbd = pytest.importorskip("rbd")
+    shut: list[bool] = []
+
+    class Cluster:
+        def shutdown(self) -> None:
+            shut.append(True)
+
+    driver = rbd_utils.RBDDriver("rbd")
+    monkeypatch.setattr(driver, "_connect", Cluster)
+    with (
+        pytest.raises(rbd_utils.RbdError, match=r"^Ceph: .*snap exists") as err,
+        driver.connected(),
+    ):
+        raise rbd.ImageExists("snap exists")
+    assert err.value.hint is not None
+    assert shut == [True]
+    assert not driver.is_connected
