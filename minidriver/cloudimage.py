@@ -868,6 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="build-cloud-image",
         description="Build a minimal Debian cloud guest (qcow2, kernel, initrd, command line).",
         out_help=f"output directory (default: {default_output_dir()})",
+        out_metavar="OUT_DIR",
         build=lambda out, force: build(out, force=force).cmdline,
     )
 

@@ -703,12 +703,13 @@ def builder_main(
     prog: str,
     description: str,
     out_help: str,
+    out_metavar: str,
     build: Callable[[Path | None, bool], str | None],
 ) -> int:
     """The command line of an image builder: ``[OUT] [--force]``; errors are one line
     on stderr and exit 1. ``build`` may return a line to print on stdout."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("out", nargs="?", type=Path, help=out_help)
+    parser.add_argument("out", nargs="?", type=Path, metavar=out_metavar, help=out_help)
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
     try:
@@ -737,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="build-test-image",
         description="Build the tiny BIOS test guest (qcow2) the integration tests boot.",
         out_help=f"image file (*.qcow2) or directory (default: {default_output_dir()})",
+        out_metavar="OUT",
         build=build_quietly,
     )
 
