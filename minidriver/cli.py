@@ -507,6 +507,12 @@ def wait_ssh(
             f"no SSH server answered on 127.0.0.1:{port} within {budget:g} s of the boot",
             hint="raise --timeout, or --keep-on-timeout to look at the guest",
         ) from exc
+    except MinidriverError:
+        # The guest stopped before its SSH server answered: as with --wait-for, the
+        # failed boot is removed unless it is to be kept.
+        if not args.keep_on_timeout:
+            drv.destroy(inst.uuid)
+        raise
     finally:
         if tty:
             sys.stderr.write("\r\033[K")

@@ -84,7 +84,8 @@ class LibvirtOptions:
     # The host ports user mode forwards to guests' port 22 (both ends included).
     forward_port_min: int = 10022
     forward_port_max: int = 10999
-    # Host-wide record of forwarded ports, shared by every state dir on this host;
+    # The record of forwarded ports, shared by every state dir of the user (root's:
+    # every root state dir on the host; users apart need ranges apart);
     # empty: /run/minidriver/ports as root, else $XDG_RUNTIME_DIR/minidriver/ports
     # (or /tmp/minidriver-<uid>/ports).
     port_reservations_path: str = ""

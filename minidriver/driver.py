@@ -947,7 +947,7 @@ class LibvirtDriver:
                     properties=snapshot_properties(record, parent),
                 )
             except BaseException:
-                rbd.remove_image(image_id, dest_pool)
+                rbd_utils.remove_quietly(rbd, image_id, dest_pool)
                 raise
 
     # -- image cache ----------------------------------------------------------

@@ -64,11 +64,14 @@ def fingerprint(public_key: str) -> str:
 
 
 def validate_name(name: str) -> None:
-    """Nova's key pair names; and, as they name files here, no leading dot."""
-    if configdrive.KEY_NAME.fullmatch(name) is None or name.startswith("."):
+    """Nova's key pair names; and, as they name files here (NAME and NAME.pub), no
+    leading dot and no ``.pub`` ending: ``foo.pub`` would be key pair foo's file."""
+    bad_file = name.startswith(".") or name.endswith(".pub")
+    if configdrive.KEY_NAME.fullmatch(name) is None or bad_file:
         raise InvalidKeyPair(
             f"key pair name {name!r} is not valid",
-            hint="1 to 255 letters, digits, spaces, '@', '.', '_' or '-', not starting with '.'",
+            hint="1 to 255 letters, digits, spaces, '@', '.', '_' or '-', not starting"
+            " with '.' nor ending in '.pub'",
         )
 
 

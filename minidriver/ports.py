@@ -90,6 +90,13 @@ class PortReservations:
 
     def _make_dir(self) -> None:
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # A directory made first by someone else (the /tmp fallback's name can be
+        # guessed) would let them add or drop our reservations.
+        if self.path.stat().st_uid != os.geteuid():
+            raise MinidriverError(
+                f"{self.path} belongs to another user",
+                hint="set [libvirt] port_reservations_path to a directory of yours",
+            )
 
     def get(self, port: int) -> Reservation | None:
         try:

@@ -124,6 +124,15 @@ def _require_bindings() -> None:
         )
 
 
+def remove_quietly(driver: RBDDriver, name: str, pool: str | None = None) -> None:
+    """Undo after another failure: remove ``name``, logging (not raising) a failure,
+    so that the first error is the one reported."""
+    try:
+        driver.remove_image(name, pool)
+    except RbdError as exc:
+        LOG.warning("could not remove RBD image %s/%s: %s", pool or driver.pool, name, exc)
+
+
 class RBDReader:
     """An RBD image (at a snapshot) read front to back, like a file opened ``rb``."""
 
@@ -497,7 +506,16 @@ class RBDDriver:
 
     @contextlib.contextmanager
     def open_location(self, location: RbdLocation) -> Iterator[RBDReader]:
-        """The data of an image at its snapshot, for reading (Glance's download)."""
+        """The data of an image at its snapshot, for reading (Glance's download). Only
+        from this cluster: a location in another one names nothing here."""
+        fsid = self.get_fsid()
+        if location.fsid != fsid:
+            raise ImageUnacceptable(
+                f"image location {location.url} is in Ceph cluster {location.fsid};"
+                f" this host reaches cluster {fsid}",
+                hint="point [libvirt] images_rbd_ceph_conf at that cluster, or add the"
+                " image again from a file or URL",
+            )
         with self.image(location.image, location.pool, location.snapshot, read_only=True) as im:
             yield RBDReader(im)
 

@@ -492,7 +492,8 @@ class ImageService:
                     ),
                 )
         except BaseException:
-            rbd.remove_image(image_id)
+            # The first error is the one to report; a failed removal is only logged.
+            rbd_utils.remove_quietly(rbd, image_id)
             raise
         finally:
             raw.unlink(missing_ok=True)

@@ -9,10 +9,12 @@ ssh`. All traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -380,3 +382,37 @@ def test_minidriver_ssh_says_why_it_cannot(cli: Cli) -> None:
 def test_ssh_is_installed_where_minidriver_runs() -> None:
     """`minidriver ssh` and `keypair create` run the system ssh and ssh-keygen."""
     assert shutil.which("ssh") and shutil.which("ssh-keygen")
+
+
+def test_wait_ssh_on_a_guest_that_stops_fails_and_leaves_nothing(cli: Cli) -> None:
+    """The guest is RUNNING, then stops before any SSH server answers (the fault,
+    injected once the boot has reached its wait for ssh): exit 1, and the failed boot
+    is removed as a timed-out one is."""
+    stop = threading.Event()
+
+    def stop_the_guest_once_it_runs() -> None:
+        db = cli.state_dir / "minidriver.db"
+        while not stop.is_set():
+            with contextlib.suppress(sqlite3.Error):
+                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                with contextlib.closing(conn):
+                    row = conn.execute("SELECT name FROM instances WHERE state = 'running'")
+                    running = row.fetchone()
+                if running is not None:
+                    cli.host.get_connection().lookupByName(running[0]).destroy()
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=stop_the_guest_once_it_runs, daemon=True)
+    thread.start()
+    try:
+        result = cli.run(
+            "boot", "--image", "g", "--flavor", "t1.nano", "--name", "vm", "--wait-ssh",
+            "--timeout", "60",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        thread.join()
+    assert result.code == 1, result
+    assert "the guest stopped before its SSH server answered" in result.err
+    assert cli.instances() == [] and cli.domains() == []

@@ -76,7 +76,7 @@ def test_a_name_is_taken_once(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "keypairs").iterdir()) == ["k", "k.pub"]
 
 
-@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "tab\tname", "x" * 256])
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "tab\tname", "x" * 256, "foo.pub"])
 def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidKeyPair):
         KeyPairStore(tmp_path / "keypairs").create(name)
