@@ -52,7 +52,7 @@ from pathlib import Path
 from minidriver.exception import MinidriverError, ProcessExecutionError
 from minidriver.fileutils import publish
 from minidriver.process import run
-from minidriver.testimage import builder_main, parse_apt_records, resolve_kernel_package
+from minidriver.testimage import apt_show, builder_main, resolve_kernel_package
 
 # Bump when the builder changes what it produces (part of the cache key).
 BUILDER_VERSION = "1"
@@ -606,23 +606,9 @@ def check_host_tools(log: Log = _stderr) -> dict[str, str]:
 
 def resolve_packages(tools: Mapping[str, str], log: Log = _stderr) -> list[Package]:
     """:data:`PACKAGES` and the real kernel package, at the versions apt resolves now."""
-
-    def show(specs: Sequence[str]) -> dict[str, dict[str, str]]:
-        result = run([tools["apt-cache"], "show", "--no-all-versions", *specs], check=False)
-        records: dict[str, dict[str, str]] = {}
-        for record in parse_apt_records(result.stdout):
-            records.setdefault(record.get("Package", ""), record)
-        missing = [s for s in specs if s.partition("=")[0] not in records]
-        if missing:
-            raise CloudImageError(
-                "apt knows no installable " + ", ".join(missing),
-                hint="run apt-get update (the packages are in Debian main)",
-            )
-        return records
-
-    records = show(PACKAGES)
+    records = apt_show(PACKAGES, tools["apt-cache"])
     kernel = resolve_kernel_package(records[KERNEL_METAPACKAGE])
-    records.update(show([kernel]))
+    records.update(apt_show([kernel], tools["apt-cache"]))
     packages = sorted(Package(r["Package"], r["Version"]) for r in records.values())
     log("packages: " + ", ".join(f"{p.name} {p.version}" for p in packages))
     return packages

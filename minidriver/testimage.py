@@ -446,9 +446,11 @@ def parse_apt_records(text: str) -> list[dict[str, str]]:
     return records
 
 
-def _apt_show(specs: Sequence[str]) -> dict[str, dict[str, str]]:
-    """apt's record of each ``package`` (its candidate) or ``package=version``, by package."""
-    result = run([_tool("apt-cache"), "show", "--no-all-versions", *specs], check=False)
+def apt_show(specs: Sequence[str], apt_cache: str | None = None) -> dict[str, dict[str, str]]:
+    """apt's record of each ``package`` (its candidate) or ``package=version``, by package
+    (``apt_cache``: the tool's path, found on PATH when None)."""
+    apt_cache = apt_cache or _tool("apt-cache")
+    result = run([apt_cache, "show", "--no-all-versions", *specs], check=False)
     records: dict[str, dict[str, str]] = {}
     for record in parse_apt_records(result.stdout):
         records.setdefault(record.get("Package", ""), record)
@@ -492,9 +494,9 @@ def resolve_kernel_package(meta_fields: Mapping[str, str]) -> str:
 
 def resolve_packages(log: Log = print) -> list[Deb]:
     """The kernel and busybox packages to build from, as apt resolves them now."""
-    records = _apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
+    records = apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
     kernel = resolve_kernel_package(records[KERNEL_METAPACKAGE])
-    kernel_record = _apt_show([kernel])[kernel.partition("=")[0]]
+    kernel_record = apt_show([kernel])[kernel.partition("=")[0]]
     debs = [_deb(kernel_record), _deb(records[BUSYBOX_PACKAGE])]
     for d in debs:
         log(f"package: {d.package} {d.version}")
