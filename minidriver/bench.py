@@ -1222,6 +1222,28 @@ def _terminate(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def run_guarded(body: Callable[[], None], cleanup: Callable[[int], None], log: Log) -> int:
+    """A benchmark's ``body``, its errors as one line and an exit code (130 on Ctrl-C
+    or SIGTERM, 1 on an error), then ``cleanup(code)`` that no signal can interrupt."""
+    signal.signal(signal.SIGTERM, _terminate)
+    code = 0
+    try:
+        body()
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        code = 130
+    except MinidriverError as exc:
+        log(f"error: {exc}" + (f"\nhint: {exc.hint}" if exc.hint else ""))
+        code = 1
+    except libvirt.libvirtError as exc:
+        log(f"error: libvirt: {exc.get_error_message()}")
+        code = 1
+    finally:
+        with signals_ignored():
+            cleanup(code)
+    return code
+
+
 def build_doc(
     *,
     uri: str,
@@ -1318,13 +1340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = args.work_dir or testimage.default_output_dir() / "bench"
     wall_start = time.monotonic()
     log = make_log(wall_start)
-    signal.signal(signal.SIGTERM, _terminate)
     # A traversable state dir of its own: libvirt's QEMU user must reach it.
     state = Path(tempfile.mkdtemp(prefix="mdbench-", dir="/var/tmp"))
     state.chmod(0o755)
     bench: Bench | None = None
-    code = 0
-    try:
+
+    def body() -> None:
+        nonlocal bench
         conf = load_config(None, state_dir=state, environ={})
         if args.connect:
             conf = conf.with_libvirt(connection_uri=args.connect)
@@ -1345,23 +1367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render(doc), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        code = 130
-    except MinidriverError as exc:
-        log(f"error: {exc}" + (f"\nhint: {exc.hint}" if exc.hint else ""))
-        code = 1
-    except libvirt.libvirtError as exc:
-        log(f"error: libvirt: {exc.get_error_message()}")
-        code = 1
-    finally:
-        with signals_ignored():
-            if bench is not None:
-                left = bench.close()
-                if left and code:
-                    log(f"removed what the failed run left: {', '.join(left)}")
-            shutil.rmtree(state, ignore_errors=True)
-    return code
+
+    def cleanup(code: int) -> None:
+        if bench is not None:
+            left = bench.close()
+            if left and code:
+                log(f"removed what the failed run left: {', '.join(left)}")
+        shutil.rmtree(state, ignore_errors=True)
+
+    return run_guarded(body, cleanup, log)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -28,25 +27,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from minidriver import testimage
 from minidriver.bench import (
     BenchError,
     Stat,
-    _terminate,
     cell,
     format_table,
     in_turn,
     make_log,
     ratio_cell,
     ratio_stat,
-    signals_ignored,
+    run_guarded,
     synthetic_image,
 )
 from minidriver.config import load_config
 from minidriver.driver import LibvirtDriver, base_filename
-from minidriver.exception import MinidriverError
 from minidriver.images.store import Image
 
 DEFAULT_CEPH_CONF = "/var/tmp/minidriver-ceph/ceph.conf"  # scripts/ceph-dev-cluster's
@@ -180,12 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     log = make_log(time.monotonic())
-    signal.signal(signal.SIGTERM, _terminate)
     state = Path(tempfile.mkdtemp(prefix="mdbench-rbd-", dir="/var/tmp"))
     state.chmod(0o755)
     bench: RbdBench | None = None
-    code = 0
-    try:
+
+    def body() -> None:
+        nonlocal bench
         conf = load_config(None, state_dir=state, environ={}).with_libvirt(
             images_type="rbd", images_rbd_ceph_conf=args.ceph_conf
         )
@@ -200,21 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = RbdBench(drv, log, path)
         result = summary(bench.run(args.runs))
         print(render(result, args.runs, path.name), flush=True)
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        code = 130
-    except MinidriverError as exc:
-        log(f"error: {exc}" + (f"\nhint: {exc.hint}" if exc.hint else ""))
-        code = 1
-    except libvirt.libvirtError as exc:
-        log(f"error: libvirt: {exc.get_error_message()}")
-        code = 1
-    finally:
-        with signals_ignored():
-            if bench is not None:
-                bench.close()
-            shutil.rmtree(state, ignore_errors=True)
-    return code
+
+    def cleanup(_code: int) -> None:
+        if bench is not None:
+            bench.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+    return run_guarded(body, cleanup, log)
 
 
 if __name__ == "__main__":
