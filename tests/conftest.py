@@ -24,9 +24,10 @@ from typing import Any
 import libvirt
 import pytest
 
-from minidriver import cloudimage, config, console, guest
+from minidriver import config, console, guest
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver
+from minidriver.guestimages import cloudimage
 from minidriver.host import EMBED_URI, SYSTEM_URI, Host
 
 # libvirt's QEMU runs as libvirt-qemu under a daemon and must traverse every parent of
@@ -37,7 +38,7 @@ TRAVERSABLE_TMP = Path("/var/tmp")
 @pytest.fixture(scope="session")
 def test_image() -> Path:
     """The test guest image, built once and cached (scripts/build-test-image)."""
-    from minidriver import testimage
+    from minidriver.guestimages import testimage
 
     return testimage.build(log=lambda _msg: None)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from minidriver import cloudimage
 from minidriver.config import Config
 from minidriver.driver import LibvirtDriver
+from minidriver.guestimages import cloudimage
 from minidriver.host import Host
 from minidriver.objects import Flavor, GiB, MiB
 

@@ -1,6 +1,6 @@
 """First real boot: the test guest under QEMU (TCG here), through a qcow2 overlay.
 
-The guest's console lines are a contract (minidriver/data/testimage-init.sh); this
+The guest's console lines are a contract (minidriver/guestimages/data/testimage-init.sh); this
 test checks each of them against what the domain really gave it.
 """
 

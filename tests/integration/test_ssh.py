@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import TRAVERSABLE_TMP
 
-from minidriver import cloudimage
+from minidriver.guestimages import cloudimage
 from minidriver.objects import GiB
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from minidriver import bench
-from minidriver.bench import Batch, Runs, Stat
+from minidriver.bench import spawn as bench
+from minidriver.bench.spawn import Batch, Runs, Stat
 
 STEP_ZERO = {col: 0.0 for col in bench.COLUMNS}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from minidriver import cloudimage
-from minidriver.cloudimage import (
+from minidriver.guestimages import cloudimage
+from minidriver.guestimages.cloudimage import (
     AptSource,
     BuildPlan,
     CloudImageError,

@@ -13,11 +13,12 @@ PROBE = """
 import importlib.resources, sys
 from pathlib import Path
 import minidriver
-from minidriver import guest, testimage
+from minidriver import guest
+from minidriver.guestimages import testimage
 assert minidriver.__file__.startswith(sys.argv[1]), minidriver.__file__
 env = guest._environment()
 assert "domain.xml.j2" in env.list_templates(), env.list_templates()
-init = importlib.resources.files("minidriver.data") / "testimage-init.sh"
+init = importlib.resources.files("minidriver.guestimages.data") / "testimage-init.sh"
 assert init.read_text().startswith("#!/bin/sh")
 print(testimage.default_output_dir())
 """

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from minidriver import testimage
-from minidriver.process import run
-from minidriver.testimage import (
+from minidriver.guestimages import testimage
+from minidriver.guestimages.testimage import (
     CpioEntry,
     Deb,
     ModuleTree,
@@ -26,6 +25,7 @@ from minidriver.testimage import (
     cpio_symlink,
     write_cpio,
 )
+from minidriver.process import run
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -439,7 +439,7 @@ def test_output_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert testimage.output_path(tmp_path / "g.qcow2") == tmp_path / "g.qcow2"
     assert testimage.output_path(None).name == testimage.IMAGE_NAME
-    repo = Path(testimage.__file__).resolve().parents[1]
+    repo = Path(testimage.__file__).resolve().parents[2]
     if (repo / "setup.cfg").exists():  # running from a checkout: <repo>/build
         assert testimage.default_output_dir() == repo / "build"
     else:

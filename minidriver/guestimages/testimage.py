@@ -6,7 +6,7 @@ The guest is made from Debian packages alone, with no mount and no root needed:
   ``busybox-static``, fetched with ``apt-get download`` into ``<out_dir>/debs/`` and
   unpacked with ``dpkg-deb -x``;
 * an initramfs written here as a deterministic cpio "newc" archive (mtime 0, uid/gid 0,
-  sorted) and gzipped with mtime 0: ``/init`` (``minidriver/data/testimage-init.sh``),
+  sorted) and gzipped with mtime 0: ``/init`` (``minidriver/guestimages/data/testimage-init.sh``),
   busybox, and the kernel modules the guest needs, dependencies resolved here from
   ``modules.dep`` or, as the Debian package ships none (depmod runs in its postinst),
   from each module's ``.modinfo`` section;
@@ -20,8 +20,8 @@ the init script. A build is skipped when the output exists and its sidecar
 ``<out>.inputs`` records the same inputs (package versions, the init script, this
 builder's version); ``--force`` rebuilds anyway.
 
-Usage: ``python -m minidriver.testimage [OUT] [--force]`` (or ``scripts/build-test-image``),
-OUT being the image file or a directory to put it in.
+Usage: ``python -m minidriver.guestimages.testimage [OUT] [--force]`` (or
+``scripts/build-test-image``), OUT being the image file or a directory to put it in.
 """
 
 from __future__ import annotations
@@ -365,7 +365,9 @@ def syslinux_cfg(cmdline: str = KERNEL_CMDLINE) -> str:
 
 
 def init_script() -> bytes:
-    return (importlib.resources.files("minidriver.data") / INIT_SCRIPT_RESOURCE).read_bytes()
+    return (
+        importlib.resources.files("minidriver.guestimages.data") / INIT_SCRIPT_RESOURCE
+    ).read_bytes()
 
 
 @dataclass(frozen=True)
@@ -537,7 +539,7 @@ def fetch_deb(deb: Deb, debs_dir: Path, log: Log = print) -> Path:
 
 
 def _checkout_root() -> Path | None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "setup.cfg").exists() else None
 
 

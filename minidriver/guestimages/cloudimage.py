@@ -1,6 +1,6 @@
 """Build a minimal Debian bookworm cloud guest: the image whose cloud-init grows its root.
 
-Where the test guest (:mod:`minidriver.testimage`) is busybox, this one is a real
+Where the test guest (:mod:`minidriver.guestimages.testimage`) is busybox, this one is a real
 cloud image, built from Debian packages alone, as root:
 
 * ``debootstrap --variant=minbase`` of bookworm from the host's Debian mirror (its apt
@@ -27,7 +27,7 @@ A build is skipped when the sidecar records the same inputs (the resolved versio
 ``--force`` rebuilds anyway. Work happens in ``OUT_DIR/.build-*``, removed on any
 failure; the sidecar is removed before the outputs are replaced and written last.
 
-Usage: ``python -m minidriver.cloudimage [OUT_DIR] [--force]`` (or
+Usage: ``python -m minidriver.guestimages.cloudimage [OUT_DIR] [--force]`` (or
 ``scripts/build-cloud-image``). Progress goes to stderr; the kernel command line is the
 last line on stdout.
 """
@@ -51,8 +51,8 @@ from pathlib import Path
 
 from minidriver.exception import MinidriverError, ProcessExecutionError
 from minidriver.fileutils import publish
+from minidriver.guestimages.testimage import apt_show, builder_main, resolve_kernel_package
 from minidriver.process import run
-from minidriver.testimage import apt_show, builder_main, resolve_kernel_package
 
 # Bump when the builder changes what it produces (part of the cache key).
 BUILDER_VERSION = "1"
@@ -674,7 +674,7 @@ def configure_tree(tree: Path, files: Sequence[TreeFile]) -> None:
 
 
 def _checkout_root() -> Path | None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "setup.cfg").exists() else None
 
 

@@ -18,9 +18,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from minidriver import testimage
 from minidriver.config import load_config
 from minidriver.driver import LibvirtDriver
+from minidriver.guestimages import testimage
 
 WARM_UP = 2  # cycles before the baseline: the cache and connection settle
 

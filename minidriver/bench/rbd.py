@@ -27,8 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minidriver import testimage
-from minidriver.bench import (
+from minidriver.bench.spawn import (
     BenchError,
     Stat,
     cell,
@@ -42,6 +41,7 @@ from minidriver.bench import (
 )
 from minidriver.config import load_config
 from minidriver.driver import LibvirtDriver, base_filename
+from minidriver.guestimages import testimage
 from minidriver.images.store import Image
 
 DEFAULT_CEPH_CONF = "/var/tmp/minidriver-ceph/ceph.conf"  # scripts/ceph-dev-cluster's

@@ -1,6 +1,6 @@
 #!/bin/sh
 # /init of the minidriver test guest: PID 1, run by busybox sh from the initramfs that
-# minidriver/testimage.py builds. The console lines starting "minidriver-guest: " are a
+# minidriver/guestimages/testimage.py builds. The console lines starting "minidriver-guest: " are a
 # contract that the integration tests parse; change them only together with the tests.
 #
 # PID 1 must never exit (the kernel would panic), so nothing here uses "set -e" and the

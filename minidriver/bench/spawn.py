@@ -52,10 +52,11 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from minidriver import console, testimage
+from minidriver import console
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.exception import MinidriverError
+from minidriver.guestimages import testimage
 from minidriver.host import EMBED_URI
 from minidriver.images import qemu_img
 from minidriver.objects import Flavor, GiB, Instance, MiB

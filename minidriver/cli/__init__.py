@@ -1002,7 +1002,7 @@ def version_string(v: int) -> str:
 
 
 def cmd_demo(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
-    from minidriver import testimage  # noqa: PLC0415 - only demo needs the builder
+    from minidriver.guestimages import testimage  # noqa: PLC0415 - only demo needs the builder
 
     path = testimage.build(log=lambda msg: out.say(f"test image: {msg}"))
     image = next(

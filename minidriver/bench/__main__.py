@@ -1,0 +1,5 @@
+import sys
+
+from minidriver.bench.spawn import main
+
+sys.exit(main())
