@@ -24,7 +24,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minidriver import lockutils, rbd_utils
+from minidriver import imagebackend, lockutils, rbd_utils
+from minidriver.disk_info_file import read_disk_info
 from minidriver.driver import LibvirtDriver, instance_lock_name
 
 PARTIAL_SUFFIXES = (".part", ".converted")
@@ -83,11 +84,13 @@ class _Pass:
         says where they are. An unreachable cluster is reported and returns False: the
         caller then keeps the dir and the record, the only trace of those disks, for
         the next cleanup (as ``destroy`` keeps the record)."""
+        disks = read_disk_info(directory)
         try:
             if not self.report.dry_run:
-                self.report.rbd_disks.extend(self.drv.destroy_rbd_disks(instance_uuid, directory))
+                removed = imagebackend.cleanup_rbd(self.conf, instance_uuid, disks)
+                self.report.rbd_disks.extend(removed)
                 return True
-            for pool in sorted(self.drv.rbd_pools_of(directory)):
+            for pool in sorted(imagebackend.rbd_pools_of(self.conf, disks)):
                 names = self.drv.rbd_driver(pool).list_images()
                 self.report.rbd_disks.extend(
                     f"{pool}/{n}" for n in names if n.startswith(f"{instance_uuid}_")

@@ -1,4 +1,4 @@
-"""The libvirt host: which connection, its event loop thread, virt_type, define/launch.
+"""The libvirt host (nova/virt/libvirt/host.py): connection, events, domains.
 
 The connection follows ``[libvirt] connection_uri``; empty means: as root, the system
 daemon when one answers, else the embedded QEMU driver on a short root derived from
@@ -15,15 +15,17 @@ import pwd
 import re
 import stat
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
+from minidriver import guest
 from minidriver.config import Config
-from minidriver.exception import HostError
+from minidriver.exception import HostError, MinidriverError
 
 LOG = logging.getLogger(__name__)
 
@@ -322,6 +324,29 @@ class Host:
                 return None
             raise
 
+    def owned_domain(self, name: str, state_id: str) -> libvirt.virDomain | None:
+        """The domain of that name if the state dir ``state_id`` defined it (its
+        metadata says so); refused when another one did."""
+        domain = self.find_domain(name)
+        if domain is None:
+            return None
+        owner = guest.owner_of(domain.XMLDesc(0))
+        if owner is None or owner.state_id != state_id:
+            raise MinidriverError(
+                f"domain {name} belongs to another state dir; not touching it",
+                hint="run minidriver with that state dir (--state-dir) to manage it",
+            )
+        return domain
+
+    def owned_domains(self, state_id: str) -> dict[str, libvirt.virDomain]:
+        """Every domain the state dir ``state_id`` defined, by instance uuid."""
+        owned = {}
+        for domain, xml in self.domains_xml():
+            owner = guest.owner_of(xml)
+            if owner is not None and owner.state_id == state_id:
+                owned[owner.instance_uuid] = domain
+        return owned
+
     def domains_xml(self) -> list[tuple[libvirt.virDomain, str]]:
         """Every domain with its XML; one that vanishes meanwhile (a daemon is shared)
         is left out rather than failing the listing."""
@@ -337,6 +362,31 @@ class Host:
     def domain_state(self, domain: libvirt.virDomain) -> str:
         state, _reason = domain.state()
         return POWER_STATES.get(state, "unknown")
+
+    def wait_for_state(
+        self,
+        domain: libvirt.virDomain,
+        wanted: str,
+        timeout: float,
+        *,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        stop_on: tuple[str, ...] = (),
+    ) -> str:
+        """Poll the domain's state every ``interval`` seconds (a lifecycle event wakes
+        the wait early) until it is ``wanted`` or one of ``stop_on``, or ``timeout``
+        has passed. Returns the last state seen: the caller tells which it was."""
+        deadline = clock() + timeout
+        with self.lifecycle_waiter(domain.UUIDString()) as changed:
+            while True:
+                state = self.domain_state(domain)
+                if state == wanted or state in stop_on:
+                    return state
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    return state
+                changed.wait(min(interval, remaining))
+                changed.clear()
 
     # -- lifecycle events -------------------------------------------------------
 
