@@ -7,7 +7,7 @@ never the shared cache) and a typed error names the step that failed.
 
 The driver keeps Nova's steps; the rest lives where Nova keeps it: the request's checks
 in ``compute_api``, the disks (and their RBD side) in ``imagebackend``, the domains
-and the waits in ``host``, ``disk.info`` in ``disk_info_file``.
+(found by uuid) and the waits in ``host``, ``disk.info`` in ``disk_info_file``.
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ class LibvirtDriver:
                         vif=vif,
                         network_disks=network_disks,
                     )
-                undo.callback(self._undefine, instance.name)
+                undo.callback(self._undefine, instance.uuid)
 
                 # Nova's post-XML callback: the config drive is made once the domain
                 # that names it is defined, before it starts.
@@ -386,7 +386,9 @@ class LibvirtDriver:
     ) -> libvirt.virDomain:
         """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
         take the chosen name between our check and our define (each counts its own
-        names): then the next free name is taken and the XML made again."""
+        names): on that collision alone the next free name is taken and the XML made
+        again. Any other refusal is raised as it is."""
+        collision = None
         for _attempt in range(DEFINE_ATTEMPTS):
             xml = self.to_xml(
                 instance, image_meta, disk_info, formats, vif=vif, network_disks=network_disks
@@ -394,14 +396,17 @@ class LibvirtDriver:
             (Path(instance.instance_dir) / "libvirt.xml").write_text(xml)
             try:
                 return self.host.define(xml)
-            except libvirt.libvirtError:
-                taken = self.host.find_domain(instance.name)
-                if taken is None or taken.UUIDString() == instance.uuid:
+            except libvirt.libvirtError as exc:
+                if not self.host.is_name_collision(exc, instance.name, instance.uuid):
                     raise
+                collision = exc
                 LOG.debug("domain name %s was just taken; choosing another", instance.name)
                 instance.name = self._next_domain_name()
                 self.db.update_instance(instance.uuid, name=instance.name)
-        raise MinidriverError(f"no free domain name after {DEFINE_ATTEMPTS} attempts")
+        raise MinidriverError(
+            f"no free domain name after {DEFINE_ATTEMPTS} attempts: {collision}",
+            hint="other state dirs on this libvirt are taking the free names; try again",
+        ) from collision
 
     def _next_domain_name(self) -> str:
         """``instance_name_template`` over the DB's sequence, skipping names in use.
@@ -575,8 +580,8 @@ class LibvirtDriver:
         """Every domain this state dir defined, by instance uuid (from its metadata)."""
         return self.host.owned_domains(self.db.state_id)
 
-    def _undefine(self, name: str) -> None:
-        domain = self.host.owned_domain(name, self.db.state_id)
+    def _undefine(self, instance_uuid: str) -> None:
+        domain = self.host.owned_domain(instance_uuid, self.db.state_id)
         if domain is not None:
             self.host.undefine(domain)
 
@@ -585,12 +590,12 @@ class LibvirtDriver:
         forget its SSH host key, remove its record.
 
         Whatever of it exists is removed; what is already gone is no error. The image
-        cache stays.
+        cache stays. The domain is the one with the instance's uuid, whatever its name.
         """
         record = self.db.get_instance(instance_uuid)
         instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
         with external_lock(self.conf.locks_dir, instance_lock_name(record.uuid)):
-            self._undefine(record.name)
+            self._undefine(record.uuid)
             # Before the instance dir: its disk.info says where the RBD disks are. An
             # unreachable cluster stops here, with the record kept for another try.
             imagebackend.cleanup_rbd(self.conf, record.uuid, read_disk_info(instance_dir))
@@ -602,7 +607,7 @@ class LibvirtDriver:
 
     def get_info(self, instance_uuid: str) -> InstanceInfo:
         record = self.db.get_instance(instance_uuid)
-        domain = self.host.find_domain(record.name)
+        domain = self.host.get_domain(record.uuid)
         if domain is None:
             return InstanceInfo(state="nostate")
         internal = domain.ID()
@@ -629,7 +634,7 @@ class LibvirtDriver:
 
     def _domain_of(self, instance_uuid: str) -> libvirt.virDomain:
         record = self.db.get_instance(instance_uuid)
-        domain = self.host.owned_domain(record.name, self.db.state_id)
+        domain = self.host.owned_domain(record.uuid, self.db.state_id)
         if domain is None:
             raise MinidriverError(
                 f"instance {record.display_name} ({record.uuid}) has no domain {record.name}",
@@ -731,7 +736,7 @@ class LibvirtDriver:
         """This state dir's instances, with the state libvirt reports now."""
         out = []
         for record in self.db.list_instances():
-            domain = self.host.find_domain(record.name)
+            domain = self.host.get_domain(record.uuid)
             state = self.host.domain_state(domain) if domain else "nostate"
             out.append(InstanceRecord(**{**record.__dict__, "state": state}))
         return out

@@ -3,6 +3,10 @@
 The connection follows ``[libvirt] connection_uri``; empty means: as root, the system
 daemon when one answers, else the embedded QEMU driver on a short root derived from
 ``state_path``; as another user, ``qemu:///session``.
+
+Domains are found by uuid, as Nova's ``Host._get_domain`` finds them: an instance's
+domain has the instance's uuid. A name is only a label another state dir on the same
+daemon may take over; the owner metadata says which state dir defined a domain.
 """
 
 from __future__ import annotations
@@ -317,6 +321,7 @@ class Host:
         )
 
     def find_domain(self, name: str) -> libvirt.virDomain | None:
+        """The domain of that name, whoever defined it (names are checked for clashes)."""
         try:
             return self.get_connection().lookupByName(name)
         except libvirt.libvirtError as exc:
@@ -324,16 +329,35 @@ class Host:
                 return None
             raise
 
-    def owned_domain(self, name: str, state_id: str) -> libvirt.virDomain | None:
-        """The domain of that name if the state dir ``state_id`` defined it (its
-        metadata says so); refused when another one did."""
-        domain = self.find_domain(name)
+    def is_name_collision(self, exc: libvirt.libvirtError, name: str, domain_uuid: str) -> bool:
+        """Whether a define was refused because another domain holds ``name``: libvirt
+        says so (by its error code) and a domain of that name with another uuid is
+        there. Any other refusal is no reason to try another name."""
+        refusals = (libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_ERR_DOM_EXIST)
+        if exc.get_error_code() not in refusals:
+            return False
+        holder = self.find_domain(name)
+        return holder is not None and holder.UUIDString() != domain_uuid
+
+    def get_domain(self, instance_uuid: str) -> libvirt.virDomain | None:
+        """Nova's ``_get_domain``: the domain whose uuid is the instance's; None if none."""
+        try:
+            return self.get_connection().lookupByUUIDString(instance_uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def owned_domain(self, instance_uuid: str, state_id: str) -> libvirt.virDomain | None:
+        """The instance's domain, if any, refused when another state dir defined it."""
+        domain = self.get_domain(instance_uuid)
         if domain is None:
             return None
         owner = guest.owner_of(domain.XMLDesc(0))
         if owner is None or owner.state_id != state_id:
             raise MinidriverError(
-                f"domain {name} belongs to another state dir; not touching it",
+                f"domain {domain.name()} ({instance_uuid}) belongs to another state dir;"
+                " not touching it",
                 hint="run minidriver with that state dir (--state-dir) to manage it",
             )
         return domain

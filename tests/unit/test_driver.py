@@ -863,3 +863,95 @@ def test_a_domain_name_taken_between_check_and_define_is_replaced(
     assert mine.db.get_instance(inst.uuid).name == inst.name
     assert f"<name>{inst.name}</name>" in (Path(inst.instance_dir) / "libvirt.xml").read_text()
     assert other.db.get_instance(theirs.uuid).name == "instance-00000001"
+
+
+# -- two state dirs on one hypervisor: domains are found by uuid -------------------
+
+
+def two_state_dirs(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    tmp_path: Path,
+) -> tuple[LibvirtDriver, LibvirtDriver]:
+    mine = make_driver(conf)
+    other_conf = load_config(None, state_dir=tmp_path / "other", environ={}).with_libvirt(
+        connection_uri=conf.libvirt.connection_uri, virt_type="qemu"
+    )
+    other = LibvirtDriver(other_conf, host=mine.host)  # two state dirs, one hypervisor
+    mine.images.add(source_image, name="cirros", disk_format="qcow2")
+    other.images.add(source_image, name="cirros", disk_format="qcow2")
+    return mine, other
+
+
+def test_delete_goes_by_uuid_when_another_state_dir_took_the_domain_name(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    tmp_path: Path,
+) -> None:
+    mine, other = two_state_dirs(conf, make_driver, source_image, tmp_path)
+    lost = mine.spawn("lost", "cirros", "m1.tiny")
+    # Its domain went behind minidriver's back; the other state dir's count took the name.
+    dom = conn_of(mine).lookupByName(lost.name)
+    dom.destroy()
+    dom.undefine()
+    theirs = other.spawn("theirs", "cirros", "m1.tiny")
+    assert theirs.name == lost.name
+
+    assert mine.get_info(lost.uuid).state == "nostate"
+    assert {r.display_name: r.state for r in mine.list_instances()} == {"lost": "nostate"}
+    with pytest.raises(MinidriverError, match="has no domain"):
+        mine.power_on(lost.uuid)
+    mine.destroy(lost.uuid)
+
+    assert mine.db.list_instances() == []
+    assert not Path(lost.instance_dir).exists()
+    assert domains(mine) == [theirs.name]
+    assert other.get_info(theirs.uuid).state == "running"
+    assert Path(theirs.instance_dir).is_dir()
+
+
+def test_a_define_refusal_is_raised_as_itself_even_when_the_name_is_taken(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    tmp_path: Path,
+    mocker: MockerFixture,
+) -> None:
+    mine, other = two_state_dirs(conf, make_driver, source_image, tmp_path)
+    theirs = other.spawn("theirs", "cirros", "m1.tiny")
+    # The name looked free at our check (the race of the test above), and libvirt
+    # refuses our define for a reason of its own: that reason is the error, and no
+    # other name is tried.
+    real_find, real_define = mine.host.find_domain, mine.host.define
+    lookups: list[str] = []
+
+    def racing_find(name: str) -> Any:
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_find(name)
+
+    try:
+        conn_of(mine).defineXML("<domain type='test'><name>no-os</name></domain>")
+    except libvirt.libvirtError as exc:
+        refusal = exc
+    assert refusal.get_error_code() == libvirt.VIR_ERR_XML_ERROR
+    defines: list[str] = []
+
+    def refused_once(xml: str) -> Any:
+        defines.append(xml)
+        if len(defines) == 1:
+            raise refusal
+        return real_define(xml)
+
+    mocker.patch.object(mine.host, "find_domain", side_effect=racing_find)
+    mocker.patch.object(mine.host, "define", side_effect=refused_once)
+
+    with pytest.raises(SpawnError) as exc_info:
+        mine.spawn("mine", "cirros", "m1.tiny")
+
+    assert exc_info.value.step == "define"
+    assert exc_info.value.cause is refusal
+    assert len(defines) == 1
+    assert mine.db.list_instances() == []
+    assert domains(mine) == [theirs.name]
