@@ -585,6 +585,17 @@ class LibvirtDriver:
         if domain is not None:
             self.host.undefine(domain)
 
+    def instance_disks(self, instance_dir: Path, instance_uuid: str) -> dict[str, str] | None:
+        """{path: format} of an instance's disks: its ``disk.info``, or when that is
+        missing or cannot be read, the disks its domain's XML lists (libvirt's word);
+        None when there is neither."""
+        disks = read_disk_info(instance_dir)
+        if disks is None:
+            domain = self.host.get_domain(instance_uuid)
+            if domain is not None:
+                disks = guest.get_all_disks(domain.XMLDesc(0))
+        return disks
+
     def destroy(self, instance_uuid: str) -> None:
         """Stop and undefine the domain, remove the instance dir, free its forwarded port,
         forget its SSH host key, remove its record.
@@ -595,10 +606,12 @@ class LibvirtDriver:
         record = self.db.get_instance(instance_uuid)
         instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
         with external_lock(self.conf.locks_dir, instance_lock_name(record.uuid)):
+            # Asked while the domain is there: its XML stands in for a torn disk.info.
+            disks = self.instance_disks(instance_dir, record.uuid)
             self._undefine(record.uuid)
-            # Before the instance dir: its disk.info says where the RBD disks are. An
+            # Before the instance dir: disk.info says where the RBD disks are. An
             # unreachable cluster stops here, with the record kept for another try.
-            imagebackend.cleanup_rbd(self.conf, record.uuid, read_disk_info(instance_dir))
+            imagebackend.cleanup_rbd(self.conf, record.uuid, disks)
             shutil.rmtree(instance_dir, ignore_errors=True)
             if record.forward_port is not None:
                 self.ports.release(record.forward_port, record.uuid)
@@ -619,7 +632,7 @@ class LibvirtDriver:
         """Every disk of the instance, keyed by its disk_info name: a file as qemu-img
         sees it, an RBD disk as librbd does."""
         record = self.db.get_instance(instance_uuid)
-        recorded = read_disk_info(Path(record.instance_dir)) or {}
+        recorded = self.instance_disks(Path(record.instance_dir), record.uuid) or {}
         disks = {}
         for path, fmt in recorded.items():
             if is_rbd_path(path):
@@ -691,7 +704,7 @@ class LibvirtDriver:
         record = self.db.get_instance(instance_uuid)
         domain = self._domain_of(instance_uuid)
         instance_dir = Path(record.instance_dir)
-        disks = read_disk_info(instance_dir) or {}
+        disks = self.instance_disks(instance_dir, record.uuid) or {}
         try:
             parent = self.images.get(record.image_id)
         except ImageNotFound:

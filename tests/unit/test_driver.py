@@ -955,3 +955,27 @@ def test_a_define_refusal_is_raised_as_itself_even_when_the_name_is_taken(
     assert len(defines) == 1
     assert mine.db.list_instances() == []
     assert domains(mine) == [theirs.name]
+
+
+# -- disk.info: written whole, and a torn one is no crash ---------------------------
+
+
+def test_a_torn_disk_info_leaves_show_delete_and_snapshot_to_libvirts_list(
+    drv: LibvirtDriver, image_id: str
+) -> None:
+    inst = drv.spawn("torn", "cirros", "t1.nano")
+    made = drv.get_disks(inst.uuid)
+    disk_info = Path(inst.instance_dir) / "disk.info"
+    disk_info.write_text(disk_info.read_text()[:25])  # as a crash mid-write leaves one
+    # A driver with no spawn of its own to go by (another process: `show`).
+    shown = LibvirtDriver(drv.conf, host=drv.host)
+
+    assert shown.get_disks(inst.uuid) == made
+    shown.power_off(inst.uuid, force=True)  # the test driver has no block copy: cold
+    snap = shown.snapshot(inst.uuid, "from-torn")
+    assert img_info(Path(drv.images.get(snap.id).path))["format"] == "qcow2"
+    shown.destroy(inst.uuid)
+
+    assert drv.db.list_instances() == []
+    assert domains(drv) == []
+    assert not Path(inst.instance_dir).exists()
