@@ -85,6 +85,11 @@ class Image(abc.ABC):
         self.timer = timer
         self.commands: list[list[str]] = []  # what was run, for `explain` and `show`
         self.base_format = "raw"  # set by cache(): the format of the base in use
+        # What create_image made, for details() (None: made by someone else).
+        self.virtual_size: int | None = None
+        self.backing: tuple[Path, str, int | None] | None = None  # file, format, size
+        self.base_virtual_size: int | None = None  # when cache() read it
+        self.made = False
 
     @property
     def base_dir(self) -> Path:
@@ -121,11 +126,37 @@ class Image(abc.ABC):
                         raise MinidriverError(f"base {base} is {made}, expected {base_format}")
             touch(base)
             self.base_format = base_format
-            self.verify_base_size(base, size, base_format, self.limits)
+            self.base_virtual_size = self.verify_base_size(base, size, base_format, self.limits)
             if not self.exists():
                 with self.removed_on_error():
                     self.create_image(base, size, timed=step is None)
+                self.made = True
         return hit
+
+    def details(self) -> DiskDetails:
+        """The disk as ``show`` reports it. One this object made is described from
+        what it made and ``os.stat`` (no qemu-img runs); any other, by qemu-img."""
+        if not self.made:
+            return disk_details(self.path, self.driver_format)
+        st = os.stat(self.path)
+        virtual = self.virtual_size
+        backing_file = backing_format = backing_size = None
+        if self.backing is not None:
+            backing, backing_format, backing_size = self.backing
+            backing_file = os.fspath(backing)
+            if backing_size is None:
+                backing_size = file_virtual_size(backing, backing_format)
+            if virtual is None:  # an overlay made without a size has its backing's
+                virtual = backing_size
+        return DiskDetails(
+            path=os.fspath(self.path),
+            format=self.driver_format,
+            virtual_size=raw_virtual_size(st.st_size) if virtual is None else virtual,
+            actual_size=allocated_bytes(st),
+            backing_file=backing_file,
+            backing_format=backing_format,
+            backing_virtual_size=backing_size,
+        )
 
     def removed_on_error(self) -> contextlib.AbstractContextManager[None]:
         """Whatever ``create_image`` made is removed if it fails half-way."""
@@ -140,15 +171,18 @@ class Image(abc.ABC):
     @staticmethod
     def verify_base_size(
         base: Path, size: int | None, base_format: str, limits: ResourceLimits
-    ) -> None:
+    ) -> int | None:
+        """The base's virtual size, checked against ``size``; None when no size is
+        asked (the base is then not shown to qemu-img)."""
         if size is None:
-            return
+            return None
         virtual = qemu_img.info(base, base_format, limits).virtual_size
         if size < virtual:
             raise FlavorDiskSmallerThanImage(
                 f"flavor's disk ({size} bytes) is smaller than the image ({virtual} bytes)",
                 hint="choose a flavor with a larger root_gb",
             )
+        return virtual
 
     @abc.abstractmethod
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
@@ -167,9 +201,15 @@ class Qcow2(Image):
 
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
         backing = base
+        base_size = self.base_virtual_size
+        if base_size is None:  # no flavor size to check against: read it now, for details
+            base_size = file_virtual_size(base, self.base_format, self.limits)
+        self.backing = (base, self.base_format, base_size)
         if self.conf.libvirt.resized_base_copies and size is not None:
             backing = self._resized_base(base, size, timed)
+            self.backing = (backing, self.base_format, size)
             size = None
+        self.virtual_size = size
         with self._step(Step.OVERLAY, timed):
             self.commands.append(
                 qemu_img.create_cow_image(backing, self.base_format, self.path, size)
@@ -307,6 +347,9 @@ class Rbd(Image):
             secret_uuid=opts.rbd_secret_uuid if auth else None,
         )
 
+    def details(self) -> DiskDetails:
+        return rbd_disk_details(self.driver, self.rbd_name)
+
     def direct_snapshot(
         self, snapshot_name: str, image_id: str, parent: rbd_utils.RbdLocation | None
     ) -> rbd_utils.RbdLocation:
@@ -422,6 +465,34 @@ def disk_details(path: Path | str, fmt: str) -> DiskDetails:
         backing_format=info.backing_format,
         backing_virtual_size=backing_size,
     )
+
+
+def file_details(path: Path, fmt: str = "raw") -> DiskDetails:
+    """A raw file with no backing file (the config drive) from ``os.stat`` alone."""
+    if fmt != "raw":
+        return disk_details(path, fmt)
+    st = os.stat(path)
+    return DiskDetails(
+        os.fspath(path), fmt, raw_virtual_size(st.st_size), allocated_bytes(st), None
+    )
+
+
+def raw_virtual_size(file_size: int) -> int:
+    """qemu-img's virtual size of a raw file: its size in whole 512-byte sectors."""
+    return -(-file_size // 512) * 512
+
+
+def allocated_bytes(st: os.stat_result) -> int:
+    """qemu-img's ``actual-size`` of a file: the blocks the file system allocated."""
+    return st.st_blocks * 512
+
+
+def file_virtual_size(
+    path: Path, fmt: str, limits: ResourceLimits = qemu_img.DEFAULT_LIMITS
+) -> int:
+    if fmt == "raw":
+        return raw_virtual_size(os.path.getsize(path))
+    return qemu_img.info(path, fmt, limits).virtual_size
 
 
 def ephemeral_filename(size_gb: int, fs_type: str = EPHEMERAL_FS) -> str:

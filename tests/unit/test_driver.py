@@ -38,7 +38,7 @@ from minidriver.exception import (
 )
 from minidriver.imagebackend import FlavorDiskSmallerThanImage
 from minidriver.images.qemu_img import QemuImgError
-from minidriver.objects import Instance
+from minidriver.objects import Flavor, Instance
 
 GiB = 1024**3
 MiB = 1024**2
@@ -764,6 +764,61 @@ def test_get_disks_of_an_instance_without_disk_info(drv: LibvirtDriver) -> None:
     uuid = "2f0c5d3e-1111-4a4a-8b8b-000000000003"
     record_only(drv, uuid, "instance-000000ac", "no-disks")
     assert drv.get_disks(uuid) == {}
+
+
+def with_options(conf: Config, case: str) -> Config:
+    """The disk layouts a spawn can make, by name."""
+    if case == "flat":  # raw copies, no backing file
+        return conf.with_libvirt(images_type="flat")
+    if case == "resized":  # the seeds' chain: overlays on _base/<sha1>_<GB>
+        return conf.with_libvirt(resized_base_copies=True)
+    if case == "qcow2-base-no-root-size":  # an overlay with its qcow2 base's size
+        zero = Flavor("z1.zero", vcpus=1, memory_mb=128, root_gb=0, ephemeral_gb=1, swap=64)
+        return dataclasses.replace(
+            conf,
+            default=dataclasses.replace(conf.default, force_raw_images=False),
+            flavors={**conf.flavors, zero.name: zero},
+        )
+    return conf  # qcow2 overlays on raw bases
+
+
+@pytest.mark.parametrize("case", ["overlays", "flat", "resized", "qcow2-base-no-root-size"])
+def test_a_spawns_disk_report_is_what_qemu_img_says_without_running_it(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    mocker: MockerFixture,
+    case: str,
+) -> None:
+    conf = with_options(conf, case)
+    drv = make_driver(conf)
+    drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    flavor = "z1.zero" if case == "qcow2-base-no-root-size" else "t1.nano"
+    inst = drv.spawn("report", "cirros", flavor, config_drive=True)
+    qemu_img_runs = mocker.patch("minidriver.images.qemu_img.run", wraps=process.run)
+
+    made = drv.get_disks(inst.uuid)
+
+    assert qemu_img_runs.call_count == 0  # boot's report: from what spawn made, and stat
+    assert list(made) == ["disk", "disk.local", "disk.swap", "disk.config"]
+    for name, details in made.items():
+        info = img_info(Path(details.path))
+        assert details.path == os.fspath(drv.conf.instances_path / inst.uuid / name)
+        assert (details.format, details.virtual_size, details.actual_size) == (
+            info["format"],
+            info["virtual-size"],
+            info["actual-size"],
+        ), name
+        assert details.backing_file == info.get("backing-filename"), name
+        assert details.backing_format == info.get("backing-filename-format"), name
+        if details.backing_file is not None:
+            backing = img_info(Path(details.backing_file))
+            assert details.backing_virtual_size == backing["virtual-size"], name
+        else:
+            assert details.backing_virtual_size is None
+    # show in another process (no spawn of its own to go by) asks qemu-img: the same.
+    mocker.stopall()
+    assert make_driver(conf).get_disks(inst.uuid) == made
 
 
 # -- config drive -----------------------------------------------------------------
