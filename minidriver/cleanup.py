@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minidriver import lockutils, rbd_utils
+from minidriver import imagebackend, lockutils, rbd_utils
 from minidriver.driver import LibvirtDriver, instance_lock_name
 
 PARTIAL_SUFFIXES = (".part", ".converted")
@@ -78,16 +78,22 @@ class _Pass:
         record, domain = self.records.get(instance_uuid), self.ours.get(instance_uuid)
         return record is not None and domain is not None and record.name == domain.name()
 
-    def reap_rbd_disks(self, instance_uuid: str, directory: Path) -> bool:
+    def reap_rbd_disks(
+        self, instance_uuid: str, directory: Path, disks: dict[str, str] | None = None
+    ) -> bool:
         """The RBD disks of an instance being reaped; before its dir, whose disk.info
-        says where they are. An unreachable cluster is reported and returns False: the
-        caller then keeps the dir and the record, the only trace of those disks, for
-        the next cleanup (as ``destroy`` keeps the record)."""
+        says where they are (``disks``: what was read of it, or of the domain's XML,
+        before the domain went). An unreachable cluster is reported and returns False:
+        the caller then keeps the dir and the record, the only trace of those disks,
+        for the next cleanup (as ``destroy`` keeps the record)."""
+        if disks is None:
+            disks = self.drv.instance_disks(directory, instance_uuid)
         try:
             if not self.report.dry_run:
-                self.report.rbd_disks.extend(self.drv.destroy_rbd_disks(instance_uuid, directory))
+                removed = imagebackend.cleanup_rbd(self.conf, instance_uuid, disks)
+                self.report.rbd_disks.extend(removed)
                 return True
-            for pool in sorted(self.drv.rbd_pools_of(directory)):
+            for pool in sorted(imagebackend.rbd_pools_of(self.conf, disks)):
                 names = self.drv.rbd_driver(pool).list_images()
                 self.report.rbd_disks.extend(
                     f"{pool}/{n}" for n in names if n.startswith(f"{instance_uuid}_")
@@ -107,11 +113,13 @@ class _Pass:
             directory = self.drv.instance_dir(instance_uuid)
             if directory.is_dir():
                 self.report.instance_dirs.append(str(directory))
+            # Read while the domain is there: its XML stands in for a torn disk.info.
+            disks = self.drv.instance_disks(directory, instance_uuid)
             if not self.report.dry_run:
                 self.drv.host.undefine(domain)
             reaped = True
             if instance_uuid not in self.records:  # else records_without_domain reaps it
-                reaped = self.reap_rbd_disks(instance_uuid, directory)
+                reaped = self.reap_rbd_disks(instance_uuid, directory, disks)
             if reaped and not self.report.dry_run:
                 shutil.rmtree(directory, ignore_errors=True)
 
@@ -125,13 +133,14 @@ class _Pass:
             ):
                 continue
             domain = self.ours.get(instance_uuid)
+            directory = Path(record.instance_dir or self.drv.instance_dir(instance_uuid))
+            disks = self.drv.instance_disks(directory, instance_uuid)
             if domain is not None and not self.report.dry_run:
                 self.drv.host.undefine(domain)
             if domain is not None:
                 self.report.domains.append(domain.name())
             self.report.records.append(instance_uuid)
-            directory = Path(record.instance_dir or self.drv.instance_dir(instance_uuid))
-            if self.reap_rbd_disks(instance_uuid, directory) and not self.report.dry_run:
+            if self.reap_rbd_disks(instance_uuid, directory, disks) and not self.report.dry_run:
                 shutil.rmtree(directory, ignore_errors=True)
                 self.drv.db.delete_instance(instance_uuid)
 

@@ -11,35 +11,33 @@ commands that do the same.
 
 from __future__ import annotations
 
+import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minidriver import blockinfo, guest
-from minidriver.driver import (
+from minidriver import blockinfo, compute_api, guest
+from minidriver.driver import LibvirtDriver, base_filename
+from minidriver.imagebackend import (
     EPHEMERAL_FS,
     EPHEMERAL_LABEL,
-    LibvirtDriver,
-    base_filename,
-    check_flavor_fits,
-    ephemeral_filename,
-    swap_filename,
-)
-from minidriver.imagebackend import (
     Qcow2,
     Rbd,
     backend_class,
+    clone_location,
     copy_sparse_cmd,
+    ephemeral_filename,
     local_backend_class,
     mkfs_cmd,
     mkswap_cmd,
-    rbd_path,
+    swap_filename,
 )
 from minidriver.images import qemu_img
 from minidriver.images.store import Image as StoreImage
 from minidriver.network import VIF, NetworkMode, NetworkRequest, generate_mac_address
 from minidriver.objects import GiB, Instance, MiB
 from minidriver.rbd_utils import RbdLocation
+from minidriver.steps import StepTimer
 
 
 @dataclass(frozen=True)
@@ -100,8 +98,8 @@ def explain(
     flavor = drv.get_flavor(flavor_name)
     image = drv.images.get(image_ref)
     meta = image.to_image_meta()
-    check_flavor_fits(flavor, meta, drv.conf.libvirt.images_max_virtual_size)
-    kernel, ramdisk = drv.kernel_images(meta)
+    compute_api.validate_flavor_image(flavor, meta, drv.conf.libvirt.images_max_virtual_size)
+    kernel, ramdisk = compute_api.handle_kernel_and_ramdisk(drv.images, meta)
     conf = drv.conf
     plan = Plan(image_id=image.id, flavor=flavor.name)
     instance = Instance(
@@ -121,9 +119,10 @@ def explain(
         rbd = drv.rbd_driver()
         with rbd.connected():
             rbd.check_pool()
-            clone = drv.clone_location(rbd, image)
-            rbd_root = rbd_path(rbd.pool, f"{instance.uuid}_disk")
-            network_disks = {"disk": drv.rbd_network_source(rbd, instance.uuid)}
+            clone = clone_location(rbd, image)
+            root = Rbd(conf, StepTimer(), driver=rbd, instance_uuid=instance.uuid)
+            rbd_root = os.fspath(root.path)
+            network_disks = {"disk": root.libvirt_info()}
     else:
         clone, rbd_root, network_disks = None, None, {}
 

@@ -325,6 +325,23 @@ def owner_of(domain_xml: str) -> Owner | None:
     return Owner(text("state-id"), text("instance-uuid"), text("display-name"))
 
 
+def get_all_disks(domain_xml: str) -> dict[str, str]:
+    """Nova's ``Guest.get_all_disks``, as ``disk.info`` records them: {path: format},
+    a network disk as ``<protocol>:<pool/name>`` (``rbd:pool/uuid_disk``)."""
+    disks = {}
+    for disk in etree.fromstring(domain_xml.encode()).iterfind("devices/disk"):
+        source, driver = disk.find("source"), disk.find("driver")
+        if source is None:
+            continue  # an empty cdrom drive
+        if disk.get("type") == "network":
+            path = f"{source.get('protocol')}:{source.get('name')}"
+        else:
+            path = source.get("file") or source.get("dev") or ""
+        if path:
+            disks[path] = driver.get("type", "raw") if driver is not None else "raw"
+    return disks
+
+
 def to_xml(config: GuestConfig) -> str:
     """Render the domain XML and prove it well formed before anyone sees it."""
     text = _environment().get_template("domain.xml.j2").render(g=config)

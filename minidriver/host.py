@@ -1,8 +1,12 @@
-"""The libvirt host: which connection, its event loop thread, virt_type, define/launch.
+"""The libvirt host (nova/virt/libvirt/host.py): connection, events, domains.
 
 The connection follows ``[libvirt] connection_uri``; empty means: as root, the system
 daemon when one answers, else the embedded QEMU driver on a short root derived from
 ``state_path``; as another user, ``qemu:///session``.
+
+Domains are found by uuid, as Nova's ``Host._get_domain`` finds them: an instance's
+domain has the instance's uuid. A name is only a label another state dir on the same
+daemon may take over; the owner metadata says which state dir defined a domain.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import pwd
 import re
 import stat
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
+from minidriver import guest
 from minidriver.config import Config
-from minidriver.exception import HostError
+from minidriver.exception import HostError, MinidriverError
 
 LOG = logging.getLogger(__name__)
 
@@ -315,12 +321,55 @@ class Host:
         )
 
     def find_domain(self, name: str) -> libvirt.virDomain | None:
+        """The domain of that name, whoever defined it (names are checked for clashes)."""
         try:
             return self.get_connection().lookupByName(name)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise
+
+    def is_name_collision(self, exc: libvirt.libvirtError, name: str, domain_uuid: str) -> bool:
+        """Whether a define was refused because another domain holds ``name``: libvirt
+        says so (by its error code) and a domain of that name with another uuid is
+        there. Any other refusal is no reason to try another name."""
+        refusals = (libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_ERR_DOM_EXIST)
+        if exc.get_error_code() not in refusals:
+            return False
+        holder = self.find_domain(name)
+        return holder is not None and holder.UUIDString() != domain_uuid
+
+    def get_domain(self, instance_uuid: str) -> libvirt.virDomain | None:
+        """Nova's ``_get_domain``: the domain whose uuid is the instance's; None if none."""
+        try:
+            return self.get_connection().lookupByUUIDString(instance_uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def owned_domain(self, instance_uuid: str, state_id: str) -> libvirt.virDomain | None:
+        """The instance's domain, if any, refused when another state dir defined it."""
+        domain = self.get_domain(instance_uuid)
+        if domain is None:
+            return None
+        owner = guest.owner_of(domain.XMLDesc(0))
+        if owner is None or owner.state_id != state_id:
+            raise MinidriverError(
+                f"domain {domain.name()} ({instance_uuid}) belongs to another state dir;"
+                " not touching it",
+                hint="run minidriver with that state dir (--state-dir) to manage it",
+            )
+        return domain
+
+    def owned_domains(self, state_id: str) -> dict[str, libvirt.virDomain]:
+        """Every domain the state dir ``state_id`` defined, by instance uuid."""
+        owned = {}
+        for domain, xml in self.domains_xml():
+            owner = guest.owner_of(xml)
+            if owner is not None and owner.state_id == state_id:
+                owned[owner.instance_uuid] = domain
+        return owned
 
     def domains_xml(self) -> list[tuple[libvirt.virDomain, str]]:
         """Every domain with its XML; one that vanishes meanwhile (a daemon is shared)
@@ -337,6 +386,31 @@ class Host:
     def domain_state(self, domain: libvirt.virDomain) -> str:
         state, _reason = domain.state()
         return POWER_STATES.get(state, "unknown")
+
+    def wait_for_state(
+        self,
+        domain: libvirt.virDomain,
+        wanted: str,
+        timeout: float,
+        *,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        stop_on: tuple[str, ...] = (),
+    ) -> str:
+        """Poll the domain's state every ``interval`` seconds (a lifecycle event wakes
+        the wait early) until it is ``wanted`` or one of ``stop_on``, or ``timeout``
+        has passed. Returns the last state seen: the caller tells which it was."""
+        deadline = clock() + timeout
+        with self.lifecycle_waiter(domain.UUIDString()) as changed:
+            while True:
+                state = self.domain_state(domain)
+                if state == wanted or state in stop_on:
+                    return state
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    return state
+                changed.wait(min(interval, remaining))
+                changed.clear()
 
     # -- lifecycle events -------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""Nova's image backends: how an instance disk is made from a cached base file.
+"""Nova's image backends (nova/virt/libvirt/imagebackend.py): an instance's disks.
+
+How an instance disk is made from a cached base file, how it is described (``show``,
+``boot --json``) and where its RBD parts are.
 
 ``Image.cache()`` takes the base file's lock, creates the base if it is missing (the
 ``fetch_func``: a download, an ephemeral mkfs or a mkswap), then ``create_image``
@@ -9,18 +12,23 @@ makes the instance's file from it: a qcow2 overlay (``Qcow2``) or a full copy
 a copy-on-write clone of the image's protected snapshot when the image is in the same
 cluster, else the raw base is fetched into ``_base`` as for the others and imported
 into the pool (Nova imports it anew for each instance); then it is grown to the
-flavor's size.
+flavor's size. Its network source (``libvirt_info``), its details, its direct snapshot
+and the removal of an instance's RBD disks are the backend's work, as in Nova.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
+import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from minidriver import rbd_utils
+from minidriver import guest, rbd_utils
 from minidriver.config import Config
 from minidriver.exception import MinidriverError
 from minidriver.fileutils import publish, removed_on_error
@@ -31,8 +39,30 @@ from minidriver.objects import GiB, MiB
 from minidriver.process import ResourceLimits, run
 from minidriver.steps import Step, StepTimer
 
+if TYPE_CHECKING:
+    from minidriver.images.store import Image as StoreImage
+
+LOG = logging.getLogger(__name__)
+
 # Makes a base file at the path it is given; returns the base's format.
 FetchFunc = Callable[[Path], str]
+
+# Nova's default ephemeral filesystem for Linux guests, and its label.
+EPHEMERAL_FS = "ext4"
+EPHEMERAL_LABEL = "ephemeral0"
+
+
+@dataclass(frozen=True)
+class DiskDetails:
+    """One disk of an instance as it is on disk now (``show``, ``boot --json``)."""
+
+    path: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing_file: str | None
+    backing_format: str | None = None
+    backing_virtual_size: int | None = None
 
 
 class FlavorDiskSmallerThanImage(MinidriverError):
@@ -55,6 +85,11 @@ class Image(abc.ABC):
         self.timer = timer
         self.commands: list[list[str]] = []  # what was run, for `explain` and `show`
         self.base_format = "raw"  # set by cache(): the format of the base in use
+        # What create_image made, for details() (None: made by someone else).
+        self.virtual_size: int | None = None
+        self.backing: tuple[Path, str, int | None] | None = None  # file, format, size
+        self.base_virtual_size: int | None = None  # when cache() read it
+        self.made = False
 
     @property
     def base_dir(self) -> Path:
@@ -91,11 +126,37 @@ class Image(abc.ABC):
                         raise MinidriverError(f"base {base} is {made}, expected {base_format}")
             touch(base)
             self.base_format = base_format
-            self.verify_base_size(base, size, base_format, self.limits)
+            self.base_virtual_size = self.verify_base_size(base, size, base_format, self.limits)
             if not self.exists():
                 with self.removed_on_error():
                     self.create_image(base, size, timed=step is None)
+                self.made = True
         return hit
+
+    def details(self) -> DiskDetails:
+        """The disk as ``show`` reports it. One this object made is described from
+        what it made and ``os.stat`` (no qemu-img runs); any other, by qemu-img."""
+        if not self.made:
+            return disk_details(self.path, self.driver_format)
+        st = os.stat(self.path)
+        virtual = self.virtual_size
+        backing_file = backing_format = backing_size = None
+        if self.backing is not None:
+            backing, backing_format, backing_size = self.backing
+            backing_file = os.fspath(backing)
+            if backing_size is None:
+                backing_size = file_virtual_size(backing, backing_format)
+            if virtual is None:  # an overlay made without a size has its backing's
+                virtual = backing_size
+        return DiskDetails(
+            path=os.fspath(self.path),
+            format=self.driver_format,
+            virtual_size=raw_virtual_size(st.st_size) if virtual is None else virtual,
+            actual_size=allocated_bytes(st),
+            backing_file=backing_file,
+            backing_format=backing_format,
+            backing_virtual_size=backing_size,
+        )
 
     def removed_on_error(self) -> contextlib.AbstractContextManager[None]:
         """Whatever ``create_image`` made is removed if it fails half-way."""
@@ -110,15 +171,18 @@ class Image(abc.ABC):
     @staticmethod
     def verify_base_size(
         base: Path, size: int | None, base_format: str, limits: ResourceLimits
-    ) -> None:
+    ) -> int | None:
+        """The base's virtual size, checked against ``size``; None when no size is
+        asked (the base is then not shown to qemu-img)."""
         if size is None:
-            return
+            return None
         virtual = qemu_img.info(base, base_format, limits).virtual_size
         if size < virtual:
             raise FlavorDiskSmallerThanImage(
                 f"flavor's disk ({size} bytes) is smaller than the image ({virtual} bytes)",
                 hint="choose a flavor with a larger root_gb",
             )
+        return virtual
 
     @abc.abstractmethod
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
@@ -137,9 +201,15 @@ class Qcow2(Image):
 
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
         backing = base
+        base_size = self.base_virtual_size
+        if base_size is None:  # no flavor size to check against: read it now, for details
+            base_size = file_virtual_size(base, self.base_format, self.limits)
+        self.backing = (base, self.base_format, base_size)
         if self.conf.libvirt.resized_base_copies and size is not None:
             backing = self._resized_base(base, size, timed)
+            self.backing = (backing, self.base_format, size)
             size = None
+        self.virtual_size = size
         with self._step(Step.OVERLAY, timed):
             self.commands.append(
                 qemu_img.create_cow_image(backing, self.base_format, self.path, size)
@@ -263,14 +333,37 @@ class Rbd(Image):
                 self.driver.remove_image(self.rbd_name)
             raise
 
+    def libvirt_info(self) -> guest.NetworkSource:
+        """Nova's ``Rbd.libvirt_info``: the disk as QEMU reaches it, through the
+        cluster's monitors, with cephx auth when a libvirt secret holds the key
+        (``rbd_user``/``rbd_secret_uuid``)."""
+        opts = self.conf.libvirt
+        auth = bool(opts.rbd_secret_uuid)
+        return guest.NetworkSource(
+            protocol="rbd",
+            name=self.source_name,
+            hosts=tuple(guest.NetworkHost(h.name, h.port) for h in self.driver.get_mon_addrs()),
+            auth_username=opts.rbd_user if auth else None,
+            secret_uuid=opts.rbd_secret_uuid if auth else None,
+        )
+
+    def details(self) -> DiskDetails:
+        return rbd_disk_details(self.driver, self.rbd_name)
+
     def direct_snapshot(
-        self, snapshot_name: str, image_id: str, dest_pool: str
+        self, snapshot_name: str, image_id: str, parent: rbd_utils.RbdLocation | None
     ) -> rbd_utils.RbdLocation:
-        """Nova's ``direct_snapshot``: an RBD snapshot of the disk, cloned into
-        ``dest_pool`` as ``image_id``, flattened (it must outlive this disk), with its
-        own protected ``snap``. The disk's temporary snapshot goes in every outcome."""
+        """Nova's ``direct_snapshot``: an RBD snapshot of the disk, cloned as
+        ``image_id`` into the pool of ``parent`` (the image the instance was booted
+        from) when that is in this cluster, else into Glance's ``rbd_store_pool``;
+        flattened (it must outlive this disk), with its own protected ``snap``. The
+        disk's temporary snapshot goes in every outcome."""
         driver = self.driver
-        source = rbd_utils.RbdLocation(driver.get_fsid(), driver.pool, self.rbd_name, snapshot_name)
+        fsid = driver.get_fsid()
+        dest_pool = self.conf.glance_store.rbd_store_pool
+        if parent is not None and parent.fsid == fsid:
+            dest_pool = parent.pool  # Nova's _get_parent_pool
+        source = rbd_utils.RbdLocation(fsid, driver.pool, self.rbd_name, snapshot_name)
         driver.create_snap(self.rbd_name, snapshot_name, protect=True)
         try:
             driver.clone(source, image_id, dest_pool)
@@ -282,12 +375,134 @@ class Rbd(Image):
                 raise
         finally:
             driver.remove_snap(self.rbd_name, snapshot_name, unprotect=True)
-        return rbd_utils.RbdLocation(source.fsid, dest_pool, image_id, rbd_utils.IMAGE_SNAPSHOT)
+        return rbd_utils.RbdLocation(fsid, dest_pool, image_id, rbd_utils.IMAGE_SNAPSHOT)
+
+
+def clone_location(driver: rbd_utils.RBDDriver, image: StoreImage) -> rbd_utils.RbdLocation | None:
+    """Nova's ``Rbd.clone`` choice: the first of the image's locations that
+    ``is_cloneable`` (it logs why one is not); None: fetch and import instead."""
+    for location in image.locations:
+        if driver.is_cloneable(location["url"], image.disk_format):
+            return rbd_utils.parse_url(location["url"])
+    return None
+
+
+def rbd_driver(conf: Config, pool: str | None = None) -> rbd_utils.RBDDriver:
+    """A driver for ``pool`` (default ``images_rbd_pool``) of the configured cluster;
+    a new one per use, as a driver is not shared between threads."""
+    opts = conf.libvirt
+    return rbd_utils.RBDDriver(
+        pool or opts.images_rbd_pool,
+        opts.images_rbd_ceph_conf,
+        opts.rbd_user,
+        opts.rbd_connect_timeout,
+    )
 
 
 def rbd_path(pool: str, name: str) -> str:
     """How ``disk.info`` and ``show`` name an RBD disk (Nova's ``rbd:pool/name``)."""
     return f"rbd:{pool}/{name}"
+
+
+def is_rbd_path(path: str) -> bool:
+    return path.startswith("rbd:")
+
+
+def parse_rbd_path(path: str) -> tuple[str, str]:
+    """``rbd:<pool>/<name>`` -> (pool, name)."""
+    pool, _, name = path.removeprefix("rbd:").partition("/")
+    return pool, name
+
+
+def rbd_pools_of(conf: Config, disks: Mapping[str, str] | None) -> set[str]:
+    """The pools holding an instance's RBD disks, from its recorded ``disks``
+    ({path: format}); without a record (a spawn that died early), the configured
+    pool when images_type = rbd."""
+    if disks is None:
+        return {conf.libvirt.images_rbd_pool} if conf.libvirt.images_type == "rbd" else set()
+    return {parse_rbd_path(path)[0] for path in disks if is_rbd_path(path)}
+
+
+def cleanup_rbd(conf: Config, instance_uuid: str, disks: Mapping[str, str] | None) -> list[str]:
+    """Nova's ``_cleanup_rbd``: an instance's ``<uuid>_*`` RBD images, never an
+    image's, in each pool its ``disks`` name. Returns ``pool/name`` of each removed."""
+    removed: list[str] = []
+    for pool in sorted(rbd_pools_of(conf, disks)):
+        names = rbd_driver(conf, pool).cleanup_volumes(instance_uuid)
+        removed.extend(f"{pool}/{name}" for name in names)
+    return removed
+
+
+def rbd_disk_details(driver: rbd_utils.RBDDriver, name: str) -> DiskDetails:
+    """An RBD disk as ``show`` describes a file: its size, its own data, and the image
+    snapshot it is a clone of (``rbd:pool/image@snap``) as its backing."""
+    with driver.connected():
+        parent = driver.parent_info(name)
+        return DiskDetails(
+            path=rbd_path(driver.pool, name),
+            format="raw",
+            virtual_size=driver.size(name),
+            actual_size=driver.allocated_bytes(name),
+            backing_file=f"rbd:{parent[0]}" if parent else None,
+            backing_format="raw" if parent else None,
+            backing_virtual_size=parent[1] if parent else None,
+        )
+
+
+def disk_details(path: Path | str, fmt: str) -> DiskDetails:
+    """A disk file as qemu-img sees it, and its backing file's virtual size: for an
+    instance whose disks were made by another process."""
+    info = qemu_img.info(path, fmt)
+    backing_size = None
+    if info.backing_file and info.backing_format:
+        backing_size = qemu_img.info(info.backing_file, info.backing_format).virtual_size
+    return DiskDetails(
+        path=os.fspath(path),
+        format=info.format,
+        virtual_size=info.virtual_size,
+        actual_size=info.actual_size,
+        backing_file=info.backing_file,
+        backing_format=info.backing_format,
+        backing_virtual_size=backing_size,
+    )
+
+
+def file_details(path: Path, fmt: str = "raw") -> DiskDetails:
+    """A raw file with no backing file (the config drive) from ``os.stat`` alone."""
+    if fmt != "raw":
+        return disk_details(path, fmt)
+    st = os.stat(path)
+    return DiskDetails(
+        os.fspath(path), fmt, raw_virtual_size(st.st_size), allocated_bytes(st), None
+    )
+
+
+def raw_virtual_size(file_size: int) -> int:
+    """qemu-img's virtual size of a raw file: its size in whole 512-byte sectors."""
+    return -(-file_size // 512) * 512
+
+
+def allocated_bytes(st: os.stat_result) -> int:
+    """qemu-img's ``actual-size`` of a file: the blocks the file system allocated."""
+    return st.st_blocks * 512
+
+
+def file_virtual_size(
+    path: Path, fmt: str, limits: ResourceLimits = qemu_img.DEFAULT_LIMITS
+) -> int:
+    if fmt == "raw":
+        return raw_virtual_size(os.path.getsize(path))
+    return qemu_img.info(path, fmt, limits).virtual_size
+
+
+def ephemeral_filename(size_gb: int, fs_type: str = EPHEMERAL_FS) -> str:
+    """Nova's name: ``ephemeral_<GB>_<first 7 hex of md5(fs type)>``."""
+    tag = hashlib.md5(fs_type.encode(), usedforsecurity=False).hexdigest()[:7]
+    return f"ephemeral_{size_gb}_{tag}"
+
+
+def swap_filename(size_mb: int) -> str:
+    return f"swap_{size_mb}"
 
 
 def copy_sparse_cmd(source: Path, dest: Path) -> list[str]:
@@ -347,14 +562,26 @@ def create_swap(target: Path, swap_mb: int) -> str:
 
 
 __all__ = [
+    "EPHEMERAL_FS",
+    "EPHEMERAL_LABEL",
+    "DiskDetails",
     "Flat",
     "FlavorDiskSmallerThanImage",
     "Image",
     "Qcow2",
     "Rbd",
     "backend_class",
+    "cleanup_rbd",
+    "clone_location",
     "create_ephemeral",
     "create_swap",
+    "disk_details",
+    "ephemeral_filename",
+    "is_rbd_path",
     "local_backend_class",
+    "parse_rbd_path",
+    "rbd_driver",
     "rbd_path",
+    "rbd_pools_of",
+    "swap_filename",
 ]

@@ -133,6 +133,15 @@ def remove_quietly(driver: RBDDriver, name: str, pool: str | None = None) -> Non
         LOG.warning("could not remove RBD image %s/%s: %s", pool or driver.pool, name, exc)
 
 
+def cleanup_volumes_quietly(driver: RBDDriver, instance_uuid: str) -> None:
+    """Undo of a failed spawn: its RBD disks. A failure here is logged, never raised:
+    the spawn's own error is the one to report."""
+    try:
+        driver.cleanup_volumes(instance_uuid)
+    except RbdError as exc:
+        LOG.warning("could not remove the RBD disks of %s: %s", instance_uuid, exc)
+
+
 class RBDReader:
     """An RBD image (at a snapshot) read front to back, like a file opened ``rb``."""
 

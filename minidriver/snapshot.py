@@ -1,11 +1,13 @@
-"""Nova's ``snapshot`` (``nova image-create``): an instance's root disk as a new image.
+"""Nova's ``snapshot`` (``nova image-create``): an instance's root disk as a new image
+(nova/virt/libvirt/driver.py, ``snapshot`` and ``_live_snapshot``).
 
 A running domain gets Nova's live snapshot: a qcow2 delta on the same backing file,
 a shallow block copy of the disk into it with libvirt's block job API (the guest keeps
 running on its own disk), the job ended without a pivot, then ``qemu-img convert`` of
 the delta's chain into one standalone image. A stopped domain gets a cold snapshot:
 ``qemu-img convert`` of the disk's chain. Work files live in
-``$instances_path/snapshots/`` and are removed in every outcome.
+``$instances_path/snapshots/`` and are removed in every outcome. An RBD root disk
+gets Nova's direct snapshot instead (``imagebackend.Rbd.direct_snapshot``).
 """
 
 from __future__ import annotations
@@ -14,14 +16,23 @@ import contextlib
 import shutil
 import tempfile
 import time
+import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import libvirt
 from lxml import etree
 
+from minidriver import rbd_utils
 from minidriver.exception import MinidriverError
 from minidriver.images import qemu_img
+
+if TYPE_CHECKING:
+    from minidriver.db import InstanceRecord
+    from minidriver.imagebackend import Rbd
+    from minidriver.images.store import Image as StoreImage
+    from minidriver.images.store import ImageService
 
 BLOCK_JOB_TIMEOUT = 600  # seconds for the block copy to catch up with the disk
 POLL_INTERVAL = 0.1
@@ -102,3 +113,82 @@ def live(
         with contextlib.suppress(libvirt.libvirtError):
             domain.blockJobAbort(dev, 0)
     qemu_img.convert(delta, "qcow2", out, "qcow2")
+
+
+def snapshot_properties(record: InstanceRecord, parent: StoreImage | None) -> dict[str, str]:
+    """Nova's snapshot metadata: where the image came from and, for a disk booted from
+    a kernel image, the kernel, ramdisk and command line it still needs."""
+    properties = {
+        "image_type": "snapshot",
+        "instance_uuid": record.uuid,
+        "base_image_ref": record.image_id,
+    }
+    if record.kernel_id:
+        properties["kernel_id"] = record.kernel_id
+    if record.ramdisk_id:
+        properties["ramdisk_id"] = record.ramdisk_id
+    command_line = parent.to_image_meta().os_command_line if parent else ""
+    if command_line:
+        properties["os_command_line"] = command_line
+    return properties
+
+
+def to_image(
+    images: ImageService,
+    domain: libvirt.virDomain,
+    disk: Path,
+    disk_format: str,
+    instances_path: Path,
+    *,
+    name: str,
+    record: InstanceRecord,
+    parent: StoreImage | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> StoreImage:
+    """A file root disk as a new qcow2 image in the store: live while the domain
+    runs, else cold."""
+    with work_dir(instances_path) as work:
+        out = work / "snapshot.qcow2"
+        if domain.isActive():
+            live(domain, disk, disk_format, work, out, clock=clock)
+        else:
+            cold(disk, disk_format, out)
+        return images.add(
+            out,
+            name=name,
+            disk_format="qcow2",
+            min_disk=parent.min_disk if parent else 0,
+            min_ram=parent.min_ram if parent else 0,
+            properties=snapshot_properties(record, parent),
+        )
+
+
+def direct(
+    images: ImageService,
+    root: Rbd,
+    *,
+    name: str,
+    record: InstanceRecord,
+    parent: StoreImage | None,
+) -> StoreImage:
+    """Nova's direct snapshot of an RBD root disk, running or not (an RBD snapshot is
+    crash-consistent): a flattened clone in Ceph, recorded in the store by its rbd
+    location; removed again if the store refuses it."""
+    rbd = root.driver
+    image_id = str(uuidlib.uuid4())
+    with rbd.connected():
+        origin = parent.rbd_location if parent else None
+        location = root.direct_snapshot(uuidlib.uuid4().hex, image_id, origin)
+        try:
+            return images.add_location(
+                image_id,
+                name=name,
+                url=location.url,
+                size=rbd.size(image_id, location.pool),
+                min_disk=parent.min_disk if parent else 0,
+                min_ram=parent.min_ram if parent else 0,
+                properties=snapshot_properties(record, parent),
+            )
+        except BaseException:
+            rbd_utils.remove_quietly(rbd, image_id, location.pool)
+            raise

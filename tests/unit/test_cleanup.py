@@ -192,3 +192,29 @@ def test_rbd_disks_out_of_reach_keep_their_record_and_dir(host: Host, tmp_path: 
     assert any("cannot reach the Ceph cluster" in line for line in report.skipped), report
     assert drv.db.get_instance(uuid).display_name == "died"
     assert (directory / "disk.info").is_file()
+
+
+def test_a_torn_disk_info_is_no_crash_for_cleanup(host: Host, tmp_path: Path, image: Path) -> None:
+    """A crash while disk.info was written (by a minidriver that wrote it in place)
+    leaves half of it: cleanup reaps the instance all the same, by libvirt's list of
+    its disks while the domain is there, and without one after."""
+    drv = driver(host, tmp_path / "state")
+    image_id = drv.images.add(image, name="i", disk_format="qcow2").id
+    no_record = drv.spawn("no-record", image_id, "m1.tiny")
+    died = drv.spawn("died", image_id, "m1.tiny")
+    drv.db.delete_instance(no_record.uuid)
+    drv.db.update_instance(died.uuid, state="building")  # as a killed spawn leaves it
+    for inst in (no_record, died):
+        disk_info = Path(inst.instance_dir) / "disk.info"
+        disk_info.write_text(disk_info.read_text()[:17])
+
+    assert sorted(cleanup(drv, dry_run=True).domains) == sorted([no_record.name, died.name])
+    report = cleanup(drv)
+
+    assert sorted(report.domains) == sorted([no_record.name, died.name])
+    assert report.records == [died.uuid]
+    assert host.get_connection().listAllDomains() == []
+    assert drv.db.list_instances() == []
+    assert not Path(no_record.instance_dir).exists()
+    assert not Path(died.instance_dir).exists()
+    assert cleanup(drv).total() == 0

@@ -29,7 +29,7 @@ from conftest import TEST_DRIVER_NODE, TIMING_KEYS
 from lxml import etree
 from pytest_mock import MockerFixture
 
-from minidriver import __version__
+from minidriver import __version__, process
 from minidriver.cli import main
 from minidriver.config import load_config
 from minidriver.host import Host
@@ -471,6 +471,26 @@ def xml_shape(d: Any, _w: World) -> None:
 
 def xml_out(r: Run, _w: World) -> None:
     assert etree.fromstring(r.out.encode()).tag == "domain"
+
+
+def test_boot_reports_the_disks_it_made_without_qemu_img_on_them(
+    cli: Cli, image_id: str, mocker: MockerFixture
+) -> None:
+    qemu_img_runs = mocker.patch("minidriver.images.qemu_img.run", wraps=process.run)
+    booted = cli.boot("quiet")
+    text = cli.ok("boot", "--image", "cirros", "--flavor", "t1.nano", "--name", "quiet-text")
+
+    infos = [call.args[0] for call in qemu_img_runs.call_args_list if call.args[0][1] == "info"]
+    instance_dirs = (booted["instance_dir"], cli.json("show", "quiet-text")["instance_dir"])
+    assert [c for c in infos if any(str(a).startswith(instance_dirs) for a in c)] == []
+    # show (as another process would: no spawn to go by) asks qemu-img; the same report.
+    assert cli.json("show", "quiet")["disks"] == booted["disks"]
+
+    def chain(out: str) -> list[str]:
+        return [line for line in out.splitlines() if line.startswith("disk")]
+
+    assert chain(text.out) == chain(cli.ok("show", "quiet-text").out)
+    assert len(chain(text.out)) == 3
 
 
 # -- 1, 2: every command, valid and invalid -------------------------------------------

@@ -38,7 +38,7 @@ from minidriver.exception import (
 )
 from minidriver.imagebackend import FlavorDiskSmallerThanImage
 from minidriver.images.qemu_img import QemuImgError
-from minidriver.objects import Instance
+from minidriver.objects import Flavor, Instance
 
 GiB = 1024**3
 MiB = 1024**2
@@ -766,6 +766,61 @@ def test_get_disks_of_an_instance_without_disk_info(drv: LibvirtDriver) -> None:
     assert drv.get_disks(uuid) == {}
 
 
+def with_options(conf: Config, case: str) -> Config:
+    """The disk layouts a spawn can make, by name."""
+    if case == "flat":  # raw copies, no backing file
+        return conf.with_libvirt(images_type="flat")
+    if case == "resized":  # the seeds' chain: overlays on _base/<sha1>_<GB>
+        return conf.with_libvirt(resized_base_copies=True)
+    if case == "qcow2-base-no-root-size":  # an overlay with its qcow2 base's size
+        zero = Flavor("z1.zero", vcpus=1, memory_mb=128, root_gb=0, ephemeral_gb=1, swap=64)
+        return dataclasses.replace(
+            conf,
+            default=dataclasses.replace(conf.default, force_raw_images=False),
+            flavors={**conf.flavors, zero.name: zero},
+        )
+    return conf  # qcow2 overlays on raw bases
+
+
+@pytest.mark.parametrize("case", ["overlays", "flat", "resized", "qcow2-base-no-root-size"])
+def test_a_spawns_disk_report_is_what_qemu_img_says_without_running_it(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    mocker: MockerFixture,
+    case: str,
+) -> None:
+    conf = with_options(conf, case)
+    drv = make_driver(conf)
+    drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    flavor = "z1.zero" if case == "qcow2-base-no-root-size" else "t1.nano"
+    inst = drv.spawn("report", "cirros", flavor, config_drive=True)
+    qemu_img_runs = mocker.patch("minidriver.images.qemu_img.run", wraps=process.run)
+
+    made = drv.get_disks(inst.uuid)
+
+    assert qemu_img_runs.call_count == 0  # boot's report: from what spawn made, and stat
+    assert list(made) == ["disk", "disk.local", "disk.swap", "disk.config"]
+    for name, details in made.items():
+        info = img_info(Path(details.path))
+        assert details.path == os.fspath(drv.conf.instances_path / inst.uuid / name)
+        assert (details.format, details.virtual_size, details.actual_size) == (
+            info["format"],
+            info["virtual-size"],
+            info["actual-size"],
+        ), name
+        assert details.backing_file == info.get("backing-filename"), name
+        assert details.backing_format == info.get("backing-filename-format"), name
+        if details.backing_file is not None:
+            backing = img_info(Path(details.backing_file))
+            assert details.backing_virtual_size == backing["virtual-size"], name
+        else:
+            assert details.backing_virtual_size is None
+    # show in another process (no spawn of its own to go by) asks qemu-img: the same.
+    mocker.stopall()
+    assert make_driver(conf).get_disks(inst.uuid) == made
+
+
 # -- config drive -----------------------------------------------------------------
 
 
@@ -863,3 +918,119 @@ def test_a_domain_name_taken_between_check_and_define_is_replaced(
     assert mine.db.get_instance(inst.uuid).name == inst.name
     assert f"<name>{inst.name}</name>" in (Path(inst.instance_dir) / "libvirt.xml").read_text()
     assert other.db.get_instance(theirs.uuid).name == "instance-00000001"
+
+
+# -- two state dirs on one hypervisor: domains are found by uuid -------------------
+
+
+def two_state_dirs(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    tmp_path: Path,
+) -> tuple[LibvirtDriver, LibvirtDriver]:
+    mine = make_driver(conf)
+    other_conf = load_config(None, state_dir=tmp_path / "other", environ={}).with_libvirt(
+        connection_uri=conf.libvirt.connection_uri, virt_type="qemu"
+    )
+    other = LibvirtDriver(other_conf, host=mine.host)  # two state dirs, one hypervisor
+    mine.images.add(source_image, name="cirros", disk_format="qcow2")
+    other.images.add(source_image, name="cirros", disk_format="qcow2")
+    return mine, other
+
+
+def test_delete_goes_by_uuid_when_another_state_dir_took_the_domain_name(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    tmp_path: Path,
+) -> None:
+    mine, other = two_state_dirs(conf, make_driver, source_image, tmp_path)
+    lost = mine.spawn("lost", "cirros", "m1.tiny")
+    # Its domain went behind minidriver's back; the other state dir's count took the name.
+    dom = conn_of(mine).lookupByName(lost.name)
+    dom.destroy()
+    dom.undefine()
+    theirs = other.spawn("theirs", "cirros", "m1.tiny")
+    assert theirs.name == lost.name
+
+    assert mine.get_info(lost.uuid).state == "nostate"
+    assert {r.display_name: r.state for r in mine.list_instances()} == {"lost": "nostate"}
+    with pytest.raises(MinidriverError, match="has no domain"):
+        mine.power_on(lost.uuid)
+    mine.destroy(lost.uuid)
+
+    assert mine.db.list_instances() == []
+    assert not Path(lost.instance_dir).exists()
+    assert domains(mine) == [theirs.name]
+    assert other.get_info(theirs.uuid).state == "running"
+    assert Path(theirs.instance_dir).is_dir()
+
+
+def test_a_define_refusal_is_raised_as_itself_even_when_the_name_is_taken(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    tmp_path: Path,
+    mocker: MockerFixture,
+) -> None:
+    mine, other = two_state_dirs(conf, make_driver, source_image, tmp_path)
+    theirs = other.spawn("theirs", "cirros", "m1.tiny")
+    # The name looked free at our check (the race of the test above), and libvirt
+    # refuses our define for a reason of its own: that reason is the error, and no
+    # other name is tried.
+    real_find, real_define = mine.host.find_domain, mine.host.define
+    lookups: list[str] = []
+
+    def racing_find(name: str) -> Any:
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_find(name)
+
+    try:
+        conn_of(mine).defineXML("<domain type='test'><name>no-os</name></domain>")
+    except libvirt.libvirtError as exc:
+        refusal = exc
+    assert refusal.get_error_code() == libvirt.VIR_ERR_XML_ERROR
+    defines: list[str] = []
+
+    def refused_once(xml: str) -> Any:
+        defines.append(xml)
+        if len(defines) == 1:
+            raise refusal
+        return real_define(xml)
+
+    mocker.patch.object(mine.host, "find_domain", side_effect=racing_find)
+    mocker.patch.object(mine.host, "define", side_effect=refused_once)
+
+    with pytest.raises(SpawnError) as exc_info:
+        mine.spawn("mine", "cirros", "m1.tiny")
+
+    assert exc_info.value.step == "define"
+    assert exc_info.value.cause is refusal
+    assert len(defines) == 1
+    assert mine.db.list_instances() == []
+    assert domains(mine) == [theirs.name]
+
+
+# -- disk.info: written whole, and a torn one is no crash ---------------------------
+
+
+def test_a_torn_disk_info_leaves_show_delete_and_snapshot_to_libvirts_list(
+    drv: LibvirtDriver, image_id: str
+) -> None:
+    inst = drv.spawn("torn", "cirros", "t1.nano")
+    made = drv.get_disks(inst.uuid)
+    disk_info = Path(inst.instance_dir) / "disk.info"
+    disk_info.write_text(disk_info.read_text()[:25])  # as a crash mid-write leaves one
+    # A driver with no spawn of its own to go by (another process: `show`).
+    shown = LibvirtDriver(drv.conf, host=drv.host)
+
+    assert shown.get_disks(inst.uuid) == made
+    shown.power_off(inst.uuid, force=True)  # the test driver has no block copy: cold
+    snap = shown.snapshot(inst.uuid, "from-torn")
+    assert img_info(Path(drv.images.get(snap.id).path))["format"] == "qcow2"
+    shown.destroy(inst.uuid)
+
+    assert drv.db.list_instances() == []
+    assert domains(drv) == []
+    assert not Path(inst.instance_dir).exists()

@@ -25,8 +25,8 @@ import pytest
 from minidriver import lockutils
 from minidriver.config import Config, load_config
 from minidriver.db import InstanceRecord
-from minidriver.driver import base_filename, ephemeral_filename, swap_filename
-from minidriver.imagebackend import Qcow2
+from minidriver.driver import base_filename
+from minidriver.imagebackend import Qcow2, ephemeral_filename, swap_filename
 from minidriver.imagecache import (
     BaseKind,
     CachedFile,

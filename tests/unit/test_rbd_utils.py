@@ -10,9 +10,17 @@ import pytest
 
 from minidriver import rbd_utils
 from minidriver.config import load_config
-from minidriver.driver import is_rbd_path, parse_rbd_path
 from minidriver.exception import ImageUnacceptable
-from minidriver.imagebackend import Flat, Qcow2, Rbd, backend_class, local_backend_class, rbd_path
+from minidriver.imagebackend import (
+    Flat,
+    Qcow2,
+    Rbd,
+    backend_class,
+    is_rbd_path,
+    local_backend_class,
+    parse_rbd_path,
+    rbd_path,
+)
 
 FSID = "fae20fc5-2910-4f6d-89d2-3afad4318d2f"
 
