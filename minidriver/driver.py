@@ -312,8 +312,10 @@ class LibvirtDriver:
                     TimeoutError(f"not RUNNING within {budget:g} s of the spawn's start"),
                     instance,
                 ) from exc
-        instance.state = self.host.domain_state(domain)
-        self.db.update_instance(instance.uuid, state=instance.state)
+            # Before the lock goes: to `cleanup`, "building" with a free lock is a
+            # spawn that died, and it reaps that instance.
+            instance.state = self.host.domain_state(domain)
+            self.db.update_instance(instance.uuid, state=instance.state)
         instance.timings = timer.as_dict()
         return instance
 
@@ -745,9 +747,11 @@ class LibvirtDriver:
         Whatever of it exists is removed; what is already gone is no error. The image
         cache stays.
         """
-        record = self.db.get_instance(instance_uuid)
-        instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
-        with external_lock(self.conf.locks_dir, instance_lock_name(record.uuid)):
+        with external_lock(self.conf.locks_dir, instance_lock_name(instance_uuid)):
+            # Read under the lock: a `cleanup` or another delete may have removed the
+            # instance while we waited for it.
+            record = self.db.get_instance(instance_uuid)
+            instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
             self._undefine(record.name)
             # Before the instance dir: its disk.info says where the RBD disks are. An
             # unreachable cluster stops here, with the record kept for another try.
