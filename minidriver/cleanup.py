@@ -9,7 +9,8 @@ for this state dir only (domains are recognised by their metadata's state id):
   killed half-way): domain, instance dir and record removed;
 - instance dirs with neither record nor domain: removed;
 - stale ``.part``/``.converted`` files in ``_base`` and lock files nobody holds;
-- forwarded-port reservations of this state dir whose instance is gone.
+- forwarded-port reservations of this state dir whose instance is gone;
+- images an ``image add`` left ``saving`` when it died, with their partial files.
 - the RBD disks (``<uuid>_*``) of every instance reaped above. Only those: a pool may
   be shared with other hosts, so an RBD image of an unknown uuid is not ours to judge.
 
@@ -35,7 +36,8 @@ import libvirt
 from minidriver import guest, lockutils, rbd_utils
 from minidriver.db import InstanceRecord
 from minidriver.driver import LibvirtDriver, instance_lock_name
-from minidriver.exception import InstanceNotFound
+from minidriver.exception import ImageNotFound, InstanceNotFound
+from minidriver.images.store import ImageStatus, add_lock_name
 
 PARTIAL_SUFFIXES = (".part", ".converted")
 # Entries of instances_path that are not instance dirs.
@@ -52,6 +54,7 @@ class CleanupReport:
     locks: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # forwarded-port reservations freed
     rbd_disks: list[str] = field(default_factory=list)  # pool/name of reaped instances
+    images: list[str] = field(default_factory=list)  # ids of images a dead add left saving
     skipped: list[str] = field(default_factory=list)  # busy or unreachable: what and why
 
     def total(self) -> int:
@@ -65,6 +68,7 @@ class CleanupReport:
                 self.locks,
                 self.ports,
                 self.rbd_disks,
+                self.images,
             )
         )
 
@@ -104,20 +108,19 @@ class _Pass:
         return list(dict.fromkeys(found))
 
     @contextlib.contextmanager
-    def instance_lock(self, instance_uuid: str) -> Iterator[bool]:
-        """Whether the instance is free; if so (and not a dry run), held for the block."""
-        name = instance_lock_name(instance_uuid)
+    def lock(self, lock_dir: Path, name: str) -> Iterator[bool]:
+        """Whether the lock is free; if so (and not a dry run), held for the block."""
         if self.report.dry_run:
-            yield not lockutils.is_held(self.locks, name)
+            yield not lockutils.is_held(lock_dir, name)
             return
-        fd = lockutils.try_acquire(self.locks, name)
+        fd = lockutils.try_acquire(lock_dir, name)
         if fd is None:
             yield False
             return
         try:
             yield True
         finally:
-            lockutils.release(self.locks, name, fd)
+            lockutils.release(lock_dir, name, fd)
 
     def owned_domain(self, instance_uuid: str) -> libvirt.virDomain | None:
         """The instance's domain, if this state dir defined it, as libvirt has it now."""
@@ -165,7 +168,7 @@ class _Pass:
 
     def instances(self) -> None:
         for instance_uuid in self.candidates():
-            with self.instance_lock(instance_uuid) as free:
+            with self.lock(self.locks, instance_lock_name(instance_uuid)) as free:
                 if not free:
                     self.report.skipped.append(
                         f"{instance_uuid}: its instance is being built or deleted"
@@ -202,6 +205,34 @@ class _Pass:
             if record is not None:
                 self.drv.db.delete_instance(instance_uuid)
 
+    def saving_images(self) -> None:
+        """Images an ``image add`` left ``saving`` when it died: each add holds its
+        image's lock until it ends, so a free lock, with the record read again under
+        it, means no add is at work on it. Its record goes, and its partial files."""
+        images = self.drv.images
+        for listed in images.list():
+            if listed.status != ImageStatus.SAVING:
+                continue
+            with self.lock(images.locks_dir, add_lock_name(listed.id)) as free:
+                if not free:
+                    self.report.skipped.append(f"image {listed.id}: being added")
+                    continue
+                try:
+                    image = images.get(listed.id)
+                except ImageNotFound:
+                    continue  # the add failed and forgot it meanwhile
+                if image.status != ImageStatus.SAVING:
+                    continue
+                files = [
+                    images.images_path / f"{image.id}{suffix}"
+                    for suffix in ("", ".part", ".raw")  # the renamed, copied, converted
+                ]
+                self.report.images.append(image.id)
+                self.report.partial_files.extend(str(f) for f in files if f.exists())
+                if not self.report.dry_run:
+                    images.delete(image.id)  # the record, then <id> and <id>.part
+                    files[-1].unlink(missing_ok=True)
+
     def partial_files(self) -> None:
         base_dir = self.conf.base_dir
         if not base_dir.is_dir():
@@ -228,17 +259,18 @@ class _Pass:
                 lockutils.release(self.locks, base_name, fd)
 
     def free_locks(self) -> None:
-        if not self.locks.is_dir():
-            return
-        for entry in sorted(self.locks.iterdir()):
-            if self.report.dry_run:
-                if not lockutils.is_held(self.locks, entry.name):
-                    self.report.locks.append(entry.name)
+        for locks in dict.fromkeys((self.locks, self.drv.images.locks_dir)):
+            if not locks.is_dir():
                 continue
-            fd = lockutils.try_acquire(self.locks, entry.name)
-            if fd is not None:  # held: live work, left alone
-                self.report.locks.append(entry.name)
-                lockutils.release(self.locks, entry.name, fd)  # which removes the file
+            for entry in sorted(locks.iterdir()):
+                if self.report.dry_run:
+                    if not lockutils.is_held(locks, entry.name):
+                        self.report.locks.append(entry.name)
+                    continue
+                fd = lockutils.try_acquire(locks, entry.name)
+                if fd is not None:  # held: live work, left alone
+                    self.report.locks.append(entry.name)
+                    lockutils.release(locks, entry.name, fd)  # which removes the file
 
     def port_reservations(self) -> None:
         """After the records pass: a record it removed (or would) frees its port too."""
@@ -258,6 +290,7 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool = False) -> CleanupReport:
     """One reconciliation pass; what it removed (or would remove) is in the report."""
     work = _Pass(drv, dry_run)
     work.instances()
+    work.saving_images()
     work.partial_files()
     work.free_locks()
     work.port_reservations()
