@@ -9,23 +9,36 @@ for this state dir only (domains are recognised by their metadata's state id):
   killed half-way): domain, instance dir and record removed;
 - instance dirs with neither record nor domain: removed;
 - stale ``.part``/``.converted`` files in ``_base`` and lock files nobody holds;
-- forwarded-port reservations of this state dir whose instance is gone.
+- forwarded-port reservations of this state dir whose instance is gone;
+- images an ``image add`` left ``saving`` when it died, with their partial files.
 - the RBD disks (``<uuid>_*``) of every instance reaped above. Only those: a pool may
   be shared with other hosts, so an RBD image of an unknown uuid is not ours to judge.
 
-An instance whose lock is held is being built or deleted right now and is skipped,
-and so is a partial base file whose base's lock is held: a crash releases every lock,
-so a held lock always means live work.
+A held lock means live work, anything else is fair game: a crash releases every
+lock, and a spawn records its final state before it lets its instance's lock go. So
+each instance is judged under its own lock, taken without waiting (held: skipped), from
+its record, domain and dir as they are once the lock is ours; what the pass listed at
+its start only nominates candidates. A partial base file is removed under its base's
+lock likewise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minidriver import imagebackend, lockutils, rbd_utils
+import libvirt
+
+from minidriver import guest, imagebackend, lockutils, rbd_utils
+from minidriver.db import InstanceRecord
+from minidriver.disk_info_file import read_disk_info
 from minidriver.driver import LibvirtDriver, instance_lock_name
+from minidriver.exception import ImageNotFound, InstanceNotFound
+from minidriver.images.store import ImageStatus, add_lock_name
 
 PARTIAL_SUFFIXES = (".part", ".converted")
 # Entries of instances_path that are not instance dirs.
@@ -42,6 +55,7 @@ class CleanupReport:
     locks: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # forwarded-port reservations freed
     rbd_disks: list[str] = field(default_factory=list)  # pool/name of reaped instances
+    images: list[str] = field(default_factory=list)  # ids of images a dead add left saving
     skipped: list[str] = field(default_factory=list)  # busy or unreachable: what and why
 
     def total(self) -> int:
@@ -55,28 +69,82 @@ class CleanupReport:
                 self.locks,
                 self.ports,
                 self.rbd_disks,
+                self.images,
             )
         )
 
 
 class _Pass:
+    """One pass. What it lists at the start only nominates candidates: each is judged
+    again, under its instance lock, from a fresh read of its record, domain and dir,
+    so that nothing a spawn or delete did meanwhile is judged from an older view."""
+
     def __init__(self, drv: LibvirtDriver, dry_run: bool) -> None:
         self.drv = drv
         self.conf = drv.conf
         self.locks = drv.conf.locks_dir
         self.report = CleanupReport(dry_run=dry_run)
-        self.records = {r.uuid: r for r in drv.db.list_instances()}
-        self.ours = drv.owned_domains()  # instance uuid -> its domain
+        self.state_id = drv.db.state_id
 
-    def busy(self, instance_uuid: str, what: str) -> bool:
-        if lockutils.is_held(self.locks, instance_lock_name(instance_uuid)):
-            self.report.skipped.append(f"{what}: its instance is being built or deleted")
-            return True
-        return False
+    def candidates(self) -> list[str]:
+        """Instances that looked unfinished when listed: a domain without a matching
+        record, a record without its domain or still ``building``, a dir without
+        either. Listed before any is judged, in that order (the report's)."""
+        records = {r.uuid: r for r in self.drv.db.list_instances()}
+        ours = self.drv.owned_domains()
 
-    def matched(self, instance_uuid: str) -> bool:
-        record, domain = self.records.get(instance_uuid), self.ours.get(instance_uuid)
-        return record is not None and domain is not None and record.name == domain.name()
+        def matched(instance_uuid: str) -> bool:
+            record, domain = records.get(instance_uuid), ours.get(instance_uuid)
+            return record is not None and domain is not None and record.name == domain.name()
+
+        found = [u for u in ours if not matched(u)]
+        found += [u for u, r in records.items() if not matched(u) or r.state == "building"]
+        if self.conf.instances_path.is_dir():
+            for entry in sorted(self.conf.instances_path.iterdir()):
+                name = entry.name
+                if not entry.is_dir() or entry.is_symlink() or name in NOT_INSTANCES:
+                    continue
+                if entry != self.conf.base_dir and name not in records and name not in ours:
+                    found.append(name)
+        return list(dict.fromkeys(found))
+
+    @contextlib.contextmanager
+    def lock(self, lock_dir: Path, name: str) -> Iterator[bool]:
+        """Whether the lock is free; if so (and not a dry run), held for the block."""
+        if self.report.dry_run:
+            yield not lockutils.is_held(lock_dir, name)
+            return
+        fd = lockutils.try_acquire(lock_dir, name)
+        if fd is None:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lockutils.release(lock_dir, name, fd)
+
+    def owned_domain(self, instance_uuid: str) -> libvirt.virDomain | None:
+        """The instance's domain, if this state dir defined it, as libvirt has it now."""
+        try:
+            uuidlib.UUID(instance_uuid)
+        except ValueError:
+            return None  # a stray dir's name, no instance's: it has no domain
+        try:
+            domain = self.drv.host.get_connection().lookupByUUIDString(instance_uuid)
+            owner = guest.owner_of(domain.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+        if owner is None or owner.state_id != self.state_id:
+            return None
+        return domain if owner.instance_uuid == instance_uuid else None
+
+    def record(self, instance_uuid: str) -> InstanceRecord | None:
+        try:
+            return self.drv.db.get_instance(instance_uuid)
+        except InstanceNotFound:
+            return None
 
     def reap_rbd_disks(
         self, instance_uuid: str, directory: Path, disks: dict[str, str] | None = None
@@ -105,59 +173,78 @@ class _Pass:
             return False
         return True
 
-    def domains_without_record(self) -> None:
-        for instance_uuid, domain in self.ours.items():
-            if self.matched(instance_uuid) or self.busy(instance_uuid, domain.name()):
-                continue
-            self.report.domains.append(domain.name())
+    def instances(self) -> None:
+        for instance_uuid in self.candidates():
+            with self.lock(self.locks, instance_lock_name(instance_uuid)) as free:
+                if not free:
+                    self.report.skipped.append(
+                        f"{instance_uuid}: its instance is being built or deleted"
+                    )
+                    continue
+                self.judge(instance_uuid)
+
+    def judge(self, instance_uuid: str) -> None:
+        """Under the instance's lock: reap what a dead spawn or delete left of it.
+
+        A spawn records its final state before it lets go of the lock, so a record
+        still ``building`` here is one whose spawn died; it goes like an orphan."""
+        record = self.record(instance_uuid)
+        domain = self.owned_domain(instance_uuid)
+        if record is not None and record.instance_dir:
+            directory = Path(record.instance_dir)
+        else:
             directory = self.drv.instance_dir(instance_uuid)
-            if directory.is_dir():
-                self.report.instance_dirs.append(str(directory))
-            # Read while the domain is there: its XML stands in for a torn disk.info.
+        if record is not None:
+            healthy = domain is not None and record.name == domain.name()
+            if healthy and record.state != "building":
+                return
+            self.report.records.append(instance_uuid)
+        elif domain is None and not directory.is_dir():
+            return  # deleted since it was listed
+        # Read while the domain is there: its XML stands in for a torn disk.info. A
+        # stray dir (no domain; its name may be no uuid at all) has only its disk.info.
+        if domain is not None:
             disks = self.drv.instance_disks(directory, instance_uuid)
+        else:
+            disks = read_disk_info(directory)
+        if domain is not None:
+            self.report.domains.append(domain.name())
             if not self.report.dry_run:
                 self.drv.host.undefine(domain)
-            reaped = True
-            if instance_uuid not in self.records:  # else records_without_domain reaps it
-                reaped = self.reap_rbd_disks(instance_uuid, directory, disks)
-            if reaped and not self.report.dry_run:
-                shutil.rmtree(directory, ignore_errors=True)
-
-    def records_without_domain(self) -> None:
-        for instance_uuid, record in self.records.items():
-            # A spawn that finished set the state; "building" with the lock free means
-            # the spawn died: what it left is removed like an orphan.
-            died = record.state == "building"
-            if (self.matched(instance_uuid) and not died) or self.busy(
-                instance_uuid, instance_uuid
-            ):
-                continue
-            domain = self.ours.get(instance_uuid)
-            directory = Path(record.instance_dir or self.drv.instance_dir(instance_uuid))
-            disks = self.drv.instance_disks(directory, instance_uuid)
-            if domain is not None and not self.report.dry_run:
-                self.drv.host.undefine(domain)
-            if domain is not None:
-                self.report.domains.append(domain.name())
-            self.report.records.append(instance_uuid)
-            if self.reap_rbd_disks(instance_uuid, directory, disks) and not self.report.dry_run:
-                shutil.rmtree(directory, ignore_errors=True)
+        if record is None and directory.is_dir():
+            self.report.instance_dirs.append(str(directory))
+        if self.reap_rbd_disks(instance_uuid, directory, disks) and not self.report.dry_run:
+            shutil.rmtree(directory, ignore_errors=True)
+            if record is not None:
                 self.drv.db.delete_instance(instance_uuid)
 
-    def dirs_without_either(self) -> None:
-        if not self.conf.instances_path.is_dir():
-            return
-        for entry in sorted(self.conf.instances_path.iterdir()):
-            name = entry.name
-            if not entry.is_dir() or entry.is_symlink() or name in NOT_INSTANCES:
+    def saving_images(self) -> None:
+        """Images an ``image add`` left ``saving`` when it died: each add holds its
+        image's lock until it ends, so a free lock, with the record read again under
+        it, means no add is at work on it. Its record goes, and its partial files."""
+        images = self.drv.images
+        for listed in images.list():
+            if listed.status != ImageStatus.SAVING:
                 continue
-            if entry == self.conf.base_dir or name in self.records or name in self.ours:
-                continue
-            if self.busy(name, f"instance dir {name}"):
-                continue
-            self.report.instance_dirs.append(str(entry))
-            if self.reap_rbd_disks(name, entry) and not self.report.dry_run:
-                shutil.rmtree(entry, ignore_errors=True)
+            with self.lock(images.locks_dir, add_lock_name(listed.id)) as free:
+                if not free:
+                    self.report.skipped.append(f"image {listed.id}: being added")
+                    continue
+                try:
+                    image = images.get(listed.id)
+                except ImageNotFound:
+                    continue  # the add failed and forgot it meanwhile
+                if image.status != ImageStatus.SAVING:
+                    continue
+                files = [
+                    images.images_path / f"{image.id}{suffix}"
+                    for suffix in ("", ".part", ".raw")  # the renamed, copied, converted
+                ]
+                self.report.images.append(image.id)
+                self.report.partial_files.extend(str(f) for f in files if f.exists())
+                if not self.report.dry_run:
+                    images.delete(image.id)  # the record, then <id> and <id>.part
+                    files[-1].unlink(missing_ok=True)
 
     def partial_files(self) -> None:
         base_dir = self.conf.base_dir
@@ -185,17 +272,18 @@ class _Pass:
                 lockutils.release(self.locks, base_name, fd)
 
     def free_locks(self) -> None:
-        if not self.locks.is_dir():
-            return
-        for entry in sorted(self.locks.iterdir()):
-            if self.report.dry_run:
-                if not lockutils.is_held(self.locks, entry.name):
-                    self.report.locks.append(entry.name)
+        for locks in dict.fromkeys((self.locks, self.drv.images.locks_dir)):
+            if not locks.is_dir():
                 continue
-            fd = lockutils.try_acquire(self.locks, entry.name)
-            if fd is not None:  # held: live work, left alone
-                self.report.locks.append(entry.name)
-                lockutils.release(self.locks, entry.name, fd)  # which removes the file
+            for entry in sorted(locks.iterdir()):
+                if self.report.dry_run:
+                    if not lockutils.is_held(locks, entry.name):
+                        self.report.locks.append(entry.name)
+                    continue
+                fd = lockutils.try_acquire(locks, entry.name)
+                if fd is not None:  # held: live work, left alone
+                    self.report.locks.append(entry.name)
+                    lockutils.release(locks, entry.name, fd)  # which removes the file
 
     def port_reservations(self) -> None:
         """After the records pass: a record it removed (or would) frees its port too."""
@@ -214,9 +302,8 @@ class _Pass:
 def cleanup(drv: LibvirtDriver, *, dry_run: bool = False) -> CleanupReport:
     """One reconciliation pass; what it removed (or would remove) is in the report."""
     work = _Pass(drv, dry_run)
-    work.domains_without_record()
-    work.records_without_domain()
-    work.dirs_without_either()
+    work.instances()
+    work.saving_images()
     work.partial_files()
     work.free_locks()
     work.port_reservations()

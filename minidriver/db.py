@@ -8,7 +8,12 @@ cache manager pass) use it together, so:
 - every write in a ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front,
   so two read-modify-write transactions cannot deadlock on a lock upgrade;
 - a 30 s busy timeout: a process waits for another's transaction instead of failing;
-- within a process, one connection per thread.
+- within a process, a connection per operation, borrowed from a small pool: a
+  transaction or a query holds one for its duration only, so no thread keeps one (a
+  thread pool made per round, a library user's threads), and the pool keeps at most
+  ``IDLE_CONNECTIONS`` open between operations. A new connection for every operation
+  would make SQLite checkpoint the WAL (copy and fsync) whenever the last one closes,
+  hence the pool.
 
 The schema is versioned with ``PRAGMA user_version``: ``MIGRATIONS[n]`` takes the
 schema from version ``n`` to ``n + 1``. A new release appends to the list; a released
@@ -32,6 +37,7 @@ from minidriver import lockutils
 from minidriver.exception import AmbiguousReference, InstanceNotFound, MinidriverError
 
 BUSY_TIMEOUT = 30.0  # seconds
+IDLE_CONNECTIONS = 1  # kept open between operations; more are opened under concurrency
 
 
 class StateDatabaseError(MinidriverError):
@@ -206,7 +212,7 @@ def _instance(row: sqlite3.Row) -> InstanceRecord:
 
 
 class _PerThread(threading.local):
-    conn: sqlite3.Connection | None = None
+    conn: sqlite3.Connection | None = None  # borrowed for this thread's operation
     depth = 0  # transaction nesting
 
 
@@ -214,15 +220,16 @@ class Database:
     """The state database of one state dir.
 
     Open one per process (a connection must not cross a ``fork``) and share it between
-    the process's threads: each thread gets its own connection, so a thread waiting
-    for the write lock never holds up another thread's reads.
+    the process's threads: each operation borrows a connection of its own, so a thread
+    waiting for the write lock never holds up another thread's reads, and a thread
+    that ends leaves nothing open behind it.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = _PerThread()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         self._closed = False
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -240,27 +247,48 @@ class Database:
             hint="check that the state dir exists and is writable",
         )
 
-    @property
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
-        conn = self._local.conn
-        if conn is None:
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: the sqlite3 module must not open transactions
+            # behind our back; transaction() says BEGIN IMMEDIATE itself.
+            # check_same_thread=False: a pooled connection serves one thread at a
+            # time, but not always the same one.
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self._cannot_open(exc) from exc
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one operation: this thread's, inside its transaction;
+        else one from the pool (or a new one), given back after."""
+        local = self._local
+        if local.conn is not None:
+            yield local.conn
+            return
+        with self._pool_lock:
             if self._closed:
                 raise StateDatabaseError(f"state database {self.path} is closed")
-            try:
-                # isolation_level=None: the sqlite3 module must not open transactions
-                # behind our back; transaction() says BEGIN IMMEDIATE itself.
-                # check_same_thread=False only so that close() may close it.
-                conn = sqlite3.connect(
-                    self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-                )
-            except sqlite3.Error as exc:
-                raise self._cannot_open(exc) from exc
-            conn.row_factory = sqlite3.Row
-            with self._connections_lock:
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
+            conn = self._idle.pop() if self._idle else None
+        local.conn = conn = conn or self._connect()
+        try:
+            yield conn
+        finally:
+            local.conn = None
+            self._give_back(conn)
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:  # only after an error SQLite did not end: never reuse it
+            conn.close()
+            return
+        with self._pool_lock:
+            if not self._closed and len(self._idle) < IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def __enter__(self) -> Database:
         return self
@@ -269,12 +297,12 @@ class Database:
         self.close()
 
     def close(self) -> None:
-        """Close every thread's connection."""
-        with self._connections_lock:
+        """Close the idle connections; one in use closes when its operation ends."""
+        with self._pool_lock:
             self._closed = True
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     # -- schema ----------------------------------------------------------------
 
@@ -328,44 +356,45 @@ class Database:
         Nested use joins the outer transaction through a savepoint, so a helper that
         opens its own transaction can run inside a caller's.
         """
-        conn = self._conn
-        local = self._local
-        outermost = local.depth == 0
-        savepoint = f"sp{local.depth}"
-        try:
-            conn.execute("BEGIN IMMEDIATE" if outermost else f"SAVEPOINT {savepoint}")
-        except sqlite3.Error as exc:
-            raise self._error("cannot start a transaction", exc) from exc
-        local.depth += 1
-        try:
-            yield conn
-        except BaseException as exc:
+        with self._connection() as conn:
+            local = self._local
+            outermost = local.depth == 0
+            savepoint = f"sp{local.depth}"
+            try:
+                conn.execute("BEGIN IMMEDIATE" if outermost else f"SAVEPOINT {savepoint}")
+            except sqlite3.Error as exc:
+                raise self._error("cannot start a transaction", exc) from exc
+            local.depth += 1
+            try:
+                yield conn
+            except BaseException as exc:
+                local.depth -= 1
+                # SQLite ends the transaction itself on some errors (SQLITE_FULL);
+                # a second ROLLBACK would then hide the first error.
+                if conn.in_transaction:
+                    if outermost:
+                        conn.execute("ROLLBACK")
+                    else:
+                        conn.execute(f"ROLLBACK TO {savepoint}")
+                        conn.execute(f"RELEASE {savepoint}")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error("cannot write", exc) from exc
+                raise
             local.depth -= 1
-            # SQLite ends the transaction itself on some errors (SQLITE_FULL);
-            # a second ROLLBACK would then hide the first error.
-            if conn.in_transaction:
-                if outermost:
+            try:
+                conn.execute("COMMIT" if outermost else f"RELEASE {savepoint}")
+            except sqlite3.Error as exc:
+                if outermost and conn.in_transaction:
                     conn.execute("ROLLBACK")
-                else:
-                    conn.execute(f"ROLLBACK TO {savepoint}")
-                    conn.execute(f"RELEASE {savepoint}")
-            if isinstance(exc, sqlite3.Error):
-                raise self._error("cannot write", exc) from exc
-            raise
-        local.depth -= 1
-        try:
-            conn.execute("COMMIT" if outermost else f"RELEASE {savepoint}")
-        except sqlite3.Error as exc:
-            if outermost and conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise self._error("cannot commit", exc) from exc
+                raise self._error("cannot commit", exc) from exc
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
         """Run one read statement and return all its rows."""
-        try:
-            return self._conn.execute(sql, params).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise self._error("cannot read", exc) from exc
+        with self._connection() as conn:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise self._error("cannot read", exc) from exc
 
     def _error(self, what: str, exc: sqlite3.Error) -> StateDatabaseError:
         hint = None

@@ -260,8 +260,10 @@ class LibvirtDriver:
                     TimeoutError(f"not RUNNING within {budget:g} s of the spawn's start"),
                     instance,
                 ) from exc
-        instance.state = self.host.domain_state(domain)
-        self.db.update_instance(instance.uuid, state=instance.state)
+            # Before the lock goes: to `cleanup`, "building" with a free lock is a
+            # spawn that died, and it reaps that instance.
+            instance.state = self.host.domain_state(domain)
+            self.db.update_instance(instance.uuid, state=instance.state)
         instance.timings = timer.as_dict()
         return instance
 
@@ -607,9 +609,11 @@ class LibvirtDriver:
         Whatever of it exists is removed; what is already gone is no error. The image
         cache stays. The domain is the one with the instance's uuid, whatever its name.
         """
-        record = self.db.get_instance(instance_uuid)
-        instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
-        with external_lock(self.conf.locks_dir, instance_lock_name(record.uuid)):
+        with external_lock(self.conf.locks_dir, instance_lock_name(instance_uuid)):
+            # Read under the lock: a `cleanup` or another delete may have removed the
+            # instance while we waited for it.
+            record = self.db.get_instance(instance_uuid)
+            instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
             # Asked while the domain is there: its XML stands in for a torn disk.info.
             disks = self.instance_disks(instance_dir, record.uuid)
             self._undefine(record.uuid)
@@ -693,8 +697,44 @@ class LibvirtDriver:
     def power_on(self, instance_uuid: str) -> None:
         domain = self._domain_of(instance_uuid)
         if not domain.isActive():
+            domain = self._reserve_forward_port_again(instance_uuid, domain)
             self.host.launch(domain)
         self.db.update_instance(instance_uuid, state="running")
+
+    def _reserve_forward_port_again(
+        self, instance_uuid: str, domain: libvirt.virDomain
+    ) -> libvirt.virDomain:
+        """The port a stopped instance forwards, reserved again: the reservations live
+        under /run, which a reboot empties, so another instance or program may hold it
+        now. Then another port is reserved and the domain defined again with it."""
+        record = self.db.get_instance(instance_uuid)
+        old = record.forward_port
+        if record.network_mode != NetworkMode.USER or old is None:
+            return domain
+        port = self.ports.reserve(
+            state_path=self.conf.state_path,
+            state_id=self.db.state_id,
+            instance_uuid=instance_uuid,
+            prefer=old,
+        )
+        if port == old:
+            return domain
+        try:
+            xml = guest.with_forward_port(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), port)
+            domain = self.host.define(xml)
+            self.db.update_instance(instance_uuid, forward_port=port)
+        except BaseException:
+            self.ports.release(port, instance_uuid)
+            raise
+        (Path(record.instance_dir) / "libvirt.xml").write_text(xml)
+        self.ports.release(old, instance_uuid)  # if it is still ours (a listener took it)
+        LOG.warning(
+            "%s: port %d is taken; its SSH is forwarded from 127.0.0.1:%d now",
+            record.display_name,
+            old,
+            port,
+        )
+        return domain
 
     def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
         """Soft: the guest is asked (ACPI) and libvirt starts it again once it has

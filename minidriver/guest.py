@@ -231,12 +231,26 @@ def user_network_args(vif: VIF, machine_type: str) -> tuple[str, ...]:
     the guest boots from disk, and QEMU has no iPXE ROM here without ipxe-qemu."""
     if vif.forward_port is None:
         raise ValueError("a user-mode VIF needs its forwarded port")
-    netdev = f"user,id={USER_NETDEV_ID},hostfwd=tcp:127.0.0.1:{vif.forward_port}-:{GUEST_SSH_PORT}"
     device = (
         f"virtio-net-pci,netdev={USER_NETDEV_ID},id={USER_NIC_ID},mac={vif.mac_address},"
         f"bus={pci_root_bus(machine_type)},addr={USER_NIC_PCI_SLOT:#x},romfile="
     )
-    return ("-netdev", netdev, "-device", device)
+    return ("-netdev", _user_netdev(vif.forward_port), "-device", device)
+
+
+def _user_netdev(forward_port: int) -> str:
+    return f"user,id={USER_NETDEV_ID},hostfwd=tcp:127.0.0.1:{forward_port}-:{GUEST_SSH_PORT}"
+
+
+def with_forward_port(domain_xml: str, forward_port: int) -> str:
+    """The domain's XML with its user network's SSH forwarded from ``forward_port``
+    instead: ``start`` found the old port taken while the instance was stopped."""
+    tree = etree.fromstring(domain_xml.encode())
+    for arg in tree.iterfind(f"{{{QEMU_NAMESPACE}}}commandline/{{{QEMU_NAMESPACE}}}arg"):
+        if arg.get("value", "").startswith(f"user,id={USER_NETDEV_ID},"):
+            arg.set("value", _user_netdev(forward_port))
+            return etree.tostring(tree, encoding="unicode")
+    raise ValueError("the domain has no user-mode NIC")
 
 
 def get_guest_interfaces(vif: VIF | None) -> tuple[GuestInterface, ...]:

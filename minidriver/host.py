@@ -188,6 +188,8 @@ class Host:
         self._uri: str | None = None
         self._lock = threading.Lock()
         self._waiters: dict[str, list[threading.Event]] = {}
+        # Callers' threads change the waiters while the event loop's thread reads them.
+        self._waiters_lock = threading.Lock()
         self._virt_type: VirtTypeChoice | None = None
 
     # -- connection -----------------------------------------------------------
@@ -417,17 +419,23 @@ class Host:
     def _lifecycle_event(
         self, _conn: Any, domain: libvirt.virDomain, _event: int, _detail: int, _opaque: Any
     ) -> None:
-        for waiter in self._waiters.get(domain.UUIDString(), []):
+        domain_uuid = domain.UUIDString()
+        with self._waiters_lock:
+            waiters = tuple(self._waiters.get(domain_uuid, ()))
+        for waiter in waiters:
             waiter.set()
 
     @contextlib.contextmanager
     def lifecycle_waiter(self, domain_uuid: str) -> Iterator[threading.Event]:
         """An Event set whenever the domain's lifecycle changes (started, stopped...)."""
         event = threading.Event()
-        self._waiters.setdefault(domain_uuid, []).append(event)
+        with self._waiters_lock:
+            self._waiters.setdefault(domain_uuid, []).append(event)
         try:
             yield event
         finally:
-            self._waiters[domain_uuid].remove(event)
-            if not self._waiters[domain_uuid]:
-                del self._waiters[domain_uuid]
+            with self._waiters_lock:
+                waiters = self._waiters[domain_uuid]
+                waiters.remove(event)
+                if not waiters:
+                    del self._waiters[domain_uuid]

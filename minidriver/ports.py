@@ -7,6 +7,8 @@ file reserves it *and* binding 127.0.0.1:<port> succeeds (another program may ho
 The file stays while the instance exists, running or stopped, so no other boot of any
 state dir takes the port meanwhile; ``destroy`` removes it. A reservation whose state
 dir no longer has its instance (a crash, a removed state dir) is stale and is taken over.
+The default directory is under ``/run``, which a reboot empties: ``start`` of a stopped
+instance reserves its port again, or another one when its port was taken meanwhile.
 
 Holding the lock only while choosing is enough between minidriver processes: the file,
 not the lock, keeps the port until QEMU binds it (and after). What no lock can stop is
@@ -144,12 +146,31 @@ class PortReservations:
         with self._locked():
             return self._choose()
 
-    def reserve(self, *, state_path: Path, state_id: str, instance_uuid: str) -> int:
-        """Choose a free port, record it for the instance and return it."""
+    def reserve(
+        self, *, state_path: Path, state_id: str, instance_uuid: str, prefer: int | None = None
+    ) -> int:
+        """Choose a free port, record it for the instance and return it.
+
+        ``prefer``: that port if it can be had (in the range, free on 127.0.0.1, and
+        reserved by no one else, or by this very instance), as ``start`` asks for the
+        port a stopped instance had; else any free one."""
         with self._locked():
-            port = self._choose()
+            if prefer is not None and self._available(prefer, state_id, instance_uuid):
+                port = prefer
+            else:
+                port = self._choose()
             self._write(Reservation(port, os.fspath(state_path), state_id, instance_uuid))
             return port
+
+    def _available(self, port: int, state_id: str, instance_uuid: str) -> bool:
+        if not self.low <= port <= self.high:
+            return False
+        current = self.get(port)
+        if current is not None:
+            mine = (current.state_id, current.instance_uuid) == (state_id, instance_uuid)
+            if not mine and not current.is_stale():
+                return False
+        return port_is_free(port)
 
     def _write(self, reservation: Reservation) -> None:
         target = self._file(reservation.port)

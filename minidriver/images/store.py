@@ -7,7 +7,10 @@ sha512 ``os_hash_value``), so that code written against Glance reads the same he
 ``add`` reads its source once: each chunk is hashed, fed to the format inspectors and
 written to ``<id>.part``; only a file that passed every check is renamed to ``<id>``
 and its record made active. A record is written first, as ``saving``, so that an
-interrupted add is visible in the list rather than a silent stray file.
+interrupted add is visible in the list rather than a silent stray file; the add holds
+the image's lock (``add_lock_name``) from then until it ends, so a ``saving`` record
+whose lock is free was left by a crash, and ``minidriver cleanup`` removes it and its
+partial files.
 
 ``add(..., store="rbd")`` is Glance's rbd store: the same checked copy, converted to
 raw when it is not (qemu-img must agree with the inspector first, and the result is
@@ -33,7 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO, Final, TypedDict
 
-from minidriver import rbd_utils
+from minidriver import lockutils, rbd_utils
 from minidriver.db import Database, resolve, utc_now
 from minidriver.exception import (
     ImageNotFound,
@@ -61,6 +64,11 @@ STORES: Final = ("file", "rbd")
 
 # The hex length of each checksum algorithm ``add`` verifies.
 CHECKSUM_ALGOS: Final[Mapping[str, int]] = {"md5": 32, "sha256": 64, "sha512": 128}
+
+
+def add_lock_name(image_id: str) -> str:
+    """The lock an ``add`` holds while its image is ``saving``."""
+    return f"image-{image_id}"
 
 
 class ImageStoreError(MinidriverError):
@@ -215,6 +223,8 @@ class ImageService:
 
     ``rbd`` makes a driver for Glance's rbd store pool (a new one per use: a driver
     is not shared between threads); without it ``store="rbd"`` is refused.
+    ``locks_dir`` holds the locks of adds in progress (default: ``locks`` beside
+    ``images_path``, so ``$state_path/locks``, where ``cleanup`` looks).
     """
 
     def __init__(
@@ -225,9 +235,11 @@ class ImageService:
         size_cap: int = DEFAULT_SIZE_CAP,
         rbd: Callable[[], rbd_utils.RBDDriver] | None = None,
         limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS,
+        locks_dir: Path | None = None,
     ) -> None:
         self.db = db
         self.images_path = images_path
+        self.locks_dir = locks_dir or images_path.parent / "locks"
         self.size_cap = size_cap
         self.rbd = rbd
         self.limits = limits
@@ -285,11 +297,14 @@ class ImageService:
         expected = _parse_checksum(checksum) if checksum is not None else None
         rbd = self.rbd_driver() if store == "rbd" else None
 
+        image_id = str(uuid.uuid4())
         # With rbd, the cluster and its pool are checked before any byte is copied.
-        with rbd.connected() if rbd else contextlib.nullcontext():
+        with (
+            rbd.connected() if rbd else contextlib.nullcontext(),
+            lockutils.external_lock(self.locks_dir, add_lock_name(image_id)),
+        ):
             if rbd is not None:
                 rbd.check_pool()
-            image_id = str(uuid.uuid4())
             now = utc_now()
             with self.db.transaction() as conn:
                 conn.execute(

@@ -129,7 +129,8 @@ def test_kill_9_then_cleanup_then_boot(
     assert list((instances / "locks").iterdir()) == []
     assert run_json(minidriver(state, uri, "--json", "cleanup", "--dry-run")) == {
         "dry_run": True, "domains": [], "records": [], "instance_dirs": [],
-        "partial_files": [], "locks": [], "ports": [], "rbd_disks": [], "skipped": [],
+        "partial_files": [], "locks": [], "ports": [], "rbd_disks": [], "images": [],
+        "skipped": [],
     }  # fmt: skip
 
     boot = run_json(

@@ -3,9 +3,12 @@ state dir's orphans, skips live work, and never touches another state dir."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,9 @@ from minidriver.config import load_config
 from minidriver.db import InstanceRecord
 from minidriver.driver import LibvirtDriver, base_filename, instance_lock_name
 from minidriver.host import Host
+from minidriver.images.store import ImageStatus
+
+MiB = 1024**2
 
 
 @pytest.fixture
@@ -217,4 +223,62 @@ def test_a_torn_disk_info_is_no_crash_for_cleanup(host: Host, tmp_path: Path, im
     assert drv.db.list_instances() == []
     assert not Path(no_record.instance_dir).exists()
     assert not Path(died.instance_dir).exists()
+    assert cleanup(drv).total() == 0
+
+
+def add_from_fifo(drv: LibvirtDriver, fifo: Path, name: str) -> subprocess.Popen[bytes]:
+    """``minidriver image add`` of a FIFO: it copies what is written, then waits."""
+    os.mkfifo(fifo)
+    return subprocess.Popen(
+        [sys.executable, "-m", "minidriver", "--state-dir", str(drv.conf.state_path),
+         "--connect", drv.conf.libvirt.connection_uri,
+         "image", "add", str(fifo), "--name", name, "--disk-format", "raw"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def saving_with_data(drv: LibvirtDriver, name: str, size: int) -> str:
+    """The id of image ``name`` once its add has ``size`` bytes in its .part file."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for image in drv.images.list():
+            part = drv.conf.images_path / f"{image.id}.part"
+            if image.name == name and part.exists() and part.stat().st_size >= size:
+                assert image.status == ImageStatus.SAVING
+                return image.id
+        time.sleep(0.05)
+    raise AssertionError(f"the add of {name} never got {size} bytes in")
+
+
+def test_an_image_add_killed_mid_copy_is_reaped_and_a_live_one_is_not(
+    host: Host, tmp_path: Path
+) -> None:
+    drv = driver(host, tmp_path / "state")
+    data = bytes(512) + os.urandom(4 * MiB - 512)  # raw, no header to mistake
+    dead = add_from_fifo(drv, tmp_path / "dead.fifo", "dead")
+    live = add_from_fifo(drv, tmp_path / "live.fifo", "live")
+    with open(tmp_path / "dead.fifo", "wb") as dead_src, open(tmp_path / "live.fifo", "wb") as src:
+        dead_src.write(data[:MiB])
+        dead_src.flush()
+        src.write(data[:MiB])
+        src.flush()
+        dead_id = saving_with_data(drv, "dead", MiB)
+        live_id = saving_with_data(drv, "live", MiB)
+        dead.kill()  # SIGKILL mid-copy: its record stays saving, its .part half full
+        dead.wait()
+
+        dry = cleanup(drv, dry_run=True)
+        report = cleanup(drv)
+
+        assert dry.images == report.images == [dead_id]
+        part = drv.conf.images_path / f"{dead_id}.part"
+        assert dry.partial_files == report.partial_files == [str(part)]
+        assert f"image {live_id}: being added" in report.skipped
+        assert not part.exists()
+        assert [i.id for i in drv.images.list()] == [live_id]
+        src.write(data[MiB:])  # the live add goes on, and ends well
+    assert live.wait(60) == 0, live.stderr.read() if live.stderr else ""
+    image = drv.images.get("live")
+    assert image.status == ImageStatus.ACTIVE and image.path.read_bytes() == data
+    assert sorted(p.name for p in drv.conf.images_path.iterdir()) == [live_id]
     assert cleanup(drv).total() == 0
