@@ -11,6 +11,7 @@ the delta's chain into one standalone image. A stopped domain gets a cold snapsh
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -57,6 +58,15 @@ def disk_target(domain: libvirt.virDomain, path: Path) -> str:
     raise SnapshotError(f"domain {domain.name()} has no disk {path}")
 
 
+def copy_destination_xml(path: Path, disk_format: str = "qcow2") -> str:
+    """The ``<disk>`` a block copy writes into: built, not formatted, as any path
+    (``instances_path`` is the user's) may hold ``<``, ``&`` or quotes."""
+    disk = etree.Element("disk", type="file")
+    etree.SubElement(disk, "source", file=os.fspath(path))
+    etree.SubElement(disk, "driver", type=disk_format)
+    return etree.tostring(disk, encoding="unicode")
+
+
 def cold(disk: Path, disk_format: str, out: Path) -> None:
     """The disk and everything under it, as one standalone qcow2."""
     qemu_img.convert(disk, disk_format, out, "qcow2")
@@ -84,8 +94,7 @@ def live(
     else:
         qemu_img.create(delta, "qcow2", info.virtual_size)
     dev = disk_target(domain, disk)
-    dest = f'<disk type="file"><source file="{delta}"/><driver type="qcow2"/></disk>'
-    domain.blockCopy(dev, dest, None, flags)
+    domain.blockCopy(dev, copy_destination_xml(delta), None, flags)
     try:
         deadline = clock() + BLOCK_JOB_TIMEOUT
         while True:
