@@ -43,6 +43,7 @@ from minidriver.exception import (
     ImageUnacceptable,
     MinidriverError,
 )
+from minidriver.fileutils import PRIVATE_FILE, TRAVERSE_ONLY_DIR, write_private
 from minidriver.host import Host
 from minidriver.imagebackend import (
     Flat,
@@ -369,7 +370,7 @@ class LibvirtDriver:
                     network_disks["disk"] = self.rbd_network_source(rbd, instance.uuid)
                 step = "console"
                 instance_dir = Path(instance.instance_dir)
-                (instance_dir / "console.log").touch()
+                (instance_dir / "console.log").touch(mode=PRIVATE_FILE)
 
                 step = "define"
                 with timer.step(Step.DEFINE):
@@ -480,7 +481,7 @@ class LibvirtDriver:
             xml = self.to_xml(
                 instance, image_meta, disk_info, formats, vif=vif, network_disks=network_disks
             )
-            (Path(instance.instance_dir) / "libvirt.xml").write_text(xml)
+            write_private(Path(instance.instance_dir) / "libvirt.xml", xml)
             try:
                 return self.host.define(xml)
             except libvirt.libvirtError:
@@ -521,7 +522,7 @@ class LibvirtDriver:
         """
         instance_dir = Path(instance.instance_dir)
         instance_dir.mkdir(parents=True)
-        instance_dir.chmod(0o755)
+        instance_dir.chmod(TRAVERSE_ONLY_DIR)  # its files are private (see fileutils)
         if instance.kernel_id:
             self.create_kernel_ramdisk(instance, timer=timer, progress=progress)
         backend = local_backend_class(self.conf)
@@ -1029,7 +1030,7 @@ def write_disk_info(
         if recorded != data:
             raise MinidriverError(f"{path} records {recorded}, not {data}")
         return
-    path.write_text(json.dumps(data))
+    write_private(path, json.dumps(data))
 
 
 def snapshot_properties(record: InstanceRecord, parent: StoreImage | None) -> dict[str, str]:

@@ -22,6 +22,7 @@ import libvirt
 from lxml import etree
 
 from minidriver.exception import MinidriverError
+from minidriver.fileutils import TRAVERSE_ONLY_DIR, make_dir
 from minidriver.images import qemu_img
 
 BLOCK_JOB_TIMEOUT = 600  # seconds for the block copy to catch up with the disk
@@ -36,9 +37,9 @@ class SnapshotError(MinidriverError):
 def work_dir(instances_path: Path) -> Iterator[Path]:
     """A private dir under ``snapshots/``, removed however the snapshot ends."""
     parent = instances_path / "snapshots"
-    parent.mkdir(parents=True, exist_ok=True)
+    make_dir(parent, TRAVERSE_ONLY_DIR)
     path = Path(tempfile.mkdtemp(prefix="snap-", dir=parent))
-    path.chmod(0o755)  # a daemon's QEMU writes the delta in here
+    path.chmod(TRAVERSE_ONLY_DIR)  # a daemon's QEMU opens the delta in here
     try:
         yield path
     finally:
