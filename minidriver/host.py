@@ -24,6 +24,8 @@ import libvirt
 
 from minidriver.config import Config
 from minidriver.exception import HostError
+from minidriver.fileutils import create_private
+from minidriver.trustedpath import trusted_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -238,6 +240,12 @@ class Host:
         if not match:
             raise HostError(f"{uri}: the embedded driver needs root=DIR")
         root = Path(match.group(1))
+        # Whoever controls the root controls what the embedded driver runs as us.
+        hint = (
+            "remove it if you did not make it, or choose a state_path (or XDG_RUNTIME_DIR)"
+            " of your own"
+        )
+        etc = trusted_dir(trusted_dir(root, hint=hint) / "etc", hint=hint)
         holder = embedded_root_holder(root)
         if holder is not None:
             raise HostError(
@@ -248,12 +256,21 @@ class Host:
             )
         # The embedded driver reads <root>/etc/qemu.conf (its other config, such as
         # domain definitions, lives under <root>/etc/qemu/).
-        (root / "etc").mkdir(parents=True, exist_ok=True)
         pw = pwd.getpwuid(os.geteuid())
         text = EMBED_QEMU_CONF.format(user=pw.pw_name, group=grp.getgrgid(os.getegid()).gr_name)
-        conf_file = root / "etc" / "qemu.conf"
-        if not conf_file.exists() or conf_file.read_text() != text:
-            conf_file.write_text(text)
+        conf_file = etc / "qemu.conf"
+        try:
+            st = os.lstat(conf_file)
+            current = conf_file.read_text() if stat.S_ISREG(st.st_mode) else None
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            # Replaced, never written through: what was there may be a symlink.
+            part = etc / f".qemu.conf.{os.getpid()}.part"
+            part.unlink(missing_ok=True)
+            with create_private(part) as out:
+                out.write(text.encode())
+            os.replace(part, conf_file)
 
     def close(self) -> None:
         with self._lock:
