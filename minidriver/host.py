@@ -32,6 +32,7 @@ LOG = logging.getLogger(__name__)
 SYSTEM_URI = "qemu:///system"
 SESSION_URI = "qemu:///session"
 EMBED_URI = "qemu:///embed"
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 # libvirt's domain states, named as users see them (lower case, libvirt's words).
 POWER_STATES = {
@@ -117,14 +118,28 @@ def detect_virt_type(
     return VirtTypeChoice("qemu", "neither kvm_intel nor kvm_amd is loaded: using TCG")
 
 
-def qemu_user_of_daemon(qemu_conf: Path = Path("/etc/libvirt/qemu.conf")) -> str:
-    """The user a libvirt daemon runs QEMU as (Debian's build default: libvirt-qemu)."""
+def _qemu_conf_setting(qemu_conf: Path, name: str) -> str | None:
+    """A setting's value in a daemon's qemu.conf (quotes removed); None when unset."""
     with contextlib.suppress(OSError):
         for line in qemu_conf.read_text().splitlines():
-            match = re.match(r'\s*user\s*=\s*"([^"]+)"', line)
+            match = re.match(rf'\s*{name}\s*=\s*("([^"]*)"|\S+)', line)
             if match:
-                return match.group(1)
-    return "libvirt-qemu"
+                return match.group(2) if match.group(2) is not None else match.group(1)
+    return None
+
+
+def qemu_user_of_daemon(qemu_conf: Path = QEMU_CONF) -> str:
+    """The user a libvirt daemon runs QEMU as (Debian's build default: libvirt-qemu)."""
+    return _qemu_conf_setting(qemu_conf, "user") or "libvirt-qemu"
+
+
+def dynamic_ownership_of_daemon(qemu_conf: Path = QEMU_CONF) -> bool:
+    """Whether the daemon gives a domain's disks to QEMU's user while it runs (the
+    default): our disk files are private to us, so without it that QEMU cannot open
+    them. Measured on libvirt 9.0: a running domain's disks belong to libvirt-qemu,
+    with their modes kept (0600); a stopped one's return to us, but for the read-only
+    ones and the backing files, which libvirt never gives back as others may share them."""
+    return _qemu_conf_setting(qemu_conf, "dynamic_ownership") != "0"
 
 
 def untraversable_parents(path: Path, user: str) -> list[Path]:
@@ -293,11 +308,18 @@ class Host:
             return qemu_user_of_daemon()
         return None
 
-    def check_instances_path(self) -> None:
+    def check_instances_path(self, qemu_conf: Path = QEMU_CONF) -> None:
         """Fail early, with the fix, when QEMU could not open our disk files."""
         user = self.qemu_user()
         if user is None:
             return
+        if user not in ("root", "+0") and not dynamic_ownership_of_daemon(qemu_conf):
+            raise HostError(
+                f"libvirt's QEMU runs as {user} without dynamic_ownership ({qemu_conf}):"
+                " it cannot open the instances' disks, which are private to us",
+                hint=f"set dynamic_ownership = 1 (libvirt's default) in {qemu_conf}"
+                " and restart libvirtd",
+            )
         blocked = untraversable_parents(self.conf.instances_path, user)
         if blocked:
             raise HostError(

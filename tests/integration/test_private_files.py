@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from minidriver.driver import LibvirtDriver
+from minidriver.exception import HostError
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +75,22 @@ def test_private_disks_and_user_data_boot(
         wait_console(instance_dir / "console.log", r"^minidriver-guest: boot-count 2")
     finally:
         drv.destroy(inst.uuid)
+
+
+def test_a_daemon_without_dynamic_ownership_is_refused_with_the_fix(
+    driver: LibvirtDriver, tmp_path: Path
+) -> None:
+    """Its QEMU could not open our private disks: said before anything is made. Where
+    QEMU runs as us (the embedded driver) the setting does not matter."""
+    qemu_conf = tmp_path / "qemu.conf"
+    qemu_conf.write_text("dynamic_ownership = 0\n")
+    if driver.host.qemu_user() is None:
+        driver.host.check_instances_path(qemu_conf)
+        return
+    with pytest.raises(HostError, match="without dynamic_ownership") as err:
+        driver.host.check_instances_path(qemu_conf)
+    assert err.value.hint == (
+        f"set dynamic_ownership = 1 (libvirt's default) in {qemu_conf} and restart libvirtd"
+    )
+    qemu_conf.write_text("#dynamic_ownership = 0\n")
+    driver.host.check_instances_path(qemu_conf)

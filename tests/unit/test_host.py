@@ -138,3 +138,12 @@ def test_undefine_survives_a_domain_that_stops_between_check_and_destroy(
 
     host.Host.undefine(StoppedMeanwhile())
     assert test_driver.listAllDomains() == []
+
+
+def test_qemu_conf_dynamic_ownership_is_on_unless_turned_off(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu.conf"
+    conf.write_text("#dynamic_ownership = 1\n")
+    assert host.dynamic_ownership_of_daemon(conf)
+    conf.write_text("dynamic_ownership = 0\n")
+    assert not host.dynamic_ownership_of_daemon(conf)
+    assert host.dynamic_ownership_of_daemon(tmp_path / "absent")
