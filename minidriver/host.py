@@ -1,8 +1,11 @@
-"""The libvirt host: which connection, its event loop thread, virt_type, define/launch.
+"""The libvirt host: which connection, its event loop thread, virt_type, define/launch
+(nova/virt/libvirt/host.py).
 
 The connection follows ``[libvirt] connection_uri``; empty means: as root, the system
-daemon when one answers, else the embedded QEMU driver on a short root derived from
-``state_path``; as another user, ``qemu:///session``.
+daemon, or the embedded QEMU driver (on a short root derived from ``state_path``) when
+no daemon listens: its socket is absent, or refuses connections as a stale socket
+does. A daemon that answers and refuses us is an error, never a silent switch to
+another libvirt with other domains. As another user, ``qemu:///session``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import pwd
 import re
+import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -32,6 +36,8 @@ LOG = logging.getLogger(__name__)
 SYSTEM_URI = "qemu:///system"
 SESSION_URI = "qemu:///session"
 EMBED_URI = "qemu:///embed"
+# Where qemu:///system reaches the (monolithic) daemon, libvirtd.
+DAEMON_SOCKET = Path("/run/libvirt/libvirt-sock")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 # libvirt's domain states, named as users see them (lower case, libvirt's words).
@@ -142,6 +148,34 @@ def dynamic_ownership_of_daemon(qemu_conf: Path = QEMU_CONF) -> bool:
     return _qemu_conf_setting(qemu_conf, "dynamic_ownership") != "0"
 
 
+@dataclass(frozen=True)
+class ConnectionChoice:
+    """The libvirt URI in use and why it was chosen (``host check``, ``--debug``)."""
+
+    uri: str
+    reason: str
+
+
+def no_daemon_listens(path: Path) -> str | None:
+    """Why no libvirt daemon listens on the socket ``path``; None when one may.
+
+    Only an absent socket, or one that refuses connections (a daemon that died and
+    left it), means nobody is there; any other answer, a refusal of us included
+    (EACCES), means someone is.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect(os.fspath(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{path} does not exist"
+        except ConnectionRefusedError:
+            return f"nothing listens on {path} (connection refused: a stale socket)"
+        except OSError:
+            return None
+    return None
+
+
 def untraversable_parents(path: Path, user: str) -> list[Path]:
     """Directories on the way to ``path`` that ``user`` may not enter."""
     try:
@@ -193,10 +227,11 @@ def embedded_root_holder(root: Path) -> int | None:
 class Host:
     """One libvirt connection, opened on first use, with lifecycle event waiters."""
 
-    def __init__(self, conf: Config) -> None:
+    def __init__(self, conf: Config, *, daemon_socket: Path = DAEMON_SOCKET) -> None:
         self.conf = conf
+        self.daemon_socket = daemon_socket
         self._conn: libvirt.virConnect | None = None
-        self._uri: str | None = None
+        self._choice: ConnectionChoice | None = None
         self._lock = threading.Lock()
         self._waiters: dict[str, list[threading.Event]] = {}
         self._virt_type: VirtTypeChoice | None = None
@@ -206,9 +241,18 @@ class Host:
     @property
     def uri(self) -> str:
         """The URI in use (resolved from ``connection_uri`` on first connect)."""
+        return self.connection_choice.uri
+
+    @property
+    def connection_reason(self) -> str:
+        """Why this connection: the config, or what the default found on this host."""
+        return self.connection_choice.reason
+
+    @property
+    def connection_choice(self) -> ConnectionChoice:
         self.get_connection()
-        assert self._uri is not None
-        return self._uri
+        assert self._choice is not None
+        return self._choice
 
     @property
     def is_embedded(self) -> bool:
@@ -219,27 +263,51 @@ class Host:
             if self._conn is None:
                 start_event_loop()
                 _quiet_libvirt_errors()
-                self._conn, self._uri = self._open()
+                self._conn, self._choice = self._open()
+                LOG.debug("libvirt connection %s: %s", self._choice.uri, self._choice.reason)
                 self._conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_event, None
                 )
             return self._conn
 
-    def _open(self) -> tuple[libvirt.virConnect, str]:
+    def _open(self) -> tuple[libvirt.virConnect, ConnectionChoice]:
         uri = self.conf.libvirt.connection_uri
+        reason = f"connection_uri = {uri} (the config or --connect)"
         if not uri:
             if os.geteuid() != 0:
-                return self._open_uri(SESSION_URI), SESSION_URI
-            try:
-                return libvirt.open(SYSTEM_URI), SYSTEM_URI
-            except libvirt.libvirtError:
-                LOG.debug("no libvirt daemon answers on %s; using the embedded driver", SYSTEM_URI)
-                uri = EMBED_URI
+                reason = "not root: the user's own libvirt session"
+                return self._open_uri(SESSION_URI), ConnectionChoice(SESSION_URI, reason)
+            conn, uri, reason = self._open_daemon()
+            if conn is not None:
+                return conn, ConnectionChoice(uri, reason)
         if uri == EMBED_URI:
             uri = f"{EMBED_URI}?root={self.conf.embed_root}"
         if uri.startswith(EMBED_URI):
             self._prepare_embed_root(uri)
-        return self._open_uri(uri), uri
+        return self._open_uri(uri), ConnectionChoice(uri, reason)
+
+    def _open_daemon(self) -> tuple[libvirt.virConnect | None, str, str]:
+        """The system daemon: (connection, URI, why); when none listens, (None, the
+        embedded driver's URI, why). A daemon that answers and refuses us is an error."""
+        uri = SYSTEM_URI
+        if self.daemon_socket != DAEMON_SOCKET:
+            uri = f"qemu+unix:///system?socket={self.daemon_socket}"
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            # Asked after the failure, not before: a daemon that has just stopped is
+            # then seen gone, and a healthy one costs no extra connection.
+            absent = no_daemon_listens(self.daemon_socket)
+            if absent is None:
+                raise HostError(
+                    f"the libvirt daemon on {self.daemon_socket} refused {SYSTEM_URI}:"
+                    f" {exc.get_error_message()}",
+                    hint="fix the daemon or our access to it (its log, its socket's"
+                    " permissions), or choose the embedded driver: --connect"
+                    f" {EMBED_URI} or [libvirt] connection_uri = {EMBED_URI}",
+                ) from exc
+            return None, EMBED_URI, f"no libvirt daemon: {absent}"
+        return conn, uri, f"a libvirt daemon answers on {self.daemon_socket}"
 
     def _open_uri(self, uri: str) -> libvirt.virConnect:
         try:
