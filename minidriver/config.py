@@ -33,13 +33,23 @@ def default_state_path() -> str:
     return os.path.join(data_home, "minidriver")
 
 
-def default_port_reservations_path() -> Path:
+def runtime_dir() -> Path:
+    """This user's minidriver files that last until the host reboots.
+
+    Root's are under /run; another user's under ``$XDG_RUNTIME_DIR``, else in /tmp
+    under a name of their uid, which anyone could make first: whoever uses a path
+    under it checks it (trustedpath.trusted_dir).
+    """
     if os.geteuid() == 0:
-        return Path("/run/minidriver/ports")
+        return Path("/run/minidriver")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return Path(runtime) / "minidriver" / "ports"
-    return Path(f"/tmp/minidriver-{os.geteuid()}") / "ports"
+        return Path(runtime) / "minidriver"
+    return Path(f"/tmp/minidriver-{os.geteuid()}")
+
+
+def default_port_reservations_path() -> Path:
+    return runtime_dir() / "ports"
 
 
 @dataclass(frozen=True)
@@ -197,8 +207,7 @@ class Config:
         if len(os.fspath(candidate)) <= EMBED_ROOT_MAX:
             return candidate
         tag = hashlib.sha1(os.fsencode(self.state_path), usedforsecurity=False).hexdigest()
-        runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-        return Path(runtime) / "minidriver" / f"embed-{tag[:12]}"
+        return runtime_dir() / f"embed-{tag[:12]}"
 
     def with_libvirt(self, **changes: Any) -> Config:
         """A copy with some ``[libvirt]`` options changed (tests, CLI overrides)."""

@@ -42,7 +42,7 @@ from pycdlib.pycdlibexception import PyCdlibException
 
 from minidriver import __version__
 from minidriver.exception import MinidriverError
-from minidriver.fileutils import publish, removed_on_error
+from minidriver.fileutils import PRIVATE_UMASK, create_private, publish, removed_on_error
 from minidriver.process import run
 
 LOG = logging.getLogger(__name__)
@@ -440,7 +440,7 @@ def _make_iso9660(target: Path, files: Mapping[str, bytes]) -> None:
             iso.add_fp(
                 io.BytesIO(content), len(content), iso_path, rr_name=p.name, joliet_path=f"/{p}"
             )
-        with target.open("xb") as out:
+        with create_private(target) as out:
             iso.write_fp(out)
     finally:
         iso.close()
@@ -459,7 +459,11 @@ def _make_vfat(target: Path, files: Mapping[str, bytes]) -> None:
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             (tree / name).write_bytes(content)
         size_kib = str(VFAT_SIZE // 1024)
-        run([_sbin_tool("mkfs.vfat"), "-C", "-n", VOLUME_LABEL, target, size_kib], timeout=60)
+        run(
+            [_sbin_tool("mkfs.vfat"), "-C", "-n", VOLUME_LABEL, target, size_kib],
+            timeout=60,
+            umask=PRIVATE_UMASK,
+        )
         # mtools checks nothing it needs here; an empty stdin answers any prompt.
         env = {"MTOOLS_SKIP_CHECK": "1"}
         tops = sorted(tree.iterdir())

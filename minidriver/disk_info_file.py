@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from minidriver.exception import MinidriverError
-from minidriver.fileutils import publish, removed_on_error
+from minidriver.fileutils import create_private, publish, removed_on_error
 
 LOG = logging.getLogger(__name__)
 
@@ -41,8 +41,10 @@ def write_disk_info(
         return
     # A dot name: nothing that scans the instance dir's disk* files ever sees it.
     temp = instance_dir / f".{DISK_INFO}.tmp"
+    temp.unlink(missing_ok=True)  # a crashed writer's
     with removed_on_error(temp):
-        temp.write_text(json.dumps(data))
+        with create_private(temp) as out:
+            out.write(json.dumps(data).encode())
         publish(temp, path)
 
 

@@ -41,6 +41,7 @@ from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.disk_info_file import read_disk_info, write_disk_info
 from minidriver.exception import ImageNotFound, MinidriverError
+from minidriver.fileutils import PRIVATE_FILE, TRAVERSE_ONLY_DIR, write_private
 from minidriver.host import Host
 from minidriver.imagebackend import (
     EPHEMERAL_FS,
@@ -321,7 +322,7 @@ class LibvirtDriver:
                 }
                 step = "console"
                 instance_dir = Path(instance.instance_dir)
-                (instance_dir / "console.log").touch()
+                (instance_dir / "console.log").touch(mode=PRIVATE_FILE)
 
                 step = "define"
                 with timer.step(Step.DEFINE):
@@ -399,7 +400,7 @@ class LibvirtDriver:
             xml = self.to_xml(
                 instance, image_meta, disk_info, formats, vif=vif, network_disks=network_disks
             )
-            (Path(instance.instance_dir) / "libvirt.xml").write_text(xml)
+            write_private(Path(instance.instance_dir) / "libvirt.xml", xml)
             try:
                 return self.host.define(xml)
             except libvirt.libvirtError as exc:
@@ -442,7 +443,7 @@ class LibvirtDriver:
         """
         instance_dir = Path(instance.instance_dir)
         instance_dir.mkdir(parents=True)
-        instance_dir.chmod(0o755)
+        instance_dir.chmod(TRAVERSE_ONLY_DIR)  # its files are private (see fileutils)
         if instance.kernel_id:
             self.create_kernel_ramdisk(instance, timer=timer, progress=progress)
         backend = local_backend_class(self.conf)

@@ -1,8 +1,10 @@
 """The libvirt host (nova/virt/libvirt/host.py): connection, events, domains.
 
 The connection follows ``[libvirt] connection_uri``; empty means: as root, the system
-daemon when one answers, else the embedded QEMU driver on a short root derived from
-``state_path``; as another user, ``qemu:///session``.
+daemon, or the embedded QEMU driver (on a short root derived from ``state_path``) when
+no daemon listens: its socket is absent, or refuses connections as a stale socket
+does. A daemon that answers and refuses us is an error, never a silent switch to
+another libvirt with other domains. As another user, ``qemu:///session``.
 
 Domains are found by uuid, as Nova's ``Host._get_domain`` finds them: an instance's
 domain has the instance's uuid. A name is only a label another state dir on the same
@@ -17,6 +19,7 @@ import logging
 import os
 import pwd
 import re
+import socket
 import stat
 import threading
 import time
@@ -30,12 +33,17 @@ import libvirt
 from minidriver import guest
 from minidriver.config import Config
 from minidriver.exception import HostError, MinidriverError
+from minidriver.fileutils import create_private
+from minidriver.trustedpath import trusted_dir
 
 LOG = logging.getLogger(__name__)
 
 SYSTEM_URI = "qemu:///system"
 SESSION_URI = "qemu:///session"
 EMBED_URI = "qemu:///embed"
+# Where qemu:///system reaches the (monolithic) daemon, libvirtd.
+DAEMON_SOCKET = Path("/run/libvirt/libvirt-sock")
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 # libvirt's domain states, named as users see them (lower case, libvirt's words).
 POWER_STATES = {
@@ -121,14 +129,56 @@ def detect_virt_type(
     return VirtTypeChoice("qemu", "neither kvm_intel nor kvm_amd is loaded: using TCG")
 
 
-def qemu_user_of_daemon(qemu_conf: Path = Path("/etc/libvirt/qemu.conf")) -> str:
-    """The user a libvirt daemon runs QEMU as (Debian's build default: libvirt-qemu)."""
+def _qemu_conf_setting(qemu_conf: Path, name: str) -> str | None:
+    """A setting's value in a daemon's qemu.conf (quotes removed); None when unset."""
     with contextlib.suppress(OSError):
         for line in qemu_conf.read_text().splitlines():
-            match = re.match(r'\s*user\s*=\s*"([^"]+)"', line)
+            match = re.match(rf'\s*{name}\s*=\s*("([^"]*)"|\S+)', line)
             if match:
-                return match.group(1)
-    return "libvirt-qemu"
+                return match.group(2) if match.group(2) is not None else match.group(1)
+    return None
+
+
+def qemu_user_of_daemon(qemu_conf: Path = QEMU_CONF) -> str:
+    """The user a libvirt daemon runs QEMU as (Debian's build default: libvirt-qemu)."""
+    return _qemu_conf_setting(qemu_conf, "user") or "libvirt-qemu"
+
+
+def dynamic_ownership_of_daemon(qemu_conf: Path = QEMU_CONF) -> bool:
+    """Whether the daemon gives a domain's disks to QEMU's user while it runs (the
+    default): our disk files are private to us, so without it that QEMU cannot open
+    them. Measured on libvirt 9.0: a running domain's disks belong to libvirt-qemu,
+    with their modes kept (0600); a stopped one's return to us, but for the read-only
+    ones and the backing files, which libvirt never gives back as others may share them."""
+    return _qemu_conf_setting(qemu_conf, "dynamic_ownership") != "0"
+
+
+@dataclass(frozen=True)
+class ConnectionChoice:
+    """The libvirt URI in use and why it was chosen (``host check``, ``--debug``)."""
+
+    uri: str
+    reason: str
+
+
+def no_daemon_listens(path: Path) -> str | None:
+    """Why no libvirt daemon listens on the socket ``path``; None when one may.
+
+    Only an absent socket, or one that refuses connections (a daemon that died and
+    left it), means nobody is there; any other answer, a refusal of us included
+    (EACCES), means someone is.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect(os.fspath(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{path} does not exist"
+        except ConnectionRefusedError:
+            return f"nothing listens on {path} (connection refused: a stale socket)"
+        except OSError:
+            return None
+    return None
 
 
 def untraversable_parents(path: Path, user: str) -> list[Path]:
@@ -182,10 +232,11 @@ def embedded_root_holder(root: Path) -> int | None:
 class Host:
     """One libvirt connection, opened on first use, with lifecycle event waiters."""
 
-    def __init__(self, conf: Config) -> None:
+    def __init__(self, conf: Config, *, daemon_socket: Path = DAEMON_SOCKET) -> None:
         self.conf = conf
+        self.daemon_socket = daemon_socket
         self._conn: libvirt.virConnect | None = None
-        self._uri: str | None = None
+        self._choice: ConnectionChoice | None = None
         self._lock = threading.Lock()
         self._waiters: dict[str, list[threading.Event]] = {}
         # Callers' threads change the waiters while the event loop's thread reads them.
@@ -197,9 +248,18 @@ class Host:
     @property
     def uri(self) -> str:
         """The URI in use (resolved from ``connection_uri`` on first connect)."""
+        return self.connection_choice.uri
+
+    @property
+    def connection_reason(self) -> str:
+        """Why this connection: the config, or what the default found on this host."""
+        return self.connection_choice.reason
+
+    @property
+    def connection_choice(self) -> ConnectionChoice:
         self.get_connection()
-        assert self._uri is not None
-        return self._uri
+        assert self._choice is not None
+        return self._choice
 
     @property
     def is_embedded(self) -> bool:
@@ -210,27 +270,51 @@ class Host:
             if self._conn is None:
                 start_event_loop()
                 _quiet_libvirt_errors()
-                self._conn, self._uri = self._open()
+                self._conn, self._choice = self._open()
+                LOG.debug("libvirt connection %s: %s", self._choice.uri, self._choice.reason)
                 self._conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_event, None
                 )
             return self._conn
 
-    def _open(self) -> tuple[libvirt.virConnect, str]:
+    def _open(self) -> tuple[libvirt.virConnect, ConnectionChoice]:
         uri = self.conf.libvirt.connection_uri
+        reason = f"connection_uri = {uri} (the config or --connect)"
         if not uri:
             if os.geteuid() != 0:
-                return self._open_uri(SESSION_URI), SESSION_URI
-            try:
-                return libvirt.open(SYSTEM_URI), SYSTEM_URI
-            except libvirt.libvirtError:
-                LOG.debug("no libvirt daemon answers on %s; using the embedded driver", SYSTEM_URI)
-                uri = EMBED_URI
+                reason = "not root: the user's own libvirt session"
+                return self._open_uri(SESSION_URI), ConnectionChoice(SESSION_URI, reason)
+            conn, uri, reason = self._open_daemon()
+            if conn is not None:
+                return conn, ConnectionChoice(uri, reason)
         if uri == EMBED_URI:
             uri = f"{EMBED_URI}?root={self.conf.embed_root}"
         if uri.startswith(EMBED_URI):
             self._prepare_embed_root(uri)
-        return self._open_uri(uri), uri
+        return self._open_uri(uri), ConnectionChoice(uri, reason)
+
+    def _open_daemon(self) -> tuple[libvirt.virConnect | None, str, str]:
+        """The system daemon: (connection, URI, why); when none listens, (None, the
+        embedded driver's URI, why). A daemon that answers and refuses us is an error."""
+        uri = SYSTEM_URI
+        if self.daemon_socket != DAEMON_SOCKET:
+            uri = f"qemu+unix:///system?socket={self.daemon_socket}"
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            # Asked after the failure, not before: a daemon that has just stopped is
+            # then seen gone, and a healthy one costs no extra connection.
+            absent = no_daemon_listens(self.daemon_socket)
+            if absent is None:
+                raise HostError(
+                    f"the libvirt daemon on {self.daemon_socket} refused {SYSTEM_URI}:"
+                    f" {exc.get_error_message()}",
+                    hint="fix the daemon or our access to it (its log, its socket's"
+                    " permissions), or choose the embedded driver: --connect"
+                    f" {EMBED_URI} or [libvirt] connection_uri = {EMBED_URI}",
+                ) from exc
+            return None, EMBED_URI, f"no libvirt daemon: {absent}"
+        return conn, uri, f"a libvirt daemon answers on {self.daemon_socket}"
 
     def _open_uri(self, uri: str) -> libvirt.virConnect:
         try:
@@ -246,6 +330,12 @@ class Host:
         if not match:
             raise HostError(f"{uri}: the embedded driver needs root=DIR")
         root = Path(match.group(1))
+        # Whoever controls the root controls what the embedded driver runs as us.
+        hint = (
+            "remove it if you did not make it, or choose a state_path (or XDG_RUNTIME_DIR)"
+            " of your own"
+        )
+        etc = trusted_dir(trusted_dir(root, hint=hint) / "etc", hint=hint)
         holder = embedded_root_holder(root)
         if holder is not None:
             raise HostError(
@@ -256,12 +346,21 @@ class Host:
             )
         # The embedded driver reads <root>/etc/qemu.conf (its other config, such as
         # domain definitions, lives under <root>/etc/qemu/).
-        (root / "etc").mkdir(parents=True, exist_ok=True)
         pw = pwd.getpwuid(os.geteuid())
         text = EMBED_QEMU_CONF.format(user=pw.pw_name, group=grp.getgrgid(os.getegid()).gr_name)
-        conf_file = root / "etc" / "qemu.conf"
-        if not conf_file.exists() or conf_file.read_text() != text:
-            conf_file.write_text(text)
+        conf_file = etc / "qemu.conf"
+        try:
+            st = os.lstat(conf_file)
+            current = conf_file.read_text() if stat.S_ISREG(st.st_mode) else None
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            # Replaced, never written through: what was there may be a symlink.
+            part = etc / f".qemu.conf.{os.getpid()}.part"
+            part.unlink(missing_ok=True)
+            with create_private(part) as out:
+                out.write(text.encode())
+            os.replace(part, conf_file)
 
     def close(self) -> None:
         with self._lock:
@@ -284,11 +383,18 @@ class Host:
             return qemu_user_of_daemon()
         return None
 
-    def check_instances_path(self) -> None:
+    def check_instances_path(self, qemu_conf: Path = QEMU_CONF) -> None:
         """Fail early, with the fix, when QEMU could not open our disk files."""
         user = self.qemu_user()
         if user is None:
             return
+        if user not in ("root", "+0") and not dynamic_ownership_of_daemon(qemu_conf):
+            raise HostError(
+                f"libvirt's QEMU runs as {user} without dynamic_ownership ({qemu_conf}):"
+                " it cannot open the instances' disks, which are private to us",
+                hint=f"set dynamic_ownership = 1 (libvirt's default) in {qemu_conf}"
+                " and restart libvirtd",
+            )
         blocked = untraversable_parents(self.conf.instances_path, user)
         if blocked:
             raise HostError(

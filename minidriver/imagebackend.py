@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING
 from minidriver import guest, rbd_utils
 from minidriver.config import Config
 from minidriver.exception import MinidriverError
-from minidriver.fileutils import publish, removed_on_error
+from minidriver.fileutils import (
+    PRIVATE_UMASK,
+    TRAVERSE_ONLY_DIR,
+    make_dir,
+    publish,
+    removed_on_error,
+)
 from minidriver.images import qemu_img
 from minidriver.images.inspect import UNINSPECTED
 from minidriver.lockutils import external_lock
@@ -113,7 +119,7 @@ class Image(abc.ABC):
         ``base_format`` is what the base must be: raw, or the image's own format when
         ``force_raw_images`` is off; the overlay names it with ``-F``.
         """
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.base_dir, TRAVERSE_ONLY_DIR)
         base = self.base_dir / filename
         whole = self.timer.step(step) if step else contextlib.nullcontext()
         with whole, external_lock(self.conf.locks_dir, filename):
@@ -510,7 +516,7 @@ def copy_sparse_cmd(source: Path, dest: Path) -> list[str]:
 
 
 def copy_sparse(source: Path, dest: Path) -> list[str]:
-    return run(copy_sparse_cmd(source, dest)).cmd
+    return run(copy_sparse_cmd(source, dest), umask=PRIVATE_UMASK).cmd
 
 
 def mkfs_cmd(fs_type: str, label: str, target: Path) -> list[str]:

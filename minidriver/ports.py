@@ -30,6 +30,7 @@ from pathlib import Path
 
 from minidriver import lockutils
 from minidriver.exception import MinidriverError
+from minidriver.trustedpath import trusted_dir
 
 LOCK_NAME = "ports.lock"
 LOOPBACK = "127.0.0.1"
@@ -91,14 +92,14 @@ class PortReservations:
         return self.path / str(port)
 
     def _make_dir(self) -> None:
-        self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
         # A directory made first by someone else (the /tmp fallback's name can be
-        # guessed) would let them add or drop our reservations.
-        if self.path.stat().st_uid != os.geteuid():
-            raise MinidriverError(
-                f"{self.path} belongs to another user",
-                hint="set [libvirt] port_reservations_path to a directory of yours",
-            )
+        # guessed), or a symlink to one, would let them add or drop our reservations.
+        trusted_dir(
+            self.path,
+            mode=0o755,
+            hint="remove it if you did not make it, or set [libvirt] port_reservations_path"
+            " (or XDG_RUNTIME_DIR) to a directory of yours",
+        )
 
     def get(self, port: int) -> Reservation | None:
         try:
@@ -111,8 +112,9 @@ class PortReservations:
         return Reservation(port=port, **{k: str(data.get(k, "")) for k in _FIELDS})
 
     def list(self) -> list[Reservation]:
-        if not self.path.is_dir():
+        if not os.path.lexists(self.path):
             return []
+        self._make_dir()  # checks it: makes nothing, as it exists
         found = []
         for entry in sorted(self.path.iterdir(), key=lambda p: p.name):
             if entry.name.isdigit():

@@ -68,8 +68,9 @@ def run(
     cwd: Arg | None = None,
     timeout: float | None = None,
     limits: ResourceLimits | None = None,
+    umask: int | None = None,
 ) -> Completed:
-    """Run ``args`` and wait for it.
+    """Run ``args`` and wait for it; ``umask`` is the program's (ours when None).
 
     Raises :class:`ProcessExecutionError` when the program is missing, exceeds
     ``timeout``, or (with ``check``) exits non-zero. Output is captured and decoded
@@ -86,6 +87,7 @@ def run(
             cwd=cwd,
             timeout=timeout,
             check=False,
+            umask=-1 if umask is None else umask,
         )
     except FileNotFoundError as exc:
         raise ProcessExecutionError(

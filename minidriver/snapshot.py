@@ -13,6 +13,7 @@ gets Nova's direct snapshot instead (``imagebackend.Rbd.direct_snapshot``).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ from lxml import etree
 
 from minidriver import rbd_utils
 from minidriver.exception import MinidriverError
+from minidriver.fileutils import TRAVERSE_ONLY_DIR, make_dir
 from minidriver.images import qemu_img
 
 if TYPE_CHECKING:
@@ -46,9 +48,9 @@ class SnapshotError(MinidriverError):
 def work_dir(instances_path: Path) -> Iterator[Path]:
     """A private dir under ``snapshots/``, removed however the snapshot ends."""
     parent = instances_path / "snapshots"
-    parent.mkdir(parents=True, exist_ok=True)
+    make_dir(parent, TRAVERSE_ONLY_DIR)
     path = Path(tempfile.mkdtemp(prefix="snap-", dir=parent))
-    path.chmod(0o755)  # a daemon's QEMU writes the delta in here
+    path.chmod(TRAVERSE_ONLY_DIR)  # a daemon's QEMU opens the delta in here
     try:
         yield path
     finally:
@@ -66,6 +68,15 @@ def disk_target(domain: libvirt.virDomain, path: Path) -> str:
             if dev:
                 return dev
     raise SnapshotError(f"domain {domain.name()} has no disk {path}")
+
+
+def copy_destination_xml(path: Path, disk_format: str = "qcow2") -> str:
+    """The ``<disk>`` a block copy writes into: built, not formatted, as any path
+    (``instances_path`` is the user's) may hold ``<``, ``&`` or quotes."""
+    disk = etree.Element("disk", type="file")
+    etree.SubElement(disk, "source", file=os.fspath(path))
+    etree.SubElement(disk, "driver", type=disk_format)
+    return etree.tostring(disk, encoding="unicode")
 
 
 def cold(disk: Path, disk_format: str, out: Path) -> None:
@@ -95,8 +106,7 @@ def live(
     else:
         qemu_img.create(delta, "qcow2", info.virtual_size)
     dev = disk_target(domain, disk)
-    dest = f'<disk type="file"><source file="{delta}"/><driver type="qcow2"/></disk>'
-    domain.blockCopy(dev, dest, None, flags)
+    domain.blockCopy(dev, copy_destination_xml(delta), None, flags)
     try:
         deadline = clock() + BLOCK_JOB_TIMEOUT
         while True:

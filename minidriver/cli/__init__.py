@@ -952,6 +952,7 @@ def cmd_host_check(drv: LibvirtDriver, args: argparse.Namespace, out: Output) ->
         problems.extend(ceph_problems)
     data: dict[str, Any] = {
         "uri": drv.host.uri,
+        "connection_reason": drv.host.connection_reason,
         "libvirt_version": version_string(conn.getLibVersion()),
         "qemu_version": version_string(conn.getVersion()),
         "virt_type": choice.virt_type,

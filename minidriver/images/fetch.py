@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minidriver.exception import ImageUnacceptable, MinidriverError
-from minidriver.fileutils import publish, removed_on_error
+from minidriver.fileutils import create_private, publish, removed_on_error
 from minidriver.images import inspect, qemu_img
 from minidriver.images.inspect import Readable
 from minidriver.process import ResourceLimits
@@ -101,7 +101,7 @@ def download(
     on the way."""
     hasher = hashlib.new(image.os_hash_algo or "sha512")
     done = 0
-    with open_data(image) as src, open(dest, "wb") as out:
+    with open_data(image) as src, create_private(dest) as out:
         while chunk := src.read(CHUNK):
             out.write(chunk)
             hasher.update(chunk)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minidriver.exception import MinidriverError, ProcessExecutionError
+from minidriver.fileutils import PRIVATE_UMASK
 from minidriver.process import Completed, ResourceLimits, run
 
 # Nova's QEMU_IMG_LIMITS defaults: 30 s of CPU, 1 GiB of address space. qemu-img 7.2
@@ -65,7 +66,8 @@ def _qemu_img(
     args: list[str | os.PathLike[str]], limits: ResourceLimits | None = None
 ) -> Completed:
     try:
-        return run(["qemu-img", *args], limits=limits)
+        # Every file qemu-img makes holds guest data: private (see fileutils).
+        return run(["qemu-img", *args], limits=limits, umask=PRIVATE_UMASK)
     except ProcessExecutionError as exc:
         message = exc.message
         if exc.exit_code is not None:

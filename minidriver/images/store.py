@@ -43,7 +43,7 @@ from minidriver.exception import (
     ImageUnacceptable,
     MinidriverError,
 )
-from minidriver.fileutils import fsync_dir
+from minidriver.fileutils import PRIVATE_DIR, PRIVATE_FILE, fsync_dir, make_dir
 from minidriver.images import download, fetch, inspect, qemu_img
 from minidriver.images.inspect import Readable
 from minidriver.objects import ImageMeta
@@ -386,10 +386,10 @@ class ImageService:
         hashers = {"md5": hashlib.md5(usedforsecurity=False), OS_HASH_ALGO: hashlib.sha512()}
         if expected is not None and expected[0] not in hashers:
             hashers[expected[0]] = hashlib.new(expected[0])
-        self.images_path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        make_dir(self.images_path, PRIVATE_DIR)
         with self._open(source) as (src, total):
             reader = inspect.InspectingReader(src, disk_format, label=_label(source))
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
             try:
                 while chunk := reader.read(CHUNK_SIZE):
                     for hasher in hashers.values():

@@ -6,6 +6,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from minidriver import console
+from minidriver import console, host
 from minidriver.config import Config
 
 pytestmark = pytest.mark.integration
@@ -124,3 +125,18 @@ def test_image_boot_manage_delete(
     assert list((instances / "locks").iterdir()) == []
     assert not [p for p in (instances / "_base").iterdir() if p.suffix in (".part", ".converted")]
     assert os.listdir(instances / "_base"), "the cache stays"
+
+
+def test_host_check_says_which_connection_the_default_chose_and_why(cli_state: Path) -> None:
+    """Without --connect: the daemon when one listens on its socket, else the embedded
+    driver, and host check (human and --json) says which and why."""
+    data = Cli(cli_state, "").json("host", "check")
+    absent = host.no_daemon_listens(host.DAEMON_SOCKET)
+    if absent is None:
+        assert data["uri"] == host.SYSTEM_URI
+        assert data["connection_reason"] == f"a libvirt daemon answers on {host.DAEMON_SOCKET}"
+    else:
+        assert data["uri"] == f"{host.EMBED_URI}?root={cli_state / 'embed'}"
+        assert data["connection_reason"] == f"no libvirt daemon: {absent}"
+    human = Cli(cli_state, "").run("host", "check").stdout
+    assert re.search(rf"^connection_reason +{re.escape(data['connection_reason'])}$", human, re.M)

@@ -3,6 +3,8 @@ the snapshot continues the guest's boot counter."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,30 @@ def test_snapshot_boots_with_the_next_boot_count(
         for uuid in [inst.uuid, *made]:
             drv.destroy(uuid)
     assert list((drv.conf.instances_path / "snapshots").iterdir()) == []
+
+
+def test_live_snapshot_under_a_path_with_markup(
+    driver: LibvirtDriver, test_image_id: str, wait_console: Callable[..., Any]
+) -> None:
+    """instances_path is the user's to choose: its ``<``, ``&`` and quotes reach the
+    block copy's XML as text, not markup."""
+    conf = driver.conf
+    odd = conf.state_path / "a<b&c'd\"e"
+    odd.mkdir(mode=0o755)
+    conf = dataclasses.replace(
+        conf, default=dataclasses.replace(conf.default, instances_path=os.fspath(odd))
+    )
+    drv = LibvirtDriver(conf, host=driver.host)
+    inst = drv.spawn(name="odd", image=test_image_id, flavor="t1.nano")
+    made = []
+    try:
+        wait_console(console_log(inst), READY)
+        image = drv.snapshot(inst.uuid, "snap-odd")
+        assert drv.get_info(inst.uuid).state == "running"
+        child = drv.spawn(name="odd-child", image=image.id, flavor="t1.nano")
+        made.append(child.uuid)
+        wait_console(console_log(child), r"^minidriver-guest: boot-count 2")
+    finally:
+        for uuid in [inst.uuid, *made]:
+            drv.destroy(uuid)
+    assert list((odd / "snapshots").iterdir()) == []

@@ -461,6 +461,7 @@ def host_check_shape(d: Any, _w: World) -> None:
     assert isinstance(d["problems"], list)
     assert isinstance(d["free_bytes"], int)
     assert d["uri"].startswith("test://")
+    assert d["connection_reason"] == f"connection_uri = {d['uri']} (the config or --connect)"
     assert d["virt_type"] == "qemu"
 
 
