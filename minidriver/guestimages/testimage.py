@@ -1,4 +1,5 @@
-"""Build the tiny bootable BIOS test guest that the integration tests boot.
+"""Build the tiny bootable BIOS test guest that the integration tests boot (no Nova
+counterpart: a tool for minidriver's tests), as a qcow2 disk or as an ISO.
 
 The guest is made from Debian packages alone, with no mount and no root needed:
 
@@ -11,14 +12,21 @@ The guest is made from Debian packages alone, with no mount and no root needed:
 * a raw 64 MiB disk: a FAT file system (label ``MDGUEST``) at its start with syslinux
   installed by ``syslinux --install`` and the files copied in by ``mcopy``, and a boot
   record at byte 32 MiB that ``/init`` counts boots in;
-* ``qemu-img convert -O qcow2 -c`` of that disk to ``minidriver-test-guest.qcow2``.
+* ``qemu-img convert -O qcow2 -c`` of that disk to ``minidriver-test-guest.qcow2``;
+* or, with ``--iso``, ``minidriver-test-guest.iso``: the same kernel and initramfs on
+  an El Torito CD booted by Debian's ``isolinux`` (``/isolinux/``: ``isolinux.bin``,
+  ``ldlinux.c32``, ``isolinux.cfg``, ``vmlinuz``, ``initrd.img``), written by
+  ``xorriso -as mkisofs`` with every date fixed. Not a hybrid ISO: a file that is both
+  an ISO and a partitioned disk is a polyglot, which the image checks refuse. Booted
+  from it, no disk carries a boot record (``boot-count error: ...``); every other
+  console line is as from the qcow2.
 
 What the guest prints on its serial console (the lines tests rely on) is described in
 the init script. A build is skipped when the output exists and its sidecar
 ``<out>.inputs`` records the same inputs (package versions, the init script, this
-builder's version); ``--force`` rebuilds anyway.
+builder's version; for the ISO also the isolinux files); ``--force`` rebuilds anyway.
 
-Usage: ``python -m minidriver.guestimages.testimage [OUT] [--force]`` (or
+Usage: ``python -m minidriver.guestimages.testimage [OUT] [--force] [--iso]`` (or
 ``scripts/build-test-image``), OUT being the image file or a directory to put it in.
 """
 
@@ -54,8 +62,10 @@ from minidriver.process import run
 
 # Bump when the builder changes what it produces (part of the cache key).
 BUILDER_VERSION = "1"
+ISO_BUILDER_VERSION = "1"
 
 IMAGE_NAME = "minidriver-test-guest.qcow2"
+ISO_NAME = "minidriver-test-guest.iso"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 
@@ -101,6 +111,12 @@ HOST_TOOLS = {
     "mcopy": "mtools",
     "qemu-img": "qemu-utils",
 }
+# The ISO's: Debian's isolinux (package isolinux) and the syslinux core module it
+# loads (syslinux-common), both BIOS only; xorriso writes the CD.
+ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
+LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+ISO_BOOT_FILES = {ISOLINUX_BIN: "isolinux", LDLINUX_C32: "syslinux-common"}
+ISO_VOLUME_ID = "MDGUEST"
 # sbin directories are often missing from a non-root PATH.
 _TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
@@ -332,13 +348,14 @@ def default_output_dir() -> Path:
     return load_config(None).state_path / "test-image"
 
 
-def output_path(out: Path | None) -> Path:
-    """Where :func:`build` writes for ``out``: a ``*.qcow2`` file, else a directory."""
+def output_path(out: Path | None, name: str = IMAGE_NAME) -> Path:
+    """Where a build of ``name`` writes for ``out``: a file named like ``name`` (its
+    suffix: ``.qcow2`` or ``.iso``), else a directory for ``name``."""
     if out is None:
-        return default_output_dir() / IMAGE_NAME
+        return default_output_dir() / name
     out = Path(out)
-    if out.is_dir() or out.suffix != ".qcow2":
-        return out / IMAGE_NAME
+    if out.is_dir() or out.suffix != Path(name).suffix:
+        return out / name
     return out
 
 
@@ -398,26 +415,35 @@ def _single(paths: Iterable[Path], what: str) -> Path:
     return found[0]
 
 
-def _build_image(
-    tools: Mapping[str, str], kernel_deb: Path, busybox_deb: Path, out: Path, log: Log
-) -> None:
+def make_boot_files(
+    tools: Mapping[str, str], debs: Sequence[Path], work: Path, log: Log
+) -> tuple[Path, Path]:
+    """``work/vmlinuz`` and ``work/initrd.img`` (mtime 0) from the kernel and busybox
+    packages (``debs``, in that order): what any boot medium of the guest carries."""
+    kernel_deb, busybox_deb = debs
+    kroot, bbroot = work / "kernel", work / "busybox"
+    run([tools["dpkg-deb"], "-x", kernel_deb, kroot], timeout=300)
+    run([tools["dpkg-deb"], "-x", busybox_deb, bbroot], timeout=300)
+    vmlinuz = _single((kroot / "boot").glob("vmlinuz-*"), "vmlinuz in the kernel package")
+    tree = ModuleTree(_single((kroot / "lib" / "modules").iterdir(), "module directory"))
+    names = tree.resolve(GUEST_MODULES)
+    modules = [(n, tree.read(n)) for n in names]
+    log(f"kernel {tree.release}: modules {' '.join(names)}")
+    initrd = make_initramfs(init_script(), (bbroot / "bin" / "busybox").read_bytes(), modules)
+    (work / "initrd.img").write_bytes(initrd)
+    log(f"initramfs: {len(initrd) / MIB:.1f} MiB ({len(modules)} modules)")
+    shutil.copyfile(vmlinuz, work / "vmlinuz")
+    for name in ("vmlinuz", "initrd.img"):
+        os.utime(work / name, (0, 0))
+    return work / "vmlinuz", work / "initrd.img"
+
+
+def _build_image(tools: Mapping[str, str], debs: Sequence[Path], out: Path, log: Log) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
         work = Path(tmp)
-        kroot, bbroot = work / "kernel", work / "busybox"
-        run([tools["dpkg-deb"], "-x", kernel_deb, kroot], timeout=300)
-        run([tools["dpkg-deb"], "-x", busybox_deb, bbroot], timeout=300)
-        vmlinuz = _single((kroot / "boot").glob("vmlinuz-*"), "vmlinuz in the kernel package")
-        tree = ModuleTree(_single((kroot / "lib" / "modules").iterdir(), "module directory"))
-        names = tree.resolve(GUEST_MODULES)
-        modules = [(n, tree.read(n)) for n in names]
-        log(f"kernel {tree.release}: modules {' '.join(names)}")
-        initrd = make_initramfs(init_script(), (bbroot / "bin" / "busybox").read_bytes(), modules)
-        (work / "initrd.img").write_bytes(initrd)
-        log(f"initramfs: {len(initrd) / MIB:.1f} MiB ({len(modules)} modules)")
+        make_boot_files(tools, debs, work, log)
         (work / "syslinux.cfg").write_text(syslinux_cfg())
-        shutil.copyfile(vmlinuz, work / "vmlinuz")
-        for name in ("vmlinuz", "initrd.img", "syslinux.cfg"):
-            os.utime(work / name, (0, 0))
+        os.utime(work / "syslinux.cfg", (0, 0))
 
         fat = work / "fat.img"
         # mtools (and the syslinux installer, built on it) stamp directory entries with
@@ -452,11 +478,89 @@ def build(out: Path | None = None, *, force: bool = False, log: Log = print) -> 
 
     ``out`` is the image file or a directory for it (default: :func:`default_output_dir`).
     """
-    out = output_path(out).absolute()
-    tools = check_host_tools()
+    return build_cached(output_path(out), _build_image, force=force, log=log)
+
+
+def _iso_boot_file_digests() -> dict[str, str]:
+    missing = [f"{p} ({package})" for p, package in ISO_BOOT_FILES.items() if not p.is_file()]
+    if missing:
+        raise TestImageError(
+            "missing isolinux files: " + ", ".join(missing),
+            hint="apt-get install " + " ".join(sorted(set(ISO_BOOT_FILES.values()))),
+        )
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ISO_BOOT_FILES}
+
+
+def mkisofs_args(tree: Path, out: Path) -> list[str | os.PathLike[str]]:
+    """``xorriso -as mkisofs`` arguments for an El Torito CD of ``tree``, isolinux
+    booting with no emulation (the boot info table is what isolinux.bin expects)."""
+    return [
+        "-as", "mkisofs", "-quiet", "-o", out, "-V", ISO_VOLUME_ID, "-R",
+        "-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat",
+        "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table", tree,
+    ]  # fmt: skip
+
+
+def _build_iso(tools: Mapping[str, str], debs: Sequence[Path], out: Path, log: Log) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        work = Path(tmp)
+        vmlinuz, initrd = make_boot_files(tools, debs, work, log)
+        boot = work / "tree" / "isolinux"
+        boot.mkdir(parents=True)
+        for path in ISO_BOOT_FILES:
+            shutil.copyfile(path, boot / path.name)
+        shutil.copyfile(vmlinuz, boot / "vmlinuz")
+        shutil.copyfile(initrd, boot / "initrd.img")
+        (boot / "isolinux.cfg").write_text(syslinux_cfg())
+        for path in [*boot.iterdir(), boot, boot.parent]:  # the directories' dates too
+            os.utime(path, (0, 0))
+        tmp_out = work / "image.iso"
+        # xorriso takes the volume's own dates and uuid from SOURCE_DATE_EPOCH: two
+        # builds of the same inputs are the same bytes.
+        env = {"SOURCE_DATE_EPOCH": "0"}
+        run([tools["xorriso"], *mkisofs_args(work / "tree", tmp_out)], env=env, timeout=300)
+        with tmp_out.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_out, out)
+
+
+def build_iso(out: Path | None = None, *, force: bool = False, log: Log = print) -> Path:
+    """Build the test guest as a bootable ISO (unless up to date) and return its path.
+
+    ``out`` is the ISO file or a directory for it (default: next to the qcow2).
+    """
+    extra = {"iso_builder_version": ISO_BUILDER_VERSION, "isolinux": _iso_boot_file_digests()}
+    return build_cached(
+        output_path(out, ISO_NAME),
+        _build_iso,
+        extra_inputs=extra,
+        tools={"xorriso": _tool("xorriso")},
+        force=force,
+        log=log,
+    )
+
+
+# Makes one artefact at ``out`` from the host tools and the two packages' files.
+Maker = Callable[[Mapping[str, str], Sequence[Path], Path, Log], None]
+
+
+def build_cached(
+    out: Path,
+    make: Maker,
+    *,
+    extra_inputs: Mapping[str, object] | None = None,
+    tools: Mapping[str, str] | None = None,
+    force: bool = False,
+    log: Log = print,
+) -> Path:
+    """``make`` the artefact ``out`` from the packages apt resolves now, unless its
+    sidecar records the same inputs (those of every build, plus ``extra_inputs``).
+    One build per output directory at a time; a killed build's leftovers are removed."""
+    out = out.absolute()
+    tools = {**check_host_tools(), **(tools or {})}
     started = time.monotonic()
     debs = resolve_packages(log)
-    inputs = cache_inputs(debs, init_script())
+    inputs = {**cache_inputs(debs, init_script()), **(extra_inputs or {})}
     key = cache_key(inputs)
     if not force and out.exists() and _recorded_key(out) == key:
         log(f"{out}: up to date, nothing to do")
@@ -472,13 +576,17 @@ def build(out: Path | None = None, *, force: bool = False, log: Log = print) -> 
         # Work directories of a killed build (no other build runs here: we hold the lock).
         for stale in [*out.parent.glob(".build-*"), *debs_dir.glob(".download-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        kernel_deb, busybox_deb = (fetch_deb(d, debs_dir, log) for d in debs)  # in that order
+        deb_files = [fetch_deb(d, debs_dir, log) for d in debs]  # kernel, then busybox
         _sidecar(out).unlink(missing_ok=True)
-        _build_image(tools, kernel_deb, busybox_deb, out, log)
+        make(tools, deb_files, out, log)
         record = {"key": key, "inputs": inputs}
         _write_atomic(_sidecar(out), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     log(f"wrote {out} ({out.stat().st_size / MIB:.1f} MiB) in {time.monotonic() - started:.1f} s")
     return out
+
+
+# A builder's work for ``(OUT or None, --force)``; may return a line for stdout.
+Build = Callable[[Path | None, bool], str | None]
 
 
 def builder_main(
@@ -488,16 +596,22 @@ def builder_main(
     description: str,
     out_help: str,
     out_metavar: str,
-    build: Callable[[Path | None, bool], str | None],
+    build: Build,
+    alternatives: Mapping[str, tuple[str, Build]] | None = None,
 ) -> int:
-    """The command line of an image builder: ``[OUT] [--force]``; errors are one line
-    on stderr and exit 1. ``build`` may return a line to print on stdout."""
+    """The command line of an image builder: ``[OUT] [--force]``, plus one flag per
+    ``alternatives`` entry (``--flag``: (help, the build it runs instead)); errors are
+    one line on stderr and exit 1. ``build`` may return a line to print on stdout."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("out", nargs="?", type=Path, metavar=out_metavar, help=out_help)
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    alternatives = alternatives or {}
+    for flag, (flag_help, _) in alternatives.items():
+        parser.add_argument(flag, action="store_true", help=flag_help)
     args = parser.parse_args(argv)
+    chosen = [alt for flag, (_, alt) in alternatives.items() if getattr(args, flag[2:])]
     try:
-        line = build(args.out, args.force)
+        line = (chosen[0] if chosen else build)(args.out, args.force)
     except MinidriverError as exc:
         hint = f" ({exc.hint})" if exc.hint else ""
         print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
@@ -517,6 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def build_quietly(out: Path | None, force: bool) -> None:
         build(out, force=force)
 
+    def build_iso_quietly(out: Path | None, force: bool) -> None:
+        build_iso(out, force=force)
+
+    iso_help = (
+        "build the same guest as a bootable ISO 9660 image (isolinux, xorriso) instead:"
+        " OUT is then a *.iso file or a directory"
+    )
     return builder_main(
         argv,
         prog="build-test-image",
@@ -524,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_help=f"image file (*.qcow2) or directory (default: {default_output_dir()})",
         out_metavar="OUT",
         build=build_quietly,
+        alternatives={"--iso": (iso_help, build_iso_quietly)},
     )
 
 

@@ -447,6 +447,47 @@ def test_output_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert testimage.default_output_dir() == tmp_path / "test-image"
 
 
+def test_iso_output_paths(tmp_path: Path) -> None:
+    iso = testimage.ISO_NAME
+    assert testimage.output_path(tmp_path, iso) == tmp_path / iso
+    assert testimage.output_path(tmp_path / "g.iso", iso) == tmp_path / "g.iso"
+    assert testimage.output_path(tmp_path / "g.qcow2", iso) == tmp_path / "g.qcow2" / iso
+    assert testimage.output_path(None, iso) == testimage.default_output_dir() / iso
+
+
+def test_the_iso_is_an_el_torito_cd_that_isolinux_boots(tmp_path: Path) -> None:
+    args = [str(a) for a in testimage.mkisofs_args(tmp_path / "tree", tmp_path / "x.iso")]
+    assert args[:2] == ["-as", "mkisofs"]
+    assert args[args.index("-b") + 1] == "isolinux/isolinux.bin"
+    assert {"-no-emul-boot", "-boot-info-table"} <= set(args)
+    # No MBR: a hybrid ISO is also a partitioned disk, a polyglot the checks refuse.
+    assert not [a for a in args if "hybrid" in a or "mbr" in a.lower()]
+    assert args[-1] == str(tmp_path / "tree")
+
+
+@pytest.mark.parametrize(
+    ("argv", "built"),
+    [
+        ([], [("qcow2", None, False)]),
+        (["out.qcow2", "--force"], [("qcow2", Path("out.qcow2"), True)]),
+        (["--iso"], [("iso", None, False)]),
+        (["--iso", "dir", "--force"], [("iso", Path("dir"), True)]),
+    ],
+)
+def test_build_test_image_builds_the_qcow2_or_with_iso_the_iso(
+    argv: list[str], built: list[tuple[str, Path | None, bool]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, Path | None, bool]] = []
+    # The builds themselves download and build for real (the integration tests' fixtures);
+    # here only which one the command line runs.
+    monkeypatch.setattr(testimage, "build", lambda out, force: calls.append(("qcow2", out, force)))
+    monkeypatch.setattr(
+        testimage, "build_iso", lambda out, force: calls.append(("iso", out, force))
+    )
+    assert testimage.main(argv) == 0
+    assert calls == built
+
+
 def test_missing_host_tool_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(testimage.HOST_TOOLS, "no-such-tool-4d4447", "pkg-4d4447")
     with pytest.raises(testimage.TestImageError) as err:
