@@ -31,11 +31,13 @@ def test_iso() -> Path:
 
 
 @pytest.fixture
-def cli_state() -> Iterator[Path]:
+def cli_state(host_config: Config) -> Iterator[Path]:
+    """A state dir of the command's own; whatever a failed test left in it is deleted
+    through the same connection (an embedded root's guests outlive their process)."""
     path = Path(tempfile.mkdtemp(prefix="mdiso-", dir="/var/tmp"))
     path.chmod(0o755)
     yield path
-    minidriver(path, "", "delete", "--all", code=None)
+    minidriver(path, host_config.libvirt.connection_uri, "delete", "--all", code=None)
     shutil.rmtree(path, ignore_errors=True)
 
 
