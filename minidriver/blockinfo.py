@@ -7,6 +7,8 @@ which device name it takes in the guest; the domain XML only lays that out.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
+from typing import Final
 
 from minidriver.exception import UnsupportedHardware
 from minidriver.objects import DeviceType, DiskBus, DiskInfo, DiskMapping, Flavor, ImageMeta
@@ -15,6 +17,12 @@ from minidriver.objects import DeviceType, DiskBus, DiskInfo, DiskMapping, Flavo
 DISK_BUSES = {DiskBus.VIRTIO, DiskBus.IDE, DiskBus.SCSI, DiskBus.SATA, DiskBus.USB}
 # A cdrom cannot sit on virtio.
 CDROM_BUSES = {DiskBus.IDE, DiskBus.SCSI, DiskBus.SATA, DiskBus.USB}
+# The BIOS boot device (libvirt's <boot dev=...>) of each device type, Nova's
+# BOOT_DEV_FOR_TYPE.
+BOOT_DEV_FOR_TYPE: Final[Mapping[DeviceType, str]] = {
+    DeviceType.DISK: "hd",
+    DeviceType.CDROM: "cdrom",
+}
 
 
 def _bus_property(image_meta: ImageMeta, prop: str, allowed: set[DiskBus]) -> DiskBus | None:
@@ -118,3 +126,24 @@ def get_disk_info(
     elif config_drive_format is not None:
         raise UnsupportedHardware(f"config drive format {config_drive_format!r} is unknown")
     return DiskInfo(disk_bus=disk_bus, cdrom_bus=cdrom_bus, mapping=tuple(mapping))
+
+
+def get_boot_order(disk_info: DiskInfo) -> tuple[str, ...]:
+    """The BIOS boot devices, first to last, as Nova's ``get_boot_order``: the device
+    type of every disk that has a boot index, in boot index order, each type once.
+
+    Only the root has one here (index 1), so an ordinary image boots ``hd`` and an
+    ISO image, whose root is a cdrom, boots ``cdrom``. The ephemeral, swap and config
+    drive disks get no boot index, in Nova too, so they never enter the order.
+    """
+    booted = sorted((m for m in disk_info if m.boot_index is not None), key=_boot_index)
+    order: list[str] = []
+    for m in booted:
+        dev = BOOT_DEV_FOR_TYPE[m.type]
+        if dev not in order:
+            order.append(dev)
+    return tuple(order)
+
+
+def _boot_index(mapping: DiskMapping) -> int:
+    return mapping.boot_index or 0

@@ -477,7 +477,12 @@ class LibvirtDriver:
         base_format = "raw" if force_raw else qemu_img.qemu_format(image.disk_format)
         # A cached base is checked again before a disk is made on it (cheaply: its head
         # and qemu-img info); the base the fetch makes is checked in full instead.
-        fetch.recheck_base(self.conf.base_dir / base_filename(image.id), base_format, limits=limits)
+        fetch.recheck_base(
+            self.conf.base_dir / base_filename(image.id),
+            base_format,
+            limits=limits,
+            disk_format=image.disk_format,
+        )
         instance.cache_hit = root.cache(
             fetch_func, base_filename(image.id), root_size, base_format=base_format
         )

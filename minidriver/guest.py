@@ -21,6 +21,7 @@ from pathlib import Path
 import jinja2
 from lxml import etree
 
+from minidriver import blockinfo
 from minidriver.exception import MinidriverError
 from minidriver.network import GUEST_SSH_PORT, VIF, NetworkMode
 from minidriver.objects import DeviceType, DiskInfo, Flavor, Instance
@@ -98,12 +99,14 @@ KERNEL_CONSOLE = "console=tty0 console=ttyS0"
 
 @dataclass(frozen=True)
 class GuestOS:
-    """``<os>``: a BIOS boot from the first disk, or a kernel given to QEMU (Nova's
-    ``os_kernel``, ``os_initrd``, ``os_cmdline``; None when the BIOS boots)."""
+    """``<os>``: a BIOS boot from ``boot_devs`` in that order (Nova's ``os_boot_dev``),
+    or a kernel given to QEMU (Nova's ``os_kernel``, ``os_initrd``, ``os_cmdline``;
+    None when the BIOS boots)."""
 
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str | None = None
+    boot_devs: tuple[str, ...] = ("hd",)
 
 
 @dataclass(frozen=True)
@@ -210,13 +213,15 @@ def get_guest_os(
 ) -> GuestOS:
     """Nova's choice for ``<os>``: with a kernel image, the copies of the kernel and
     ramdisk in the instance dir and ``root=/dev/<root disk> console...``, unless the
-    image gives its own ``os_command_line``; otherwise the BIOS boots the root disk."""
+    image gives its own ``os_command_line``; otherwise the BIOS boots in
+    ``blockinfo.get_boot_order``'s order (an ISO image's root: ``cdrom``)."""
     if not instance.kernel_id:
-        return GuestOS()
+        return GuestOS(boot_devs=blockinfo.get_boot_order(disk_info))
     return GuestOS(
         kernel=os.fspath(instance_dir / "kernel"),
         initrd=os.fspath(instance_dir / "ramdisk") if instance.ramdisk_id else None,
         cmdline=os_command_line or f"root=/dev/{disk_info.root.dev} {KERNEL_CONSOLE}",
+        boot_devs=(),
     )
 
 

@@ -24,6 +24,9 @@ from typing import Any
 import libvirt
 import pytest
 
+# The rules for tests that do not run: markers that deselect, and skips failing CI.
+from skip_policy import pytest_collection_modifyitems, pytest_configure  # noqa: F401 - hooks
+
 from minidriver import config, console, guest
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver

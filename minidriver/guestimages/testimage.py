@@ -1,26 +1,32 @@
-"""Build the tiny bootable BIOS test guest that the integration tests boot.
+"""Build the tiny bootable BIOS test guest that the integration tests boot (no Nova
+counterpart: a tool for minidriver's tests), as a qcow2 disk or as an ISO.
 
 The guest is made from Debian packages alone, with no mount and no root needed:
 
 * the cloud kernel (``linux-image-cloud-amd64`` resolved to its real package) and
   ``busybox-static``, fetched with ``apt-get download`` into ``<out_dir>/debs/`` and
   unpacked with ``dpkg-deb -x``;
-* an initramfs written here as a deterministic cpio "newc" archive (mtime 0, uid/gid 0,
-  sorted) and gzipped with mtime 0: ``/init`` (``minidriver/guestimages/data/testimage-init.sh``),
-  busybox, and the kernel modules the guest needs, dependencies resolved here from
-  ``modules.dep`` or, as the Debian package ships none (depmod runs in its postinst),
-  from each module's ``.modinfo`` section;
+* an initramfs, a deterministic cpio "newc" archive (``initramfs.py``) gzipped with
+  mtime 0: ``/init`` (``minidriver/guestimages/data/testimage-init.sh``), busybox, and
+  the kernel modules the guest needs, in their load order;
 * a raw 64 MiB disk: a FAT file system (label ``MDGUEST``) at its start with syslinux
   installed by ``syslinux --install`` and the files copied in by ``mcopy``, and a boot
   record at byte 32 MiB that ``/init`` counts boots in;
-* ``qemu-img convert -O qcow2 -c`` of that disk to ``minidriver-test-guest.qcow2``.
+* ``qemu-img convert -O qcow2 -c`` of that disk to ``minidriver-test-guest.qcow2``;
+* or, with ``--iso``, ``minidriver-test-guest.iso``: the same kernel and initramfs on
+  an El Torito CD booted by Debian's ``isolinux`` (``/isolinux/``: ``isolinux.bin``,
+  ``ldlinux.c32``, ``isolinux.cfg``, ``vmlinuz``, ``initrd.img``), written by
+  ``xorriso -as mkisofs`` with every date fixed. Not a hybrid ISO: a file that is both
+  an ISO and a partitioned disk is a polyglot, which the image checks refuse. Booted
+  from it, no disk carries a boot record (``boot-count error: ...``); every other
+  console line is as from the qcow2.
 
 What the guest prints on its serial console (the lines tests rely on) is described in
 the init script. A build is skipped when the output exists and its sidecar
 ``<out>.inputs`` records the same inputs (package versions, the init script, this
-builder's version); ``--force`` rebuilds anyway.
+builder's version; for the ISO also the isolinux files); ``--force`` rebuilds anyway.
 
-Usage: ``python -m minidriver.guestimages.testimage [OUT] [--force]`` (or
+Usage: ``python -m minidriver.guestimages.testimage [OUT] [--force] [--iso]`` (or
 ``scripts/build-test-image``), OUT being the image file or a directory to put it in.
 """
 
@@ -33,11 +39,8 @@ import gzip
 import hashlib
 import importlib.resources
 import json
-import lzma
 import os
 import shutil
-import stat
-import struct
 import sys
 import tempfile
 import time
@@ -47,12 +50,22 @@ from pathlib import Path
 
 from minidriver.config import load_config
 from minidriver.exception import MinidriverError
+from minidriver.guestimages.initramfs import (
+    ModuleTree,
+    cpio_chardev,
+    cpio_dir,
+    cpio_file,
+    cpio_symlink,
+    write_cpio,
+)
 from minidriver.process import run
 
 # Bump when the builder changes what it produces (part of the cache key).
 BUILDER_VERSION = "1"
+ISO_BUILDER_VERSION = "1"
 
 IMAGE_NAME = "minidriver-test-guest.qcow2"
+ISO_NAME = "minidriver-test-guest.iso"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 
@@ -87,7 +100,6 @@ GUEST_MODULES = (
 )
 
 INIT_SCRIPT_RESOURCE = "testimage-init.sh"
-MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 # Host programs the build runs, with the Debian package providing each.
 HOST_TOOLS = {
@@ -99,6 +111,12 @@ HOST_TOOLS = {
     "mcopy": "mtools",
     "qemu-img": "qemu-utils",
 }
+# The ISO's: Debian's isolinux (package isolinux) and the syslinux core module it
+# loads (syslinux-common), both BIOS only; xorriso writes the CD.
+ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
+LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+ISO_BOOT_FILES = {ISOLINUX_BIN: "isolinux", LDLINUX_C32: "syslinux-common"}
+ISO_VOLUME_ID = "MDGUEST"
 # sbin directories are often missing from a non-root PATH.
 _TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
@@ -109,228 +127,6 @@ class TestImageError(MinidriverError):
     """The test guest image could not be built."""
 
     __test__ = False  # not a pytest test class, despite the name
-
-
-# ---------------------------------------------------------------------------------------
-# cpio "newc"
-
-
-@dataclass(frozen=True)
-class CpioEntry:
-    """One member of a cpio archive: ``path`` relative (no leading slash)."""
-
-    path: str
-    mode: int  # full st_mode, with the file type bits
-    data: bytes = b""  # file contents, or the target of a symlink
-    rdev: tuple[int, int] = (0, 0)  # device nodes: (major, minor)
-
-
-def cpio_dir(path: str, perm: int = 0o755) -> CpioEntry:
-    return CpioEntry(path, stat.S_IFDIR | perm)
-
-
-def cpio_file(path: str, data: bytes, perm: int = 0o644) -> CpioEntry:
-    return CpioEntry(path, stat.S_IFREG | perm, data)
-
-
-def cpio_symlink(path: str, target: str) -> CpioEntry:
-    return CpioEntry(path, stat.S_IFLNK | 0o777, target.encode())
-
-
-def cpio_chardev(path: str, major: int, minor: int, perm: int = 0o600) -> CpioEntry:
-    return CpioEntry(path, stat.S_IFCHR | perm, rdev=(major, minor))
-
-
-def _cpio_member(ino: int, name: str, mode: int, data: bytes, rdev: tuple[int, int]) -> bytes:
-    raw_name = name.encode() + b"\0"
-    nlink = 2 if stat.S_ISDIR(mode) else 1
-    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw_name), 0)
-    header = b"070701" + b"".join(b"%08X" % f for f in fields)
-    head = header + raw_name
-    head += b"\0" * (-len(head) % 4)
-    return head + data + b"\0" * (-len(data) % 4)
-
-
-def write_cpio(entries: Iterable[CpioEntry]) -> bytes:
-    """A deterministic cpio "newc" archive of ``entries``, as the kernel unpacks it.
-
-    Members are sorted by path; missing parent directories are added (mode 0755);
-    owners are 0, mtimes 0, inode numbers count from 1. Duplicate paths are an error.
-    """
-    members: dict[str, CpioEntry] = {}
-    for entry in entries:
-        path = entry.path.strip("/")
-        if not path or ".." in path.split("/"):
-            raise ValueError(f"bad cpio path {entry.path!r}")
-        if path in members:
-            raise ValueError(f"duplicate cpio path {path!r}")
-        if entry.data and not (stat.S_ISREG(entry.mode) or stat.S_ISLNK(entry.mode)):
-            raise ValueError(f"{path!r}: only files and symlinks carry data")
-        members[path] = CpioEntry(path, entry.mode, entry.data, entry.rdev)
-    for path in list(members):
-        parent = os.path.dirname(path)
-        while parent and parent not in members:
-            members[parent] = cpio_dir(parent)
-            parent = os.path.dirname(parent)
-    for path in members:
-        parent = os.path.dirname(path)
-        if parent and not stat.S_ISDIR(members[parent].mode):
-            raise ValueError(f"{path!r}: parent {parent!r} is not a directory")
-    out = [
-        _cpio_member(ino, path, members[path].mode, members[path].data, members[path].rdev)
-        for ino, path in enumerate(sorted(members), start=1)
-    ]
-    out.append(_cpio_member(0, "TRAILER!!!", 0, b"", (0, 0)))
-    return b"".join(out)
-
-
-# ---------------------------------------------------------------------------------------
-# kernel modules
-
-
-def module_name(path: str) -> str:
-    """``kernel/fs/nls/nls_iso8859-1.ko.xz`` -> ``nls_iso8859_1`` (the kernel's name)."""
-    base = os.path.basename(path)
-    for suffix in sorted(MODULE_SUFFIXES, key=len, reverse=True):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return base.replace("-", "_")
-
-
-def parse_modules_dep(text: str) -> dict[str, list[str]]:
-    """``modules.dep`` (``path: dep-path ...`` per line) as module name -> dependency names."""
-    deps: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        path, sep, rest = line.partition(":")
-        if not sep:
-            raise ValueError(f"bad modules.dep line: {line!r}")
-        deps[module_name(path.strip())] = [module_name(d) for d in rest.split()]
-    return deps
-
-
-def parse_modules_builtin(text: str) -> set[str]:
-    """``modules.builtin`` (one path per line) as a set of module names."""
-    return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
-
-
-def read_modinfo(elf: bytes) -> list[tuple[str, str]]:
-    """The ``key=value`` strings of a module's ``.modinfo`` section (ELF64, little endian)."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
-        raise ValueError("not a little-endian ELF64 file")
-    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-    if shoff == 0 or shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(elf):
-        raise ValueError("bad ELF section header table")
-
-    def section(i: int) -> tuple[int, bytes]:
-        name, _type, _flags, _addr, offset, size = struct.unpack_from(
-            "<IIQQQQ", elf, shoff + i * shentsize
-        )
-        return name, elf[offset : offset + size]
-
-    _, names = section(shstrndx)
-    for i in range(shnum):
-        name_off, body = section(i)
-        if names[name_off : names.find(b"\0", name_off)] == b".modinfo":
-            pairs = []
-            for item in body.split(b"\0"):
-                key, sep, value = item.decode(errors="replace").partition("=")
-                if sep:
-                    pairs.append((key, value))
-            return pairs
-    raise ValueError("no .modinfo section")
-
-
-def modinfo_depends(elf: bytes) -> list[str]:
-    """Names from a module's ``depends=`` field (what depmod turns into modules.dep)."""
-    for key, value in read_modinfo(elf):
-        if key == "depends":
-            return [module_name(d) for d in value.split(",") if d]
-    return []
-
-
-def resolve_modules(
-    wanted: Iterable[str],
-    depends: Callable[[str], Sequence[str]],
-    builtin: Iterable[str] = (),
-) -> list[str]:
-    """Module names in load order: every module after all it depends on.
-
-    ``wanted`` keep their given order where dependencies allow; modules built into the
-    kernel are left out (they need no loading). ``depends(name)`` gives direct
-    dependencies (a full transitive list, as in modules.dep, works too) and raises
-    KeyError for an unknown module.
-    """
-    skip = {module_name(b) for b in builtin}
-    order: list[str] = []
-    state: dict[str, str] = {}  # name -> "visiting" | "done"
-
-    def visit(name: str, chain: tuple[str, ...]) -> None:
-        if name in skip or state.get(name) == "done":
-            return
-        if state.get(name) == "visiting":
-            raise ValueError("module dependency cycle: " + " -> ".join((*chain, name)))
-        state[name] = "visiting"
-        try:
-            deps = depends(name)
-        except KeyError:
-            via = f" (needed by {chain[-1]})" if chain else ""
-            raise ValueError(f"kernel module {name} not found{via}") from None
-        for dep in deps:
-            visit(module_name(dep), (*chain, name))
-        state[name] = "done"
-        order.append(name)
-
-    for name in wanted:
-        visit(module_name(name), ())
-    return order
-
-
-class ModuleTree:
-    """The modules of one kernel release, ``/lib/modules/<release>`` of an unpacked package."""
-
-    def __init__(self, moddir: Path) -> None:
-        self.moddir = moddir
-        self.release = moddir.name
-        self.paths: dict[str, Path] = {}
-        for dirpath, _dirs, files in os.walk(moddir / "kernel"):
-            for f in files:
-                if f.endswith(MODULE_SUFFIXES):
-                    self.paths[module_name(f)] = Path(dirpath, f)
-        dep_file = moddir / "modules.dep"
-        self._deps = parse_modules_dep(dep_file.read_text()) if dep_file.exists() else None
-        builtin_file = moddir / "modules.builtin"
-        self.builtin = (
-            parse_modules_builtin(builtin_file.read_text()) if builtin_file.exists() else set()
-        )
-
-    def read(self, name: str) -> bytes:
-        """The module as an uncompressed ELF file."""
-        path = self.paths[name]
-        data = path.read_bytes()
-        if path.name.endswith(".xz"):
-            return lzma.decompress(data)
-        if path.name.endswith(".gz"):
-            return gzip.decompress(data)
-        if path.name.endswith(".zst"):
-            with tempfile.TemporaryDirectory() as tmp:
-                plain = Path(tmp, "m.ko")
-                run(["zstd", "-q", "-d", "-o", plain, path])
-                return plain.read_bytes()
-        return data
-
-    def depends(self, name: str) -> list[str]:
-        if name not in self.paths:
-            raise KeyError(name)
-        if self._deps is not None:
-            return self._deps.get(name, [])
-        return modinfo_depends(self.read(name))
-
-    def resolve(self, wanted: Iterable[str]) -> list[str]:
-        return resolve_modules(wanted, self.depends, self.builtin)
 
 
 # ---------------------------------------------------------------------------------------
@@ -552,13 +348,14 @@ def default_output_dir() -> Path:
     return load_config(None).state_path / "test-image"
 
 
-def output_path(out: Path | None) -> Path:
-    """Where :func:`build` writes for ``out``: a ``*.qcow2`` file, else a directory."""
+def output_path(out: Path | None, name: str = IMAGE_NAME) -> Path:
+    """Where a build of ``name`` writes for ``out``: a file named like ``name`` (its
+    suffix: ``.qcow2`` or ``.iso``), else a directory for ``name``."""
     if out is None:
-        return default_output_dir() / IMAGE_NAME
+        return default_output_dir() / name
     out = Path(out)
-    if out.is_dir() or out.suffix != ".qcow2":
-        return out / IMAGE_NAME
+    if out.is_dir() or out.suffix != Path(name).suffix:
+        return out / name
     return out
 
 
@@ -618,26 +415,35 @@ def _single(paths: Iterable[Path], what: str) -> Path:
     return found[0]
 
 
-def _build_image(
-    tools: Mapping[str, str], kernel_deb: Path, busybox_deb: Path, out: Path, log: Log
-) -> None:
+def make_boot_files(
+    tools: Mapping[str, str], debs: Sequence[Path], work: Path, log: Log
+) -> tuple[Path, Path]:
+    """``work/vmlinuz`` and ``work/initrd.img`` (mtime 0) from the kernel and busybox
+    packages (``debs``, in that order): what any boot medium of the guest carries."""
+    kernel_deb, busybox_deb = debs
+    kroot, bbroot = work / "kernel", work / "busybox"
+    run([tools["dpkg-deb"], "-x", kernel_deb, kroot], timeout=300)
+    run([tools["dpkg-deb"], "-x", busybox_deb, bbroot], timeout=300)
+    vmlinuz = _single((kroot / "boot").glob("vmlinuz-*"), "vmlinuz in the kernel package")
+    tree = ModuleTree(_single((kroot / "lib" / "modules").iterdir(), "module directory"))
+    names = tree.resolve(GUEST_MODULES)
+    modules = [(n, tree.read(n)) for n in names]
+    log(f"kernel {tree.release}: modules {' '.join(names)}")
+    initrd = make_initramfs(init_script(), (bbroot / "bin" / "busybox").read_bytes(), modules)
+    (work / "initrd.img").write_bytes(initrd)
+    log(f"initramfs: {len(initrd) / MIB:.1f} MiB ({len(modules)} modules)")
+    shutil.copyfile(vmlinuz, work / "vmlinuz")
+    for name in ("vmlinuz", "initrd.img"):
+        os.utime(work / name, (0, 0))
+    return work / "vmlinuz", work / "initrd.img"
+
+
+def _build_image(tools: Mapping[str, str], debs: Sequence[Path], out: Path, log: Log) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
         work = Path(tmp)
-        kroot, bbroot = work / "kernel", work / "busybox"
-        run([tools["dpkg-deb"], "-x", kernel_deb, kroot], timeout=300)
-        run([tools["dpkg-deb"], "-x", busybox_deb, bbroot], timeout=300)
-        vmlinuz = _single((kroot / "boot").glob("vmlinuz-*"), "vmlinuz in the kernel package")
-        tree = ModuleTree(_single((kroot / "lib" / "modules").iterdir(), "module directory"))
-        names = tree.resolve(GUEST_MODULES)
-        modules = [(n, tree.read(n)) for n in names]
-        log(f"kernel {tree.release}: modules {' '.join(names)}")
-        initrd = make_initramfs(init_script(), (bbroot / "bin" / "busybox").read_bytes(), modules)
-        (work / "initrd.img").write_bytes(initrd)
-        log(f"initramfs: {len(initrd) / MIB:.1f} MiB ({len(modules)} modules)")
+        make_boot_files(tools, debs, work, log)
         (work / "syslinux.cfg").write_text(syslinux_cfg())
-        shutil.copyfile(vmlinuz, work / "vmlinuz")
-        for name in ("vmlinuz", "initrd.img", "syslinux.cfg"):
-            os.utime(work / name, (0, 0))
+        os.utime(work / "syslinux.cfg", (0, 0))
 
         fat = work / "fat.img"
         # mtools (and the syslinux installer, built on it) stamp directory entries with
@@ -672,11 +478,89 @@ def build(out: Path | None = None, *, force: bool = False, log: Log = print) -> 
 
     ``out`` is the image file or a directory for it (default: :func:`default_output_dir`).
     """
-    out = output_path(out).absolute()
-    tools = check_host_tools()
+    return build_cached(output_path(out), _build_image, force=force, log=log)
+
+
+def _iso_boot_file_digests() -> dict[str, str]:
+    missing = [f"{p} ({package})" for p, package in ISO_BOOT_FILES.items() if not p.is_file()]
+    if missing:
+        raise TestImageError(
+            "missing isolinux files: " + ", ".join(missing),
+            hint="apt-get install " + " ".join(sorted(set(ISO_BOOT_FILES.values()))),
+        )
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ISO_BOOT_FILES}
+
+
+def mkisofs_args(tree: Path, out: Path) -> list[str | os.PathLike[str]]:
+    """``xorriso -as mkisofs`` arguments for an El Torito CD of ``tree``, isolinux
+    booting with no emulation (the boot info table is what isolinux.bin expects)."""
+    return [
+        "-as", "mkisofs", "-quiet", "-o", out, "-V", ISO_VOLUME_ID, "-R",
+        "-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat",
+        "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table", tree,
+    ]  # fmt: skip
+
+
+def _build_iso(tools: Mapping[str, str], debs: Sequence[Path], out: Path, log: Log) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        work = Path(tmp)
+        vmlinuz, initrd = make_boot_files(tools, debs, work, log)
+        boot = work / "tree" / "isolinux"
+        boot.mkdir(parents=True)
+        for path in ISO_BOOT_FILES:
+            shutil.copyfile(path, boot / path.name)
+        shutil.copyfile(vmlinuz, boot / "vmlinuz")
+        shutil.copyfile(initrd, boot / "initrd.img")
+        (boot / "isolinux.cfg").write_text(syslinux_cfg())
+        for path in [*boot.iterdir(), boot, boot.parent]:  # the directories' dates too
+            os.utime(path, (0, 0))
+        tmp_out = work / "image.iso"
+        # xorriso takes the volume's own dates and uuid from SOURCE_DATE_EPOCH: two
+        # builds of the same inputs are the same bytes.
+        env = {"SOURCE_DATE_EPOCH": "0"}
+        run([tools["xorriso"], *mkisofs_args(work / "tree", tmp_out)], env=env, timeout=300)
+        with tmp_out.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_out, out)
+
+
+def build_iso(out: Path | None = None, *, force: bool = False, log: Log = print) -> Path:
+    """Build the test guest as a bootable ISO (unless up to date) and return its path.
+
+    ``out`` is the ISO file or a directory for it (default: next to the qcow2).
+    """
+    extra = {"iso_builder_version": ISO_BUILDER_VERSION, "isolinux": _iso_boot_file_digests()}
+    return build_cached(
+        output_path(out, ISO_NAME),
+        _build_iso,
+        extra_inputs=extra,
+        tools={"xorriso": _tool("xorriso")},
+        force=force,
+        log=log,
+    )
+
+
+# Makes one artefact at ``out`` from the host tools and the two packages' files.
+Maker = Callable[[Mapping[str, str], Sequence[Path], Path, Log], None]
+
+
+def build_cached(
+    out: Path,
+    make: Maker,
+    *,
+    extra_inputs: Mapping[str, object] | None = None,
+    tools: Mapping[str, str] | None = None,
+    force: bool = False,
+    log: Log = print,
+) -> Path:
+    """``make`` the artefact ``out`` from the packages apt resolves now, unless its
+    sidecar records the same inputs (those of every build, plus ``extra_inputs``).
+    One build per output directory at a time; a killed build's leftovers are removed."""
+    out = out.absolute()
+    tools = {**check_host_tools(), **(tools or {})}
     started = time.monotonic()
     debs = resolve_packages(log)
-    inputs = cache_inputs(debs, init_script())
+    inputs = {**cache_inputs(debs, init_script()), **(extra_inputs or {})}
     key = cache_key(inputs)
     if not force and out.exists() and _recorded_key(out) == key:
         log(f"{out}: up to date, nothing to do")
@@ -692,13 +576,17 @@ def build(out: Path | None = None, *, force: bool = False, log: Log = print) -> 
         # Work directories of a killed build (no other build runs here: we hold the lock).
         for stale in [*out.parent.glob(".build-*"), *debs_dir.glob(".download-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        kernel_deb, busybox_deb = (fetch_deb(d, debs_dir, log) for d in debs)  # in that order
+        deb_files = [fetch_deb(d, debs_dir, log) for d in debs]  # kernel, then busybox
         _sidecar(out).unlink(missing_ok=True)
-        _build_image(tools, kernel_deb, busybox_deb, out, log)
+        make(tools, deb_files, out, log)
         record = {"key": key, "inputs": inputs}
         _write_atomic(_sidecar(out), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     log(f"wrote {out} ({out.stat().st_size / MIB:.1f} MiB) in {time.monotonic() - started:.1f} s")
     return out
+
+
+# A builder's work for ``(OUT or None, --force)``; may return a line for stdout.
+Build = Callable[[Path | None, bool], str | None]
 
 
 def builder_main(
@@ -708,16 +596,22 @@ def builder_main(
     description: str,
     out_help: str,
     out_metavar: str,
-    build: Callable[[Path | None, bool], str | None],
+    build: Build,
+    alternatives: Mapping[str, tuple[str, Build]] | None = None,
 ) -> int:
-    """The command line of an image builder: ``[OUT] [--force]``; errors are one line
-    on stderr and exit 1. ``build`` may return a line to print on stdout."""
+    """The command line of an image builder: ``[OUT] [--force]``, plus one flag per
+    ``alternatives`` entry (``--flag``: (help, the build it runs instead)); errors are
+    one line on stderr and exit 1. ``build`` may return a line to print on stdout."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("out", nargs="?", type=Path, metavar=out_metavar, help=out_help)
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    alternatives = alternatives or {}
+    for flag, (flag_help, _) in alternatives.items():
+        parser.add_argument(flag, action="store_true", help=flag_help)
     args = parser.parse_args(argv)
+    chosen = [alt for flag, (_, alt) in alternatives.items() if getattr(args, flag[2:])]
     try:
-        line = build(args.out, args.force)
+        line = (chosen[0] if chosen else build)(args.out, args.force)
     except MinidriverError as exc:
         hint = f" ({exc.hint})" if exc.hint else ""
         print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
@@ -737,6 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def build_quietly(out: Path | None, force: bool) -> None:
         build(out, force=force)
 
+    def build_iso_quietly(out: Path | None, force: bool) -> None:
+        build_iso(out, force=force)
+
+    iso_help = (
+        "build the same guest as a bootable ISO 9660 image (isolinux, xorriso) instead:"
+        " OUT is then a *.iso file or a directory"
+    )
     return builder_main(
         argv,
         prog="build-test-image",
@@ -744,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_help=f"image file (*.qcow2) or directory (default: {default_output_dir()})",
         out_metavar="OUT",
         build=build_quietly,
+        alternatives={"--iso": (iso_help, build_iso_quietly)},
     )
 
 

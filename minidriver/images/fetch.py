@@ -175,7 +175,11 @@ _GLANCE_FORMATS = {
 
 
 def recheck_base(
-    base: Path, base_format: str, *, limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS
+    base: Path,
+    base_format: str,
+    *,
+    limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS,
+    disk_format: str = "",
 ) -> None:
     """Check a cached image base again before an instance disk is made on it.
 
@@ -187,12 +191,14 @@ def recheck_base(
     no content can make it read a multi-GB base to the end), and ``qemu-img info``,
     format pinned and under the limits, reads only metadata. A missing base is fine:
     the fetch makes it and checks it in full. Disks minidriver makes itself
-    (ephemeral, swap) are never passed here.
+    (ephemeral, swap) are never passed here. ``disk_format``: the image's own; an ISO
+    is cached as it is (raw to qemu-img), and the inspector still sees an ISO in it.
     """
     if not base.exists():
         return
+    glance_format = "iso" if disk_format == "iso" else _GLANCE_FORMATS.get(base_format, base_format)
     try:
-        detected = inspect.check_image_head(base, _GLANCE_FORMATS.get(base_format, base_format))
+        detected = inspect.check_image_head(base, glance_format)
         _compare(base.name, detected, qemu_img.info(base, base_format, limits))
     except (ImageUnacceptable, qemu_img.QemuImgError) as exc:
         raise ImageUnacceptable(

@@ -2,9 +2,17 @@ from __future__ import annotations
 
 import pytest
 
-from minidriver.blockinfo import get_disk_info
+from minidriver.blockinfo import get_boot_order, get_disk_info
 from minidriver.exception import UnsupportedHardware
-from minidriver.objects import DEFAULT_FLAVORS, DeviceType, DiskBus, Flavor, ImageMeta
+from minidriver.objects import (
+    DEFAULT_FLAVORS,
+    DeviceType,
+    DiskBus,
+    DiskInfo,
+    DiskMapping,
+    Flavor,
+    ImageMeta,
+)
 
 NANO = DEFAULT_FLAVORS["t1.nano"]
 TINY = DEFAULT_FLAVORS["m1.tiny"]
@@ -110,3 +118,35 @@ def test_bad_bus_properties_are_refused(props: dict[str, str], machine: str, mes
 def test_unknown_virt_type() -> None:
     with pytest.raises(UnsupportedHardware, match="virt_type 'lxc'"):
         get_disk_info("lxc", TINY, image())
+
+
+@pytest.mark.parametrize(
+    ("img", "config_drive", "order"),
+    [
+        (image(), None, ("hd",)),
+        (image(), "iso9660", ("hd",)),  # the config drive is a cdrom, but never booted
+        (image("iso"), None, ("cdrom",)),
+        (image("iso"), "iso9660", ("cdrom",)),
+        (image("iso"), "vfat", ("cdrom",)),
+    ],
+)
+def test_boot_order_follows_the_root_device_type(
+    img: ImageMeta, config_drive: str | None, order: tuple[str, ...]
+) -> None:
+    info = get_disk_info("qemu", NANO, img, config_drive_format=config_drive)
+    assert get_boot_order(info) == order
+
+
+def test_boot_order_sorts_by_boot_index_and_names_each_device_type_once() -> None:
+    """Nova's rule on a mapping with more boot indexes than spawn makes (volumes)."""
+    info = DiskInfo(
+        DiskBus.VIRTIO,
+        DiskBus.IDE,
+        (
+            DiskMapping("vol-b", DiskBus.VIRTIO, "vdb", DeviceType.DISK, boot_index=3),
+            DiskMapping("disk", DiskBus.VIRTIO, "vda", DeviceType.DISK, boot_index=2),
+            DiskMapping("disk.local", DiskBus.VIRTIO, "vdc", DeviceType.DISK),
+            DiskMapping("cd", DiskBus.IDE, "hda", DeviceType.CDROM, boot_index=1),
+        ),
+    )
+    assert get_boot_order(info) == ("cdrom", "hd")

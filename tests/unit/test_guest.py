@@ -58,7 +58,13 @@ CASES: dict[str, Case] = {
     "net-user-most-disks": (MOST_DISKS, {}, "qemu", "vfat", USER_VIF, None),
     "t1.nano-rbd": (NANO, {}, "qemu", None, None, RBD_ROOT),
     "m1.small-rbd-auth": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", "iso9660", None, RBD_ROOT_AUTH),
+    # An ISO image: its root is a cdrom (hda), the BIOS boots cdrom; with a config
+    # drive, a second cdrom on the last IDE device.
+    "iso-root": (NANO, {}, "qemu", None, None, None),
+    "iso-root-config-drive": (NANO, {}, "qemu", "iso9660", None, None),
 }
+# The image's disk_format where it is not qcow2.
+DISK_FORMATS = {"iso-root": "iso", "iso-root-config-drive": "iso"}
 # The test driver's node, with the libvirt network the network mode names.
 NODE_WITH_NETWORK = TEST_DRIVER_NODE.replace(
     "</node>",
@@ -75,8 +81,9 @@ def render(
     vif: VIF | None = None,
     rbd_root: guest.NetworkSource | None = None,
     display_name: str = "web-1",
+    disk_format: str = "qcow2",
 ) -> str:
-    image = ImageMeta(id="c036d689-0336-4fcd-a8e0-4aed4dd5e420", name="x", disk_format="qcow2")
+    image = ImageMeta(id="c036d689-0336-4fcd-a8e0-4aed4dd5e420", name="x", disk_format=disk_format)
     image = ImageMeta(**{**image.__dict__, "properties": props})
     instance = Instance(
         uuid=INSTANCE_DIR.name,
@@ -113,7 +120,7 @@ def canonical(text: str) -> bytes:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_xml(case: str, request: pytest.FixtureRequest) -> None:
-    xml = render(*CASES[case])
+    xml = render(*CASES[case], disk_format=DISK_FORMATS.get(case, "qcow2"))
     golden = DATA / f"domain-{case}.xml"
     if request.config.getoption("--regenerate-golden"):
         golden.write_text(xml)
@@ -126,9 +133,27 @@ def test_xml_defines_and_starts_on_the_test_driver(case: str, tmp_path: Path) ->
     node.write_text(NODE_WITH_NETWORK)
     test_driver = libvirt.open(f"test://{node}")
     try:
-        _define_start_undefine(test_driver, render(*CASES[case]))
+        xml = render(*CASES[case], disk_format=DISK_FORMATS.get(case, "qcow2"))
+        _define_start_undefine(test_driver, xml)
     finally:
         test_driver.close()
+
+
+def libvirt_disk_order(targets: list[tuple[str | None, str | None]]) -> list[str | None]:
+    """The order libvirt keeps disks in (its virDomainDiskInsert): each disk goes right
+    after the last one on its bus with a lower name, so a bus's disks stay together in
+    name order (an ISO root hda pulls the config drive hdd in front of the vd disks)."""
+    order: list[tuple[str | None, str | None]] = []
+    for dev, bus in targets:
+        at = len(order)
+        for i in range(len(order) - 1, -1, -1):
+            if order[i][1] == bus and (order[i][0] or "") > (dev or ""):
+                at = i
+            elif order[i][1] == bus and at == len(order):
+                at = i + 1
+                break
+        order.insert(at, (dev, bus))
+    return [dev for dev, _bus in order]
 
 
 def _define_start_undefine(test_driver: libvirt.virConnect, xml: str) -> None:
@@ -137,10 +162,8 @@ def _define_start_undefine(test_driver: libvirt.virConnect, xml: str) -> None:
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     described = etree.fromstring(dom.XMLDesc(0).encode())
     targets = [t.get("dev") for t in described.iterfind("devices/disk/target")]
-    expected = [
-        t.get("dev") for t in etree.fromstring(xml.encode()).iterfind("devices/disk/target")
-    ]
-    assert targets == expected
+    rendered_targets = etree.fromstring(xml.encode()).iterfind("devices/disk/target")
+    assert targets == libvirt_disk_order([(t.get("dev"), t.get("bus")) for t in rendered_targets])
     rendered = etree.fromstring(xml.encode())
     for path in ("devices/interface/@type", "devices/interface/mac/@address"):
         assert described.xpath(path) == rendered.xpath(path)
@@ -247,3 +270,27 @@ def test_rbd_root_is_a_network_disk_and_the_others_stay_files() -> None:
     assert all(d.get("type") == "file" for d in others)
     no_auth = etree.fromstring(render(*CASES["t1.nano-rbd"]).encode())
     assert no_auth.findall("devices/disk/auth") == []
+
+
+def test_an_iso_root_is_a_cdrom_the_bios_boots_first() -> None:
+    tree = etree.fromstring(render(*CASES["iso-root-config-drive"], disk_format="iso").encode())
+    assert tree.xpath("os/boot/@dev") == ["cdrom"]
+    cdrom = "devices/disk[@device='cdrom']"
+    assert tree.xpath(f"{cdrom}/target/@dev") == ["hda", "hdd"]
+    assert tree.xpath(f"{cdrom}/source/@file") == [
+        f"{INSTANCE_DIR}/disk",
+        f"{INSTANCE_DIR}/disk.config",
+    ]
+    # The root stays the qcow2 overlay on the cached ISO, as every root disk.
+    assert tree.xpath(f"{cdrom}/driver/@type") == ["qcow2", "raw"]
+    assert tree.xpath("devices/disk[@device='disk']/target/@dev") == ["vda", "vdb"]
+
+
+def test_a_disk_image_boots_hd_and_a_kernel_image_no_device() -> None:
+    tree = etree.fromstring(render(*CASES["t1.nano-qemu"]).encode())
+    assert tree.xpath("os/boot/@dev") == ["hd"]
+    image = ImageMeta(id="k", name="k", disk_format="qcow2", properties={"kernel_id": "aki"})
+    instance = Instance(INSTANCE_DIR.name, "instance-2a", "k", NANO, image.id, kernel_id="aki")
+    disk_info = blockinfo.get_disk_info("qemu", NANO, image)
+    # QEMU loads the kernel itself: the BIOS boots nothing.
+    assert guest.get_guest_os(instance, disk_info, INSTANCE_DIR).boot_devs == ()

@@ -64,9 +64,8 @@ def test_configured_virt_type_wins(tmp_path: Path) -> None:
     assert "in the config" in choice.reason
 
 
+@pytest.mark.kvm_pvm  # deselected on other hosts (tests/skip_policy.py)
 def test_this_machine_chooses_tcg_when_kvm_is_pvm() -> None:
-    if not Path("/sys/module/kvm_pvm").is_dir():
-        pytest.skip("only meaningful on a kvm_pvm host")
     assert host.detect_virt_type("auto").virt_type == "qemu"
 
 

@@ -1,6 +1,6 @@
 """Hostile and broken images, each built for real, refused before they can do harm.
 
-Every image here is made with qemu-img, qemu-io, genisoimage or struct writes, then
+Every image here is made with qemu-img, qemu-io, xorriso or struct writes, then
 given to both entry points: ``ImageService.add`` (the store's one pass: hash, inspect,
 copy) and ``LibvirtDriver.spawn`` on libvirt's test driver. A spawn can only meet an
 image the add checks never saw, so the spawn tests register the file with a record
@@ -156,13 +156,11 @@ def vmdk_bad_descriptor(tmp: Path) -> Path:
 
 def iso_with_qcow2_header(tmp: Path) -> Path:
     """An ISO 9660 image that is also a qcow2: one header hiding another."""
-    if shutil.which("genisoimage") is None:
-        pytest.skip("genisoimage not installed")
     content = tmp / "iso-content"
     content.mkdir()
     (content / "README").write_text("hello\n")
     path = tmp / "polyglot.iso"
-    subprocess.run(["genisoimage", "-quiet", "-o", path, content], check=True)
+    subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-o", path, content], check=True)
     qcow2 = plain_qcow2(tmp, "header.qcow2")
     patch(path, 0, qcow2.read_bytes()[:512])  # the ISO's system area is free to use
     return path

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from minidriver.guestimages import testimage
-from minidriver.guestimages.testimage import (
+from minidriver.guestimages import initramfs, testimage
+from minidriver.guestimages.initramfs import (
     CpioEntry,
-    Deb,
     ModuleTree,
     cpio_chardev,
     cpio_dir,
@@ -25,6 +24,7 @@ from minidriver.guestimages.testimage import (
     cpio_symlink,
     write_cpio,
 )
+from minidriver.guestimages.testimage import Deb
 from minidriver.process import run
 
 # ---------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ MODULES_BUILTIN = "kernel/fs/nls/nls_base.ko\nkernel/drivers/input/evdev.ko\n"
 
 
 def _dep_lookup(text: str = MODULES_DEP) -> Callable[[str], list[str]]:
-    deps = testimage.parse_modules_dep(text.replace("\\\n", ""))
+    deps = initramfs.parse_modules_dep(text.replace("\\\n", ""))
     return lambda name: deps[name]
 
 
@@ -223,26 +223,26 @@ def _assert_load_order(order: list[str], deps: Callable[[str], list[str]]) -> No
 
 
 def test_module_name() -> None:
-    assert testimage.module_name("kernel/fs/nls/nls_iso8859-1.ko") == "nls_iso8859_1"
-    assert testimage.module_name("kernel/drivers/cdrom/cdrom.ko.xz") == "cdrom"
-    assert testimage.module_name("sr_mod.ko.zst") == "sr_mod"
-    assert testimage.module_name("nls_iso8859-1") == "nls_iso8859_1"
+    assert initramfs.module_name("kernel/fs/nls/nls_iso8859-1.ko") == "nls_iso8859_1"
+    assert initramfs.module_name("kernel/drivers/cdrom/cdrom.ko.xz") == "cdrom"
+    assert initramfs.module_name("sr_mod.ko.zst") == "sr_mod"
+    assert initramfs.module_name("nls_iso8859-1") == "nls_iso8859_1"
 
 
 def test_parse_modules_dep() -> None:
-    deps = testimage.parse_modules_dep(MODULES_DEP.replace("\\\n", ""))
+    deps = initramfs.parse_modules_dep(MODULES_DEP.replace("\\\n", ""))
     assert deps["sr_mod"] == ["scsi_mod", "cdrom", "scsi_common"]
     assert deps["virtio"] == []
     assert deps["nls_iso8859_1"] == []
     with pytest.raises(ValueError):
-        testimage.parse_modules_dep("no colon here\n")
+        initramfs.parse_modules_dep("no colon here\n")
 
 
 def test_resolve_modules_orders_dependencies_first() -> None:
     deps = _dep_lookup()
-    builtin = testimage.parse_modules_builtin(MODULES_BUILTIN)
+    builtin = initramfs.parse_modules_builtin(MODULES_BUILTIN)
     wanted = ["virtio_pci", "virtio_blk", "sr_mod", "vfat", "nls_iso8859-1", "evdev"]
-    order = testimage.resolve_modules(wanted, deps, builtin)
+    order = initramfs.resolve_modules(wanted, deps, builtin)
     # Depth first, in the order asked for and the order modules.dep lists dependencies.
     assert order == [
         "virtio_ring",
@@ -267,27 +267,27 @@ def test_resolve_modules_orders_dependencies_first() -> None:
 def test_resolve_modules_with_direct_dependencies_only() -> None:
     # modinfo's depends= lists direct dependencies; the result must still be complete.
     direct = {"a": ["b"], "b": ["c"], "c": [], "d": ["c", "a"]}
-    order = testimage.resolve_modules(["d"], lambda n: direct[n])
+    order = initramfs.resolve_modules(["d"], lambda n: direct[n])
     assert order == ["c", "b", "a", "d"]
 
 
 def test_resolve_modules_errors() -> None:
     with pytest.raises(ValueError, match=r"kernel module scsi_mod not found.*needed by sr_mod"):
-        testimage.resolve_modules(["sr_mod"], lambda n: {"sr_mod": ["scsi_mod"]}[n])
+        initramfs.resolve_modules(["sr_mod"], lambda n: {"sr_mod": ["scsi_mod"]}[n])
     with pytest.raises(ValueError, match=r"kernel module nope not found$"):
-        testimage.resolve_modules(["nope"], _dep_lookup())
+        initramfs.resolve_modules(["nope"], _dep_lookup())
     cyclic = {"a": ["b"], "b": ["a"]}
     with pytest.raises(ValueError, match=r"cycle: a -> b -> a"):
-        testimage.resolve_modules(["a"], lambda n: cyclic[n])
+        initramfs.resolve_modules(["a"], lambda n: cyclic[n])
 
 
 def test_read_modinfo() -> None:
     elf = make_module_elf({"license": "GPL", "depends": "virtio,virtio_ring", "name": "vb"})
-    assert ("license", "GPL") in testimage.read_modinfo(elf)
-    assert testimage.modinfo_depends(elf) == ["virtio", "virtio_ring"]
-    assert testimage.modinfo_depends(make_module_elf({"depends": ""})) == []
+    assert ("license", "GPL") in initramfs.read_modinfo(elf)
+    assert initramfs.modinfo_depends(elf) == ["virtio", "virtio_ring"]
+    assert initramfs.modinfo_depends(make_module_elf({"depends": ""})) == []
     with pytest.raises(ValueError):
-        testimage.read_modinfo(b"not an elf file at all, really not" * 3)
+        initramfs.read_modinfo(b"not an elf file at all, really not" * 3)
 
 
 def _fake_kernel(root: Path, with_modules_dep: bool) -> ModuleTree:
@@ -445,6 +445,47 @@ def test_output_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     else:
         monkeypatch.setenv("MINIDRIVER_STATE_DIR", str(tmp_path))
         assert testimage.default_output_dir() == tmp_path / "test-image"
+
+
+def test_iso_output_paths(tmp_path: Path) -> None:
+    iso = testimage.ISO_NAME
+    assert testimage.output_path(tmp_path, iso) == tmp_path / iso
+    assert testimage.output_path(tmp_path / "g.iso", iso) == tmp_path / "g.iso"
+    assert testimage.output_path(tmp_path / "g.qcow2", iso) == tmp_path / "g.qcow2" / iso
+    assert testimage.output_path(None, iso) == testimage.default_output_dir() / iso
+
+
+def test_the_iso_is_an_el_torito_cd_that_isolinux_boots(tmp_path: Path) -> None:
+    args = [str(a) for a in testimage.mkisofs_args(tmp_path / "tree", tmp_path / "x.iso")]
+    assert args[:2] == ["-as", "mkisofs"]
+    assert args[args.index("-b") + 1] == "isolinux/isolinux.bin"
+    assert {"-no-emul-boot", "-boot-info-table"} <= set(args)
+    # No MBR: a hybrid ISO is also a partitioned disk, a polyglot the checks refuse.
+    assert not [a for a in args if "hybrid" in a or "mbr" in a.lower()]
+    assert args[-1] == str(tmp_path / "tree")
+
+
+@pytest.mark.parametrize(
+    ("argv", "built"),
+    [
+        ([], [("qcow2", None, False)]),
+        (["out.qcow2", "--force"], [("qcow2", Path("out.qcow2"), True)]),
+        (["--iso"], [("iso", None, False)]),
+        (["--iso", "dir", "--force"], [("iso", Path("dir"), True)]),
+    ],
+)
+def test_build_test_image_builds_the_qcow2_or_with_iso_the_iso(
+    argv: list[str], built: list[tuple[str, Path | None, bool]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, Path | None, bool]] = []
+    # The builds themselves download and build for real (the integration tests' fixtures);
+    # here only which one the command line runs.
+    monkeypatch.setattr(testimage, "build", lambda out, force: calls.append(("qcow2", out, force)))
+    monkeypatch.setattr(
+        testimage, "build_iso", lambda out, force: calls.append(("iso", out, force))
+    )
+    assert testimage.main(argv) == 0
+    assert calls == built
 
 
 def test_missing_host_tool_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
