@@ -37,9 +37,6 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
-import pycdlib
-from pycdlib.pycdlibexception import PyCdlibException
-
 from minidriver import __version__
 from minidriver.exception import MinidriverError
 from minidriver.fileutils import PRIVATE_UMASK, create_private, publish, removed_on_error
@@ -383,6 +380,9 @@ def make_drive(path: Path, data: ConfigDriveData, fmt: str = "iso9660") -> None:
         raise InvalidConfigDrive(
             f"config drive format {fmt!r} is unknown", hint=f"use one of: {', '.join(FORMATS)}"
         )
+    # pycdlib (~5 ms to import) here, where a drive is made, not in every command.
+    from pycdlib.pycdlibexception import PyCdlibException  # noqa: PLC0415
+
     files = metadata_files(data)
     path = Path(path)
     part = path.with_name(path.name + ".part")
@@ -413,6 +413,8 @@ def _iso9660_name(name: str, *, directory: bool) -> str:
 
 
 def _make_iso9660(target: Path, files: Mapping[str, bytes]) -> None:
+    import pycdlib  # noqa: PLC0415 - see make_drive
+
     iso = pycdlib.PyCdlib()
     iso.new(
         interchange_level=2,

@@ -25,12 +25,11 @@ from typing import Any
 
 from minidriver.exception import ImageUnacceptable, MinidriverError
 
-try:
-    import rados
-    import rbd
-except ImportError:  # plain setup-host: no Ceph on this host
-    rados = None
-    rbd = None
+# librados and librbd (~10 ms to load) are imported on the first connection, not by
+# every command that imports this module; None once found missing.
+_UNLOADED: Any = object()
+rados: Any = _UNLOADED
+rbd: Any = _UNLOADED
 
 LOG = logging.getLogger(__name__)
 
@@ -117,6 +116,14 @@ def parse_mon_dump(dump: str) -> tuple[MonHost, ...]:
 
 
 def _require_bindings() -> None:
+    global rados, rbd
+    if rados is _UNLOADED:
+        try:
+            import rados as rados_module  # noqa: PLC0415
+            import rbd as rbd_module  # noqa: PLC0415
+        except ImportError:  # plain setup-host: no Ceph on this host
+            rados_module = rbd_module = None
+        rados, rbd = rados_module, rbd_module
     if rados is None or rbd is None:
         raise RbdError(
             "Ceph's Python bindings (python3-rados, python3-rbd) are not installed",
@@ -217,6 +224,7 @@ class RBDDriver:
         if self._cluster is not None:
             yield self._cluster
             return
+        _require_bindings()  # the except clause below names their errors
         cluster = self._connect()
         self._cluster = cluster
         try:

@@ -10,15 +10,17 @@ nothing is left when any of this fails.
 from __future__ import annotations
 
 import contextlib
-import http.client
-import urllib.error
+import functools
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from minidriver.exception import MinidriverError
+
+if TYPE_CHECKING:
+    import http.client
+    import urllib.request
 
 SCHEMES = ("http", "https")
 TIMEOUT = 60  # seconds without data before a download is given up
@@ -41,51 +43,59 @@ def check_url(url: str) -> None:
         )
 
 
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows http(s) redirects only, and says so in our words: urllib's own refusal
-    of a ``file:`` target would read as an HTTP error."""
+@functools.cache
+def _checked_redirects() -> type[urllib.request.HTTPRedirectHandler]:
+    # Made on first use: urllib.request brings http.client, ssl and email (~8 ms to
+    # import), which only a URL needs, not every command that imports the store.
+    import urllib.request  # noqa: PLC0415
 
-    @staticmethod
-    def _check(req: urllib.request.Request, newurl: str) -> None:
-        try:
-            check_url(newurl)
-        except DownloadError as exc:
-            raise DownloadError(
-                f"{req.full_url} redirects to {newurl}: refused, only http(s) redirects"
-                " are followed",
-                hint="give the image's final http(s) URL",
-            ) from exc
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        """Follows http(s) redirects only, and says so in our words: urllib's own refusal
+        of a ``file:`` target would read as an HTTP error."""
 
-    def http_error_302(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: http.client.HTTPMessage,
-    ) -> Any:
-        location = headers.get("location") or headers.get("uri")
-        if location:
+        @staticmethod
+        def _check(req: urllib.request.Request, newurl: str) -> None:
             try:
-                self._check(req, urllib.parse.urljoin(req.full_url, location))
-            except DownloadError:
-                fp.close()
-                raise
-        return super().http_error_302(req, fp, code, msg, headers)
+                check_url(newurl)
+            except DownloadError as exc:
+                raise DownloadError(
+                    f"{req.full_url} redirects to {newurl}: refused, only http(s) redirects"
+                    " are followed",
+                    hint="give the image's final http(s) URL",
+                ) from exc
 
-    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+        def http_error_302(
+            self,
+            req: urllib.request.Request,
+            fp: IO[bytes],
+            code: int,
+            msg: str,
+            headers: http.client.HTTPMessage,
+        ) -> Any:
+            location = headers.get("location") or headers.get("uri")
+            if location:
+                try:
+                    self._check(req, urllib.parse.urljoin(req.full_url, location))
+                except DownloadError:
+                    fp.close()
+                    raise
+            return super().http_error_302(req, fp, code, msg, headers)
 
-    def redirect_request(  # noqa: PLR0917 - urllib calls it positionally
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: http.client.HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        self._check(req, newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+        def redirect_request(  # noqa: PLR0917 - urllib calls it positionally
+            self,
+            req: urllib.request.Request,
+            fp: IO[bytes],
+            code: int,
+            msg: str,
+            headers: http.client.HTTPMessage,
+            newurl: str,
+        ) -> urllib.request.Request | None:
+            self._check(req, newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return CheckedRedirects
 
 
 @dataclass
@@ -99,6 +109,8 @@ class BoundedBody:
     done: int = 0
 
     def read(self, size: int = -1) -> bytes:
+        import http.client  # noqa: PLC0415 - loaded by open_url already
+
         try:
             chunk: bytes = self.response.read(size)
         except (OSError, http.client.HTTPException) as exc:
@@ -125,8 +137,12 @@ class BoundedBody:
 @contextlib.contextmanager
 def open_url(url: str, cap: int) -> Iterator[BoundedBody]:
     """Open ``url`` for one pass over its body."""
+    import http.client  # noqa: PLC0415 - see _checked_redirects
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
     check_url(url)
-    opener = urllib.request.build_opener(_CheckedRedirects())
+    opener = urllib.request.build_opener(_checked_redirects()())
     try:
         response = opener.open(url, timeout=TIMEOUT)
     except urllib.error.HTTPError as exc:

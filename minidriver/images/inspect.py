@@ -16,11 +16,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final, NoReturn, Protocol, cast
-
-from oslo_utils.imageutils import format_inspector
+from typing import IO, TYPE_CHECKING, Final, NoReturn, Protocol, cast
 
 from minidriver.exception import ImageNotFound, ImageUnacceptable
+
+if TYPE_CHECKING:
+    from oslo_utils.imageutils import format_inspector
 
 AUTO: Final = "auto"
 
@@ -100,6 +101,13 @@ class DetectedImage:
 
     format: str  # Glance's name (a partitioned raw disk is "raw")
     virtual_size: int  # bytes; 0 if the format does not say
+
+
+def _load_inspector() -> None:
+    """Import the inspector where an image is read: oslo.utils' imageutils costs ~40 ms
+    (strutils compiles its patterns), which commands that read no image never pay."""
+    global format_inspector  # noqa: PLW0603
+    from oslo_utils.imageutils import format_inspector  # noqa: PLC0415
 
 
 def validate_disk_format(declared_format: str) -> str:
@@ -186,6 +194,7 @@ def check_image(path: Path, declared_format: str, *, label: str | None = None) -
         size = path.stat().st_size
         if declared in UNINSPECTED:
             return DetectedImage(format=declared, virtual_size=size)
+        _load_inspector()
         try:
             inspector = format_inspector.detect_file_format(os.fspath(path))
         except format_inspector.ImageFormatError as exc:
@@ -223,6 +232,7 @@ def check_image_head(
         raise ImageNotFound(f"image file {path} does not exist") from None
     except OSError as exc:
         raise ImageUnacceptable(f"image {path} cannot be read: {exc.strerror}") from exc
+    _load_inspector()
     wrapper = format_inspector.InspectWrapper(io.BytesIO(data))
     while wrapper.read(64 * 1024):
         pass
@@ -243,6 +253,7 @@ def detect_format(path: Path) -> str:
 
     Detection only: :func:`check_image` still has to pass.
     """
+    _load_inspector()
     try:
         inspector = format_inspector.detect_file_format(os.fspath(path))
     except format_inspector.ImageFormatError as exc:
@@ -285,6 +296,7 @@ class InspectingReader:
             # No expected_format: stopping at the first mismatch would not say what the
             # content is, and the message must.
             # InspectWrapper only calls read() and close(), which any Readable has.
+            _load_inspector()
             self._wrapper = format_inspector.InspectWrapper(cast(IO[bytes], source))
 
     def read(self, size: int) -> bytes:

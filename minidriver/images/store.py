@@ -28,7 +28,6 @@ import json
 import os
 import sqlite3
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -118,7 +117,7 @@ class Image:
         for location in self.locations:
             url = urllib.parse.urlsplit(location["url"])
             if url.scheme == "file":
-                return Path(urllib.request.url2pathname(url.path))
+                return Path(urllib.parse.unquote(url.path))  # url2pathname on POSIX
         raise ImageNotFound(
             f"image {self.id} has no file (status {self.status})",
             hint="an image has its file once it is active",

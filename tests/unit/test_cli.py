@@ -1074,7 +1074,9 @@ def test_console_follow_streams_what_is_appended(
         else:
             raise KeyboardInterrupt
 
-    mocker.patch("minidriver.cli.time.sleep", side_effect=guest_writes_then_user_interrupts)
+    mocker.patch(
+        "minidriver.cli.instances.time.sleep", side_effect=guest_writes_then_user_interrupts
+    )
 
     r = cli.run("console", "web", "--follow")
 

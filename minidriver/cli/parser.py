@@ -1,0 +1,183 @@
+"""The command line: global options, every command's options, their help
+(novaclient's ``shell.py``).
+
+argparse and nothing of the driver: ``--help`` and a usage error cost no more than
+this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from minidriver import __version__
+from minidriver.exception import MinidriverError
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the command: the sub-parsers' copies default to
+    # SUPPRESS, so they only override what the top level parsed when given.
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--config", metavar="FILE", help="INI config file", **kw)
+    parser.add_argument("--state-dir", metavar="DIR", help="state directory", **kw)
+    parser.add_argument("--connect", metavar="URI", help="libvirt connection URI", **kw)
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout", **kw)
+    parser.add_argument("--debug", action="store_true", help="debug log, tracebacks", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minidriver",
+        description="Boot VMs the way Nova's libvirt driver does, on one host.",
+    )
+    parser.add_argument("--version", action="version", version=f"minidriver {__version__}")
+    _global_options(parser, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, top=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
+        return p
+
+    host = command("host", "the libvirt host").add_subparsers(
+        dest="host_command", metavar="SUBCOMMAND", required=True
+    )
+    command("check", "can this host start a VM? libvirt, QEMU, virt_type, disk", host)
+
+    image = command("image", "the local image service").add_subparsers(
+        dest="image_command", metavar="SUBCOMMAND", required=True
+    )
+    p = command("add", "add an image from a local file or an http(s) URL", image)
+    p.add_argument("source", help="path or http(s) URL of the image")
+    p.add_argument("--name", required=True)
+    p.add_argument(
+        "--disk-format",
+        default="auto",
+        choices=["auto", "raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi", "iso", "aki", "ari", "ami"],
+    )
+    p.add_argument("--checksum", metavar="ALGO:HEX", help="md5, sha256 or sha512 of the source")
+    p.add_argument("--property", metavar="K=V", action="append", default=[], help="image property")
+    p.add_argument(
+        "--store",
+        default="file",
+        choices=["file", "rbd"],
+        help="file (default) or rbd: raw in Ceph's [glance_store] rbd_store_pool",
+    )
+    command("list", "list images", image)
+    command("show", "show one image", image).add_argument("image")
+    command("delete", "delete an image", image).add_argument("image")
+
+    flavor = command("flavor", "flavors").add_subparsers(
+        dest="flavor_command", metavar="SUBCOMMAND", required=True
+    )
+    command("list", "list flavors", flavor)
+
+    keypair = command("keypair", "SSH key pairs kept in the state dir").add_subparsers(
+        dest="keypair_command", metavar="SUBCOMMAND", required=True
+    )
+    p = command("create", "a new ed25519 key pair (or import a public key)", keypair)
+    p.add_argument("name")
+    p.add_argument("--public-key", metavar="FILE", help="import this public key instead")
+    command("list", "list key pairs", keypair)
+    command("delete", "delete a key pair", keypair).add_argument("name")
+
+    _boot_command(command)
+    _instance_commands(command)
+    return parser
+
+
+def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("boot", "boot a new instance")
+    p.add_argument("--image", required=True)
+    p.add_argument("--flavor", required=True)
+    p.add_argument("--name", help="display name (default: the image's name)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="bound on the whole boot")
+    p.add_argument("--wait-for", metavar="REGEX", help="wait until the console matches")
+    p.add_argument("--keep-on-timeout", action="store_true", help="keep it when time runs out")
+    p.add_argument("--no-wait", action="store_true", help="return once the domain is started")
+    p.add_argument("--print-xml", action="store_true", help="print the domain XML, boot nothing")
+    p.add_argument("--dry-run", action="store_true", help="check everything, boot nothing")
+    p.add_argument("--config-drive", action="store_true", help="attach a config drive")
+    p.add_argument("--user-data", metavar="FILE", help="user data for the config drive")
+    p.add_argument("--key-file", metavar="FILE", help="an SSH public key for the config drive")
+    p.add_argument("--key-name", metavar="NAME", help="a key pair's public key, for the drive")
+    p.add_argument(
+        "--network", metavar="MODE[:NAME]", help="user, none, network[:NAME] or bridge[:NAME]"
+    )
+    p.add_argument(
+        "--wait-ssh", action="store_true", help="wait until the guest's SSH server answers"
+    )
+    p.add_argument(
+        "--meta", metavar="K=V", action="append", default=[], help="metadata (repeatable)"
+    )
+    p.add_argument("--hostname", metavar="NAME", help="the guest's hostname (a DNS label)")
+
+
+def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    command("list", "list this state dir's instances")
+    command("show", "show an instance and its image chain").add_argument("instance")
+    p = command("ssh", "log into an instance (user network) with its key pair's key")
+    p.add_argument("instance")
+    p.add_argument("--user", help="login name (default: [DEFAULT] ssh_user)")
+    p.add_argument("remote_command", nargs="*", metavar="-- COMMAND", help="run this instead")
+    p = command("console", "print an instance's serial console log")
+    p.add_argument("instance")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until interrupted")
+    p = command("delete", "delete instances (the image cache stays)")
+    p.add_argument("instances", nargs="*", metavar="INSTANCE")
+    p.add_argument("--all", action="store_true", help="every instance of this state dir")
+    p = command("stop", "shut an instance down: ACPI, then a hard stop after the timeout")
+    p.add_argument("instance")
+    p.add_argument("--force", action="store_true", help="hard stop at once")
+    p.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
+    command("start", "start a stopped instance").add_argument("instance")
+    p = command("reboot", "reboot an instance (ACPI; --hard: stop and start)")
+    p.add_argument("instance")
+    p.add_argument("--hard", action="store_true")
+    p = command("snapshot", "a new image from an instance's root disk (live if running)")
+    p.add_argument("instance")
+    p.add_argument("--name", required=True, help="the new image's name")
+    cache = command("cache", "the _base image cache").add_subparsers(
+        dest="cache_command", metavar="SUBCOMMAND", required=True
+    )
+    command("list", "every cached file: kind, sizes, age, users, removable", cache)
+    p = command("clean", "one image cache manager pass (Nova's)", cache)
+    p.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    p.add_argument("--loop", action="store_true", help="a pass every manager_interval seconds")
+    p = command("cleanup", "after a crash: remove this state dir's leftovers")
+    p.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    p = command("explain", "the files and commands a boot would make, and its XML")
+    p.add_argument("--image", required=True)
+    p.add_argument("--flavor", required=True)
+    p = command("demo", "first run: build the test guest, boot it, show it, delete it")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse, but ``ssh INSTANCE [options] -- COMMAND...`` keeps the command whole:
+    argparse cannot give a ``*`` positional what follows ``--`` once options came
+    between the two."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "ssh" and extra[0] == "--" and not args.remote_command:
+        args.remote_command = extra[1:]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def key_values(items: list[str], option: str) -> dict[str, str]:
+    """Repeated ``K=V`` options (``--property``, ``--meta``) as one mapping."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MinidriverError(
+                f"{option} {item!r}: expected K=V", hint=f"e.g. {option} os=linux"
+            )
+        pairs[key] = value
+    return pairs
