@@ -1,4 +1,4 @@
-"""Bus and device naming for an instance's disks: Nova's ``blockinfo`` as pure functions.
+"""Bus and device naming of an instance's disks (nova/virt/libvirt/blockinfo.py).
 
 ``get_disk_info`` decides, for every disk of the instance, which bus it sits on and
 which device name it takes in the guest; the domain XML only lays that out.

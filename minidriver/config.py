@@ -1,4 +1,4 @@
-"""Typed settings, loaded from an INI file with Nova's option names and sections.
+"""Typed settings from an INI file, with Nova's option names and sections (nova/conf/).
 
 Every option and its default is listed once, in the dataclasses below. Precedence:
 explicit arguments (the CLI's ``--state-dir``), then ``MINIDRIVER_STATE_DIR`` /

@@ -1,5 +1,6 @@
-"""The config drive (``disk.config``): Nova's ``ConfigDriveBuilder`` and the files of
-its ``InstanceMetadata``, for one instance.
+"""The config drive, ``disk.config`` (nova/virt/configdrive.py, nova/api/metadata/).
+
+Nova's ``ConfigDriveBuilder`` and the files of its ``InstanceMetadata``, for one instance.
 
 The drive carries what cloud-init's ConfigDrive datasource reads at first boot: a
 filesystem labelled ``config-2`` with ``openstack/<version>/meta_data.json``,

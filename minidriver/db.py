@@ -1,4 +1,4 @@
-"""The state database: one SQLite file, ``$state_path/minidriver.db``.
+"""The state database, one SQLite file ``$state_path/minidriver.db`` (Nova's nova/db/).
 
 It holds the instances, the local image service's images and the counter behind the
 domain names. Several threads and several processes (two CLI commands at once, a

@@ -1,4 +1,4 @@
-"""The domain XML: Python decides, ``templates/domain.xml.j2`` lays typed data out.
+"""The domain XML (nova/virt/libvirt/config.py, driver._get_guest_xml); Jinja lays it out.
 
 Nova's ``_get_guest_xml`` builds LibvirtConfigGuest objects; here ``get_guest_config``
 builds a frozen ``GuestConfig`` and ``to_xml`` renders it with autoescape and

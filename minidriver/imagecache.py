@@ -1,4 +1,4 @@
-"""Nova's image cache manager: the periodic pass that keeps ``_base`` from growing.
+"""The image cache manager keeping ``_base`` from growing (nova/virt/libvirt/imagecache.py).
 
 Every spawn leaves its base files in ``_base``; nothing else ever removes them. A pass
 (Nova's ``ImageCacheManager.update``, run by ``_run_image_cache_manager_pass``):

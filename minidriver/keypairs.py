@@ -1,4 +1,4 @@
-"""SSH key pairs kept in the state dir (Nova's ``os-keypairs``).
+"""SSH key pairs kept in the state dir (nova/api/openstack/compute/keypairs.py).
 
 ``create`` makes an ed25519 pair with ``ssh-keygen`` and keeps the private key, unlike
 Nova, which hands it over once: these are keys for throwaway guests that

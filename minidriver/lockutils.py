@@ -1,4 +1,4 @@
-"""Per-file external locks (Nova's ``utils.synchronized(name, external=True)``).
+"""Per-file external locks (oslo.concurrency's lockutils, as nova/utils.py uses them).
 
 An ``flock`` on a file in ``$instances_path/locks``: it excludes other processes and,
 since every acquisition opens the file anew, other threads of this one too. The lock

@@ -1,4 +1,4 @@
-"""An instance's one network interface: its mode, its MAC, and how the guest learns it.
+"""An instance's one network interface, its VIF and MAC (nova/network/model.py).
 
 Nova asks Neutron for a port and gets a VIF (``network_model.VIF``) with a MAC from
 Neutron's ``fa:16:3e`` prefix; here the VIF is made locally, in one of four modes:

@@ -1,4 +1,4 @@
-"""The objects a spawn works on: Flavor, ImageMeta, Instance and the typed DiskInfo.
+"""Flavor, ImageMeta, Instance and the typed DiskInfo (nova/objects/, blockinfo's dict).
 
 Nova passes untyped dicts for disk_info; here every field is named and typed, so a
 reader sees in one place what blockinfo decides and the template lays out.

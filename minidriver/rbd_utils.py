@@ -1,4 +1,4 @@
-"""Nova's ``rbd_utils``: RBD images in a Ceph cluster, through librados and librbd.
+"""RBD images in a Ceph cluster, through librados and librbd (nova/storage/rbd_utils.py).
 
 ``RBDDriver`` works on one pool (Nova's ``images_rbd_pool``, or Glance's
 ``rbd_store_pool``); any call may name another pool of the same cluster. Each call

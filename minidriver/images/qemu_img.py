@@ -1,4 +1,4 @@
-"""qemu-img: the only module that runs it.
+"""qemu-img, the only module that runs it (nova/virt/images.py, nova/privsep/qemu.py).
 
 Every call names its formats (``-f``, ``-F``, ``-O``): letting qemu-img probe a format
 is how a raw image posing as qcow2 reads host files. ``info`` runs under resource
