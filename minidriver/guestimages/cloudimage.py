@@ -27,6 +27,10 @@ A build is skipped when the sidecar records the same inputs (the resolved versio
 ``--force`` rebuilds anyway. Work happens in ``OUT_DIR/.build-*``, removed on any
 failure; the sidecar is removed before the outputs are replaced and written last.
 
+Bigger than the ~600-line guide: one build read top to bottom (inputs, tree, disk,
+kernel, cache key) whose steps share the plan and the work dir; the tree's files are
+data that reads best beside the steps that write them.
+
 Usage: ``python -m minidriver.guestimages.cloudimage [OUT_DIR] [--force]`` (or
 ``scripts/build-cloud-image``). Progress goes to stderr; the kernel command line is the
 last line on stdout.

@@ -26,6 +26,10 @@ the init script. A build is skipped when the output exists and its sidecar
 ``<out>.inputs`` records the same inputs (package versions, the init script, this
 builder's version; for the ISO also the isolinux files); ``--force`` rebuilds anyway.
 
+A little over the ~600-line guide: the qcow2 and the ISO are two outputs of one build
+(same packages, kernel, initramfs and cache key); the generic cpio writer already
+lives apart, in ``initramfs.py``.
+
 Usage: ``python -m minidriver.guestimages.testimage [OUT] [--force] [--iso]`` (or
 ``scripts/build-test-image``), OUT being the image file or a directory to put it in.
 """
