@@ -86,9 +86,12 @@ def scaling_section(
     cold_spawns: Sequence[Mapping[str, float]],
     converts: Sequence[float],
     sizes: Mapping[str, Mapping[int, Sequence[Mapping[str, float]]]],
+    floors: Sequence[Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """``sizes[chain][gb]``: the spawns of each round, chains ``default`` and
-    ``resized_copies``, rounds in the same order for every size and chain."""
+    ``resized_copies``, rounds in the same order for every size and chain.
+    ``floors``: the image's warm floor (overlays, define, create) of each cold round,
+    measured beside that round's cold spawn and convert."""
     default, older = sizes["default"], sizes["resized_copies"]
     gbs = sorted(default)
     first, last = gbs[0], gbs[-1]
@@ -96,13 +99,21 @@ def scaling_section(
     def totals(runs: Sequence[Mapping[str, float]]) -> list[float]:
         return [r["total"] for r in runs]
 
+    cold: dict[str, Any] = {
+        "spawn": summarize(cold_spawns, COLUMNS[:-1]),
+        "convert": Stat.of(converts).as_dict(),
+        "ratio": ratio_stat(totals(cold_spawns), converts),
+    }
+    if floors:
+        warm_floors = [f["overlays"] + f["define"] + f["create"] for f in floors]
+        cold_floors = [c + w for c, w in zip(converts, warm_floors, strict=True)]
+        cold["floor"] = Stat.of(warm_floors).as_dict()
+        cold["cold_floor"] = Stat.of(cold_floors).as_dict()
+        cold["ratio_floor"] = ratio_stat(totals(cold_spawns), cold_floors)
+        cold["floor_samples"] = [dict(f) for f in floors]
     return {
         "image": dict(image),
-        "cold": {
-            "spawn": summarize(cold_spawns, COLUMNS[:-1]),
-            "convert": Stat.of(converts).as_dict(),
-            "ratio": ratio_stat(totals(cold_spawns), converts),
-        },
+        "cold": cold,
         "sizes": {
             "default": {str(gb): Stat.of(totals(default[gb])).as_dict() for gb in gbs},
             "resized_copies": {str(gb): Stat.of(totals(older[gb])).as_dict() for gb in gbs},

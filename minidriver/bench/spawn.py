@@ -9,8 +9,9 @@ the end with every domain and storage pool the run made, also on Ctrl-C):
    by bare ``qemu-img create``, and a bare ``qemu-img convert`` of the image: what no
    spawn can go below;
 3. scaling: a synthetic 1 GiB qcow2 holding 300 MiB of data (not bootable: measured
-   to RUNNING): cold spawn against ``qemu-img convert`` alone, then each new root size
-   (1 to 8 GB) on a warm cache, in the default chain and in the older ``_<GB>`` chain;
+   to RUNNING): cold spawn against ``qemu-img convert`` alone and against convert +
+   the image's warm floor, then each new root size (1 to 8 GB) on a warm cache, in the
+   default chain and in the older ``_<GB>`` chain;
 4. peer: ``minidriver boot`` against ``virt-install --import`` on the same cached
    base, whole process against whole process, to RUNNING and to the ready line;
 5. concurrency: 1, 2, 4, 8 spawns at once (threads, one driver) of the uncached
@@ -33,7 +34,6 @@ import dataclasses
 import json
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -69,7 +69,7 @@ from minidriver.bench.sections import (
     ready_section,
     scaling_section,
 )
-from minidriver.bench.stats import alternate, in_turn
+from minidriver.bench.stats import in_turn
 from minidriver.bench.synthetic import SYNTHETIC_CHUNK, SYNTHETIC_CHUNKS, synthetic_image
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver, base_filename
@@ -197,9 +197,9 @@ class Bench:
         dest.unlink()
         return elapsed
 
-    def floor_template(self, flavor: str) -> FloorTemplate:
+    def floor_template(self, image_id: str, flavor: str) -> FloorTemplate:
         """A warm spawn whose domain is then undefined: its dir, XML and disks stay."""
-        inst = self.spawn(self.test_image_id, flavor, cold=False)
+        inst = self.spawn(image_id, flavor, cold=False)
         self._keep.append(inst.uuid)
         instance_dir = Path(inst.instance_dir)
         disks, overlays = [], []
@@ -246,7 +246,7 @@ class Bench:
         source = self.drv.images.get(self.test_image_id).path
         log("phases: warm-up")
         self.spawn_to_ready(flavor, cold=True, ready=False)
-        template = self.floor_template(flavor)  # the warm-up's warm spawn
+        template = self.floor_template(self.test_image_id, flavor)  # the warm-up's warm spawn
         self.floor_once(template)
         self.convert_once(source, "qcow2")
         cold: list[dict[str, float]] = []
@@ -290,19 +290,33 @@ class Bench:
         info = qemu_img.info(source, "qcow2")
         smallest = f"bench.r{SIZES_GB[0]}"
 
-        def cold_spawn(_i: int) -> dict[str, float]:
+        def cold_spawn() -> dict[str, float]:
             inst = self.spawn(image_id, smallest, cold=True)
             self.drv.destroy(inst.uuid)
             return inst.timings
 
-        def convert(_i: int) -> float:
-            return self.convert_once(source, "qcow2")
-
         log("scaling: warm-up")
-        cold_spawn(-1)
-        convert(-1)
-        spawns, converts = alternate(self.runs, cold_spawn, convert)
-        log(f"scaling: cold spawn {statistics.median(s['total'] for s in spawns):.3f} s")
+        cold_spawn()
+        template = self.floor_template(image_id, smallest)  # on the warm-up's base
+        self.floor_once(template)
+        self.convert_once(source, "qcow2")
+        spawns: list[dict[str, float]] = []
+        converts: list[float] = []
+        floors: list[dict[str, float]] = []
+        for i in range(self.runs):
+            # The floor's overlay is made on the base the cold spawn of the round left.
+            for what in in_turn(("cold", "convert", "floor"), i):
+                if what == "cold":
+                    spawns.append(cold_spawn())
+                elif what == "convert":
+                    converts.append(self.convert_once(source, "qcow2"))
+                else:
+                    floors.append(self.floor_once(template))
+            warm_floor = sum(floors[-1].values())
+            log(
+                f"scaling {i + 1}/{self.runs}: cold spawn {spawns[-1]['total']:.3f} s,"
+                f" convert {converts[-1]:.3f} s, warm floor {warm_floor:.3f} s"
+            )
 
         chains = {"default": self.drv, "resized_copies": self.older_chain}
 
@@ -334,7 +348,7 @@ class Bench:
             "virtual_size": info.virtual_size,
             "data_bytes": SYNTHETIC_CHUNKS * SYNTHETIC_CHUNK,
         }
-        return scaling_section(image, spawns, converts, sizes)
+        return scaling_section(image, spawns, converts, sizes, floors)
 
     # -- 5: concurrency
 

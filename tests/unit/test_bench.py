@@ -421,3 +421,60 @@ def test_an_overhead_just_under_the_floor_reads_plus_zero() -> None:
     [overhead, _] = report.evaluate_targets({"floor": floor})
     assert overhead["measured"] == "+0% (1.00x)"
     assert overhead["met"] is True
+
+
+# -- issue 17: the synthetic image's cold floor, the spread of the pairs -------------------
+
+
+def scaling_with_floor() -> dict[str, Any]:
+    section = scaling_section()
+    sizes = {
+        chain: {int(gb): v for gb, v in runs.items()} for chain, runs in section["samples"].items()
+    }
+    cold = [spawn(3.0, fetch=0.7, convert=1.5), spawn(2.0, fetch=0.5, convert=1.0)]
+    floors = [
+        {"overlays": 0.02, "define": 0.01, "create": 0.47},
+        {"overlays": 0.02, "define": 0.01, "create": 0.97},
+    ]
+    return sections.scaling_section(section["image"], cold, [1.0, 1.0], sizes, floors)
+
+
+def test_synthetic_cold_spawn_is_divided_by_convert_plus_its_warm_floor_pair_by_pair() -> None:
+    cold = scaling_with_floor()["cold"]
+    assert cold["floor"]["median"] == pytest.approx(0.75)
+    # 3.0 / (1.0 + 0.5) and 2.0 / (1.0 + 1.0)
+    assert cold["ratio_floor"]["max"] == pytest.approx(2.0)
+    assert cold["ratio_floor"]["min"] == pytest.approx(1.0)
+    assert cold["ratio"]["median"] == 2.5  # against convert alone, as before
+    text = report.render_scaling(scaling_with_floor())
+    assert "cold spawn / cold floor" in text
+    assert "qemu-img convert + warm floor" in text
+
+
+def test_the_issue_17_targets_say_their_terms_and_the_spread_of_the_pairs() -> None:
+    chosen = {**scenarios(), "scaling": scaling_with_floor()}
+    targets = {t["name"]: t for t in report.evaluate_targets(chosen)}
+    synthetic = targets[
+        "cold spawn of the synthetic 300 MiB image vs qemu-img convert alone + the warm floor"
+    ]
+    assert synthetic["goal"] == "at most 1.5x"
+    assert (synthetic["measured"], synthetic["met"]) == ("1.50x", True)  # median of 2.0, 1.0
+    assert synthetic["spread"] == "1.00..2.00x"
+    warm = targets["warm spawn overhead above the floor"]
+    assert warm["goal"] == "within 1.10x"
+    assert warm["spread"] == "1.00..1.20x"  # 0.6/0.5 .. 0.5/0.5, 0.7/0.6
+    text = report.render_targets(list(targets.values()))
+    assert "pairs (min..max)" in text
+    assert "1.00..2.00x" in text
+
+
+def test_a_document_without_the_synthetic_floor_says_so() -> None:
+    targets = {t["name"]: t for t in report.evaluate_targets({"scaling": scaling_section()})}
+    [synthetic] = [t for name, t in targets.items() if name.startswith("cold spawn of the")]
+    assert synthetic["met"] is None
+    assert "not measured" in report.render_targets([synthetic])
+
+
+def test_targets_of_an_older_document_without_spread_still_render() -> None:
+    old = [{"name": "n", "goal": "g", "measured": "1.00x", "met": True}]
+    assert report.render_targets(old).splitlines()[-1].split() == ["n", "g", "1.00x", "met"]
