@@ -111,7 +111,12 @@ class Bench:
     """The scenarios, on one driver and one state dir (the peer's runs: ``peer.Peer``)."""
 
     def __init__(self, conf: Config, state: Path, work_dir: Path, runs: Runs, log: Log) -> None:
-        self.conf = dataclasses.replace(conf, flavors={**conf.flavors, **BENCH_FLAVORS})
+        # A shared daemon holds other state dirs' instance-%08x domains, and a name is
+        # taken between spawn's check and its define: this run's names are its own.
+        default = dataclasses.replace(conf.default, instance_name_template=f"{state.name}-%08x")
+        self.conf = dataclasses.replace(
+            conf, default=default, flavors={**conf.flavors, **BENCH_FLAVORS}
+        )
         self.state = state
         self.work_dir = work_dir
         self.runs = runs.short
