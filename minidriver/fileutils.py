@@ -1,5 +1,6 @@
 """Writing files so that a crash or an error never leaves half of one under its name,
-and so that guest data is private from its first byte.
+and so that guest data is private from its first byte, and no write starts that cannot
+fit (Nova: ``fileutils``, ``utils.remove_path_on_error``).
 
 Guest data (disks, the config drive with user data and keys, the console, images) is
 for us and QEMU's user alone. Nova leaves these modes to the umask; here we choose to
@@ -7,16 +8,22 @@ do better: files are made ``0600`` whatever the umask, and the directories QEMU 
 pass through are ``0711``: a daemon's QEMU (``libvirt-qemu``) may enter them, nobody
 else may list them. It still opens the files because libvirt's dynamic ownership (on
 by default in ``qemu.conf``) gives each disk of a domain to QEMU's user while it runs.
+
+A full filesystem mid-write (ours, or a program's we ran) becomes one clear
+:class:`InsufficientSpace`, not an errno.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from minidriver.exception import MinidriverError, ProcessExecutionError
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -76,3 +83,45 @@ def removed_on_error(*paths: Path) -> Iterator[None]:
         for path in paths:
             path.unlink(missing_ok=True)
         raise
+
+
+class InsufficientSpace(MinidriverError):
+    """A directory has no room for what must be written there."""
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use in ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def ensure_free_space(directory: Path, needed: int, what: str) -> None:
+    available = free_bytes(directory)
+    if needed > available:
+        raise InsufficientSpace(
+            f"{what} needs {needed} bytes free in {directory}, {available} available",
+            hint=f"free space in {directory} (minidriver cache clean removes unused bases),"
+            " or use a flavor and image that fit",
+        )
+
+
+def _is_out_of_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # A program (qemu-img) reports the errno's text; process.run sets LC_ALL=C.
+    return isinstance(exc, ProcessExecutionError) and os.strerror(errno.ENOSPC) in exc.stderr
+
+
+@contextlib.contextmanager
+def out_of_space_is_clear(directory: Path, what: str) -> Iterator[None]:
+    """A full filesystem mid-write becomes one clear error, not an errno."""
+    try:
+        yield
+    except (OSError, ProcessExecutionError) as exc:
+        if not _is_out_of_space(exc):
+            raise
+        raise InsufficientSpace(
+            f"{what} ran out of space in {directory} ({free_bytes(directory)} bytes available now)",
+            hint=f"free space in {directory} (minidriver cache clean removes unused bases)"
+            " and try again",
+        ) from exc

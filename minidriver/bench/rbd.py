@@ -27,22 +27,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minidriver.bench.spawn import (
-    BenchError,
-    Stat,
-    cell,
-    format_table,
-    in_turn,
-    make_log,
-    ratio_cell,
-    ratio_stat,
-    run_guarded,
-    synthetic_image,
-)
+from minidriver.bench.harness import BenchError, make_log, run_guarded
+from minidriver.bench.report import cell, format_table, ratio_cell
+from minidriver.bench.stats import Stat, in_turn, ratio_stat
+from minidriver.bench.synthetic import synthetic_image
 from minidriver.config import load_config
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.guestimages import testimage
-from minidriver.images.store import Image
 
 DEFAULT_CEPH_CONF = "/var/tmp/minidriver-ceph/ceph.conf"  # scripts/ceph-dev-cluster's
 FLAVOR = "t1.nano"
@@ -108,21 +99,21 @@ class RbdBench:
     def __init__(self, drv: LibvirtDriver, log: Callable[[str], None], path: Path) -> None:
         self.drv = drv
         self.log = log
-        self.images: list[Image] = []
+        self.image_ids: list[str] = []
         log(f"adding {path.name} to the rbd store and to the file store")
-        self.rbd_image = self._add(path, "rbd")
-        self.file_image = self._add(path, "file")
+        self.rbd_image_id = self._add(path, "rbd")
+        self.file_image_id = self._add(path, "file")
 
-    def _add(self, path: Path, store: str) -> Image:
+    def _add(self, path: Path, store: str) -> str:
         image = self.drv.images.add(path, name=f"bench-{store}", disk_format="qcow2", store=store)
-        self.images.append(image)
-        return image
+        self.image_ids.append(image.id)
+        return image.id
 
     def spawn(self, side: str) -> dict[str, float]:
-        image = self.rbd_image if side == "clone" else self.file_image
+        image_id = self.rbd_image_id if side == "clone" else self.file_image_id
         if side == "fetch + import":
-            (self.drv.conf.base_dir / base_filename(image.id)).unlink(missing_ok=True)
-        inst = self.drv.spawn(name="bench-rbd", image=image.id, flavor=FLAVOR)
+            (self.drv.conf.base_dir / base_filename(image_id)).unlink(missing_ok=True)
+        inst = self.drv.spawn(name="bench-rbd", image=image_id, flavor=FLAVOR)
         try:
             check_path(side, inst.timings)
             return dict(inst.timings)
@@ -145,8 +136,8 @@ class RbdBench:
     def close(self) -> None:
         for record in self.drv.db.list_instances():
             self.drv.destroy(record.uuid)
-        for image in self.images:
-            self.drv.images.delete(image.id)
+        for image_id in self.image_ids:
+            self.drv.images.delete(image_id)
         self.drv.host.close()
 
 

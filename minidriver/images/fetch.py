@@ -15,76 +15,38 @@ holds the base file's lock: any ``.part``/``.converted`` found is stale.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from minidriver.exception import ImageUnacceptable, MinidriverError
-from minidriver.fileutils import create_private, publish, removed_on_error
+from minidriver import fileutils
+from minidriver.exception import ImageUnacceptable
+from minidriver.fileutils import (
+    create_private,
+    ensure_free_space,
+    out_of_space_is_clear,
+    publish,
+    removed_on_error,
+)
 from minidriver.images import inspect, qemu_img
 from minidriver.images.inspect import Readable
+from minidriver.images.store import Image
 from minidriver.process import ResourceLimits
 from minidriver.steps import Step, StepTimer
 
-if TYPE_CHECKING:  # the store imports this module for its own checks
-    from minidriver.images.store import Image
-
 CHUNK = 1024 * 1024
+# Callers know these as fetch's; they live in fileutils, where the store reaches them too.
+InsufficientSpace = fileutils.InsufficientSpace
+free_bytes = fileutils.free_bytes
 # (bytes done, bytes total) while copying, for a progress bar.
 Progress = Callable[[int, int], None]
 # The image's data, for reading: its file, or its rbd snapshot (ImageService.open_data).
-OpenData = Callable[["Image"], AbstractContextManager[Readable]]
+OpenData = Callable[[Image], AbstractContextManager[Readable]]
 
 
 def open_file(image: Image) -> AbstractContextManager[Readable]:
     return open(image.path, "rb")
-
-
-class InsufficientSpace(MinidriverError):
-    """``_base`` has no room for what a fetch must write."""
-
-
-def free_bytes(directory: Path) -> int:
-    """Bytes an unprivileged writer may still use in ``directory``'s filesystem."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
-
-
-def ensure_free_space(directory: Path, needed: int, what: str) -> None:
-    available = free_bytes(directory)
-    if needed > available:
-        raise InsufficientSpace(
-            f"{what} needs {needed} bytes free in {directory}, {available} available",
-            hint=f"free space in {directory} (minidriver cache clean removes unused bases),"
-            " or use a flavor and image that fit",
-        )
-
-
-def _is_out_of_space(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    # qemu-img reports the errno's text; process.run sets LC_ALL=C.
-    return isinstance(exc, qemu_img.QemuImgError) and os.strerror(errno.ENOSPC) in exc.stderr
-
-
-@contextlib.contextmanager
-def out_of_space_is_clear(directory: Path, what: str) -> Iterator[None]:
-    """A full filesystem mid-write becomes one clear error, not an errno."""
-    try:
-        yield
-    except (OSError, qemu_img.QemuImgError) as exc:
-        if not _is_out_of_space(exc):
-            raise
-        raise InsufficientSpace(
-            f"{what} ran out of space in {directory} ({free_bytes(directory)} bytes available now)",
-            hint=f"free space in {directory} (minidriver cache clean removes unused bases)"
-            " and try again",
-        ) from exc
 
 
 def _describe(image: Image) -> str:
@@ -121,29 +83,6 @@ def download(
         )
 
 
-def agree(label: str, path: Path, glance_format: str, limits: ResourceLimits | None) -> int:
-    """The format inspector has passed ``path`` as ``glance_format``; qemu-img, reading
-    it with that format pinned, must see the same: no backing or data file, the same
-    virtual size. Returns that size."""
-    detected = inspect.check_image(path, glance_format, label=label)
-    info = qemu_img.info(path, qemu_img.qemu_format(glance_format), limits)
-    return _compare(label, detected, info)
-
-
-def _compare(label: str, detected: inspect.DetectedImage, info: qemu_img.QemuImgInfo) -> int:
-    if info.backing_file or info.data_file:
-        raise ImageUnacceptable(
-            f"image {label} is refused: qemu-img reports a"
-            f" {'backing' if info.backing_file else 'data'} file"
-        )
-    if info.virtual_size != detected.virtual_size:
-        raise ImageUnacceptable(
-            f"image {label} is refused: qemu-img says {info.virtual_size} bytes, the format"
-            f" inspector {detected.virtual_size}"
-        )
-    return info.virtual_size
-
-
 def verify(
     path: Path, image: Image, limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS
 ) -> int:
@@ -155,7 +94,7 @@ def verify(
     """
     if image.disk_format in inspect.UNINSPECTED:
         return path.stat().st_size
-    return agree(f"{image.name} ({image.id})", path, image.disk_format, limits)
+    return inspect.agree(f"{image.name} ({image.id})", path, image.disk_format, limits)
 
 
 def check_virtual_size(image: Image, virtual_size: int, max_virtual_size: int) -> None:
@@ -199,7 +138,7 @@ def recheck_base(
     glance_format = "iso" if disk_format == "iso" else _GLANCE_FORMATS.get(base_format, base_format)
     try:
         detected = inspect.check_image_head(base, glance_format)
-        _compare(base.name, detected, qemu_img.info(base, base_format, limits))
+        inspect.agree_info(base.name, detected, qemu_img.info(base, base_format, limits))
     except (ImageUnacceptable, qemu_img.QemuImgError) as exc:
         raise ImageUnacceptable(
             f"cached base {base} failed its re-check: {exc}",

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final, NoReturn, Protocol, cast
 
 from minidriver.exception import ImageNotFound, ImageUnacceptable
+from minidriver.images import qemu_img
+from minidriver.process import ResourceLimits
 
 if TYPE_CHECKING:
     from oslo_utils.imageutils import format_inspector
@@ -267,6 +269,30 @@ def detect_format(path: Path) -> str:
     if detected is None:
         _refuse(path.name, AUTO, name, f"minidriver does not take {name} images")
     return detected
+
+
+def agree(label: str, path: Path, glance_format: str, limits: ResourceLimits | None) -> int:
+    """The format inspector passes ``path`` as ``glance_format``; then qemu-img, reading
+    it with that format pinned and under ``limits``, must see the same: no backing or
+    data file, the same virtual size. Returns that size."""
+    detected = check_image(path, glance_format, label=label)
+    info = qemu_img.info(path, qemu_img.qemu_format(glance_format), limits)
+    return agree_info(label, detected, info)
+
+
+def agree_info(label: str, detected: DetectedImage, info: qemu_img.QemuImgInfo) -> int:
+    """What the inspector found against what ``qemu-img info`` says (:func:`agree`)."""
+    if info.backing_file or info.data_file:
+        raise ImageUnacceptable(
+            f"image {label} is refused: qemu-img reports a"
+            f" {'backing' if info.backing_file else 'data'} file"
+        )
+    if info.virtual_size != detected.virtual_size:
+        raise ImageUnacceptable(
+            f"image {label} is refused: qemu-img says {info.virtual_size} bytes, the format"
+            f" inspector {detected.virtual_size}"
+        )
+    return info.virtual_size
 
 
 class Readable(Protocol):

@@ -42,8 +42,15 @@ from minidriver.exception import (
     ImageUnacceptable,
     MinidriverError,
 )
-from minidriver.fileutils import PRIVATE_DIR, PRIVATE_FILE, fsync_dir, make_dir
-from minidriver.images import download, fetch, inspect, qemu_img
+from minidriver.fileutils import (
+    PRIVATE_DIR,
+    PRIVATE_FILE,
+    ensure_free_space,
+    fsync_dir,
+    make_dir,
+    out_of_space_is_clear,
+)
+from minidriver.images import download, inspect, qemu_img
 from minidriver.images.inspect import Readable
 from minidriver.objects import ImageMeta
 from minidriver.process import ResourceLimits
@@ -446,7 +453,7 @@ class ImageService:
         if detected.format == "raw":
             return part
         fmt = qemu_img.qemu_format(detected.format)
-        virtual_size = fetch.agree(label, part, detected.format, self.limits)
+        virtual_size = inspect.agree(label, part, detected.format, self.limits)
         if virtual_size > self.size_cap:
             raise ImageUnacceptable(
                 f"image {label} is refused: as raw it is {virtual_size} bytes, over the"
@@ -455,8 +462,8 @@ class ImageService:
             )
         raw = part.with_suffix(".raw")
         converting = f"converting {label} to raw"
-        fetch.ensure_free_space(self.images_path, virtual_size, converting)
-        with fetch.out_of_space_is_clear(self.images_path, converting):
+        ensure_free_space(self.images_path, virtual_size, converting)
+        with out_of_space_is_clear(self.images_path, converting):
             qemu_img.convert(part, fmt, raw, "raw")
         inspect.check_image(raw, "raw", label=f"{label} as raw")
         part.unlink()

@@ -13,10 +13,13 @@ from typing import Any
 
 import pytest
 
+from minidriver.bench import harness, peer, report, sections, stats, synthetic
 from minidriver.bench import spawn as bench
-from minidriver.bench.spawn import Batch, Runs, Stat
+from minidriver.bench.harness import Runs
+from minidriver.bench.sections import Batch
+from minidriver.bench.stats import Stat
 
-STEP_ZERO = {col: 0.0 for col in bench.COLUMNS}
+STEP_ZERO = {col: 0.0 for col in sections.COLUMNS}
 
 
 def spawn(
@@ -46,21 +49,21 @@ def test_stat_of_nothing_is_an_error() -> None:
 
 def test_summarize_gives_every_column() -> None:
     samples = [{"a": 1.0, "b": 4.0}, {"a": 3.0, "b": 2.0}, {"a": 2.0, "b": 3.0}]
-    assert bench.summarize(samples, ["a", "b"]) == {
+    assert stats.summarize(samples, ["a", "b"]) == {
         "a": {"min": 1.0, "median": 2.0, "max": 3.0, "n": 3},
         "b": {"min": 2.0, "median": 3.0, "max": 4.0, "n": 3},
     }
 
 
 def test_ratios_are_taken_pair_by_pair() -> None:
-    assert bench.pair_ratios([2.0, 3.0], [1.0, 6.0]) == [2.0, 0.5]
+    assert stats.pair_ratios([2.0, 3.0], [1.0, 6.0]) == [2.0, 0.5]
 
 
 def test_the_median_is_of_the_ratios_not_a_ratio_of_medians() -> None:
     # Medians: 2 / 2 = 1; ratios 1/1, 2/4, 3/2 -> median 1.
     # Here they differ: the pairs share their noise, which the ratio cancels.
     a, b = [1.0, 10.0, 3.0], [2.0, 4.0, 1.0]
-    assert bench.ratio_stat(a, b)["median"] == 2.5
+    assert stats.ratio_stat(a, b)["median"] == 2.5
     assert sorted(a)[1] / sorted(b)[1] == 1.5
 
 
@@ -70,7 +73,7 @@ def test_the_median_is_of_the_ratios_not_a_ratio_of_medians() -> None:
 )
 def test_bad_pairs_are_refused(a: list[float], b: list[float], error: str) -> None:
     with pytest.raises(ValueError, match=error):
-        bench.pair_ratios(a, b)
+        stats.pair_ratios(a, b)
 
 
 def test_alternate_runs_a_b_then_b_a() -> None:
@@ -84,15 +87,15 @@ def test_alternate_runs_a_b_then_b_a() -> None:
         calls.append(f"b{i}")
         return i
 
-    a, b = bench.alternate(3, first, second)
+    a, b = stats.alternate(3, first, second)
     assert calls == ["a0", "b0", "b1", "a1", "a2", "b2"]
     assert a == ["a0", "a1", "a2"]
     assert b == [0, 1, 2]
 
 
 def test_in_turn_reverses_on_odd_rounds() -> None:
-    assert bench.in_turn((1, 2, 3), 0) == [1, 2, 3]
-    assert bench.in_turn((1, 2, 3), 1) == [3, 2, 1]
+    assert stats.in_turn((1, 2, 3), 0) == [1, 2, 3]
+    assert stats.in_turn((1, 2, 3), 1) == [3, 2, 1]
 
 
 # -- tables ---------------------------------------------------------------------------
@@ -100,12 +103,12 @@ def test_in_turn_reverses_on_odd_rounds() -> None:
 
 def test_cells_show_median_then_range() -> None:
     stat = {"min": 0.25, "median": 0.5, "max": 1.0, "n": 3}
-    assert bench.cell(stat) == "0.500 (0.250..1.000)"
-    assert bench.ratio_cell(stat) == "0.50x (0.25..1.00)"
+    assert report.cell(stat) == "0.500 (0.250..1.000)"
+    assert report.ratio_cell(stat) == "0.50x (0.25..1.00)"
 
 
 def test_table_aligns_columns() -> None:
-    text = bench.format_table("title", ["name", "value"], [["a", "1.5"], ["longer", "10.25"]])
+    text = report.format_table("title", ["name", "value"], [["a", "1.5"], ["longer", "10.25"]])
     assert text.splitlines() == [
         "title",
         "name    value",
@@ -117,7 +120,7 @@ def test_table_aligns_columns() -> None:
 
 def test_table_refuses_ragged_rows() -> None:
     with pytest.raises(ValueError, match="2 cells for 3 columns"):
-        bench.format_table("t", ["a", "b", "c"], [["1", "2"]])
+        report.format_table("t", ["a", "b", "c"], [["1", "2"]])
 
 
 # -- sections -------------------------------------------------------------------------
@@ -147,19 +150,19 @@ def floor_samples() -> list[dict[str, float]]:
 
 def test_phases_section_summarises_cold_and_warm() -> None:
     cold, warm = phases_samples()
-    section = bench.phases_section("t1.nano", cold, warm)
+    section = sections.phases_section("t1.nano", cold, warm)
     assert set(section["summary"]) == {"cold", "warm"}
-    assert set(section["summary"]["warm"]) == set(bench.COLUMNS)
+    assert set(section["summary"]["warm"]) == set(sections.COLUMNS)
     assert section["summary"]["cold"]["total"]["median"] == 0.9
     assert section["warm_over_cold"]["median"] == pytest.approx(0.6 / 0.8)
-    text = bench.render_phases(section)
-    for col in bench.COLUMNS:
+    text = report.render_phases(section)
+    for col in sections.COLUMNS:
         assert f"\n{col} " in text
 
 
 def test_floor_section_adds_up_the_floor_and_divides_pair_by_pair() -> None:
     cold, warm = phases_samples()
-    section = bench.floor_section(floor_samples(), cold, warm, {"overlays": [["qemu-img"]] * 3})
+    section = sections.floor_section(floor_samples(), cold, warm, {"overlays": [["qemu-img"]] * 3})
     first = section["samples"][0]
     assert first["warm_floor"] == pytest.approx(0.5)
     assert first["cold_floor"] == pytest.approx(0.6)
@@ -167,12 +170,12 @@ def test_floor_section_adds_up_the_floor_and_divides_pair_by_pair() -> None:
     # warm totals 0.6, 0.5, 0.7 over floors 0.5, 0.5, 0.6
     assert section["ratios"]["warm"]["median"] == pytest.approx(1.1666, abs=1e-3)
     assert section["ratios"]["cold"]["max"] == pytest.approx(1.0 / 0.6)
-    assert "the 3 overlays" in bench.render_floor(section)
+    assert "the 3 overlays" in report.render_floor(section)
 
 
 def test_ready_section_splits_the_driver_and_the_guest() -> None:
     cold, warm = phases_samples()
-    section = bench.ready_section(cold, warm)
+    section = sections.ready_section(cold, warm)
     assert section["warm"]["guest"]["median"] == pytest.approx(5.0 - 0.58)
     assert section["warm"]["driver"]["median"] == 0.6
     assert section["cold"]["driver_share"]["median"] == pytest.approx(0.9 / 7.0)
@@ -180,15 +183,15 @@ def test_ready_section_splits_the_driver_and_the_guest() -> None:
 
 def scaling_section() -> dict[str, Any]:
     sizes: dict[str, dict[int, list[dict[str, float]]]] = {
-        "default": {gb: [spawn(0.5), spawn(0.6)] for gb in bench.SIZES_GB},
+        "default": {gb: [spawn(0.5), spawn(0.6)] for gb in sections.SIZES_GB},
         "resized_copies": {
             gb: [spawn(1.0 + gb / 10, resize=0.5 + gb / 10), spawn(1.2, resize=0.7)]
-            for gb in bench.SIZES_GB
+            for gb in sections.SIZES_GB
         },
     }
     cold = [spawn(3.0, fetch=0.7, convert=1.5), spawn(2.0, fetch=0.5, convert=1.0)]
     image = {"virtual_size": 1024**3, "data_bytes": 300 * 1024**2}
-    return bench.scaling_section(image, cold, [1.0, 1.0], sizes)
+    return sections.scaling_section(image, cold, [1.0, 1.0], sizes)
 
 
 def test_scaling_section_compares_chains_and_sizes() -> None:
@@ -199,7 +202,7 @@ def test_scaling_section_compares_chains_and_sizes() -> None:
     # older chain at 8 GB: 1.8 and 1.2 over 1.1 and 1.2
     assert section["flat"]["resized_copies"]["max"] == pytest.approx(1.8 / 1.1)
     assert section["older_over_default"]["1"]["max"] == pytest.approx(1.1 / 0.5)
-    text = bench.render_scaling(section)
+    text = report.render_scaling(section)
     assert "8 GB / 1 GB" in text
     assert "qemu-img convert alone" in text
 
@@ -223,7 +226,7 @@ def test_downloads_are_the_spawns_that_fetched() -> None:
 
 
 def test_concurrency_section_levels_and_pairing() -> None:
-    section = bench.concurrency_section(batches())
+    section = sections.concurrency_section(batches())
     described = [(lv["spawns"], lv["mode"]) for lv in section["levels"]]
     assert described == [
         (1, "concurrent"),
@@ -238,7 +241,7 @@ def test_concurrency_section_levels_and_pairing() -> None:
     assert eight["per_spawn"]["n"] == 16
     # 5/10 and 9/12
     assert section["ratio"]["median"] == pytest.approx((0.5 + 0.75) / 2)
-    assert "8 at once / 8 one after another" in bench.render_concurrency(section)
+    assert "8 at once / 8 one after another" in report.render_concurrency(section)
 
 
 def peer_section() -> dict[str, Any]:
@@ -248,7 +251,7 @@ def peer_section() -> dict[str, Any]:
     ]
     vi = [{"running": 1.0, "ready": 6.0}, {"running": 1.0, "ready": 7.0}]
     commands = {"minidriver": ["minidriver", "boot"], "virt_install": ["virt-install"]}
-    return bench.peer_section("t1.nano", "virt-install 4.1.0", md, vi, commands)
+    return sections.peer_section("t1.nano", "virt-install 4.1.0", md, vi, commands)
 
 
 def test_peer_section_compares_to_running_and_to_ready() -> None:
@@ -256,12 +259,12 @@ def test_peer_section_compares_to_running_and_to_ready() -> None:
     assert section["ratios"]["running"]["median"] == pytest.approx(1.0)
     assert section["ratios"]["ready"]["min"] == pytest.approx(6.5 / 7.0)
     assert section["summary"]["minidriver"]["outside"]["max"] == pytest.approx(0.4)
-    assert "virt-install 4.1.0" in bench.render_peer(section)
+    assert "virt-install 4.1.0" in report.render_peer(section)
 
 
 def test_a_missing_peer_is_said_with_the_install_command() -> None:
-    section = bench.peer_missing_section("t1.nano", f"not installed: {bench.VIRTINST_INSTALL}")
-    text = bench.render_peer(section)
+    section = sections.peer_missing_section("t1.nano", f"not installed: {peer.VIRTINST_INSTALL}")
+    text = report.render_peer(section)
     assert "apt-get install -y --no-install-recommends virtinst" in text
 
 
@@ -271,17 +274,17 @@ def test_a_missing_peer_is_said_with_the_install_command() -> None:
 def scenarios() -> dict[str, Any]:
     cold, warm = phases_samples()
     return {
-        "phases": bench.phases_section("t1.nano", cold, warm),
-        "floor": bench.floor_section(floor_samples(), cold, warm, {"overlays": []}),
+        "phases": sections.phases_section("t1.nano", cold, warm),
+        "floor": sections.floor_section(floor_samples(), cold, warm, {"overlays": []}),
         "scaling": scaling_section(),
         "peer": peer_section(),
-        "concurrency": bench.concurrency_section(batches()),
-        "ready": bench.ready_section(cold, warm),
+        "concurrency": sections.concurrency_section(batches()),
+        "ready": sections.ready_section(cold, warm),
     }
 
 
 def test_targets_are_judged_on_the_medians() -> None:
-    targets = {t["name"]: t for t in bench.evaluate_targets(scenarios())}
+    targets = {t["name"]: t for t in report.evaluate_targets(scenarios())}
     overhead = targets["warm spawn overhead above the floor"]
     assert overhead["met"] is False  # 1.17x
     assert overhead["measured"] == "+17% (1.17x)"
@@ -295,14 +298,14 @@ def test_targets_are_judged_on_the_medians() -> None:
 
 
 def test_a_missing_peer_is_not_measured_rather_than_failed() -> None:
-    only = {"peer": bench.peer_missing_section("t1.nano", "not installed")}
-    [target] = bench.evaluate_targets(only)
+    only = {"peer": sections.peer_missing_section("t1.nano", "not installed")}
+    [target] = report.evaluate_targets(only)
     assert target["met"] is None
-    assert "not measured" in bench.render_targets([target])
+    assert "not measured" in report.render_targets([target])
 
 
 def test_document_is_json_and_renders_the_same_after_a_round_trip() -> None:
-    doc = bench.build_doc(
+    doc = harness.build_doc(
         uri="qemu:///system",
         virt_type="qemu",
         runs=Runs(3, 2),
@@ -313,8 +316,8 @@ def test_document_is_json_and_renders_the_same_after_a_round_trip() -> None:
     )
     assert {"date", "machine", "runs", "long_runs", "scenarios", "targets"} <= set(doc)
     loaded = json.loads(json.dumps(doc))
-    assert bench.render(loaded) == bench.render(doc)
-    text = bench.render(doc)
+    assert report.render(loaded) == report.render(doc)
+    text = report.render(doc)
     for title in ("1. phases", "2. the floor", "3a.", "3b.", "4. peer", "5. concur", "6. time"):
         assert f"\n{title}" in text
     assert "wall time 200 s (phases 60 s, scaling 50 s)" in text
@@ -324,7 +327,7 @@ def test_document_is_json_and_renders_the_same_after_a_round_trip() -> None:
 
 
 def test_synthetic_writes_spread_300_mib_of_non_zero_data() -> None:
-    writes = bench.synthetic_writes()
+    writes = synthetic.synthetic_writes()
     assert len(writes) == 75
     spans = []
     for write in writes:
@@ -334,13 +337,13 @@ def test_synthetic_writes_spread_300_mib_of_non_zero_data() -> None:
         spans.append((int(offset), int(offset) + int(length)))
     assert sum(end - start for start, end in spans) == 300 * 1024**2
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
-    assert spans[-1][1] <= bench.SYNTHETIC_VIRTUAL
+    assert spans[-1][1] <= synthetic.SYNTHETIC_VIRTUAL
     assert len({w.split()[2] for w in writes}) > 50  # not one repeated byte
 
 
 def test_synthetic_writes_must_fit() -> None:
     with pytest.raises(ValueError, match="do not fit"):
-        bench.synthetic_writes(virtual=1024**2, chunk=1024**2, count=4)
+        synthetic.synthetic_writes(virtual=1024**2, chunk=1024**2, count=4)
 
 
 @pytest.mark.parametrize(
@@ -353,12 +356,12 @@ def test_synthetic_writes_must_fit() -> None:
 def test_virt_install_os_option_follows_its_version(
     text: str, version: tuple[int, ...], args: list[str]
 ) -> None:
-    assert bench.parse_version(text) == version
-    assert bench.osinfo_args(version) == args
+    assert peer.parse_version(text) == version
+    assert peer.osinfo_args(version) == args
 
 
 def test_virt_install_imports_an_overlay_of_the_base_with_a_serial_file() -> None:
-    cmd = bench.virt_install_cmd(
+    cmd = peer.virt_install_cmd(
         uri="qemu:///system",
         name="mdbench-x-vi-0",
         overlay=Path("/var/tmp/s/vi-0.qcow2"),
@@ -385,7 +388,7 @@ def test_virt_install_imports_an_overlay_of_the_base_with_a_serial_file() -> Non
 
 def test_virt_install_paths_cannot_hold_commas() -> None:
     with pytest.raises(ValueError, match="comma"):
-        bench.virt_install_cmd(
+        peer.virt_install_cmd(
             uri="qemu:///system",
             name="n",
             overlay=Path("/tmp/a,b.qcow2"),
@@ -415,6 +418,63 @@ def test_pool_path_reads_the_target() -> None:
 def test_an_overhead_just_under_the_floor_reads_plus_zero() -> None:
     ratio = {"min": 0.9, "median": 0.999, "max": 1.1, "n": 3}
     floor = {"ratios": {"warm": ratio, "cold": ratio}}
-    [overhead, _] = bench.evaluate_targets({"floor": floor})
+    [overhead, _] = report.evaluate_targets({"floor": floor})
     assert overhead["measured"] == "+0% (1.00x)"
     assert overhead["met"] is True
+
+
+# -- issue 17: the synthetic image's cold floor, the spread of the pairs -------------------
+
+
+def scaling_with_floor() -> dict[str, Any]:
+    section = scaling_section()
+    sizes = {
+        chain: {int(gb): v for gb, v in runs.items()} for chain, runs in section["samples"].items()
+    }
+    cold = [spawn(3.0, fetch=0.7, convert=1.5), spawn(2.0, fetch=0.5, convert=1.0)]
+    floors = [
+        {"overlays": 0.02, "define": 0.01, "create": 0.47},
+        {"overlays": 0.02, "define": 0.01, "create": 0.97},
+    ]
+    return sections.scaling_section(section["image"], cold, [1.0, 1.0], sizes, floors)
+
+
+def test_synthetic_cold_spawn_is_divided_by_convert_plus_its_warm_floor_pair_by_pair() -> None:
+    cold = scaling_with_floor()["cold"]
+    assert cold["floor"]["median"] == pytest.approx(0.75)
+    # 3.0 / (1.0 + 0.5) and 2.0 / (1.0 + 1.0)
+    assert cold["ratio_floor"]["max"] == pytest.approx(2.0)
+    assert cold["ratio_floor"]["min"] == pytest.approx(1.0)
+    assert cold["ratio"]["median"] == 2.5  # against convert alone, as before
+    text = report.render_scaling(scaling_with_floor())
+    assert "cold spawn / cold floor" in text
+    assert "qemu-img convert + warm floor" in text
+
+
+def test_the_issue_17_targets_say_their_terms_and_the_spread_of_the_pairs() -> None:
+    chosen = {**scenarios(), "scaling": scaling_with_floor()}
+    targets = {t["name"]: t for t in report.evaluate_targets(chosen)}
+    synthetic = targets[
+        "cold spawn of the synthetic 300 MiB image vs qemu-img convert alone + the warm floor"
+    ]
+    assert synthetic["goal"] == "at most 1.5x"
+    assert (synthetic["measured"], synthetic["met"]) == ("1.50x", True)  # median of 2.0, 1.0
+    assert synthetic["spread"] == "1.00..2.00x"
+    warm = targets["warm spawn overhead above the floor"]
+    assert warm["goal"] == "within 1.10x"
+    assert warm["spread"] == "1.00..1.20x"  # 0.6/0.5 .. 0.5/0.5, 0.7/0.6
+    text = report.render_targets(list(targets.values()))
+    assert "pairs (min..max)" in text
+    assert "1.00..2.00x" in text
+
+
+def test_a_document_without_the_synthetic_floor_says_so() -> None:
+    targets = {t["name"]: t for t in report.evaluate_targets({"scaling": scaling_section()})}
+    [synthetic] = [t for name, t in targets.items() if name.startswith("cold spawn of the")]
+    assert synthetic["met"] is None
+    assert "not measured" in report.render_targets([synthetic])
+
+
+def test_targets_of_an_older_document_without_spread_still_render() -> None:
+    old = [{"name": "n", "goal": "g", "measured": "1.00x", "met": True}]
+    assert report.render_targets(old).splitlines()[-1].split() == ["n", "g", "1.00x", "met"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from minidriver.bench.harness import BenchError
 from minidriver.bench.rbd import check_path, render, summary
-from minidriver.bench.spawn import BenchError
 from minidriver.steps import StepTimer
 
 
