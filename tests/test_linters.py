@@ -1,4 +1,7 @@
-"""The linters as tests: ruff (lint and format) and mypy keep the tree clean.
+"""The linters as tests: ruff (lint and format), mypy and the import contracts.
+
+``lint-imports`` checks ``.importlinter``: the layers from the command line down to
+the utilities, the tooling on the public API only, no import cycles.
 
 Skipped where a tool is missing on a developer's machine, never in CI.
 """
@@ -27,8 +30,13 @@ def _tool(name: str) -> str:
 
 @pytest.mark.parametrize(
     "args",
-    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
-    ids=["ruff-check", "ruff-format", "mypy"],
+    [
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        ["mypy"],
+        ["lint-imports", "--no-cache"],
+    ],
+    ids=["ruff-check", "ruff-format", "mypy", "import-contracts"],
 )
 def test_linter(args: list[str]) -> None:
     proc = subprocess.run(
