@@ -165,10 +165,22 @@ def _schema_3(conn: sqlite3.Connection) -> None:
         conn.execute(f"ALTER TABLE instances ADD COLUMN {column}")
 
 
+def _schema_4(conn: sqlite3.Connection) -> None:
+    """Nova's vm_state beside the power state (issue 18); rows made before get the
+    vm_state their power state implies (``state`` held ``building`` and ``error`` too)."""
+    conn.execute("ALTER TABLE instances ADD COLUMN vm_state TEXT NOT NULL DEFAULT 'active'")
+    conn.execute(
+        "UPDATE instances SET vm_state = CASE"
+        " WHEN state IN ('building', 'error') THEN state"
+        " WHEN state IN ('shutoff', 'crashed') THEN 'stopped'"
+        " ELSE 'active' END"
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
-MIGRATIONS: Final[Sequence[Migration]] = (_schema_1, _schema_2, _schema_3)
+MIGRATIONS: Final[Sequence[Migration]] = (_schema_1, _schema_2, _schema_3, _schema_4)
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class InstanceRecord:
     mac_address: str | None = None
     forward_port: int | None = None  # user mode: the host port on 127.0.0.1
     key_name: str | None = None  # the key pair booted with (boot --key-name)
+    vm_state: str = "building"  # Nova's vm_state (minidriver.vm_states.VMState)
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""

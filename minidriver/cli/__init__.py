@@ -49,6 +49,8 @@ COMMANDS = {
     "start": "instances",
     "reboot": "instances",
     "snapshot": "instances",
+    "suspend": "suspend",
+    "resume": "suspend",
     "ssh": "guestaccess",
     "keypair": "guestaccess",
     "image": "images",

@@ -134,7 +134,11 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("instance")
     p.add_argument("--force", action="store_true", help="hard stop at once")
     p.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
-    command("start", "start a stopped instance").add_argument("instance")
+    command("start", "start a stopped instance (a suspended one resumes)").add_argument("instance")
+    command("suspend", "save the guest's memory and stop it (managed save)").add_argument(
+        "instance"
+    )
+    command("resume", "start a suspended instance from its saved memory").add_argument("instance")
     p = command("reboot", "reboot an instance (ACPI; --hard: stop and start)")
     p.add_argument("instance")
     p.add_argument("--hard", action="store_true")
