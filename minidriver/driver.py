@@ -840,6 +840,9 @@ class LibvirtDriver:
         return imagecache.merge(
             imagecache.backing_files_in_use(self.conf.instances_path, self.conf.base_dir),
             imagecache.instances_in_use(self.db.list_instances(), base_filename),
+            # A template's dir is laid out as an instance dir: its frozen disks back
+            # onto _base like the disks they were.
+            imagecache.backing_files_in_use(self.conf.templates_path, self.conf.base_dir),
         )
 
     def list_instances(self) -> list[InstanceRecord]:

@@ -51,6 +51,7 @@ COMMANDS = {
     "snapshot": "instances",
     "suspend": "suspend",
     "resume": "suspend",
+    "template": "vmtemplate",
     "ssh": "guestaccess",
     "keypair": "guestaccess",
     "image": "images",
