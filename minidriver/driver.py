@@ -31,6 +31,7 @@ from minidriver import (
     compute_api,
     configdrive,
     guest,
+    guestagent,
     imagebackend,
     imagecache,
     rbd_utils,
@@ -559,6 +560,8 @@ class LibvirtDriver:
             os_command_line=image_meta.os_command_line,
             vif=vif,
             network_disks=network_disks,
+            image_properties=image_meta.properties,
+            agent_socket_dir=self.host.agent_socket_dir(create=True),
         )
         return guest.to_xml(config)
 
@@ -737,6 +740,9 @@ class LibvirtDriver:
                 hint="only a suspended instance resumes",
             )
         self.power_on(instance_uuid)
+        # As Nova's resume does: the guest's clock stood still while it was saved.
+        if guestagent.has_agent_channel(domain.XMLDesc(0)):
+            guestagent.sync_guest_time(domain)
 
     def _refuse_if_suspended(self, instance_uuid: str, what: str) -> None:
         record = self.db.get_instance(instance_uuid)

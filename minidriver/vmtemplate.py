@@ -41,7 +41,7 @@ from typing import Any, Final
 import libvirt
 from lxml import etree
 
-from minidriver import lockutils, savefile, ssh
+from minidriver import guestagent, lockutils, savefile, ssh
 from minidriver.compute_api import validate_display_name
 from minidriver.db import InstanceRecord, resolve, utc_now
 from minidriver.disk_info_file import read_disk_info, write_disk_info
@@ -148,6 +148,7 @@ def clone_xml(
     display_name: str,
     created_at: str,
     source_dir: str,
+    source_uuid: str,
     clone_dir: Path,
     template_dir: Path,
     overlaid: Iterable[str],
@@ -156,8 +157,8 @@ def clone_xml(
     """The template's domain XML (the saved one or ``libvirt.xml``) for a clone: its
     name, uuid and metadata; each file of the source instance's dir named by the
     clone's overlay, the template's shared copy or the clone's console log; the
-    forwarded port. A path this does not know is refused, never left pointing at
-    another instance's file."""
+    forwarded port; the guest agent's socket, named after the instance's uuid. A path
+    this does not know is refused, never left pointing at another instance's file."""
     root = etree.fromstring(xml.encode())
     overlays = set(overlaid)
 
@@ -181,14 +182,14 @@ def clone_xml(
         ("created-at", created_at),
     ):
         _set_text(meta, f"{{{METADATA_NAMESPACE}}}{tag}", value)
-    for source in root.iterfind("devices/disk/source"):
-        if source.get("file") is not None:
-            source.set("file", move(source.get("file")))
-    for tag in ("os/kernel", "os/initrd"):
-        for element in root.iterfind(tag):
-            element.text = move(element.text)
+    for source in root.iterfind("devices/disk/source[@file]"):
+        source.set("file", move(source.get("file")))
+    for element in [*root.iterfind("os/kernel"), *root.iterfind("os/initrd")]:
+        element.text = move(element.text)
     for log in root.iterfind("devices/*/log"):
         log.set("file", move(log.get("file")))
+    for source in root.iterfind("devices/channel/source[@path]"):
+        source.set("path", _renamed_socket(source.get("path", ""), source_uuid, uuid))
     for arg in root.iterfind(f"{{{QEMU_NAMESPACE}}}commandline/{{{QEMU_NAMESPACE}}}arg"):
         value = arg.get("value", "")
         if HOSTFWD.search(value):
@@ -196,6 +197,13 @@ def clone_xml(
                 raise TemplateError("the template forwards a port but the clone has none")
             arg.set("value", HOSTFWD.sub(rf"\g<1>{forward_port}\g<2>", value))
     return etree.tostring(root, encoding="unicode")
+
+
+def _renamed_socket(path: str, source_uuid: str, uuid: str) -> str:
+    p = Path(path)
+    if source_uuid not in p.name:
+        raise TemplateError(f"the template's XML names a socket {path} no clone can share")
+    return os.fspath(p.with_name(p.name.replace(source_uuid, uuid)))
 
 
 def _set_text(parent: Any, path: str, value: str) -> None:
@@ -507,6 +515,7 @@ class Templates:
                         display_name=instance.display_name,
                         created_at=instance.created_at,
                         source_dir=tpl.source_dir,
+                        source_uuid=tpl.source_uuid,
                         clone_dir=clone_dir,
                         template_dir=tpl.path,
                         overlaid=tpl.overlaid,
@@ -535,6 +544,12 @@ class Templates:
                 step = "wait_for_running"
                 with timer.step(Step.WAIT):
                     drv.wait_for_running(instance, domain, max(0.0, deadline - drv.clock()))
+                if guestagent.has_agent_channel(template_xml):
+                    # The guest's clock is the template's, stopped at the save.
+                    with timer.step(Step.SET_TIME):
+                        instance.clock_set = guestagent.sync_guest_time(
+                            domain, wait=min(guestagent.AGENT_WAIT, deadline - drv.clock())
+                        )
             except InstanceBuildTimeout:
                 raise
             except Exception as exc:

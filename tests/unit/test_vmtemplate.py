@@ -12,6 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import libvirt
 import pytest
 from lxml import etree
 
@@ -56,6 +57,7 @@ def test_clone_xml_names_the_clones_own_files_and_port(
         display_name="c1",
         created_at="2026-12-03T00:00:00Z",
         source_dir=source_dir,
+        source_uuid=inst.uuid,
         clone_dir=clone_dir,
         template_dir=template_dir,
         overlaid=["disk", "disk.local", "disk.swap"],
@@ -99,6 +101,7 @@ def test_clone_xml_refuses_a_path_outside_the_source_dir(
             display_name="d",
             created_at="",
             source_dir=inst.instance_dir,
+            source_uuid=inst.uuid,
             clone_dir=tmp_path,
             template_dir=tmp_path,
             overlaid=["disk", "disk.local", "disk.swap"],
@@ -294,3 +297,60 @@ def test_template_list_and_show(
         main(["--state-dir", str(drv.conf.state_path), "template", "show", "t"], host=drv.host) == 0
     )
     assert "clones        " + inst.uuid in capsys.readouterr().out
+
+
+def test_clone_xml_gives_the_guest_agent_socket_the_clones_uuid(tmp_path: Path) -> None:
+    golden = Path(__file__).parent.parent / "data" / "domain-guest-agent.xml"
+    xml = golden.read_text()
+    source_uuid = "7d1e4a52-9f64-4d8e-a0b4-1f1a5c3e2b10"
+    new = clone_xml(
+        xml,
+        name="instance-00000042",
+        uuid="11111111-2222-3333-4444-555555555555",
+        display_name="c1",
+        created_at="",
+        source_dir=f"/var/lib/minidriver/instances/{source_uuid}",
+        source_uuid=source_uuid,
+        clone_dir=tmp_path,
+        template_dir=tmp_path,
+        overlaid=["disk", "disk.local", "disk.swap"],
+        forward_port=10999,
+    )
+    root = etree.fromstring(new.encode())
+    [channel] = root.iterfind("devices/channel")
+    assert channel.xpath("string(target/@name)") == "org.qemu.guest_agent.0"
+    assert channel.xpath("string(source/@path)") == (
+        "/var/lib/libvirt/qemu/11111111-2222-3333-4444-555555555555.qga.sock"
+    )
+    assert source_uuid not in new
+
+
+def agent_error(code: int) -> libvirt.libvirtError:
+    exc = libvirt.libvirtError("guest agent")
+    exc.err = (code, 0, "guest agent", 0, "", None, None, 0, 0)
+    return exc
+
+
+def test_the_clock_is_set_once_the_agent_answers(drv: LibvirtDriver, image_id: str) -> None:
+    from minidriver import guestagent
+
+    inst = drv.spawn("src", image_id, "t1.nano")
+    domain = drv.host.find_domain(inst.name)
+    assert domain is not None
+    calls: list[dict[str, int]] = []
+    real = domain.setTime
+
+    def agent_late(time: dict[str, int], flags: int) -> int:
+        calls.append(time)
+        if len(calls) < 3:  # the fault: an agent not connected yet after the restore
+            raise agent_error(libvirt.VIR_ERR_AGENT_UNRESPONSIVE)
+        return int(real(time, flags))
+
+    domain.setTime = agent_late
+    assert guestagent.sync_guest_time(domain, wait=10) is True
+    assert len(calls) == 3
+    # Another error (no agent configured at all) ends it at once: no error raised.
+    domain.setTime = lambda time, flags: (_ for _ in ()).throw(
+        agent_error(libvirt.VIR_ERR_OPERATION_UNSUPPORTED)
+    )
+    assert guestagent.sync_guest_time(domain, wait=10) is False
