@@ -419,11 +419,14 @@ class Templates:
         name: str | None = None,
         timeout: float | None = None,
         listener: StepListener | None = None,
+        set_clock: bool = True,
     ) -> Instance:
         """A new instance restored from the template: overlays of its frozen disks,
         its own uuid, domain name, display name (default: the template's name),
-        console log and forwarded port. Returns once it is RUNNING; ``timeout``
-        (default ``instance_build_timeout``) bounds the whole of it."""
+        console log and forwarded port. Returns once it is RUNNING and, with a guest
+        agent, its clock is set (``set_clock=False``: the caller does it, with
+        :meth:`set_clock`, while it waits for something else). ``timeout`` (default
+        ``instance_build_timeout``) bounds the whole of it."""
         drv = self.drv
         tpl = self.get(template_id)
         if tpl.status != "active":
@@ -457,6 +460,7 @@ class Templates:
                     template_xml=template_xml,
                     timer=timer,
                     deadline=deadline,
+                    set_clock=set_clock,
                 )
             except InstanceBuildTimeout as exc:
                 raise InstanceBuildTimeout(
@@ -480,6 +484,7 @@ class Templates:
         template_xml: str,
         timer: StepTimer,
         deadline: float,
+        set_clock: bool,
     ) -> None:
         drv = self.drv
         clone_dir = Path(instance.instance_dir)
@@ -544,7 +549,7 @@ class Templates:
                 step = "wait_for_running"
                 with timer.step(Step.WAIT):
                     drv.wait_for_running(instance, domain, max(0.0, deadline - drv.clock()))
-                if guestagent.has_agent_channel(template_xml):
+                if set_clock and guestagent.has_agent_channel(template_xml):
                     # The guest's clock is the template's, stopped at the save.
                     with timer.step(Step.SET_TIME):
                         instance.clock_set = guestagent.sync_guest_time(
@@ -555,6 +560,14 @@ class Templates:
             except Exception as exc:
                 raise SpawnError(step, exc, instance) from exc
             undo.pop_all()
+
+    def set_clock(self, instance_uuid: str) -> bool | None:
+        """A clone's clock set to the host's through its guest agent: True when done,
+        False when the agent did not do it, None when the guest has no agent."""
+        domain = self.drv._domain_of(instance_uuid)
+        if not guestagent.has_agent_channel(domain.XMLDesc(0)):
+            return None
+        return guestagent.sync_guest_time(domain)
 
     def _reserve_port(self, instance_uuid: str, undo: contextlib.ExitStack) -> int:
         port = self.drv.ports.reserve(

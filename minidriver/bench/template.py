@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,21 @@ class TemplateBench:
         return inst.uuid, self._ssh_ready(inst.uuid, started, BOOT_TIMEOUT)
 
     def clone(self, template_id: str, name: str) -> tuple[str, float, dict[str, float]]:
-        """A clone to the SSH banner: (uuid, seconds, its restore timings)."""
+        """A clone to the SSH banner, its clock set meanwhile as ``boot --template
+        --wait-ssh`` does: (uuid, seconds, its restore timings with set_time)."""
         started = time.monotonic()
-        inst = self.templates.spawn(template_id, name=name, timeout=CLONE_TIMEOUT)
-        return inst.uuid, self._ssh_ready(inst.uuid, started, CLONE_TIMEOUT), inst.timings
+        inst = self.templates.spawn(template_id, name=name, timeout=CLONE_TIMEOUT, set_clock=False)
+
+        def set_clock() -> float:
+            began = time.monotonic()
+            self.templates.set_clock(inst.uuid)
+            return time.monotonic() - began
+
+        with ThreadPoolExecutor(1) as pool:
+            setter = pool.submit(set_clock)
+            seconds = self._ssh_ready(inst.uuid, started, CLONE_TIMEOUT)
+            set_time = setter.result()
+        return inst.uuid, seconds, {**inst.timings, "set_time": set_time}
 
     def make_template(self, ram_mb: int) -> tuple[str, dict[str, float]]:
         uuid, booted = self.boot(ram_mb, f"bench-src-{ram_mb}")

@@ -7,6 +7,7 @@ import argparse
 import os
 import re
 import shlex
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -152,9 +153,23 @@ def cmd_boot_template(drv: LibvirtDriver, args: argparse.Namespace, out: Output)
 
     out.say(f"restoring a clone of template {tpl.name} ({tpl.id[:8]})")
     try:
-        inst = templates.spawn(tpl.id, name=args.name, timeout=args.timeout, listener=listener)
+        # With --wait-ssh the clock is set while the SSH server is waited for: the
+        # agent takes a few seconds to answer after a restore, sshd as many.
+        inst = templates.spawn(
+            tpl.id,
+            name=args.name,
+            timeout=args.timeout,
+            listener=listener,
+            set_clock=not args.wait_ssh,
+        )
     except InstanceBuildTimeout as exc:
         raise DeadlineExceeded(str(exc), hint="raise --timeout") from exc
+    clock: list[bool | None] = []
+    setter = threading.Thread(
+        target=lambda: clock.append(templates.set_clock(inst.uuid)), name="set-clock"
+    )
+    if args.wait_ssh:
+        setter.start()
     out.say(f"  {'total':<12} {inst.timings['total']:7.3f} s")
     if args.wait_for:
         budget = (
@@ -177,7 +192,11 @@ def cmd_boot_template(drv: LibvirtDriver, args: argparse.Namespace, out: Output)
                 " (a restored guest prints no boot lines)",
                 hint="wait for output the guest writes after the restore, or use --wait-ssh",
             ) from exc
-    ssh_ready = wait_ssh(drv, inst, args, started) if args.wait_ssh else None
+    try:
+        ssh_ready = wait_ssh(drv, inst, args, started) if args.wait_ssh else None
+    finally:
+        if setter.is_alive():
+            setter.join()
     if ssh_ready is not None:
         out.say(
             f"  ssh answered {ssh_ready['ready_after']:.3f} s after start: {ssh_ready['banner']}"
@@ -185,6 +204,7 @@ def cmd_boot_template(drv: LibvirtDriver, args: argparse.Namespace, out: Output)
     data = instance_dict(drv, inst.uuid)
     data["template"] = tpl.id
     data["timings"] = inst.timings
+    data["clock_set"] = clock[0] if clock else inst.clock_set
     if ssh_ready is not None:
         data["ssh"] = ssh_ready
     out.result(data, lambda: show_text(data, drv.conf.base_dir))
