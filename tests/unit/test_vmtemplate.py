@@ -354,3 +354,19 @@ def test_the_clock_is_set_once_the_agent_answers(drv: LibvirtDriver, image_id: s
         agent_error(libvirt.VIR_ERR_OPERATION_UNSUPPORTED)
     )
     assert guestagent.sync_guest_time(domain, wait=10) is False
+
+
+def test_create_refuses_an_rbd_root_for_now(drv: LibvirtDriver, image_id: str) -> None:
+    inst = drv.spawn("src", image_id, "t1.nano")
+    disk_info = Path(inst.instance_dir) / "disk.info"
+    recorded = json.loads(disk_info.read_text())
+    # As images_type = rbd records it: the root disk in Ceph (Nova's rbd: path).
+    recorded = {
+        ("rbd:vms/" + inst.uuid + "_disk" if p.endswith("/disk") else p): f
+        for p, f in recorded.items()
+    }
+    disk_info.write_text(json.dumps(recorded))
+    with pytest.raises(TemplateError, match="not supported yet"):
+        Templates(drv).create(inst.uuid, "t")
+    assert Templates(drv).list() == []
+    assert drv.get_info(inst.uuid).state == "running"
