@@ -10,7 +10,10 @@ for this state dir only (domains are recognised by their metadata's state id):
 - instance dirs with neither record nor domain: removed;
 - stale ``.part``/``.converted`` files in ``_base`` and lock files nobody holds;
 - forwarded-port reservations of this state dir whose instance is gone;
-- images an ``image add`` left ``saving`` when it died, with their partial files.
+- images an ``image add`` left ``saving`` when it died, with their partial files;
+- templates a killed ``template create`` left half-made, with their source instance,
+  and template dirs with no record (``vmtemplate.cleanup``); a killed clone is a
+  killed spawn, reaped as one;
 - the RBD disks (``<uuid>_*``) of every instance reaped above. Only those: a pool may
   be shared with other hosts, so an RBD image of an unknown uuid is not ours to judge.
 
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import libvirt
 
-from minidriver import guest, imagebackend, lockutils, rbd_utils
+from minidriver import guest, imagebackend, lockutils, rbd_utils, vmtemplate
 from minidriver.db import InstanceRecord
 from minidriver.disk_info_file import read_disk_info
 from minidriver.driver import LibvirtDriver, instance_lock_name
@@ -56,6 +59,7 @@ class CleanupReport:
     ports: list[int] = field(default_factory=list)  # forwarded-port reservations freed
     rbd_disks: list[str] = field(default_factory=list)  # pool/name of reaped instances
     images: list[str] = field(default_factory=list)  # ids of images a dead add left saving
+    templates: list[str] = field(default_factory=list)  # half-made template dirs
     skipped: list[str] = field(default_factory=list)  # busy or unreachable: what and why
 
     def total(self) -> int:
@@ -70,6 +74,7 @@ class CleanupReport:
                 self.ports,
                 self.rbd_disks,
                 self.images,
+                self.templates,
             )
         )
 
@@ -301,7 +306,12 @@ class _Pass:
 
 def cleanup(drv: LibvirtDriver, *, dry_run: bool = False) -> CleanupReport:
     """One reconciliation pass; what it removed (or would remove) is in the report."""
+    # First: a half-made template's source instance is destroyed with it, not judged
+    # by the passes below.
+    templates, sources = vmtemplate.cleanup(drv, dry_run=dry_run)
     work = _Pass(drv, dry_run)
+    work.report.templates.extend(templates)
+    work.report.records.extend(sources)
     work.instances()
     work.saving_images()
     work.partial_files()

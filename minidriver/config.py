@@ -180,6 +180,11 @@ class Config:
         return self.state_path / "images"
 
     @property
+    def templates_path(self) -> Path:
+        """Templates (``template create``): one dir each, its memory state and frozen disks."""
+        return self.state_path / "templates"
+
+    @property
     def database_path(self) -> Path:
         return self.state_path / "minidriver.db"
 

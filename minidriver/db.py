@@ -165,10 +165,57 @@ def _schema_3(conn: sqlite3.Connection) -> None:
         conn.execute(f"ALTER TABLE instances ADD COLUMN {column}")
 
 
+def _schema_4(conn: sqlite3.Connection) -> None:
+    """Nova's vm_state beside the power state (issue 18); rows made before get the
+    vm_state their power state implies (``state`` held ``building`` and ``error`` too)."""
+    conn.execute("ALTER TABLE instances ADD COLUMN vm_state TEXT NOT NULL DEFAULT 'active'")
+    conn.execute(
+        "UPDATE instances SET vm_state = CASE"
+        " WHEN state IN ('building', 'error') THEN state"
+        " WHEN state IN ('shutoff', 'crashed') THEN 'stopped'"
+        " ELSE 'active' END"
+    )
+
+
+def _schema_5(conn: sqlite3.Connection) -> None:
+    """Templates (issue 18): a saved guest's memory and frozen disks, and the template
+    each clone was restored from ('' for a booted instance). The rows are read and
+    written by ``minidriver.vmtemplate``."""
+    conn.execute(
+        """
+        CREATE TABLE templates (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL CHECK (status IN ('creating', 'active')),
+            created_at TEXT NOT NULL,
+            template_dir TEXT NOT NULL,
+            source_uuid TEXT NOT NULL,
+            source_dir TEXT NOT NULL,
+            flavor TEXT NOT NULL,
+            image_id TEXT NOT NULL,
+            kernel_id TEXT NOT NULL DEFAULT '',
+            ramdisk_id TEXT NOT NULL DEFAULT '',
+            network_mode TEXT NOT NULL,
+            mac_address TEXT,
+            key_name TEXT,
+            disks TEXT NOT NULL DEFAULT '{}',
+            memory_bytes INTEGER
+        )
+        """
+    )
+    conn.execute("ALTER TABLE instances ADD COLUMN template_id TEXT NOT NULL DEFAULT ''")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
-MIGRATIONS: Final[Sequence[Migration]] = (_schema_1, _schema_2, _schema_3)
+MIGRATIONS: Final[Sequence[Migration]] = (
+    _schema_1,
+    _schema_2,
+    _schema_3,
+    _schema_4,
+    _schema_5,
+)
 
 
 @dataclass(frozen=True)
@@ -190,6 +237,8 @@ class InstanceRecord:
     mac_address: str | None = None
     forward_port: int | None = None  # user mode: the host port on 127.0.0.1
     key_name: str | None = None  # the key pair booted with (boot --key-name)
+    vm_state: str = "building"  # Nova's vm_state (minidriver.vm_states.VMState)
+    template_id: str = ""  # the template a clone was restored from; '' when booted
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""

@@ -152,6 +152,8 @@ def explain(
         network_disks=network_disks,
         os_command_line=meta.os_command_line,
         vif=planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt)),
+        image_properties=meta.properties,
+        agent_socket_dir=drv.host.agent_socket_dir(),
     )
     plan.xml = guest.to_xml(config)
     return plan

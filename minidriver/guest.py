@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from minidriver import blockinfo
+from minidriver import blockinfo, guestagent
 from minidriver.exception import MinidriverError
 from minidriver.network import GUEST_SSH_PORT, VIF, NetworkMode
 from minidriver.objects import DeviceType, DiskInfo, Flavor, Instance
@@ -113,6 +113,15 @@ class GuestOS:
 
 
 @dataclass(frozen=True)
+class GuestChannel:
+    """A virtio-serial channel (Nova's ``LibvirtConfigGuestChannel``): the guest
+    agent's, on a UNIX socket of the host."""
+
+    target_name: str
+    source_path: str | None  # None: libvirt chooses the socket's path
+
+
+@dataclass(frozen=True)
 class GuestConfig:
     virt_type: str
     name: str
@@ -127,6 +136,7 @@ class GuestConfig:
     metadata: GuestMetadata
     os: GuestOS = GuestOS()
     interfaces: tuple[GuestInterface, ...] = ()
+    channels: tuple[GuestChannel, ...] = ()
     # Extra QEMU arguments (libvirt's QEMU namespace): the user-mode NIC.
     qemu_args: tuple[str, ...] = ()
     qemu_namespace: str = QEMU_NAMESPACE
@@ -267,6 +277,18 @@ def get_guest_interfaces(vif: VIF | None) -> tuple[GuestInterface, ...]:
     return (GuestInterface(net_type=str(vif.mode), source=vif.source, mac_address=vif.mac_address),)
 
 
+def get_guest_channels(
+    instance: Instance, image_properties: Mapping[str, str], socket_dir: Path | None
+) -> tuple[GuestChannel, ...]:
+    """The guest agent's channel when the image asks for it, as Nova adds it. An
+    explicit socket path short enough for a UNIX socket (107 bytes): libvirt's own,
+    under a long embedded root, would not be."""
+    if not guestagent.wants_guest_agent(image_properties):
+        return ()
+    path = os.fspath(socket_dir / f"{instance.uuid}.qga.sock") if socket_dir else None
+    return (GuestChannel(guestagent.CHANNEL_NAME, path),)
+
+
 def get_guest_config(
     instance: Instance,
     disk_info: DiskInfo,
@@ -280,9 +302,13 @@ def get_guest_config(
     os_command_line: str = "",
     vif: VIF | None = None,
     network_disks: Mapping[str, NetworkSource] | None = None,
+    image_properties: Mapping[str, str] | None = None,
+    agent_socket_dir: Path | None = None,
 ) -> GuestConfig:
     """Every decision about the domain, made here in Python. ``network_disks``: the
-    disks (by disk_info name) that live in Ceph rather than in ``instance_dir``."""
+    disks (by disk_info name) that live in Ceph rather than in ``instance_dir``.
+    ``image_properties`` with ``hw_qemu_guest_agent=yes``: the agent's channel, its
+    socket in ``agent_socket_dir`` (None: where libvirt puts it)."""
     user = vif is not None and vif.mode is NetworkMode.USER
     return GuestConfig(
         virt_type=instance.virt_type,
@@ -311,6 +337,7 @@ def get_guest_config(
         ),
         os=get_guest_os(instance, disk_info, instance_dir, os_command_line),
         interfaces=get_guest_interfaces(vif),
+        channels=get_guest_channels(instance, image_properties or {}, agent_socket_dir),
         qemu_args=user_network_args(vif, machine_type) if vif is not None and user else (),
     )
 

@@ -383,6 +383,18 @@ class Host:
             return qemu_user_of_daemon()
         return None
 
+    def agent_socket_dir(self, *, create: bool = False) -> Path | None:
+        """Where guest agent sockets go: a directory QEMU may create them in, short
+        enough for their paths (107 bytes); None: libvirt's own choice."""
+        if self.uri == SYSTEM_URI:
+            return Path("/var/lib/libvirt/qemu")  # the daemon's QEMU user owns it
+        if self.is_embedded:
+            path = self.conf.embed_root / "qga"
+            if create:
+                path.mkdir(mode=0o755, parents=True, exist_ok=True)
+            return path
+        return None
+
     def check_instances_path(self, qemu_conf: Path = QEMU_CONF) -> None:
         """Fail early, with the fix, when QEMU could not open our disk files."""
         user = self.qemu_user()

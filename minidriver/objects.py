@@ -151,4 +151,5 @@ class Instance:
     kernel_id: str = ""  # Nova's fields: the kernel and ramdisk images booted directly
     ramdisk_id: str = ""
     cache_hit: bool = False
+    clock_set: bool | None = None  # a restore: the guest's clock set by its agent (None: no agent)
     timings: dict[str, float] = field(default_factory=dict)

@@ -9,11 +9,14 @@ on its own, so nothing is registered twice.
 
 from minidriver.testing.plugin import (
     ConsoleWaitFailed,
+    MinidriverTemplate,
+    MinidriverTemplateFactory,
     MinidriverVM,
     MinidriverVMFactory,
     _minidriver_session,
     minidriver_config,
     minidriver_driver,
+    minidriver_template,
     minidriver_test_image,
     minidriver_vm,
     pytest_addoption,
@@ -24,11 +27,14 @@ from minidriver.testing.plugin import (
 
 __all__ = [
     "ConsoleWaitFailed",
+    "MinidriverTemplate",
+    "MinidriverTemplateFactory",
     "MinidriverVM",
     "MinidriverVMFactory",
     "_minidriver_session",
     "minidriver_config",
     "minidriver_driver",
+    "minidriver_template",
     "minidriver_test_image",
     "minidriver_vm",
     "pytest_addoption",

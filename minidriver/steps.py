@@ -27,6 +27,9 @@ class Step(enum.StrEnum):
     KERNEL_RAMDISK = "kernel_ramdisk"  # a kernel image's kernel and ramdisk, fetch and copy
     CLONE = "clone"  # images_type = rbd: a copy-on-write clone of the image's snapshot
     IMPORT = "import"  # images_type = rbd: the raw base written into the pool
+    SAVE_COPY = "save_copy"  # boot --template: the clone's copy of the saved memory
+    RESTORE = "restore"  # boot --template: libvirt's restore of that copy
+    SET_TIME = "set_time"  # after a restore: the guest's clock, through its agent
 
 
 # (step, seconds, finished): called when a step starts (finished False) and ends.

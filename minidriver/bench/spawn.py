@@ -485,7 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect", metavar="URI", help="libvirt URI (default: auto)")
     parser.add_argument("--flavor", default="t1.nano", help="flavor of the test guest")
     parser.add_argument(
-        "--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)"
+        "--only",
+        action="append",
+        choices=(*SCENARIOS, "template"),
+        help="run only this scenario (repeatable); template (the Debian guest booted and"
+        " cloned, minutes under TCG) runs only when named, and alone",
     )
     parser.add_argument(
         "--work-dir",
@@ -521,6 +525,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = Runs(3, 2) if args.quick else Runs(args.runs, args.runs)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.only and "template" in args.only:
+        if set(args.only) != {"template"}:
+            parser.error("--only template runs alone")
+        from minidriver.bench import template  # noqa: PLC0415 - a scenario of its own
+
+        return template.run_from_args(args)
     chosen = [s for s in SCENARIOS if not args.only or s in args.only]
     work_dir = args.work_dir or testimage.default_output_dir() / "bench"
     wall_start = time.monotonic()

@@ -20,7 +20,14 @@ from typing import Any
 from minidriver import console, explain
 from minidriver.cli.guestaccess import check_wait_ssh, wait_ssh
 from minidriver.cli.instances import chain_lines, instance_dict, show_text
-from minidriver.cli.output import EXIT_OK, DeadlineExceeded, Output, ProgressBar, human_size
+from minidriver.cli.output import (
+    EXIT_OK,
+    DeadlineExceeded,
+    Output,
+    ProgressBar,
+    UsageError,
+    human_size,
+)
 from minidriver.cli.parser import build_parser, key_values
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
 from minidriver.exception import MinidriverError
@@ -31,6 +38,11 @@ TEST_IMAGE_NAME = "minidriver-test-guest"
 
 
 def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    if args.template:
+        from minidriver.cli import vmtemplate  # noqa: PLC0415 - only a clone needs it
+
+        return vmtemplate.cmd_boot_template(drv, args, out)
+    need_image_and_flavor(args)
     if args.print_xml or args.dry_run:
         plan = explain.explain(drv, args.image, args.flavor, args.network)
         if args.print_xml:
@@ -153,7 +165,23 @@ def config_drive_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def need_image_and_flavor(args: argparse.Namespace) -> None:
+    missing = [f"--{name}" for name in ("image", "flavor") if not getattr(args, name)]
+    if missing:
+        raise UsageError(
+            # argparse's own words, as when both options were required
+            f"{args.command}: the following arguments are required: {', '.join(missing)}"
+            " (or --template)",
+            hint=f"e.g. {args.command} --image IMAGE --flavor t1.nano",
+        )
+
+
 def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    if args.template:
+        from minidriver.cli import vmtemplate  # noqa: PLC0415 - only a clone needs it
+
+        return vmtemplate.cmd_explain_template(drv, args, out)
+    need_image_and_flavor(args)
     plan = explain.explain(drv, args.image, args.flavor)
     out.result(
         plan.to_dict(),

@@ -97,6 +97,7 @@ def cmd_cleanup(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
         *(f"{verb} reservation of forwarded port {port}" for port in report.ports),
         *(f"{verb} RBD disk {d}" for d in report.rbd_disks),
         *(f"{verb} image {i} (left saving by an add that died)" for i in report.images),
+        *(f"{verb} half-made template {d}" for d in report.templates),
         *(f"skipped {s}" for s in report.skipped),
         f"{verb} {report.total()} leftovers" if report.total() else "nothing to clean up",
     ]

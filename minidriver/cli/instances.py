@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from minidriver import console
+from minidriver import console, vm_states
 from minidriver.cli.output import (
     EXIT_ERROR,
     EXIT_OK,
@@ -37,7 +37,8 @@ def instance_dict(drv: LibvirtDriver, uuid: str) -> dict[str, Any]:
         "uuid": record.uuid,
         "name": record.name,
         "display_name": record.display_name,
-        "state": drv.get_info(uuid).state,
+        "state": (state := drv.get_info(uuid).state),
+        "vm_state": vm_states.synced(record.vm_state, state),
         "flavor": record.flavor,
         "image": record.image_id,
         "virt_type": drv.host.virt_type.virt_type,
@@ -113,6 +114,7 @@ def show_text(data: dict[str, Any], base_dir: Path) -> str:
             "name",
             "display_name",
             "state",
+            "vm_state",
             "flavor",
             "image",
             "virt_type",
@@ -146,10 +148,10 @@ def network_rows(data: dict[str, Any]) -> list[tuple[str, object]]:
 
 def cmd_list(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
     records = drv.list_instances()
-    rows = [(r.uuid, r.name, r.display_name, r.state, r.flavor) for r in records]
+    rows = [(r.uuid, r.name, r.display_name, r.state, r.vm_state, r.flavor) for r in records]
     out.result(
         [instance_dict(drv, r.uuid) for r in records],
-        lambda: format_table(("uuid", "name", "display_name", "state", "flavor"), rows),
+        lambda: format_table(("uuid", "name", "display_name", "state", "vm_state", "flavor"), rows),
     )
     return EXIT_OK
 

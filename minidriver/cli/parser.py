@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
-    p = command("boot", "boot a new instance")
-    p.add_argument("--image", required=True)
-    p.add_argument("--flavor", required=True)
+    p = command("boot", "boot a new instance (or restore a clone of a template)")
+    p.add_argument("--image", help="required unless --template")
+    p.add_argument("--flavor", help="required unless --template")
+    p.add_argument("--template", metavar="NAME", help="restore a clone of this template")
     p.add_argument("--name", help="display name (default: the image's name)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="bound on the whole boot")
     p.add_argument("--wait-for", metavar="REGEX", help="wait until the console matches")
@@ -134,7 +135,11 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("instance")
     p.add_argument("--force", action="store_true", help="hard stop at once")
     p.add_argument("--timeout", type=float, default=60, metavar="SECONDS")
-    command("start", "start a stopped instance").add_argument("instance")
+    command("start", "start a stopped instance (a suspended one resumes)").add_argument("instance")
+    command("suspend", "save the guest's memory and stop it (managed save)").add_argument(
+        "instance"
+    )
+    command("resume", "start a suspended instance from its saved memory").add_argument("instance")
     p = command("reboot", "reboot an instance (ACPI; --hard: stop and start)")
     p.add_argument("instance")
     p.add_argument("--hard", action="store_true")
@@ -151,8 +156,20 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("cleanup", "after a crash: remove this state dir's leftovers")
     p.add_argument("--dry-run", action="store_true", help="report, remove nothing")
     p = command("explain", "the files and commands a boot would make, and its XML")
-    p.add_argument("--image", required=True)
-    p.add_argument("--flavor", required=True)
+    p.add_argument("--image", help="required unless --template")
+    p.add_argument("--flavor", help="required unless --template")
+    p.add_argument("--template", metavar="NAME", help="what boot --template would make")
+    template = command("template", "a ready guest saved once, restored as clones").add_subparsers(
+        dest="template_command", metavar="SUBCOMMAND", required=True
+    )
+    p = command("create", "save a running instance as a template (consumes it)", template)
+    p.add_argument("instance")
+    p.add_argument("--name", required=True, help="the template's name")
+    command("list", "list templates", template)
+    command("show", "show a template, its files and clones", template).add_argument("template")
+    command("delete", "delete a template (refused while it has clones)", template).add_argument(
+        "template"
+    )
     p = command("demo", "first run: build the test guest, boot it, show it, delete it")
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS")
 

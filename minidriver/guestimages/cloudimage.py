@@ -67,7 +67,10 @@ COMPONENT = "main"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 # On top of minbase. python3-cffi-backend: a dependency of cloud-init's that
 # debootstrap's resolver misses (apt's finds it; named so the key pins it). sudo: the
-# default user cloud-init makes gets its admin rights through it.
+# default user cloud-init makes gets its admin rights through it. qemu-guest-agent:
+# minidriver sets a restored clone's clock through it (hw_qemu_guest_agent=yes), and
+# QEMU 7.2's agent answers guest-set-time "unsupported" without /sbin/hwclock, which
+# bookworm has in util-linux-extra.
 PACKAGES = (
     KERNEL_METAPACKAGE,
     "systemd-sysv",
@@ -81,6 +84,8 @@ PACKAGES = (
     "openssh-server",
     "python3-cffi-backend",
     "sudo",
+    "qemu-guest-agent",
+    "util-linux-extra",
 )
 
 IMAGE_NAME = "debian-cloud.qcow2"

@@ -14,6 +14,15 @@ Fixtures:
   a ``Path`` or an existing file (added to the store once per session, keyed by its
   resolved path) or an image id or name in the store. Every VM a test made is
   destroyed when the test ends, and its snapshots deleted.
+- ``minidriver_template``: a session-scoped factory, ``tpl = minidriver_template(
+  image=..., flavor="t1.nano", wait_for=REGEX, wait_ssh=False, network=None,
+  config_drive=None, key_name=None)``: boots the image once, waits for the console line
+  (or the guest's SSH banner), saves it as a template and returns a
+  :class:`MinidriverTemplate`; the same arguments return the same template for the
+  rest of the session, which deletes it at its end. ``minidriver_vm(template=tpl)``
+  then restores a clone of it: RUNNING in about a second, already booted. A clone
+  prints no boot lines (its console holds only what the guest writes after the
+  restore), and shares the template's hostname, machine-id and SSH host keys.
 - ``minidriver_driver``: the session's :class:`~minidriver.driver.LibvirtDriver`.
 - ``minidriver_config``: the session's :class:`~minidriver.config.Config`: a fresh state
   dir under ``/var/tmp`` (mode 0755, as a daemon's QEMU runs as ``libvirt-qemu`` and must
@@ -63,6 +72,10 @@ the root named. State dirs sharing a daemon each count their own ``instance-%08x
 names, and the driver checks a name is free before defining it; two of them may pick
 the same one at the same moment, and libvirt refuses the second define. The factory
 then spawns again (the spawn undid itself; the next try takes the next name).
+
+Bigger than the ~600-line guide: the teardown guarantees above (factory, session,
+sessionfinish sweep, SIGINT) and the template fixtures share one registry of what
+the session made; split, each part would need the others' internals.
 """
 
 from __future__ import annotations
@@ -75,6 +88,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,35 +436,46 @@ class MinidriverVMFactory:
     def __call__(
         self,
         *,
-        image: str | os.PathLike[str],
+        image: str | os.PathLike[str] | None = None,
         flavor: str = DEFAULT_FLAVOR,
         name: str | None = None,
         config_drive: bool | None = None,
         user_data: bytes | str | None = None,
         hostname: str | None = None,
         meta: Mapping[str, str] | None = None,
+        template: MinidriverTemplate | str | None = None,
     ) -> MinidriverVM:
-        """Boot ``image`` with ``flavor``; returns once the domain is RUNNING.
+        """Boot ``image`` with ``flavor``, or restore a clone of ``template`` (a
+        :class:`MinidriverTemplate`, or a template's name or id); returns once the
+        domain is RUNNING. A clone is ready then: it goes on from where its template
+        was saved, prints no boot lines, and ``wait_for_console`` sees only what it
+        writes after the restore.
 
         ``name`` is the display name (default: the test's name, numbered from the
         second VM on). ``user_data``, ``hostname`` or ``meta`` imply a config drive.
         """
-        if isinstance(user_data, str):
-            user_data = user_data.encode()
-        if config_drive is None and (user_data or hostname or meta):
-            config_drive = True
+        if (image is None) == (template is None):
+            raise TypeError("minidriver_vm: give image= or template=, one of the two")
         display_name = name or self._default_name()
-        image_id = self._session.image_ref(image)
-        instance = self.driver.spawn(
-            display_name,
-            image_id,
-            flavor,
-            timeout=self.boot_timeout,
-            config_drive=config_drive,
-            user_data=user_data,
-            hostname=hostname,
-            meta=meta,
-        )
+        if template is not None:
+            instance = self._clone(template, display_name)
+        else:
+            assert image is not None
+            if isinstance(user_data, str):
+                user_data = user_data.encode()
+            if config_drive is None and (user_data or hostname or meta):
+                config_drive = True
+            image_id = self._session.image_ref(image)
+            instance = self.driver.spawn(
+                display_name,
+                image_id,
+                flavor,
+                timeout=self.boot_timeout,
+                config_drive=config_drive,
+                user_data=user_data,
+                hostname=hostname,
+                meta=meta,
+            )
         self._session.registry.live[instance.uuid] = self.driver
         vm = MinidriverVM(
             self.driver,
@@ -460,6 +485,13 @@ class MinidriverVMFactory:
         )
         self.vms.append(vm)
         return vm
+
+    def _clone(self, template: MinidriverTemplate | str, display_name: str) -> Instance:
+        from minidriver.vmtemplate import Templates  # noqa: PLC0415 - the plugin loads without libvirt
+
+        templates = Templates(self.driver)
+        ref = template.id if isinstance(template, MinidriverTemplate) else template
+        return templates.spawn(templates.find(ref).id, name=display_name, timeout=self.boot_timeout)
 
     def _default_name(self) -> str:
         base = re.sub(r"[^A-Za-z0-9-]+", "-", self._item.name).strip("-")[:48] or "vm"
@@ -511,6 +543,100 @@ class MinidriverVMFactory:
             with contextlib.suppress(ImageNotFound):
                 self.driver.images.delete(image_id)
         if errors:
+            raise errors[0]
+
+
+# -- templates ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MinidriverTemplate:
+    """A template the session made: a ready guest, saved; clone it with
+    ``minidriver_vm(template=...)``."""
+
+    id: str
+    name: str
+    seconds: float  # boot, wait and save, once for the session
+
+
+class MinidriverTemplateFactory:
+    """``minidriver_template(image=..., wait_for=...)``: a template, made once per
+    session for the same arguments, deleted at the session's end."""
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+        self._made: dict[tuple[object, ...], MinidriverTemplate] = {}
+
+    def __call__(
+        self,
+        *,
+        image: str | os.PathLike[str],
+        flavor: str = DEFAULT_FLAVOR,
+        wait_for: str | None = None,
+        wait_ssh: bool = False,
+        network: str | None = None,
+        config_drive: bool | None = None,
+        key_name: str | None = None,
+        name: str | None = None,
+    ) -> MinidriverTemplate:
+        """Boot ``image``, wait until its console matches ``wait_for`` (and/or its
+        SSH server answers, ``wait_ssh``), save it as a template. A template must
+        be made of a ready guest: give at least one of the two waits."""
+        from minidriver import ssh  # noqa: PLC0415 - the plugin loads without libvirt
+        from minidriver.vmtemplate import Templates  # noqa: PLC0415
+
+        if wait_for is None and not wait_ssh:
+            raise TypeError("minidriver_template: give wait_for= or wait_ssh=True")
+        image_id = self._session.image_ref(image)
+        key = (image_id, flavor, wait_for, wait_ssh, network, config_drive, key_name)
+        if key in self._made:
+            return self._made[key]
+        driver = self._session.driver
+        timeout = self._session.boot_timeout
+        started = time.monotonic()
+        tpl_name = name or f"pytest-template-{len(self._made) + 1}-{os.getpid()}"
+        instance = driver.spawn(
+            f"{tpl_name}-source",
+            image_id,
+            flavor,
+            timeout=timeout,
+            network=network,
+            config_drive=config_drive,
+            key_name=key_name,
+        )
+        self._session.registry.live[instance.uuid] = driver
+        log = Path(instance.instance_dir) / "console.log"
+        remaining = max(0.0, timeout - (time.monotonic() - started))
+        alive = lambda: driver.get_info(instance.uuid).state == "running"  # noqa: E731
+        if wait_for is not None:
+            wait_for_console(log, wait_for, remaining, alive=alive)
+        if wait_ssh:
+            port = driver.db.get_instance(instance.uuid).forward_port
+            if port is None:
+                raise TypeError("minidriver_template: wait_ssh needs the user network")
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            ssh.wait_for_banner(port, remaining, alive=alive)
+        record = Templates(driver).create(instance.uuid, tpl_name)
+        self._session.registry.live.pop(instance.uuid, None)  # consumed
+        made = MinidriverTemplate(record.id, record.name, time.monotonic() - started)
+        self._made[key] = made
+        return made
+
+    def close(self) -> None:
+        """Delete the session's templates (their clones are gone by now)."""
+        from minidriver.vmtemplate import TemplateNotFound, Templates  # noqa: PLC0415
+
+        templates = Templates(self._session.driver)
+        errors: list[BaseException] = []
+        for made in self._made.values():
+            try:
+                templates.delete(made.id)
+            except TemplateNotFound:
+                pass
+            except Exception as exc:  # a kept clone holds it: go on with the others
+                errors.append(exc)
+        self._made.clear()
+        if errors and not self._session.registry.kept_dirs:
             raise errors[0]
 
 
@@ -595,6 +721,20 @@ def minidriver_vm(
     finally:
         with _sigint_held(request.session):
             factory.teardown()
+
+
+@pytest.fixture(scope="session")
+def minidriver_template(
+    _minidriver_session: _Session,
+) -> Iterator[MinidriverTemplateFactory]:
+    """A factory of templates (boot, wait, save), each made once per session and
+    deleted at its end; clone one with ``minidriver_vm(template=...)``."""
+    factory = MinidriverTemplateFactory(_minidriver_session)
+    try:
+        yield factory
+    finally:
+        with _sigint_held():
+            factory.close()
 
 
 @pytest.fixture(scope="session")

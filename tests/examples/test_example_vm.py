@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from minidriver.pytest_plugin import MinidriverVMFactory
+from minidriver.pytest_plugin import (
+    MinidriverTemplate,
+    MinidriverTemplateFactory,
+    MinidriverVMFactory,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -22,3 +26,22 @@ def test_guest_boots_and_sees_its_root_disk(
     vm.wait_for_console(r"^minidriver-guest: ready", timeout=120)
     assert "minidriver-guest: disk vda 1073741824 root" in vm.console_text()
     assert vm.info().state == "running"
+
+
+@pytest.fixture(scope="session")
+def ready_guest(
+    minidriver_template: MinidriverTemplateFactory, minidriver_test_image: Path
+) -> MinidriverTemplate:
+    """The test guest booted once and saved when ready: every test below clones it."""
+    return minidriver_template(image=minidriver_test_image, wait_for=r"^minidriver-guest: ready")
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_clones_start_ready_with_their_own_disks(
+    minidriver_vm: MinidriverVMFactory, ready_guest: MinidriverTemplate, n: int
+) -> None:
+    vm = minidriver_vm(template=ready_guest)
+    assert vm.info().state == "running"  # ready now: restored, not booting
+    assert "minidriver-guest: up" not in vm.console_text()  # no boot lines
+    vm.driver.reboot(vm.uuid, hard=True)  # a boot of its own disk: the counter goes on
+    vm.wait_for_console(r"^minidriver-guest: boot-count 2", timeout=120)

@@ -131,6 +131,7 @@ def test_kill_9_then_cleanup_then_boot(
         "dry_run": True, "domains": [], "records": [], "instance_dirs": [],
         "partial_files": [], "locks": [], "ports": [], "rbd_disks": [], "images": [],
         "skipped": [],
+        "templates": [],
     }  # fmt: skip
 
     boot = run_json(

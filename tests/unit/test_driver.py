@@ -48,6 +48,8 @@ PATTERN = 0xAB
 # The contract's names, and the steps later features added: the config drive, a
 # kernel image's kernel and ramdisk, the rbd clone and import.
 TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive", "kernel_ramdisk", "clone", "import"}
+# ... and those of a clone restored from a template (boot --template)
+TIMING_KEYS |= {"save_copy", "restore", "set_time"}
 # The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
 NANO_DISKS = {"disk": 1 * GiB, "disk.local": 1 * GiB, "disk.swap": 64 * MiB}
 

@@ -36,6 +36,8 @@ RBD_ROOT_AUTH = guest.NetworkSource(
     secret_uuid="457eb676-33da-42ec-9a8c-9293d545c337",
 )
 
+AGENT_SOCKET_DIR = Path("/var/lib/libvirt/qemu")
+
 # flavor, image properties, virt_type, config drive format, NIC, root disk in Ceph
 Case = tuple[Flavor, dict[str, str], str, str | None, VIF | None, guest.NetworkSource | None]
 CASES: dict[str, Case] = {
@@ -62,6 +64,8 @@ CASES: dict[str, Case] = {
     # drive, a second cdrom on the last IDE device.
     "iso-root": (NANO, {}, "qemu", None, None, None),
     "iso-root-config-drive": (NANO, {}, "qemu", "iso9660", None, None),
+    # Nova's image property: the QEMU guest agent's virtio-serial channel.
+    "guest-agent": (NANO, {"hw_qemu_guest_agent": "yes"}, "qemu", None, USER_VIF, None),
 }
 # The image's disk_format where it is not qcow2.
 DISK_FORMATS = {"iso-root": "iso", "iso-root-config-drive": "iso"}
@@ -109,6 +113,8 @@ def render(
         cache="none",
         vif=vif,
         network_disks={"disk": rbd_root} if rbd_root else None,
+        image_properties=props,
+        agent_socket_dir=AGENT_SOCKET_DIR,
     )
     return guest.to_xml(config)
 
