@@ -97,8 +97,8 @@ def render_scaling(section: Mapping[str, Any]) -> str:
         ["", "seconds or ratio"],
         [
             ["cold spawn to RUNNING", cell(cold["spawn"]["total"])],
-            ["  its fetch (copy + sha512 + checks)", cell(cold["spawn"]["fetch"])],
-            ["  its convert (+ fsync)", cell(cold["spawn"]["convert"])],
+            ["  its fetch (checks of the store's file)", cell(cold["spawn"]["fetch"])],
+            ["  its convert (+ fsync, sha512 beside it)", cell(cold["spawn"]["convert"])],
             ["qemu-img convert alone", cell(cold["convert"])],
             ["cold spawn / qemu-img convert", ratio_cell(cold["ratio"])],
             *(
