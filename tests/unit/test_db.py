@@ -403,16 +403,18 @@ def test_threads_that_end_leave_no_connection_open(tmp_path: Path) -> None:
             assert db.list_instances() == []
 
         after_round = []
-        for _round in range(4):
+        for _round in range(5):
             threads = [threading.Thread(target=work) for _ in range(8)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
             after_round.append(fds_open_on(path))
-        assert db.next_sequence("instance") == 33  # every thread's write counted
-        # Flat: what a round opens beyond the pool's idle connection is closed when
-        # its operation ends (SQLite may keep a closed connection's fd of the file
-        # for the next open while the idle one holds a lock on it: reused, not grown).
-        assert after_round == [after_round[0]] * 4
+        assert db.next_sequence("instance") == 41  # every thread's write counted
+        # Flat from the second round on, as the load test judges it: what a round opens
+        # beyond the pool's idle connection is closed when its operation ends. SQLite
+        # may keep a closed connection's fd of the file for a later open while another
+        # holds a lock on it (the first round can settle a little higher): reused, not
+        # grown. One connection kept per thread grew by 16 each round.
+        assert after_round[1:] == [after_round[1]] * 4, after_round
     assert fds_open_on(path) == 0
