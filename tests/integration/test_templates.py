@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_run import minidriver, run_json
 
 from minidriver import savefile
 from minidriver.config import Config, load_config
@@ -167,17 +168,6 @@ def state(host_config: Config) -> Iterator[Path]:
         check=False,
     )
     shutil.rmtree(path, ignore_errors=True)
-
-
-def minidriver(state: Path, uri: str, *args: str) -> list[str]:
-    argv = ["--state-dir", str(state), *(["--connect", uri] if uri else []), *args]
-    return [sys.executable, "-m", "minidriver", *argv]
-
-
-def run_json(cmd: list[str]) -> Any:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout)
 
 
 def kill_at(point: str, state: Path, argv: list[str]) -> None:
