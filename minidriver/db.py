@@ -445,6 +445,19 @@ class Database:
             except sqlite3.DatabaseError as exc:
                 raise self._error("cannot read", exc) from exc
 
+    def query_ref(
+        self, table: str, ref: str, *, key: str, names: Sequence[str]
+    ) -> list[sqlite3.Row]:
+        """The rows of ``table`` that ``ref`` may name, oldest first, for :func:`resolve`:
+        ``key`` equal to it or starting with it, or a ``names`` column equal to it."""
+        named = "".join(f" OR {column} = :ref" for column in names)
+        return self.query(
+            # Table and column names come from the code, never from input.
+            f"SELECT * FROM {table} WHERE {key} = :ref OR substr({key}, 1, :len) = :prefix"  # noqa: S608
+            f"{named} ORDER BY created_at, rowid",
+            {"ref": ref, "len": len(ref), "prefix": ref.lower()},
+        )
+
     def _error(self, what: str, exc: sqlite3.Error) -> StateDatabaseError:
         hint = None
         if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
@@ -493,11 +506,7 @@ class Database:
     def find_instance(self, ref: str) -> InstanceRecord:
         """The one instance ``ref`` names: its uuid, a unique uuid prefix, its display
         name or its domain name."""
-        rows = self.query(
-            "SELECT * FROM instances WHERE uuid = :ref OR substr(uuid, 1, :len) = :prefix "
-            "OR display_name = :ref OR name = :ref ORDER BY created_at, rowid",
-            {"ref": ref, "len": len(ref), "prefix": ref.lower()},
-        )
+        rows = self.query_ref("instances", ref, key="uuid", names=("display_name", "name"))
         return resolve(
             ref,
             [_instance(row) for row in rows] if ref else [],

@@ -238,11 +238,7 @@ class Templates:
 
     def find(self, ref: str) -> TemplateRecord:
         """The one template ``ref`` names: its id, a unique id prefix or its name."""
-        rows = self.db.query(
-            "SELECT * FROM templates WHERE id = :ref OR substr(id, 1, :len) = :prefix"
-            " OR name = :ref ORDER BY created_at, rowid",
-            {"ref": ref, "len": len(ref), "prefix": ref.lower()},
-        )
+        rows = self.db.query_ref("templates", ref, key="id", names=("name",))
         return resolve(
             ref,
             [_row(r) for r in rows] if ref else [],

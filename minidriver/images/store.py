@@ -562,11 +562,7 @@ class ImageService:
 
     def get(self, ref: str) -> Image:
         """The image ``ref`` names: its id, a unique id prefix or a unique name."""
-        rows = self.db.query(
-            "SELECT * FROM images WHERE id = :ref OR substr(id, 1, :len) = :prefix "
-            "OR name = :ref ORDER BY created_at, rowid",
-            {"ref": ref, "len": len(ref), "prefix": ref.lower()},
-        )
+        rows = self.db.query_ref("images", ref, key="id", names=("name",))
         return resolve(
             ref,
             [_image(row) for row in rows] if ref else [],
