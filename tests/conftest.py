@@ -203,6 +203,20 @@ def drv(conf: Config, make_driver: Callable[[Config], LibvirtDriver]) -> Libvirt
     return make_driver(conf)
 
 
+@pytest.fixture(scope="session")
+def empty_qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A blank 64 MiB qcow2 (no guest in it): enough for what runs on the test driver."""
+    path = tmp_path_factory.mktemp("src") / "cirros.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(64 * 2**20)], check=True)
+    return path
+
+
+@pytest.fixture
+def empty_qcow2_id(drv: LibvirtDriver, empty_qcow2: Path) -> str:
+    """:func:`empty_qcow2` added to ``drv``'s image service as ``cirros``."""
+    return drv.images.add(empty_qcow2, name="cirros", disk_format="qcow2").id
+
+
 @pytest.fixture
 def make_driver() -> Iterator[Callable[[Config], LibvirtDriver]]:
     """Drivers made in a test, their connections and databases closed after it."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,6 @@ from minidriver.db import Database
 from minidriver.driver import LibvirtDriver
 from minidriver.exception import MinidriverError
 
-MiB = 1024**2
-
-
-@pytest.fixture(scope="module")
-def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("src") / "cirros.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(64 * MiB)], check=True)
-    return path
-
-
-@pytest.fixture
-def image_id(drv: LibvirtDriver, source_image: Path) -> str:
-    return drv.images.add(source_image, name="cirros", disk_format="qcow2").id
-
 
 def domain(drv: LibvirtDriver, name: str) -> libvirt.virDomain:
     return drv.host.get_connection().lookupByName(name)
@@ -44,8 +29,8 @@ def states(drv: LibvirtDriver, uuid: str) -> tuple[str, str]:
     return listed.state, listed.vm_state
 
 
-def test_a_spawn_is_active_and_stop_start_follow(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("vm", image_id, "t1.nano")
+def test_a_spawn_is_active_and_stop_start_follow(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     assert states(drv, inst.uuid) == ("running", "active")
     drv.power_off(inst.uuid, force=True)
     assert states(drv, inst.uuid) == ("shutoff", "stopped")
@@ -53,15 +38,19 @@ def test_a_spawn_is_active_and_stop_start_follow(drv: LibvirtDriver, image_id: s
     assert states(drv, inst.uuid) == ("running", "active")
 
 
-def test_a_guest_that_shut_itself_down_shows_stopped(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("vm", image_id, "t1.nano")
+def test_a_guest_that_shut_itself_down_shows_stopped(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     domain(drv, inst.name).destroy()  # not through minidriver: the record says active
     assert drv.db.get_instance(inst.uuid).vm_state == "active"
     assert states(drv, inst.uuid) == ("shutoff", "stopped")
 
 
-def test_suspend_saves_the_memory_and_resume_restores_it(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("vm", image_id, "t1.nano")
+def test_suspend_saves_the_memory_and_resume_restores_it(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     drv.suspend(inst.uuid)
     dom = domain(drv, inst.name)
     assert dom.hasManagedSaveImage(0) == 1
@@ -71,8 +60,8 @@ def test_suspend_saves_the_memory_and_resume_restores_it(drv: LibvirtDriver, ima
     assert states(drv, inst.uuid) == ("running", "active")
 
 
-def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("vm", image_id, "t1.nano")
+def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     drv.suspend(inst.uuid)
     dom = domain(drv, inst.name)
     # libvirt's start of a domain with a managed save image restores that image
@@ -83,9 +72,9 @@ def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, image_id: 
 
 
 def test_stop_of_a_suspended_instance_is_refused_and_keeps_its_memory(
-    drv: LibvirtDriver, image_id: str
+    drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("vm", image_id, "t1.nano")
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     drv.suspend(inst.uuid)
     with pytest.raises(MinidriverError, match="suspended"):
         drv.power_off(inst.uuid)
@@ -93,8 +82,8 @@ def test_stop_of_a_suspended_instance_is_refused_and_keeps_its_memory(
     assert states(drv, inst.uuid) == ("shutoff", "suspended")
 
 
-def test_wrong_states_are_refused(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("vm", image_id, "t1.nano")
+def test_wrong_states_are_refused(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     with pytest.raises(MinidriverError, match="not suspended"):
         drv.resume(inst.uuid)
     drv.power_off(inst.uuid, force=True)
@@ -106,9 +95,9 @@ def test_wrong_states_are_refused(drv: LibvirtDriver, image_id: str) -> None:
 
 
 def test_delete_of_a_suspended_instance_removes_its_saved_state(
-    drv: LibvirtDriver, image_id: str
+    drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("vm", image_id, "t1.nano")
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     drv.suspend(inst.uuid)
     drv.destroy(inst.uuid)
     assert drv.host.find_domain(inst.name) is None
@@ -155,9 +144,9 @@ def run(drv: LibvirtDriver, conf: Config, capsys: pytest.CaptureFixture[str], *a
 
 
 def test_suspend_and_resume_commands(
-    drv: LibvirtDriver, conf: Config, image_id: str, capsys: pytest.CaptureFixture[str]
+    drv: LibvirtDriver, conf: Config, empty_qcow2_id: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    inst = drv.spawn("web", image_id, "t1.nano")
+    inst = drv.spawn("web", empty_qcow2_id, "t1.nano")
     code, shown = run(drv, conf, capsys, "show", "web")
     assert (code, shown["state"], shown["vm_state"]) == (0, "running", "active")
     code, done = run(drv, conf, capsys, "suspend", "web")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import libvirt
@@ -28,25 +27,11 @@ from minidriver.vmtemplate import (
     clone_xml,
 )
 
-MiB = 1024**2
-
-
-@pytest.fixture(scope="module")
-def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("src") / "cirros.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(64 * MiB)], check=True)
-    return path
-
-
-@pytest.fixture
-def image_id(drv: LibvirtDriver, source_image: Path) -> str:
-    return drv.images.add(source_image, name="cirros", disk_format="qcow2").id
-
 
 def test_clone_xml_names_the_clones_own_files_and_port(
-    drv: LibvirtDriver, image_id: str, tmp_path: Path
+    drv: LibvirtDriver, empty_qcow2_id: str, tmp_path: Path
 ) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano", network="user", config_drive=True)
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano", network="user", config_drive=True)
     source_dir = inst.instance_dir
     xml = (Path(source_dir) / "libvirt.xml").read_text()
     clone_dir, template_dir = tmp_path / "clone", tmp_path / "tpl"
@@ -88,9 +73,9 @@ def test_clone_xml_names_the_clones_own_files_and_port(
 
 
 def test_clone_xml_refuses_a_path_outside_the_source_dir(
-    drv: LibvirtDriver, image_id: str, tmp_path: Path
+    drv: LibvirtDriver, empty_qcow2_id: str, tmp_path: Path
 ) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano", network="none")
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano", network="none")
     xml = (Path(inst.instance_dir) / "libvirt.xml").read_text()
     stray = xml.replace(f"{inst.instance_dir}/disk.swap", "/elsewhere/disk.swap")
     with pytest.raises(TemplateError, match=r"/elsewhere/disk\.swap"):
@@ -117,9 +102,9 @@ def test_clone_xml_refuses_a_path_outside_the_source_dir(
     ],
 )
 def test_create_refuses_and_changes_nothing(
-    drv: LibvirtDriver, image_id: str, network: str, stop: bool, message: str
+    drv: LibvirtDriver, empty_qcow2_id: str, network: str, stop: bool, message: str
 ) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano", network=network)
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano", network=network)
     if stop:
         drv.power_off(inst.uuid, force=True)
     with pytest.raises(TemplateError, match=message):
@@ -159,13 +144,13 @@ def template_record(drv: LibvirtDriver, source: InstanceRecord, status: str) -> 
     )
 
 
-def test_delete_is_refused_while_clones_exist(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano")
+def test_delete_is_refused_while_clones_exist(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
     templates = Templates(drv)
     tpl = template_record(drv, drv.db.get_instance(inst.uuid), "active")
     templates._insert(tpl)
     tpl.path.mkdir(parents=True)
-    clone = drv.spawn("clone-1", image_id, "t1.nano")
+    clone = drv.spawn("clone-1", empty_qcow2_id, "t1.nano")
     drv.db.update_instance(clone.uuid, template_id=tpl.id)
     with pytest.raises(TemplateError, match="clone-1"):
         templates.delete(tpl.id)
@@ -175,8 +160,10 @@ def test_delete_is_refused_while_clones_exist(drv: LibvirtDriver, image_id: str)
     assert templates.list() == [] and not tpl.path.exists()
 
 
-def test_the_cache_counts_the_bases_behind_frozen_disks(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano")
+def test_the_cache_counts_the_bases_behind_frozen_disks(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
     record = drv.db.get_instance(inst.uuid)
     tpl = template_record(drv, record, "active")
     tpl.path.mkdir(parents=True)
@@ -203,9 +190,9 @@ def test_the_cache_counts_the_bases_behind_frozen_disks(drv: LibvirtDriver, imag
 
 
 def test_cleanup_removes_a_half_made_template_and_its_source(
-    drv: LibvirtDriver, image_id: str
+    drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano", network="user")
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano", network="user")
     record = drv.db.get_instance(inst.uuid)
     templates = Templates(drv)
     tpl = template_record(drv, record, "creating")
@@ -232,8 +219,8 @@ def test_cleanup_removes_a_half_made_template_and_its_source(
     assert cleanup.cleanup(drv, dry_run=False).total() == 0
 
 
-def test_an_active_template_is_never_an_orphan(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano")
+def test_an_active_template_is_never_an_orphan(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
     record = drv.db.get_instance(inst.uuid)
     tpl = dataclasses.replace(template_record(drv, record, "active"), source_uuid="gone")
     Templates(drv)._insert(tpl)
@@ -278,9 +265,9 @@ def test_template_commands_refuse_what_they_cannot_do(
 
 
 def test_template_list_and_show(
-    drv: LibvirtDriver, image_id: str, capsys: pytest.CaptureFixture[str]
+    drv: LibvirtDriver, empty_qcow2_id: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano")
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
     tpl = template_record(drv, drv.db.get_instance(inst.uuid), "active")
     Templates(drv)._insert(tpl)
     tpl.path.mkdir(parents=True)
@@ -331,10 +318,10 @@ def agent_error(code: int) -> libvirt.libvirtError:
     return exc
 
 
-def test_the_clock_is_set_once_the_agent_answers(drv: LibvirtDriver, image_id: str) -> None:
+def test_the_clock_is_set_once_the_agent_answers(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
     from minidriver import guestagent
 
-    inst = drv.spawn("src", image_id, "t1.nano")
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
     domain = drv.host.find_domain(inst.name)
     assert domain is not None
     calls: list[dict[str, int]] = []
@@ -356,8 +343,8 @@ def test_the_clock_is_set_once_the_agent_answers(drv: LibvirtDriver, image_id: s
     assert guestagent.sync_guest_time(domain, wait=10) is False
 
 
-def test_create_refuses_an_rbd_root_for_now(drv: LibvirtDriver, image_id: str) -> None:
-    inst = drv.spawn("src", image_id, "t1.nano")
+def test_create_refuses_an_rbd_root_for_now(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
     disk_info = Path(inst.instance_dir) / "disk.info"
     recorded = json.loads(disk_info.read_text())
     # As images_type = rbd records it: the root disk in Ceph (Nova's rbd: path).
