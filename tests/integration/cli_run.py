@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,3 +21,23 @@ def run_json(cmd: list[str]) -> Any:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout)
+
+
+def wanted_connection_uri() -> str:
+    """The connection ``MINIDRIVER_TEST_CONNECTION`` names; empty (auto) when unset."""
+    wanted = os.environ.get("MINIDRIVER_TEST_CONNECTION", "")
+    return {"daemon": "qemu:///system", "embed": "qemu:///embed"}.get(wanted, "")
+
+
+def run_with_config(
+    state: Path, *argv: str, timeout: float, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``minidriver`` on ``state`` and its ``minidriver.conf``, on the test connection."""
+    uri = wanted_connection_uri()
+    cmd = [sys.executable, "-m", "minidriver", "--state-dir", str(state),
+           "--config", str(state / "minidriver.conf"), *(["--connect", uri] if uri else []),
+           *argv]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check:
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+    return proc

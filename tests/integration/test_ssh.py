@@ -7,16 +7,16 @@ it, on a state dir of its own; the only traffic is ssh to 127.0.0.1.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_run import run_with_config
 from conftest import TRAVERSABLE_TMP
 
 from minidriver.guestimages import cloudimage
@@ -40,22 +40,7 @@ def cli_state() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def connection_uri() -> str:
-    wanted = os.environ.get("MINIDRIVER_TEST_CONNECTION", "")
-    return {"daemon": "qemu:///system", "embed": "qemu:///embed"}.get(wanted, "")
-
-
-def minidriver(
-    state: Path, *argv: str, check: bool = True, timeout: float = BOOT_TIMEOUT + 60
-) -> subprocess.CompletedProcess[str]:
-    uri = connection_uri()
-    cmd = [sys.executable, "-m", "minidriver", "--state-dir", str(state),
-           "--config", str(state / "minidriver.conf"), *(["--connect", uri] if uri else []),
-           *argv]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if check:
-        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+minidriver = functools.partial(run_with_config, timeout=BOOT_TIMEOUT + 60)
 
 
 def test_ssh_into_a_debian_guest_booted_with_a_key_pair(

@@ -9,12 +9,10 @@ of its own; the only traffic is ssh to 127.0.0.1.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_run import run_with_config
 from conftest import TRAVERSABLE_TMP
 
 from minidriver.guestimages import cloudimage
@@ -48,22 +47,7 @@ def state() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def connection_uri() -> str:
-    wanted = os.environ.get("MINIDRIVER_TEST_CONNECTION", "")
-    return {"daemon": "qemu:///system", "embed": "qemu:///embed"}.get(wanted, "")
-
-
-def minidriver(
-    state: Path, *argv: str, check: bool = True, timeout: float = BOOT_TIMEOUT + 60
-) -> subprocess.CompletedProcess[str]:
-    uri = connection_uri()
-    cmd = [sys.executable, "-m", "minidriver", "--state-dir", str(state),
-           "--config", str(state / "minidriver.conf"), *(["--connect", uri] if uri else []),
-           *argv]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if check:
-        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+minidriver = functools.partial(run_with_config, timeout=BOOT_TIMEOUT + 60)
 
 
 def doc(state: Path, *argv: str) -> Any:
