@@ -109,16 +109,29 @@ power_button() {
     poweroff -f
 }
 
-# dirty_memory MIB: rewrite MIB MiB of guest memory (a tmpfs file) without pause, so
-# that a live migration keeps finding dirty pages.
+# dirty_memory MIB: rewrite MIB MiB of guest memory (a file in a tmpfs) without pause,
+# so that a live migration keeps finding dirty pages. Not zeros: QEMU sends a zero page
+# as a flag, not its bytes. Two random MiB take turns, so that every pass changes
+# every page's content too (what QEMU's dirty-rate sampling counts).
 dirty_memory() {
-    mkdir -p "$RUN/dirty"
-    mount -t tmpfs -o "size=$(($1 + 1))m" dirty "$RUN/dirty" || {
-        late "mode error: dirty-memory cannot mount its tmpfs"
+    mib=$1
+    d=$RUN/dirty
+    mkdir -p "$d"
+    if ! mount -t tmpfs -o "size=$((mib + 3))m" dirty "$d" ||
+        ! head -c 1048576 /dev/urandom >"$d/a" || ! head -c 1048576 /dev/urandom >"$d/b"; then
+        late "mode error: dirty-memory cannot make its buffer"
         return 1
-    }
+    fi
     while :; do
-        dd if=/dev/zero of="$RUN/dirty/buffer" bs=1048576 count="$1" conv=notrunc 2>/dev/null
+        for chunk in a b; do
+            set --
+            i=0
+            while [ "$i" -lt "$mib" ]; do
+                set -- "$@" "$d/$chunk"
+                i=$((i + 1))
+            done
+            cat "$@" | dd of="$d/buffer" bs=1048576 count="$mib" iflag=fullblock conv=notrunc 2>/dev/null
+        done
     done
 }
 
@@ -223,7 +236,17 @@ if [ -n "$cfg" ]; then
             say "mode error: minidriver_guest_dirty_memory_mb must be a number of MiB"
             dirty_mib=
             ;;
-        *) say "mode dirty-memory $dirty_mib" ;;
+        *)
+            # Leave 16 MiB to the rest of the guest: the buffer is never paged out.
+            avail=$(sed -n 's/^MemAvailable: *\([0-9]*\) kB$/\1/p' /proc/meminfo)
+            if [ $((dirty_mib + 2 + 16)) -gt $((avail / 1024)) ]; then
+                say "mode error: dirty-memory $dirty_mib MiB is more than this guest can" \
+                    "spare ($((avail / 1024)) MiB available)"
+                dirty_mib=
+            else
+                say "mode dirty-memory $dirty_mib"
+            fi
+            ;;
         esac
     else
         say "config-drive error: cannot mount $cfg"
