@@ -8,9 +8,10 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from minidriver.guestimages import testimage
 from minidriver.serial_console import ConsoleClosed, SerialConsole, SerialConsoleTimeout
 
-PROMPT = "minidriver-guest$ "
+PROMPT = testimage.CONSOLE_PROMPT
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from guest_shell import PROMPT, run, wait_for_line
 
 from minidriver import console
 from minidriver.driver import LibvirtDriver
+from minidriver.guestimages import testimage
 from minidriver.objects import GiB, Instance
 from minidriver.serial_console import ConsoleBusy, ConsoleClosed, SerialConsole
 
@@ -173,7 +174,7 @@ def dirty_rate(driver: LibvirtDriver, domain: libvirt.virDomain) -> int:
 def test_the_dirty_memory_mode_keeps_changing_memory(
     driver: LibvirtDriver, test_image_id: str, ready_guest: Instance
 ) -> None:
-    inst = boot(driver, test_image_id, "dirty-guest", {"minidriver_guest_dirty_memory_mb": "32"})
+    inst = boot(driver, test_image_id, "dirty-guest", {testimage.META_DIRTY_MEMORY_MB: "32"})
     try:
         assert "minidriver-guest: mode dirty-memory 32" in console_log(inst).splitlines()
         idle, dirty = driver.host.get_domain(ready_guest.uuid), driver.host.get_domain(inst.uuid)
@@ -193,7 +194,7 @@ def test_a_soft_stop_and_the_ignore_power_button_mode(test_image: Path, ignore: 
     state = Path(TRAVERSABLE_TMP) / f"mdtest-power-{time.monotonic_ns()}"
     state.mkdir(mode=0o755)
     uri = wanted_connection_uri()
-    meta = ["--meta", "minidriver_guest_ignore_power_button=1"] if ignore else []
+    meta = ["--meta", f"{testimage.META_IGNORE_POWER_BUTTON}=1"] if ignore else []
     try:
         run_json(minidriver(state, uri, "--json", "image", "add", str(test_image), "--name",
                             "g", "--disk-format", "qcow2"))  # fmt: skip
