@@ -70,6 +70,14 @@ def test_a_command_runs_in_the_console_shell(shell: SerialConsole, ready_guest: 
     assert run(shell, "false").status == 1
     assert run(shell, "cd /sys/block && ls -d vda").output == "vda\n"
     assert run(shell, "pwd").output == "/sys/block\n"  # one shell: its state lasts
+    # ^C stops the command, not the shell.
+    # (A child shell that says it runs, then becomes the sleep: a ^C from then on
+    # meets the command, never a shell that has not forked it yet.)
+    shell.send_line("sh -c 'echo sleeping; exec sleep 600'")
+    shell.read_until(r"^sleeping\n", 30)
+    shell.write(b"\x03")
+    shell.read_until(rf"^{re.escape(PROMPT)}", 30)
+    assert run(shell, "echo still here").output == "still here\n"
     # The console log kept recording while the stream was open, the prompt at a
     # line's start.
     text = console_log(ready_guest)

@@ -87,13 +87,19 @@ hotplug() {
 
 # The console shell: one line read, then run by this shell (so cd and variables last);
 # "exit" or end of input ends it, and PID 1 starts another. ^C interrupts the command,
-# not the shell (a trapped signal is reset to its default in the commands it runs).
+# not the shell (a trapped signal is reset to its default in the commands it runs),
+# and ends the line the terminal echoed "^C" on, so that the prompt starts its own.
 shell() {
-    trap : INT
+    trap 'interrupted=1; echo' INT
     while :; do
+        interrupted=
         : >"$RUN/prompt"
         printf '%s' "$PROMPT"
-        IFS= read -r line || return 0
+        if ! IFS= read -r line; then
+            [ -n "$interrupted" ] && continue # ^C while reading: a new prompt
+            echo                              # end of input (^D): the next shell's
+            return 0                          # prompt starts a line of its own
+        fi
         rm -f "$RUN/prompt"
         eval "$line"
     done
