@@ -187,10 +187,11 @@ def test_the_dirty_memory_mode_keeps_changing_memory(
         assert "minidriver-guest: mode dirty-memory 32" in console_log(inst).splitlines()
         idle, dirty = driver.host.get_domain(ready_guest.uuid), driver.host.get_domain(inst.uuid)
         assert idle is not None and dirty is not None
-        # Measured here: about 35 MiB/s under TCG with 32 MiB; an idle guest 0 to 2.
-        rates = [dirty_rate(driver, dirty) for _ in range(3)]
-        assert max(rates) >= 10, rates
-        assert dirty_rate(driver, idle) < max(rates) / 2
+        # Measured here (TCG, a loaded host): 6 to 40 MiB/s with 32 MiB; idle 0 to 2.
+        rates = [dirty_rate(driver, dirty) for _ in range(4)]
+        idle_rates = [dirty_rate(driver, idle) for _ in range(2)]
+        assert max(rates) >= 4, rates
+        assert max(rates) > 2 * max(idle_rates), (rates, idle_rates)
     finally:
         driver.destroy(inst.uuid)
 

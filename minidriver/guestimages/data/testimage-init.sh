@@ -130,13 +130,11 @@ dirty_memory() {
     fi
     while :; do
         for chunk in a b; do
-            set --
             i=0
             while [ "$i" -lt "$mib" ]; do
-                set -- "$@" "$d/$chunk"
+                dd if="$d/$chunk" of="$d/buffer" bs=1048576 seek="$i" conv=notrunc 2>/dev/null
                 i=$((i + 1))
             done
-            cat "$@" | dd of="$d/buffer" bs=1048576 count="$mib" iflag=fullblock conv=notrunc 2>/dev/null
         done
     done
 }
@@ -271,6 +269,15 @@ acpid -c /etc/acpi -l /dev/null || say "error: acpid did not start"
 # reported in order (the kernel's hotplug helper would run them at once, and polling
 # /sys/block could miss a short-lived disk).
 uevent /init hotplug </dev/null >/dev/null 2>&1 &
+# "ready" only once it listens (its uevent socket, netlink protocol 15, is bound), or a
+# disk attached just after "ready" could go unseen; bounded, as the wait for disks.
+n=0
+while [ "$n" -lt 50 ] &&
+    ! awk -v pid=$! '$2 == 15 && $3 == pid { f = 1 } END { exit !f }' /proc/net/netlink; do
+    usleep 20000
+    n=$((n + 1))
+done
+[ "$n" -lt 50 ] || say "error: uevent does not listen: disks added later go unreported"
 
 [ -z "$dirty_mib" ] || /init dirty-memory "$dirty_mib" </dev/null >/dev/null 2>&1 &
 
