@@ -1,6 +1,6 @@
-"""A running guest's serial console, live, through libvirt's console API (no Nova
-counterpart in its libvirt driver: Nova hands serial consoles to nova-serialproxy
-over TCP, ``get_serial_console``; this is the stream ``virsh console`` uses).
+"""A running guest's serial console, live, through libvirt's console API (Nova's
+nearest: the driver's ``get_serial_console``, which gives nova-serialproxy the address
+of a TCP serial port; this is the stream ``virsh console`` uses instead).
 
 ``SerialConsole.open(domain)`` opens the domain's console (``virDomainOpenConsole``)
 on a non-blocking ``virStream``. libvirt's event loop (the thread ``host.py`` runs)
@@ -14,8 +14,8 @@ read by the process itself). Both kinds of reader are served:
 * an interactive terminal: ``write(keys)`` and ``read(timeout)``, raw bytes as they
   come, to be shown as they are.
 
-The console log (the serial's ``<log>`` file) keeps recording meanwhile: libvirt
-copies the pty's output there whoever reads it.
+The console log (the serial's ``<log>`` file) keeps recording meanwhile: QEMU writes
+the serial's output there whoever reads the pty.
 
 libvirt lets one client hold a console at a time: a second ``open`` fails with
 :class:`ConsoleBusy`, unless ``force=True`` (libvirt's ``VIR_DOMAIN_CONSOLE_FORCE``),
