@@ -68,6 +68,7 @@ from minidriver.lockutils import external_lock
 from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
+from minidriver.serial_console import SerialConsole
 from minidriver.steps import Step, StepListener, StepTimer
 from minidriver.vm_states import VMState
 
@@ -681,6 +682,11 @@ class LibvirtDriver:
                 hint="delete it and boot again",
             )
         return domain
+
+    def open_serial_console(self, instance_uuid: str, *, force: bool = False) -> SerialConsole:
+        """The running instance's serial console, open for reading and writing
+        (``serial_console.py``); ``force`` takes it from another client."""
+        return SerialConsole.open(self._domain_of(instance_uuid), force=force, clock=self.clock)
 
     def power_off(self, instance_uuid: str, *, timeout: float = 60, force: bool = False) -> bool:
         """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``.

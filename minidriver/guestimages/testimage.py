@@ -21,10 +21,11 @@ The guest is made from Debian packages alone, with no mount and no root needed:
   from it, no disk carries a boot record (``boot-count error: ...``); every other
   console line is as from the qcow2.
 
-What the guest prints on its serial console (the lines tests rely on) is described in
-the init script. A build is skipped when the output exists and its sidecar
-``<out>.inputs`` records the same inputs (package versions, the init script, this
-builder's version; for the ISO also the isolinux files); ``--force`` rebuilds anyway.
+What the guest prints on its serial console (the lines tests rely on), its console
+shell and its modes are described in the init script and the README. A build is
+skipped when the output exists and its sidecar ``<out>.inputs`` records the same
+inputs (package versions, the init script, this builder's version; for the ISO also
+the isolinux files); ``--force`` rebuilds anyway.
 
 A little over the ~600-line guide: the qcow2 and the ISO are two outputs of one build
 (same packages, kernel, initramfs and cache key); the generic cpio writer already
@@ -86,6 +87,12 @@ BOOT_RECORD_SIZE = 512
 BOOT_RECORD_MAGIC = b"MINIDRIVER-BOOTREC-1"
 
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet"
+
+# After "ready": the console shell's prompt, and the instance metadata keys (Nova's
+# ``meta``, on the config drive) that turn the guest's modes on.
+CONSOLE_PROMPT = "minidriver-guest$ "
+META_IGNORE_POWER_BUTTON = "minidriver_guest_ignore_power_button"  # "1": on
+META_DIRTY_MEMORY_MB = "minidriver_guest_dirty_memory_mb"  # MiB rewritten without pause
 
 # Loaded in this order (each after its dependencies); built-in ones are skipped.
 GUEST_MODULES = (

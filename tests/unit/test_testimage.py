@@ -414,6 +414,11 @@ def test_init_script_agrees_with_the_builder() -> None:
     assert "/etc/minidriver/modules" in script
     for line in ("up", "ready", "disk ", "boot-count ", "config-drive uuid="):
         assert f'say "{line}' in script or f"say {line}" in script
+    for late in ("disk-added ", "disk-removed ", "power-button, ignored"):
+        assert f'late "{late}' in script
+    assert f"PROMPT='{testimage.CONSOLE_PROMPT}'\n" in script
+    assert f"meta {testimage.META_IGNORE_POWER_BUTTON})" in script
+    assert f"meta {testimage.META_DIRTY_MEMORY_MB})" in script
     assert testimage.FAT_SIZE < testimage.BOOT_RECORD_OFFSET < testimage.DISK_SIZE
 
 
