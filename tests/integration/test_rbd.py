@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any
 import pytest
 
 from minidriver import cli, rbd_utils
+from minidriver.cleanup import cleanup
 from minidriver.driver import LibvirtDriver, SpawnError
+from minidriver.explain import explain
 from minidriver.images.store import Image
 from minidriver.objects import GiB, MiB
 
@@ -31,6 +34,13 @@ pytestmark = pytest.mark.integration
 
 ROOT_LINE = r"^minidriver-guest: disk vda 1073741824 root"
 READY = r"^minidriver-guest: ready"
+# t1.nano's ephemeral disk as Nova makes it (ext4) and its swap, as the guest sees them.
+EPHEMERAL_LINE = r"^minidriver-guest: disk vdb 1073741824 ext4"
+SWAP_LINE = r"^minidriver-guest: disk vdc 67108864 swap"
+LOCAL_DISKS = ("disk.local", "disk.swap")
+ALL_DISKS = ("disk", "disk.config", "disk.local", "disk.swap")
+# What an rbd instance's dir holds: no disk at all.
+INSTANCE_FILES = ["console.log", "disk.info", "libvirt.xml"]
 
 
 @pytest.fixture(scope="session")
@@ -157,8 +167,7 @@ def test_boot_from_a_file_image_fetches_and_imports(
     assert rbd.parent_info(f"{inst.uuid}_disk") is None
     assert rbd.size(f"{inst.uuid}_disk") == GiB
     recorded = json.loads((Path(inst.instance_dir) / "disk.info").read_text())
-    assert recorded[f"rbd:rbd/{inst.uuid}_disk"] == "raw"
-    assert recorded[f"{inst.instance_dir}/disk.local"] == "qcow2", "ephemeral stays a file"
+    assert recorded == {f"rbd:rbd/{inst.uuid}_{n}": "raw" for n in ("disk", *LOCAL_DISKS)}
     wait_console(console_log(rbd_drv, inst.uuid), ROOT_LINE)
     rbd_drv.destroy(inst.uuid)
     assert_nothing_left(rbd_drv, inst.uuid)
@@ -222,6 +231,112 @@ def test_unprotected_image_snapshot_falls_back_to_import(
     assert inst.timings["import"] > 0
     assert rbd_drv.rbd_driver().parent_info(f"{inst.uuid}_disk") is None
     wait_console(console_log(rbd_drv, inst.uuid), ROOT_LINE)
+
+
+def rbd_ls(ceph_conf: str, pool: str) -> list[str]:
+    """The pool's images as ``rbd ls`` lists them: what a user would check."""
+    proc = subprocess.run(
+        ["rbd", "-c", ceph_conf, "ls", pool], capture_output=True, text=True, check=True
+    )
+    return proc.stdout.split()
+
+
+def test_every_disk_of_an_rbd_instance_is_in_ceph(
+    rbd_drv: LibvirtDriver,
+    ceph_conf: str,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+) -> None:
+    image = rbd_drv.images.add(test_image, name="rbd-all", disk_format="qcow2", store="rbd")
+    images.append(image)
+    inst = rbd_drv.spawn(
+        name="rbd-all", image=image.id, flavor="t1.nano", config_drive=True, hostname="rbd-all"
+    )
+    instances.append(inst.uuid)
+    pool = rbd_drv.conf.libvirt.images_rbd_pool
+    names = [f"{inst.uuid}_{n}" for n in ALL_DISKS]
+    assert [n for n in rbd_ls(ceph_conf, pool) if n.startswith(inst.uuid)] == names
+    instance_dir = Path(inst.instance_dir)
+    assert sorted(p.name for p in instance_dir.iterdir()) == INSTANCE_FILES
+    # Ephemeral and swap: their formatted _base files imported, as Nova's Rbd backend does.
+    assert {p.name for p in rbd_drv.conf.base_dir.iterdir()} >= {"ephemeral_1_40d1d2c", "swap_64"}
+    log = console_log(rbd_drv, inst.uuid)
+    for line in (ROOT_LINE, EPHEMERAL_LINE, SWAP_LINE):
+        wait_console(log, line)
+    wait_console(log, rf"^minidriver-guest: config-drive uuid={inst.uuid} hostname=rbd-all")
+    wait_console(log, READY)
+
+    # show: every disk at its place in the pool, as this driver and another process see it.
+    expected = {n: f"rbd:{pool}/{inst.uuid}_{n}" for n in ALL_DISKS}
+    assert {n: d.path for n, d in rbd_drv.get_disks(inst.uuid).items()} == expected
+    other = LibvirtDriver(rbd_drv.conf, host=rbd_drv.host)
+    shown = other.get_disks(inst.uuid)
+    assert {n: d.path for n, d in shown.items()} == expected
+    assert (shown["disk.local"].virtual_size, shown["disk.swap"].virtual_size) == (GiB, 64 * MiB)
+    domain = rbd_drv.host.get_domain(inst.uuid)
+    assert domain is not None
+    domain_xml = domain.XMLDesc(0)
+    assert "<source file=" not in domain_xml
+    assert domain_xml.count("protocol='rbd'") == 4
+
+    snap = rbd_drv.snapshot(inst.uuid, "rbd-all-snap")  # still Nova's direct snapshot
+    images.append(snap)
+    assert in_pool(rbd_drv, "images", snap.id) == [snap.id]
+
+    rbd_drv.destroy(inst.uuid)
+    assert_nothing_left(rbd_drv, inst.uuid)
+    assert [n for n in rbd_ls(ceph_conf, pool) if n.startswith(inst.uuid)] == []
+    assert {image.id, snap.id} <= set(rbd_ls(ceph_conf, "images")), "the images stay"
+
+
+def test_explain_shows_every_disk_imported_into_the_pool(
+    rbd_drv: LibvirtDriver, test_image_id: str
+) -> None:
+    plan = explain(rbd_drv, test_image_id, "t1.nano")
+    rbd_files = {f.path.rsplit("_", 1)[-1]: f for f in plan.files if f.path.startswith("rbd:")}
+    assert sorted(rbd_files) == ["disk", "disk.local", "disk.swap"]
+    local = rbd_files["disk.local"].commands
+    assert local[0][:2] == ("rbd", "import")
+    assert local[0][2].endswith("/_base/ephemeral_1_40d1d2c")
+    assert rbd_files["disk.swap"].commands[0][2].endswith("/_base/swap_64")
+    assert "<source file=" not in plan.xml
+
+
+def test_config_drive_import_failing_leaves_nothing(
+    rbd_drv: LibvirtDriver, test_image_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_import = rbd_utils.RBDDriver.import_image
+
+    def import_image(self: rbd_utils.RBDDriver, base: Path, name: str, *a: Any, **kw: Any) -> None:
+        if name.endswith("_disk.config"):  # the fault: the pool refuses the config drive
+            raise rbd_utils.RbdError(f"injected: import of {name} refused")
+        real_import(self, base, name, *a, **kw)
+
+    monkeypatch.setattr(rbd_utils.RBDDriver, "import_image", import_image)
+    before = set(rbd_drv.owned_domains())
+    with pytest.raises(SpawnError, match=r"injected: import of .*_disk\.config refused") as err:
+        rbd_drv.spawn(name="rbd-cfgfail", image=test_image_id, flavor="t1.nano", config_drive=True)
+    assert err.value.step == "config_drive"
+    assert err.value.instance is not None
+    assert_nothing_left(rbd_drv, err.value.instance.uuid)
+    assert set(rbd_drv.owned_domains()) == before
+
+
+def test_cleanup_after_a_dead_spawn_removes_every_rbd_disk(
+    rbd_drv: LibvirtDriver, test_image_id: str, instances: list[str]
+) -> None:
+    inst = rbd_drv.spawn(name="rbd-dead", image=test_image_id, flavor="t1.nano", config_drive=True)
+    instances.append(inst.uuid)
+    # What a spawn killed after its launch leaves: the record still "building", the
+    # domain running, every disk in the pool.
+    rbd_drv.db.update_instance(inst.uuid, state="building")
+    pool = rbd_drv.conf.libvirt.images_rbd_pool
+    assert in_pool(rbd_drv, pool, inst.uuid) == [f"{inst.uuid}_{n}" for n in ALL_DISKS]
+    report = cleanup(rbd_drv)
+    assert sorted(report.rbd_disks) == [f"{pool}/{inst.uuid}_{n}" for n in ALL_DISKS]
+    assert_nothing_left(rbd_drv, inst.uuid)
 
 
 def closed_port() -> int:
