@@ -14,21 +14,29 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_run import minidriver, run_json
 
 from minidriver import cli, rbd_utils
 from minidriver.cleanup import cleanup
+from minidriver.config import Config
 from minidriver.driver import LibvirtDriver, SpawnError
 from minidriver.explain import explain
 from minidriver.images.store import Image
 from minidriver.objects import GiB, MiB
+from minidriver.vmtemplate import TemplateError, Templates
 
 pytestmark = pytest.mark.integration
 
@@ -337,6 +345,237 @@ def test_cleanup_after_a_dead_spawn_removes_every_rbd_disk(
     report = cleanup(rbd_drv)
     assert sorted(report.rbd_disks) == [f"{pool}/{inst.uuid}_{n}" for n in ALL_DISKS]
     assert_nothing_left(rbd_drv, inst.uuid)
+
+
+def snapshot_digest(drv: LibvirtDriver, name: str) -> str:
+    """A frozen snapshot's own data (allocated extents, offsets and bytes) and size."""
+    digest = hashlib.sha256()
+    with drv.rbd_driver().image(name, snapshot="snap", read_only=True) as image:
+        extents: list[tuple[int, int]] = []
+
+        def extent(offset: int, length: int, exists: bool) -> None:
+            if exists:
+                extents.append((offset, length))
+
+        size = image.size()
+        image.diff_iterate(0, size, None, extent, include_parent=False)
+        digest.update(str(size).encode())
+        for offset, length in extents:
+            digest.update(f"{offset}:{length}".encode() + image.read(offset, length))
+    return digest.hexdigest()
+
+
+def test_template_of_an_rbd_instance_is_rbd_snapshots_and_clones(
+    rbd_drv: LibvirtDriver,
+    ceph_conf: str,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+) -> None:
+    image = rbd_drv.images.add(test_image, name="rbd-tpl", disk_format="qcow2", store="rbd")
+    images.append(image)
+    source = rbd_drv.spawn(
+        name="rbd-tpl-src", image=image.id, flavor="t1.nano", network="user", config_drive=True
+    )
+    instances.append(source.uuid)
+    wait_console(console_log(rbd_drv, source.uuid), r"^minidriver-guest: boot-count 1")
+    wait_console(console_log(rbd_drv, source.uuid), READY)
+    templates = Templates(rbd_drv)
+    tpl = templates.create(source.uuid, f"rbd-tpl-{uuid.uuid4().hex[:8]}")
+    pool = rbd_drv.conf.libvirt.images_rbd_pool
+    rbd = rbd_drv.rbd_driver()
+    frozen = [f"tpl-{tpl.id}_{n}" for n in ALL_DISKS]
+    try:
+        # The frozen layer is the instance's own RBD disks, renamed, each with a
+        # protected snapshot: nothing copied, nothing local.
+        assert sorted(tpl.disks) == sorted(ALL_DISKS)
+        listed = rbd_ls(ceph_conf, pool)
+        assert [n for n in listed if n.startswith(f"tpl-{tpl.id}_")] == frozen
+        assert [n for n in listed if n.startswith(source.uuid)] == []
+        for name in frozen:
+            with rbd.image(name, read_only=True) as disk:
+                assert disk.is_protected_snap("snap"), name
+        assert sorted(p.name for p in tpl.path.iterdir()) == [
+            "disk.info",
+            "libvirt.xml",
+            "memory.save",
+        ]
+        assert not base_of(rbd_drv, image.id).exists(), "no local copy of the root"
+        before = {name: snapshot_digest(rbd_drv, name) for name in frozen}
+
+        a = templates.spawn(tpl.id, name="rbd-clone-a")
+        instances.append(a.uuid)
+        b = templates.spawn(tpl.id, name="rbd-clone-b")
+        instances.append(b.uuid)
+        fsid = rbd.get_fsid()
+        for clone in (a, b):
+            assert rbd_drv.get_info(clone.uuid).state == "running"
+            assert in_pool(rbd_drv, pool, clone.uuid) == [f"{clone.uuid}_{n}" for n in ALL_DISKS]
+            assert rbd.parent_info(f"{clone.uuid}_disk") == (
+                rbd_utils.RbdLocation(fsid, pool, f"tpl-{tpl.id}_disk", "snap"),
+                GiB,
+            )
+            assert sorted(p.name for p in Path(clone.instance_dir).iterdir()) == INSTANCE_FILES
+        assert sorted(rbd.children(f"tpl-{tpl.id}_disk", "snap")) == sorted(
+            f"{pool}/{c.uuid}_disk" for c in (a, b)
+        )
+
+        # Each clone writes its own root (the guest's boot-count): a twice, b once.
+        rbd_drv.reboot(a.uuid, hard=True)
+        wait_console(console_log(rbd_drv, a.uuid), r"^minidriver-guest: boot-count 2")
+        rbd_drv.reboot(a.uuid, hard=True)
+        rbd_drv.reboot(b.uuid, hard=True)
+        wait_console(console_log(rbd_drv, a.uuid), r"^minidriver-guest: boot-count 3")
+        wait_console(console_log(rbd_drv, b.uuid), r"^minidriver-guest: boot-count 2")
+        wait_console(console_log(rbd_drv, b.uuid), READY)
+        assert "boot-count 3" not in console_log(rbd_drv, b.uuid).read_text()
+        assert {name: snapshot_digest(rbd_drv, name) for name in frozen} == before
+
+        with pytest.raises(TemplateError, match="rbd-clone-a"):
+            templates.delete(tpl.id)
+        for clone in (a, b):
+            rbd_drv.destroy(clone.uuid)
+            assert_nothing_left(rbd_drv, clone.uuid)
+        assert [n for n in rbd_ls(ceph_conf, pool) if n.startswith(f"tpl-{tpl.id}_")] == frozen
+    finally:
+        for record in templates.clones_of(tpl.id):
+            rbd_drv.destroy(record.uuid)
+        templates.delete(tpl.id)
+    assert not tpl.path.exists()
+    listed = rbd_ls(ceph_conf, pool)
+    assert [n for n in listed if n.startswith((f"tpl-{tpl.id}", source.uuid))] == []
+    assert image.id in rbd_ls(ceph_conf, "images"), "the image stays"
+
+
+# A child `minidriver` that stalls at a point (a marker file says it got there) to be
+# killed there by the test.
+CHILD = r"""
+import sys, time
+from pathlib import Path
+from unittest import mock
+
+from minidriver import cli, rbd_utils
+
+point, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+calls = []
+
+def second_call_stalls(real):
+    def call(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            marker.write_text(point)
+            time.sleep(3600)
+        return real(*args, **kwargs)
+    return call
+
+patches = {
+    # template create: the first disk frozen, the second renamed, the others not yet
+    "template-create": mock.patch.object(
+        rbd_utils.RBDDriver, "create_snap", second_call_stalls(rbd_utils.RBDDriver.create_snap)
+    ),
+    # boot --template: the clone's first disk made, not the others
+    "boot-template": mock.patch.object(
+        rbd_utils.RBDDriver, "clone", second_call_stalls(rbd_utils.RBDDriver.clone)
+    ),
+}
+with patches[point]:
+    sys.exit(cli.main(argv))
+"""
+
+
+def kill_at(point: str, marker: Path, argv: list[str]) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, point, str(marker), *argv[3:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert child.poll() is None, child.stderr.read() if child.stderr else ""
+        assert time.monotonic() < deadline, f"{point} never reached the stall"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    marker.unlink()
+
+
+@pytest.fixture
+def rbd_state(host_config: Config, ceph_conf: str) -> Iterator[Path]:
+    """A state dir of its own (with images_type = rbd), emptied after the test."""
+    path = Path(tempfile.mkdtemp(prefix="mdrbd-", dir="/var/tmp"))
+    path.chmod(0o755)
+    conf = f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
+    (path / "minidriver.conf").write_text(conf)
+    yield path
+    uri = host_config.libvirt.connection_uri
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = minidriver(path, uri, "--config", str(path / "minidriver.conf"), *args)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+    run("delete", "--all")
+    listed = run("--json", "template", "list")
+    for tpl in json.loads(listed.stdout) if listed.returncode == 0 else []:
+        run("template", "delete", tpl["id"])
+    run("cleanup")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
+    rbd_state: Path, host_config: Config, ceph_conf: str, test_image: Path
+) -> None:
+    uri = host_config.libvirt.connection_uri
+    conf = ["--config", str(rbd_state / "minidriver.conf")]
+    marker = rbd_state / "marker"
+    pool = "rbd"
+
+    def md(*args: str) -> list[str]:
+        return minidriver(rbd_state, uri, *conf, *args)
+
+    def ours(*prefixes: str) -> list[str]:
+        return [n for n in rbd_ls(ceph_conf, pool) if n.startswith(prefixes)]
+
+    image = run_json(md("--json", "image", "add", str(test_image), "--name", "g", "--store", "rbd"))
+    boot = ["boot", "--image", "g", "--flavor", "t1.nano", "--timeout", "180", "--config-drive"]
+    src = run_json(md("--json", *boot, "--name", "src", "--wait-for", READY))
+
+    # 1. Killed in `template create`, after the save, half-way through the freezing.
+    kill_at("template-create", marker, md("template", "create", "src", "--name", "t"))
+    assert len(ours("tpl-")) > 0 or len(ours(src["uuid"])) > 0
+    report = run_json(md("--json", "cleanup"))
+    assert len(report["templates"]) == 1 and len(report["records"]) == 1, report
+    assert report["skipped"] == []
+    assert run_json(md("--json", "template", "list")) == []
+    assert ours(src["uuid"]) == []
+    frozen_left = [
+        n for n in ours("tpl-") if n.startswith(f"tpl-{Path(report['templates'][0]).name}")
+    ]
+    assert frozen_left == []
+
+    # 2. A template made, then a clone killed with one of its disks cloned.
+    src2 = run_json(md("--json", *boot, "--name", "src2", "--wait-for", READY))
+    made = run_json(md("--json", "template", "create", "src2", "--name", "t"))
+    frozen = sorted(ours(f"tpl-{made['id']}_"))
+    assert frozen == [f"tpl-{made['id']}_{n}" for n in ALL_DISKS]
+    kill_at("boot-template", marker, md("boot", "--template", "t", "--name", "doomed"))
+    report = run_json(md("--json", "cleanup"))
+    assert len(report["records"]) == 1 and len(report["rbd_disks"]) == 1, report
+    assert report["templates"] == [] and report["skipped"] == []
+    doomed = report["records"][0]
+    assert ours(doomed, src2["uuid"]) == []
+    assert sorted(ours(f"tpl-{made['id']}_")) == frozen, "cleanup never removes a template's"
+    assert run_json(md("--json", "cleanup", "--dry-run"))["rbd_disks"] == []
+
+    # 3. The next clone works; then everything goes, but the image.
+    clone = run_json(md("--json", "boot", "--template", "t", "--name", "next"))
+    assert clone["state"] == "running"
+    assert ours(clone["uuid"]) == [f"{clone['uuid']}_{n}" for n in ALL_DISKS]
+    run_json(md("--json", "delete", "next"))
+    run_json(md("--json", "template", "delete", "t"))
+    assert ours(f"tpl-{made['id']}", clone["uuid"]) == []
+    run_json(md("--json", "image", "delete", "g"))
+    assert image["id"] not in rbd_ls(ceph_conf, "images")
 
 
 def closed_port() -> int:
