@@ -31,7 +31,6 @@ import builtins
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import re
 import shutil
@@ -70,7 +69,6 @@ XML_FILE = "libvirt.xml"
 CONSOLE_LOG = "console.log"
 # Used in place by every clone, read-only; every other disk gets an overlay per clone.
 SHARED_FILES: Final = ("disk.config", "kernel", "ramdisk")
-LOG = logging.getLogger(__name__)
 HOSTFWD = re.compile(r"(hostfwd=tcp:127\.0\.0\.1:)\d+(-)")
 
 
@@ -669,7 +667,6 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool) -> tuple[list[str], list[str],
     """What a killed ``template create`` left: a template still ``creating`` whose lock
     is free, with its dir and what is left of its source instance (whose memory and
     disks were, or were becoming, the template's); and template dirs with no record.
-    With images_type = rbd, also frozen RBD images whose template has no record.
     Returns (removed or would-be-removed template dirs, source instances destroyed,
     frozen RBD images removed as ``pool/name``). Killed clones are ordinary killed
     spawns: the instance pass reaps them."""
@@ -697,13 +694,7 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool) -> tuple[list[str], list[str],
             dirs.append(os.fspath(entry))
             if not dry_run:
                 shutil.rmtree(entry, ignore_errors=True)
-    try:
-        for pool, name, template_id in vmtemplate_rbd.orphans(drv.conf, known):
-            if lockutils.is_held(locks, template_lock_name(template_id)):
-                continue
-            images.append(f"{pool}/{name}")
-            if not dry_run:
-                imagebackend.rbd_driver(drv.conf, pool).remove_image(name)
-    except rbd_utils.RbdError as exc:
-        LOG.warning("frozen RBD images of unrecorded templates not looked for: %s", exc)
+    # No sweep of tpl-* images without a record: a pool may serve other state dirs,
+    # whose templates this one cannot tell from orphans. None is left without one:
+    # the record comes before the first rename and goes after the last removal.
     return dirs, sources, images

@@ -139,23 +139,6 @@ def template_pools(conf: Config, template_dir: Path, source_formats: Mapping[str
     return pools
 
 
-def orphans(conf: Config, known: set[str]) -> list[tuple[str, str, str]]:
-    """(pool, name, template id) of frozen images whose template has no record
-    (``known``: the ids recorded). The configured pool only, and only with
-    images_type = rbd: without a record, nothing else names a pool."""
-    if conf.libvirt.images_type != "rbd":
-        return []
-    pool = conf.libvirt.images_rbd_pool
-    out = []
-    for name in imagebackend.rbd_driver(conf, pool).list_images():
-        if not name.startswith(FROZEN_PREFIX):
-            continue
-        template_id = name.removeprefix(FROZEN_PREFIX).partition("_")[0]
-        if template_id not in known:
-            out.append((pool, name, template_id))
-    return out
-
-
 __all__ = [
     "FROZEN_PREFIX",
     "FROZEN_SNAPSHOT",
@@ -167,7 +150,6 @@ __all__ = [
     "frozen_disks",
     "frozen_paths",
     "frozen_prefix",
-    "orphans",
     "remove_frozen",
     "template_pools",
 ]

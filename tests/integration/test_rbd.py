@@ -542,16 +542,18 @@ def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
 
     # 1. Killed in `template create`, after the save, half-way through the freezing.
     kill_at("template-create", marker, md("template", "create", "src", "--name", "t"))
-    assert len(ours("tpl-")) > 0 or len(ours(src["uuid"])) > 0
+    [half_made] = run_json(md("--json", "template", "list"))
+    assert half_made["status"] == "creating"
+    frozen_prefix = f"tpl-{half_made['id']}_"
+    renamed = [n.removeprefix(frozen_prefix) for n in ours(frozen_prefix)]
+    not_yet = [n.removeprefix(f"{src['uuid']}_") for n in ours(src["uuid"])]
+    assert len(renamed) == 2 and sorted(renamed + not_yet) == list(ALL_DISKS)
     report = run_json(md("--json", "cleanup"))
     assert len(report["templates"]) == 1 and len(report["records"]) == 1, report
+    assert sorted(report["rbd_disks"]) == [f"{pool}/{frozen_prefix}{n}" for n in renamed]
     assert report["skipped"] == []
     assert run_json(md("--json", "template", "list")) == []
-    assert ours(src["uuid"]) == []
-    frozen_left = [
-        n for n in ours("tpl-") if n.startswith(f"tpl-{Path(report['templates'][0]).name}")
-    ]
-    assert frozen_left == []
+    assert ours(src["uuid"], frozen_prefix) == []
 
     # 2. A template made, then a clone killed with one of its disks cloned.
     src2 = run_json(md("--json", *boot, "--name", "src2", "--wait-for", READY))
@@ -566,6 +568,13 @@ def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
     assert ours(doomed, src2["uuid"]) == []
     assert sorted(ours(f"tpl-{made['id']}_")) == frozen, "cleanup never removes a template's"
     assert run_json(md("--json", "cleanup", "--dry-run"))["rbd_disks"] == []
+
+    # explain --template and template show name the frozen snapshots and the clones.
+    plan = run_json(md("--json", "explain", "--template", "t"))
+    commands = [c for f in plan["files"] for c in f["commands"] if c[:2] == ["rbd", "clone"]]
+    assert sorted(c[2] for c in commands) == sorted(f"{pool}/{n}@snap" for n in frozen)
+    shown = run_json(md("--json", "template", "show", "t"))
+    assert sorted(shown["rbd_disks"].values()) == [f"rbd:{pool}/{n}" for n in frozen]
 
     # 3. The next clone works; then everything goes, but the image.
     clone = run_json(md("--json", "boot", "--template", "t", "--name", "next"))
