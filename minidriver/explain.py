@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from minidriver import blockinfo, compute_api, guest
@@ -280,59 +281,38 @@ def add_local_disks(
     flavor = drv.get_flavor(plan.flavor)
     backend = local_backend_class(drv.conf)
     base_dir = drv.conf.base_dir
+    # (disk, its base, size, the command that formats the base's temp file, its kind)
+    local: list[tuple[str, Path, int, Callable[[Path], list[str]], str]] = []
     if flavor.ephemeral_gb:
         eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
-        temp = eph.with_name(eph.name + ".part")
-        size = flavor.ephemeral_gb * GiB
-        plan.add(
-            eph,
-            "raw",
-            size,
-            [qemu_img.create_cmd(temp, "raw", size), mkfs_cmd(EPHEMERAL_FS, EPHEMERAL_LABEL, temp)],
-            f"{EPHEMERAL_FS}, renamed from {temp.name}",
-        )
-        if "disk.local" in rbd_paths:
-            add_rbd_disk(
-                plan,
-                rbd_paths["disk.local"],
-                None,
-                ["import", str(eph), rbd_paths["disk.local"]],
-                f"{eph.name} imported into the pool",
-            )
-        else:
-            add_disk(
-                plan,
-                instance_dir / "disk.local",
-                cow=backend is Qcow2,
-                backing=eph,
-                backing_fmt="raw",
-                size=size,
-            )
+        mkfs = partial(mkfs_cmd, EPHEMERAL_FS, EPHEMERAL_LABEL)
+        local.append(("disk.local", eph, flavor.ephemeral_gb * GiB, mkfs, EPHEMERAL_FS))
     if flavor.swap:
         swap = base_dir / swap_filename(flavor.swap)
-        temp = swap.with_name(swap.name + ".part")
-        size = flavor.swap * MiB
+        local.append(("disk.swap", swap, flavor.swap * MiB, mkswap_cmd, "swap"))
+    for name, base, size, format_cmd, kind in local:
+        temp = base.with_name(base.name + ".part")
         plan.add(
-            swap,
+            base,
             "raw",
             size,
-            [qemu_img.create_cmd(temp, "raw", size), mkswap_cmd(temp)],
-            f"swap, renamed from {temp.name}",
+            [qemu_img.create_cmd(temp, "raw", size), format_cmd(temp)],
+            f"{kind}, renamed from {temp.name}",
         )
-        if "disk.swap" in rbd_paths:
+        if name in rbd_paths:
             add_rbd_disk(
                 plan,
-                rbd_paths["disk.swap"],
+                rbd_paths[name],
                 None,
-                ["import", str(swap), rbd_paths["disk.swap"]],
-                f"{swap.name} imported into the pool",
+                ["import", str(base), rbd_paths[name]],
+                f"{base.name} imported into the pool",
             )
         else:
             add_disk(
                 plan,
-                instance_dir / "disk.swap",
+                instance_dir / name,
                 cow=backend is Qcow2,
-                backing=swap,
+                backing=base,
                 backing_fmt="raw",
                 size=size,
             )

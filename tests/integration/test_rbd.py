@@ -15,19 +15,16 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_run import minidriver, run_json
+from cli_run import kill_at, minidriver, run_json
 
 from minidriver import cli, rbd_utils
 from minidriver.cleanup import cleanup
@@ -241,6 +238,13 @@ def test_unprotected_image_snapshot_falls_back_to_import(
     wait_console(console_log(rbd_drv, inst.uuid), ROOT_LINE)
 
 
+def add_rbd_image(drv: LibvirtDriver, test_image: Path, images: list[Image], name: str) -> Image:
+    """The test guest added with --store rbd; deleted after the test (``images``)."""
+    image = drv.images.add(test_image, name=name, disk_format="qcow2", store="rbd")
+    images.append(image)
+    return image
+
+
 def rbd_ls(ceph_conf: str, pool: str) -> list[str]:
     """The pool's images as ``rbd ls`` lists them: what a user would check."""
     proc = subprocess.run(
@@ -257,8 +261,7 @@ def test_every_disk_of_an_rbd_instance_is_in_ceph(
     instances: list[str],
     wait_console: Callable[..., Any],
 ) -> None:
-    image = rbd_drv.images.add(test_image, name="rbd-all", disk_format="qcow2", store="rbd")
-    images.append(image)
+    image = add_rbd_image(rbd_drv, test_image, images, "rbd-all")
     inst = rbd_drv.spawn(
         name="rbd-all", image=image.id, flavor="t1.nano", config_drive=True, hostname="rbd-all"
     )
@@ -373,8 +376,7 @@ def test_template_of_an_rbd_instance_is_rbd_snapshots_and_clones(
     instances: list[str],
     wait_console: Callable[..., Any],
 ) -> None:
-    image = rbd_drv.images.add(test_image, name="rbd-tpl", disk_format="qcow2", store="rbd")
-    images.append(image)
+    image = add_rbd_image(rbd_drv, test_image, images, "rbd-tpl")
     source = rbd_drv.spawn(
         name="rbd-tpl-src", image=image.id, flavor="t1.nano", network="user", config_drive=True
     )
@@ -484,22 +486,6 @@ with patches[point]:
 """
 
 
-def kill_at(point: str, marker: Path, argv: list[str]) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, point, str(marker), *argv[3:]],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        assert child.poll() is None, child.stderr.read() if child.stderr else ""
-        assert time.monotonic() < deadline, f"{point} never reached the stall"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    marker.unlink()
-
-
 @pytest.fixture
 def rbd_state(host_config: Config, ceph_conf: str) -> Iterator[Path]:
     """A state dir of its own (with images_type = rbd), emptied after the test."""
@@ -541,7 +527,7 @@ def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
     src = run_json(md("--json", *boot, "--name", "src", "--wait-for", READY))
 
     # 1. Killed in `template create`, after the save, half-way through the freezing.
-    kill_at("template-create", marker, md("template", "create", "src", "--name", "t"))
+    kill_at(CHILD, "template-create", marker, md("template", "create", "src", "--name", "t"))
     [half_made] = run_json(md("--json", "template", "list"))
     assert half_made["status"] == "creating"
     frozen_prefix = f"tpl-{half_made['id']}_"
@@ -560,7 +546,7 @@ def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
     made = run_json(md("--json", "template", "create", "src2", "--name", "t"))
     frozen = sorted(ours(f"tpl-{made['id']}_"))
     assert frozen == [f"tpl-{made['id']}_{n}" for n in ALL_DISKS]
-    kill_at("boot-template", marker, md("boot", "--template", "t", "--name", "doomed"))
+    kill_at(CHILD, "boot-template", marker, md("boot", "--template", "t", "--name", "doomed"))
     report = run_json(md("--json", "cleanup"))
     assert len(report["records"]) == 1 and len(report["rbd_disks"]) == 1, report
     assert report["templates"] == [] and report["skipped"] == []
