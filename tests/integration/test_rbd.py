@@ -405,6 +405,9 @@ def test_template_of_an_rbd_instance_is_rbd_snapshots_and_clones(
         ]
         assert not base_of(rbd_drv, image.id).exists(), "no local copy of the root"
         before = {name: snapshot_digest(rbd_drv, name) for name in frozen}
+        # The frozen root is a clone of the image's snapshot: the image is in use.
+        with pytest.raises(rbd_utils.RbdImageBusy, match=rf"rbd/tpl-{tpl.id}_disk"):
+            rbd_drv.images.delete(image.id)
 
         a = templates.spawn(tpl.id, name="rbd-clone-a")
         instances.append(a.uuid)
