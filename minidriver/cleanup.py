@@ -57,7 +57,8 @@ class CleanupReport:
     partial_files: list[str] = field(default_factory=list)
     locks: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # forwarded-port reservations freed
-    rbd_disks: list[str] = field(default_factory=list)  # pool/name of reaped instances
+    # pool/name of reaped instances' disks and of half-made templates' frozen images
+    rbd_disks: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)  # ids of images a dead add left saving
     templates: list[str] = field(default_factory=list)  # half-made template dirs
     skipped: list[str] = field(default_factory=list)  # busy or unreachable: what and why
@@ -308,10 +309,11 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool = False) -> CleanupReport:
     """One reconciliation pass; what it removed (or would remove) is in the report."""
     # First: a half-made template's source instance is destroyed with it, not judged
     # by the passes below.
-    templates, sources = vmtemplate.cleanup(drv, dry_run=dry_run)
+    templates, sources, frozen = vmtemplate.cleanup(drv, dry_run=dry_run)
     work = _Pass(drv, dry_run)
     work.report.templates.extend(templates)
     work.report.records.extend(sources)
+    work.report.rbd_disks.extend(frozen)
     work.instances()
     work.saving_images()
     work.partial_files()

@@ -346,11 +346,7 @@ class LibvirtDriver:
                 if config_drive is not None:
                     step = "config_drive"
                     with timer.step(Step.CONFIG_DRIVE):
-                        configdrive.make_drive(
-                            instance_dir / "disk.config",
-                            config_drive,
-                            self.conf.default.config_drive_format,
-                        )
+                        self._create_configdrive(instance_dir, config_drive, disks)
 
                 step = "start"
                 with timer.step(Step.START):
@@ -372,6 +368,21 @@ class LibvirtDriver:
             undo.pop_all()
         self._spawned_disks[instance.uuid] = spawned_disks(disks, disk_info, instance_dir)
         return domain
+
+    def _create_configdrive(
+        self, instance_dir: Path, data: configdrive.ConfigDriveData, disks: Mapping[str, Image]
+    ) -> None:
+        """Nova's ``_create_configdrive``: built as ``disk.config`` in the instance dir;
+        with an RBD config disk, imported as ``<uuid>_disk.config`` and the local file
+        removed whether or not the import worked, as Nova does."""
+        local = instance_dir / "disk.config"
+        configdrive.make_drive(local, data, self.conf.default.config_drive_format)
+        config_disk = disks.get("disk.config")
+        if isinstance(config_disk, Rbd):
+            try:
+                config_disk.import_file(local)
+            finally:
+                local.unlink(missing_ok=True)
 
     def _reserve_forward_port(
         self, instance_uuid: str, vif: VIF, undo: contextlib.ExitStack
@@ -443,8 +454,9 @@ class LibvirtDriver:
         """Nova's ``_create_image``: the instance dir, the kernel and ramdisk of a kernel
         image, the root, ephemeral and swap disks, and ``disk.info``.
 
-        With ``rbd`` (``images_type = rbd``) the root disk is an RBD image in its pool;
-        ephemeral and swap stay files. Returns the disks made, by disk_info name.
+        With ``rbd`` (``images_type = rbd``) every disk is an RBD image in its pool and
+        the instance dir holds none. Returns the disks by disk_info name; an RBD config
+        drive is among them, named for the XML, and made after define (see _spawn).
         """
         instance_dir = Path(instance.instance_dir)
         instance_dir.mkdir(parents=True)
@@ -455,6 +467,10 @@ class LibvirtDriver:
         flavor = instance.flavor
 
         def disk(name: str) -> Image:
+            if rbd is not None:
+                return Rbd(
+                    self.conf, timer, driver=rbd, instance_uuid=instance.uuid, disk_name=name
+                )
             return backend(self.conf, instance_dir / name, timer)
 
         root: Image = disk("disk")
@@ -513,8 +529,12 @@ class LibvirtDriver:
                 flavor.swap * 1024 * 1024,
                 Step.SWAP,
             )
+        if rbd is not None and "disk.config" in disk_info:
+            disks["disk.config"] = disk("disk.config")
         write_disk_info(
-            instance_dir, disk_formats(disks, disk_info), {"disk": os.fspath(root.path)}
+            instance_dir,
+            disk_formats(disks, disk_info),
+            {name: os.fspath(d.path) for name, d in disks.items()},
         )
         return disks
 
@@ -819,7 +839,10 @@ class LibvirtDriver:
             parent = self.images.get(record.image_id)
         except ImageNotFound:
             parent = None  # deleted since the boot: the snapshot stands alone anyway
-        rbd_root = next((p for p in disks if is_rbd_path(p)), None)
+        root_name = f"{record.uuid}_disk"
+        rbd_root = next(
+            (p for p in disks if is_rbd_path(p) and parse_rbd_path(p)[1] == root_name), None
+        )
         if rbd_root is not None:
             rbd = self.rbd_driver(parse_rbd_path(rbd_root)[0])
             root = Rbd(self.conf, StepTimer(), driver=rbd, instance_uuid=record.uuid)
@@ -882,7 +905,7 @@ def spawned_disks(
 ) -> dict[str, Callable[[], DiskDetails]]:
     """How ``get_disks`` describes the disks a spawn made, by disk_info name."""
     made: dict[str, Callable[[], DiskDetails]] = {n: d.details for n, d in disks.items()}
-    if "disk.config" in disk_info:
+    if "disk.config" in disk_info and "disk.config" not in made:
         made["disk.config"] = partial(imagebackend.file_details, instance_dir / "disk.config")
     return made
 

@@ -5,15 +5,17 @@ the exact command lines that make it, built by the same ``*_cmd`` functions the 
 code runs; then the domain XML. Nothing is written, nothing is defined.
 
 With ``images_type = rbd`` the cluster is asked (read only) whether the image can be
-cloned; the root disk's work is done through librbd, so its lines are the ``rbd``
-commands that do the same.
+cloned; every disk's work in the pool is done through librbd, so its lines are the
+``rbd`` commands that do the same.
 """
 
 from __future__ import annotations
 
 import os
 import uuid as uuidlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from minidriver import blockinfo, compute_api, guest
@@ -115,16 +117,26 @@ def explain(
     instance_dir = conf.instances_path / instance.uuid
     instance.instance_dir = str(instance_dir)
     backend = local_backend_class(conf)
+    disk_info = blockinfo.get_disk_info(
+        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
+    )
+    formats = {m.name: backend.driver_format for m in disk_info}
+    rbd_paths: dict[str, str] = {}
+    network_disks: dict[str, guest.NetworkSource] = {}
+    clone = None
     if backend_class(conf) is Rbd:
         rbd = drv.rbd_driver()
         with rbd.connected():
             rbd.check_pool()
             clone = clone_location(rbd, image)
-            root = Rbd(conf, StepTimer(), driver=rbd, instance_uuid=instance.uuid)
-            rbd_root = os.fspath(root.path)
-            network_disks = {"disk": root.libvirt_info()}
-    else:
-        clone, rbd_root, network_disks = None, None, {}
+            for m in disk_info:
+                disk = Rbd(
+                    conf, StepTimer(), driver=rbd, instance_uuid=instance.uuid, disk_name=m.name
+                )
+                rbd_paths[m.name] = os.fspath(disk.path)
+                network_disks[m.name] = disk.libvirt_info()
+                formats[m.name] = Rbd.driver_format
+    rbd_root = rbd_paths.get("disk")
 
     # A kernel image's kernel and ramdisk: fetched as they are, copied into the
     # instance dir for <os> to name.
@@ -132,14 +144,8 @@ def explain(
         if linked is not None:
             add_boot_file(plan, name, linked, conf.base_dir, instance_dir)
     add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
-    add_local_disks(plan, drv, instance_dir)
+    add_local_disks(plan, drv, instance_dir, rbd_paths)
 
-    disk_info = blockinfo.get_disk_info(
-        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
-    )
-    formats = {m.name: backend.driver_format for m in disk_info}
-    if rbd_root is not None:
-        formats["disk"] = Rbd.driver_format
     config = guest.get_guest_config(
         instance,
         disk_info,
@@ -212,7 +218,7 @@ def add_root_files(
     base_fmt = "raw" if force_raw else source_fmt
     part = base.with_name(base.name + ".part")
     if clone is not None and rbd_root is not None:
-        add_rbd_root(
+        add_rbd_disk(
             plan,
             rbd_root,
             root_size,
@@ -236,7 +242,7 @@ def add_root_files(
         else:
             plan.add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
     if clone is None and rbd_root is not None:
-        add_rbd_root(
+        add_rbd_disk(
             plan,
             rbd_root,
             root_size,
@@ -266,49 +272,50 @@ def add_root_files(
         )
 
 
-def add_local_disks(plan: Plan, drv: LibvirtDriver, instance_dir: Path) -> None:
-    """Ephemeral and swap: formatted bases in _base, the instance's files on them."""
+def add_local_disks(
+    plan: Plan, drv: LibvirtDriver, instance_dir: Path, rbd_paths: Mapping[str, str]
+) -> None:
+    """Ephemeral and swap: formatted bases in _base, the instance's files on them, or
+    with images_type = rbd (``rbd_paths``: each disk's ``rbd:pool/name``) the bases
+    imported into the pool, as Nova's Rbd backend does."""
     flavor = drv.get_flavor(plan.flavor)
     backend = local_backend_class(drv.conf)
     base_dir = drv.conf.base_dir
+    # (disk, its base, size, the command that formats the base's temp file, its kind)
+    local: list[tuple[str, Path, int, Callable[[Path], list[str]], str]] = []
     if flavor.ephemeral_gb:
         eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
-        temp = eph.with_name(eph.name + ".part")
-        size = flavor.ephemeral_gb * GiB
-        plan.add(
-            eph,
-            "raw",
-            size,
-            [qemu_img.create_cmd(temp, "raw", size), mkfs_cmd(EPHEMERAL_FS, EPHEMERAL_LABEL, temp)],
-            f"{EPHEMERAL_FS}, renamed from {temp.name}",
-        )
-        add_disk(
-            plan,
-            instance_dir / "disk.local",
-            cow=backend is Qcow2,
-            backing=eph,
-            backing_fmt="raw",
-            size=size,
-        )
+        mkfs = partial(mkfs_cmd, EPHEMERAL_FS, EPHEMERAL_LABEL)
+        local.append(("disk.local", eph, flavor.ephemeral_gb * GiB, mkfs, EPHEMERAL_FS))
     if flavor.swap:
         swap = base_dir / swap_filename(flavor.swap)
-        temp = swap.with_name(swap.name + ".part")
-        size = flavor.swap * MiB
+        local.append(("disk.swap", swap, flavor.swap * MiB, mkswap_cmd, "swap"))
+    for name, base, size, format_cmd, kind in local:
+        temp = base.with_name(base.name + ".part")
         plan.add(
-            swap,
+            base,
             "raw",
             size,
-            [qemu_img.create_cmd(temp, "raw", size), mkswap_cmd(temp)],
-            f"swap, renamed from {temp.name}",
+            [qemu_img.create_cmd(temp, "raw", size), format_cmd(temp)],
+            f"{kind}, renamed from {temp.name}",
         )
-        add_disk(
-            plan,
-            instance_dir / "disk.swap",
-            cow=backend is Qcow2,
-            backing=swap,
-            backing_fmt="raw",
-            size=size,
-        )
+        if name in rbd_paths:
+            add_rbd_disk(
+                plan,
+                rbd_paths[name],
+                None,
+                ["import", str(base), rbd_paths[name]],
+                f"{base.name} imported into the pool",
+            )
+        else:
+            add_disk(
+                plan,
+                instance_dir / name,
+                cow=backend is Qcow2,
+                backing=base,
+                backing_fmt="raw",
+                size=size,
+            )
 
 
 def image_source(image: StoreImage) -> str:
@@ -316,11 +323,11 @@ def image_source(image: StoreImage) -> str:
     return str(location) if location is not None else str(image.path)
 
 
-def add_rbd_root(plan: Plan, rbd_root: str, size: int | None, first: list[str], note: str) -> None:
-    """The root disk in the pool, made by ``rbd <first...>`` and grown to ``size``."""
+def add_rbd_disk(plan: Plan, rbd_path: str, size: int | None, first: list[str], note: str) -> None:
+    """A disk in the pool, made by ``rbd <first...>`` and grown to ``size``."""
     plan.files.append(
         PlannedFile(
-            path=rbd_root,
+            path=rbd_path,
             format="raw",
             virtual_size=size,
             exists=False,

@@ -8,12 +8,14 @@ How an instance disk is made from a cached base file, how it is described (``sho
 makes the instance's file from it: a qcow2 overlay (``Qcow2``) or a full copy
 (``Flat``, for ``images_type = raw/flat`` or ``use_cow_images = false``).
 
-``Rbd`` (``images_type = rbd``) keeps the root disk in Ceph as ``<instance uuid>_disk``:
-a copy-on-write clone of the image's protected snapshot when the image is in the same
-cluster, else the raw base is fetched into ``_base`` as for the others and imported
-into the pool (Nova imports it anew for each instance); then it is grown to the
-flavor's size. Its network source (``libvirt_info``), its details, its direct snapshot
-and the removal of an instance's RBD disks are the backend's work, as in Nova.
+``Rbd`` (``images_type = rbd``) keeps every disk in Ceph as ``<instance uuid>_<name>``.
+The root: a copy-on-write clone of the image's protected snapshot when the image is in
+the same cluster, else the raw base is fetched into ``_base`` as for the others and
+imported into the pool (Nova imports it anew for each instance); then it is grown to
+the flavor's size. Ephemeral and swap: their formatted ``_base`` file imported (Nova's
+``Rbd.create_image`` behind ``cache``). The config drive: built as a local file, then
+``import_file``. Their network source (``libvirt_info``), details, the root's direct
+snapshot and the removal of an instance's RBD disks are the backend's work, as in Nova.
 """
 
 from __future__ import annotations
@@ -256,10 +258,11 @@ class Flat(Image):
 
 
 class Rbd(Image):
-    """The root disk as the RBD image ``<instance uuid>_<disk name>`` (Nova's names).
+    """A disk as the RBD image ``<instance uuid>_<disk name>`` (Nova's names): ``disk``,
+    ``disk.local``, ``disk.swap``, ``disk.config``.
 
-    ``clone_location``: the image's cloneable snapshot (the driver asked
-    ``is_cloneable``), or None to fetch into ``_base`` and import. ``path`` is
+    ``clone_location``: the root's cloneable snapshot (the driver asked
+    ``is_cloneable``), or None to import a base from ``_base``. ``path`` is
     ``rbd:<pool>/<name>``, as ``disk.info`` records it; it is no file.
     """
 
@@ -329,6 +332,13 @@ class Rbd(Image):
             with self._step(Step.RESIZE, timed):
                 self.driver.resize(self.rbd_name, size)
             self.commands.append(["rbd", "resize", "--size", f"{size // MiB}M", self.source_name])
+
+    def import_file(self, local_file: Path) -> None:
+        """Nova's ``Rbd.import_file``: a local file (the config drive) becomes this
+        disk, replacing any image of that name."""
+        self.driver.remove_image(self.rbd_name)
+        self.driver.import_image(local_file, self.rbd_name)
+        self.commands.append(["rbd", "import", os.fspath(local_file), self.source_name])
 
     @contextlib.contextmanager
     def removed_on_error(self) -> Iterator[None]:
@@ -536,8 +546,9 @@ def backend_class(conf: Config) -> type[Image]:
 
 
 def local_backend_class(conf: Config) -> type[Image]:
-    """The backend of disks kept in files: all of them, or with ``images_type = rbd``
-    the ephemeral and swap disks (the root alone goes to Ceph)."""
+    """The backend of disks kept in files: all of an instance's disks but with
+    ``images_type = rbd``, where none is a file (the same choice then stands for a
+    file disk, were one asked for)."""
     images_type = conf.libvirt.images_type
     if images_type in ("default", "rbd"):
         return Qcow2 if conf.default.use_cow_images else Flat

@@ -474,6 +474,16 @@ class RBDDriver:
                         ) from None
                     time.sleep(REMOVE_INTERVAL)
 
+    def rename(self, name: str, new_name: str, pool: str | None = None) -> None:
+        """``rbd rename`` within a pool: the image, its data and snapshots, renamed."""
+        with self.ioctx(pool) as ioctx:
+            try:
+                rbd.RBD().rename(ioctx, name, new_name)
+            except rbd.Error as exc:
+                raise RbdError(
+                    f"rbd rename of {pool or self.pool}/{name} to {new_name} failed: {exc}"
+                ) from exc
+
     def list_images(self, pool: str | None = None) -> list[str]:
         with self.ioctx(pool) as ioctx:
             return list(rbd.RBD().list(ioctx))

@@ -5,15 +5,18 @@ restore, ``virDomainSave`` / ``virDomainRestore``, the calls behind Nova's suspe
 ``create`` turns a running instance into a template: its memory saved by libvirt into
 ``<state_path>/templates/<id>/memory.save``, its disk files (and kernel, ramdisk, config
 drive and ``libvirt.xml``) moved there and made read-only (the frozen layer), the
-instance consumed (domain undefined, record, port and known_hosts entry gone).
+instance consumed (domain undefined, record, port and known_hosts entry gone). With
+``images_type = rbd`` the frozen layer stays in Ceph: protected snapshots of the disks,
+renamed for the template (``vmtemplate_rbd``).
 
 ``spawn`` restores a clone: a qcow2 overlay of each frozen disk in a new instance dir,
 the template's XML given the clone's name, uuid, paths and forwarded port, defined, and
 a copy of the saved memory with that XML in its header restored onto it
-(``savefile`` says why a copy). The guest goes on from where the template was saved:
-no boot, so no new console lines; a clone is ready once it is RUNNING. Clones share
-the template's hostname, machine-id, SSH host keys and MAC (user-mode NIC or none only:
-on a shared network two clones would collide).
+(``savefile`` says why a copy); an RBD template's clone gets RBD clones of its frozen
+snapshots instead of overlays, ``<clone uuid>_<disk>``. The guest goes on from where
+the template was saved: no boot, so no new console lines; a clone is ready once it is
+RUNNING. Clones share the template's hostname, machine-id, SSH host keys and MAC
+(user-mode NIC or none only: on a shared network two clones would collide).
 
 Crash safety follows spawn's: a clone is an instance recorded ``building`` under its
 instance lock until it runs, so ``cleanup`` reaps a killed one like any killed spawn
@@ -41,7 +44,7 @@ from typing import Any, Final
 import libvirt
 from lxml import etree
 
-from minidriver import guestagent, lockutils, savefile, ssh
+from minidriver import guestagent, imagebackend, lockutils, rbd_utils, savefile, ssh, vmtemplate_rbd
 from minidriver.compute_api import validate_display_name
 from minidriver.db import InstanceRecord, resolve, utc_now
 from minidriver.disk_info_file import read_disk_info, write_disk_info
@@ -53,7 +56,6 @@ from minidriver.driver import (
 )
 from minidriver.exception import MinidriverError, NotFound
 from minidriver.guest import METADATA_NAMESPACE, QEMU_NAMESPACE
-from minidriver.imagebackend import is_rbd_path
 from minidriver.images import qemu_img
 from minidriver.lockutils import external_lock
 from minidriver.network import NetworkMode
@@ -184,6 +186,8 @@ def clone_xml(
         _set_text(meta, f"{{{METADATA_NAMESPACE}}}{tag}", value)
     for source in root.iterfind("devices/disk/source[@file]"):
         source.set("file", move(source.get("file")))
+    for source in root.iterfind("devices/disk/source[@protocol='rbd']"):
+        source.set("name", _renamed_rbd_disk(source.get("name", ""), source_uuid, uuid))
     for element in [*root.iterfind("os/kernel"), *root.iterfind("os/initrd")]:
         element.text = move(element.text)
     for log in root.iterfind("devices/*/log"):
@@ -197,6 +201,15 @@ def clone_xml(
                 raise TemplateError("the template forwards a port but the clone has none")
             arg.set("value", HOSTFWD.sub(rf"\g<1>{forward_port}\g<2>", value))
     return etree.tostring(root, encoding="unicode")
+
+
+def _renamed_rbd_disk(name: str, source_uuid: str, uuid: str) -> str:
+    """``pool/<source uuid>_<disk>`` -> ``pool/<clone uuid>_<disk>``: the clone's own
+    RBD clone of that disk's frozen snapshot."""
+    pool, _, image = name.partition("/")
+    if not image.startswith(f"{source_uuid}_"):
+        raise TemplateError(f"the template's XML names RBD image {name}, which no clone can have")
+    return f"{pool}/{uuid}_{image.removeprefix(source_uuid + '_')}"
 
 
 def _renamed_socket(path: str, source_uuid: str, uuid: str) -> str:
@@ -273,8 +286,7 @@ class Templates:
     def create(self, instance_uuid: str, name: str) -> TemplateRecord:
         """The running instance saved as the template ``name``; the instance is
         consumed. Refused, with nothing changed, for an instance that is not running,
-        has a NIC other than the user network's, is itself a clone, or has a disk in
-        Ceph."""
+        has a NIC other than the user network's or is itself a clone."""
         validate_display_name(name)
         record = self.drv.db.get_instance(instance_uuid)
         self._check_source(record, name)
@@ -296,7 +308,7 @@ class Templates:
             network_mode=record.network_mode,
             mac_address=record.mac_address,
             key_name=record.key_name,
-            disks={Path(path).name: fmt for path, fmt in formats.items()},
+            disks=disk_names(record.uuid, formats),
             memory_bytes=None,
         )
         locks = self.conf.locks_dir
@@ -339,12 +351,6 @@ class Templates:
                 hint="make the template from an instance booted from an image",
             )
         formats = read_disk_info(Path(record.instance_dir)) or {}
-        if any(is_rbd_path(path) for path in formats):
-            raise TemplateError(
-                f"instance {record.display_name} has its root disk in Ceph (images_type ="
-                " rbd): templates of RBD disks are not supported yet",
-                hint="make templates with images_type = default (local qcow2 disks)",
-            )
         if not formats:
             raise TemplateError(f"instance {record.display_name} has no disk.info")
         state = self.drv.get_info(record.uuid).state
@@ -371,12 +377,16 @@ class Templates:
         ``creating`` template naming its source, which `cleanup` removes together."""
         savefile.read_header(tpl.path / MEMORY_FILE)  # libvirt wrote one clones can use
         source = Path(record.instance_dir)
+        rbd_sources = vmtemplate_rbd.disk_names(record.uuid, read_disk_info(source) or {})
+        frozen = vmtemplate_rbd.frozen_paths(tpl.id, rbd_sources)
+        # First, so that a crash past here leaves the pools of the frozen disks named.
+        write_disk_info(tpl.path, tpl.disks, frozen)
+        vmtemplate_rbd.freeze(self.conf, rbd_sources, frozen)
         kernels = [f for f in ("kernel", "ramdisk") if (source / f).exists()]
-        moved = [*tpl.disks, XML_FILE, *kernels]
+        moved = [*(d for d in tpl.disks if d not in frozen), XML_FILE, *kernels]
         for file_name in moved:
             shutil.move(source / file_name, tpl.path / file_name)
             (tpl.path / file_name).chmod(0o444)
-        write_disk_info(tpl.path, tpl.disks)
         self.drv._undefine(record.uuid)
         shutil.rmtree(source, ignore_errors=True)
         if record.forward_port is not None:
@@ -393,7 +403,8 @@ class Templates:
     # -- delete -----------------------------------------------------------------
 
     def delete(self, template_id: str) -> None:
-        """Remove the template's files and record; refused while clones of it exist."""
+        """Remove the template's files, frozen RBD images and record; refused while
+        clones of it exist."""
         tpl = self.get(template_id)
         with external_lock(self.conf.locks_dir, template_lock_name(tpl.id)):
             clones = self.clones_of(tpl.id)
@@ -403,6 +414,9 @@ class Templates:
                     + ", ".join(c.describe() for c in clones),
                     hint="delete its clones first",
                 )
+            # The images first: should Ceph refuse, the record and dir still name them.
+            pools = vmtemplate_rbd.template_pools(self.conf, tpl.path, {})
+            vmtemplate_rbd.remove_frozen(self.conf, tpl.id, pools)
             shutil.rmtree(tpl.path, ignore_errors=True)
             self._forget(tpl.id)
 
@@ -498,14 +512,11 @@ class Templates:
                 undo.callback(shutil.rmtree, clone_dir, ignore_errors=True)
                 clone_dir.mkdir(parents=True)
                 clone_dir.chmod(0o755)
-                with timer.step(Step.OVERLAY):
-                    for disk in tpl.overlaid:
-                        qemu_img.create_cow_image(
-                            tpl.path / disk, tpl.disks[disk], clone_dir / disk, None
-                        )
-                shared = {d: os.fspath(tpl.path / d) for d in tpl.disks if d in SHARED_FILES}
-                formats = {d: ("qcow2" if d not in shared else tpl.disks[d]) for d in tpl.disks}
-                write_disk_info(clone_dir, formats, shared)
+                frozen = vmtemplate_rbd.frozen_disks(tpl.path)
+                if frozen:
+                    self._clone_rbd_disks(instance.uuid, tpl, frozen, timer, undo)
+                else:
+                    self._overlay_disks(clone_dir, tpl, timer)
                 (clone_dir / CONSOLE_LOG).touch()
 
                 def xml_for(text: str) -> str:
@@ -557,6 +568,36 @@ class Templates:
                 raise SpawnError(step, exc, instance) from exc
             undo.pop_all()
 
+    @staticmethod
+    def _overlay_disks(clone_dir: Path, tpl: TemplateRecord, timer: StepTimer) -> None:
+        with timer.step(Step.OVERLAY):
+            for disk in tpl.overlaid:
+                qemu_img.create_cow_image(tpl.path / disk, tpl.disks[disk], clone_dir / disk, None)
+        shared = {d: os.fspath(tpl.path / d) for d in tpl.disks if d in SHARED_FILES}
+        formats = {d: ("qcow2" if d not in shared else tpl.disks[d]) for d in tpl.disks}
+        write_disk_info(clone_dir, formats, shared)
+
+    def _clone_rbd_disks(
+        self,
+        instance_uuid: str,
+        tpl: TemplateRecord,
+        frozen: dict[str, str],
+        timer: StepTimer,
+        undo: contextlib.ExitStack,
+    ) -> None:
+        """RBD clones of the frozen snapshots; ``disk.info`` first, so that `cleanup`
+        after a kill knows their pools (their names are an instance's)."""
+        clone_dir = self.drv.instance_dir(instance_uuid)
+        paths = vmtemplate_rbd.clone_paths(self.conf, tpl.path, instance_uuid)
+        write_disk_info(clone_dir, {d: "raw" for d in paths}, paths)
+        for pool in {imagebackend.parse_rbd_path(p)[0] for p in paths.values()}:
+            undo.callback(
+                rbd_utils.cleanup_volumes_quietly,
+                imagebackend.rbd_driver(self.conf, pool),
+                instance_uuid,
+            )
+        vmtemplate_rbd.clone_disks(self.conf, frozen, instance_uuid, timer)
+
     def set_clock(self, instance_uuid: str) -> bool | None:
         """A clone's clock set to the host's through its guest agent: True when done,
         False when the agent did not do it, None when the guest has no agent."""
@@ -599,24 +640,41 @@ def _clone_record(instance: Instance, tpl: TemplateRecord) -> InstanceRecord:
 # -- after a crash -------------------------------------------------------------------
 
 
-def remove_half_made(drv: LibvirtDriver, tpl: TemplateRecord) -> None:
-    """A template that was not finished, and what is left of its source instance."""
+def disk_names(instance_uuid: str, formats: dict[str, str]) -> dict[str, str]:
+    """{disk name: format} of an instance's ``disk.info``: a file's name, or an RBD
+    disk's ``<uuid>_<name>`` without the uuid."""
+    rbd = vmtemplate_rbd.disk_names(instance_uuid, formats)
+    names = {name: formats[path] for name, path in rbd.items()}
+    rbd_paths = set(rbd.values())
+    names.update({Path(p).name: fmt for p, fmt in formats.items() if p not in rbd_paths})
+    return names
+
+
+def remove_half_made(drv: LibvirtDriver, tpl: TemplateRecord) -> list[str]:
+    """A template that was not finished, and what is left of its source instance and
+    of its frozen RBD disks (``pool/name`` of those removed, returned)."""
+    source_formats = read_disk_info(Path(tpl.source_dir)) or {}
+    pools = vmtemplate_rbd.template_pools(drv.conf, tpl.path, source_formats)
     with contextlib.suppress(NotFound):
         drv.destroy(tpl.source_uuid)
+    removed = vmtemplate_rbd.remove_frozen(drv.conf, tpl.id, pools)
     shutil.rmtree(tpl.path, ignore_errors=True)
     Templates(drv)._forget(tpl.id)
+    return removed
 
 
-def cleanup(drv: LibvirtDriver, *, dry_run: bool) -> tuple[list[str], list[str]]:
+def cleanup(drv: LibvirtDriver, *, dry_run: bool) -> tuple[list[str], list[str], list[str]]:
     """What a killed ``template create`` left: a template still ``creating`` whose lock
     is free, with its dir and what is left of its source instance (whose memory and
     disks were, or were becoming, the template's); and template dirs with no record.
-    Returns (removed or would-be-removed template dirs, source instances destroyed).
-    Killed clones are ordinary killed spawns: the instance pass reaps them."""
+    Returns (removed or would-be-removed template dirs, source instances destroyed,
+    frozen RBD images removed as ``pool/name``). Killed clones are ordinary killed
+    spawns: the instance pass reaps them."""
     templates = Templates(drv)
     locks = drv.conf.locks_dir
     dirs: list[str] = []
     sources: list[str] = []
+    images: list[str] = []
     known = set()
     for tpl in templates.list():
         known.add(tpl.id)
@@ -627,7 +685,7 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool) -> tuple[list[str], list[str]]
             drv.db.get_instance(tpl.source_uuid)
             sources.append(tpl.source_uuid)
         if not dry_run:
-            remove_half_made(drv, tpl)
+            images.extend(remove_half_made(drv, tpl))
     root = drv.conf.templates_path
     if root.is_dir():
         for entry in sorted(root.iterdir()):
@@ -636,4 +694,7 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool) -> tuple[list[str], list[str]]
             dirs.append(os.fspath(entry))
             if not dry_run:
                 shutil.rmtree(entry, ignore_errors=True)
-    return dirs, sources
+    # No sweep of tpl-* images without a record: a pool may serve other state dirs,
+    # whose templates this one cannot tell from orphans. None is left without one:
+    # the record comes before the first rename and goes after the last removal.
+    return dirs, sources, images

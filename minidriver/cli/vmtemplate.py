@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from minidriver import console, savefile
+from minidriver import console, savefile, vmtemplate_rbd
 from minidriver.cli.guestaccess import wait_ssh
 from minidriver.cli.instances import instance_dict, show_text
 from minidriver.cli.output import (
@@ -23,6 +23,7 @@ from minidriver.cli.output import (
     human_size,
 )
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
+from minidriver.imagebackend import parse_rbd_path
 from minidriver.images import qemu_img
 from minidriver.network import NetworkMode
 from minidriver.steps import Step
@@ -58,6 +59,8 @@ def template_dict(templates: Templates, tpl: TemplateRecord) -> dict[str, Any]:
         **tpl.to_dict(),
         "clones": [c.uuid for c in templates.clones_of(tpl.id)],
         "files": files,
+        # images_type = rbd: where each frozen disk is, as rbd:pool/name (its @snap).
+        "rbd_disks": vmtemplate_rbd.frozen_disks(tpl.path),
     }
 
 
@@ -69,6 +72,7 @@ def template_text(data: dict[str, Any]) -> str:
         rows.append(("key_name", data["key_name"]))
     rows.append(("clones", ", ".join(data["clones"]) or "none"))
     files = [f"{name:<13} {human_size(f['size'])}" for name, f in data["files"].items()]
+    files += [f"{name:<13} {path}@snap" for name, path in data["rbd_disks"].items()]
     return format_table(("field", "value"), rows) + "\n\n" + "\n".join(files)
 
 
@@ -211,6 +215,37 @@ def cmd_boot_template(drv: LibvirtDriver, args: argparse.Namespace, out: Output)
     return 0
 
 
+def rbd_clone_files(drv: LibvirtDriver, frozen: dict[str, str]) -> list[dict[str, Any]]:
+    """An RBD template's frozen snapshots and the RBD clone a new clone gets of each."""
+    files: list[dict[str, Any]] = []
+    for disk, (snap, command) in zip(
+        frozen, vmtemplate_rbd.clone_commands(frozen, "<new uuid>"), strict=True
+    ):
+        pool, name = parse_rbd_path(frozen[disk])
+        size = drv.rbd_driver(pool).size(name)
+        files.append(
+            {
+                "path": f"rbd:{snap}",
+                "format": "raw",
+                "virtual_size": size,
+                "backing_file": None,
+                "note": "frozen: a protected RBD snapshot, shared by every clone",
+                "commands": [],
+            }
+        )
+        files.append(
+            {
+                "path": f"rbd:{command[-1]}",
+                "format": "raw",
+                "virtual_size": size,
+                "backing_file": f"rbd:{snap}",
+                "note": "the clone's own writes: an RBD clone, no copy",
+                "commands": [command],
+            }
+        )
+    return files
+
+
 def cmd_explain_template(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
     """What ``boot --template`` would make and run, from the template as it is."""
     if args.image or args.flavor:
@@ -219,7 +254,11 @@ def cmd_explain_template(drv: LibvirtDriver, args: argparse.Namespace, out: Outp
     header = savefile.read_header(tpl.path / MEMORY_FILE)
     clone_dir = drv.conf.instances_path / "<new uuid>"
     files: list[dict[str, Any]] = []
+    rbd_frozen = vmtemplate_rbd.frozen_disks(tpl.path)
+    files.extend(rbd_clone_files(drv, rbd_frozen))
     for disk in tpl.disks:
+        if disk in rbd_frozen:
+            continue
         frozen = tpl.path / disk
         info = qemu_img.info(frozen, tpl.disks[disk])
         entry: dict[str, Any] = {

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,22 @@ def run_with_config(
     if check:
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def kill_at(child_code: str, point: str, marker: Path, argv: list[str]) -> None:
+    """Run ``python -c child_code point marker ARGS`` (``argv`` a :func:`minidriver`
+    argv), wait until the child writes ``marker`` (it stalls at ``point``), then
+    ``kill -9`` it."""
+    marker.unlink(missing_ok=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", child_code, point, str(marker), *argv[3:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert child.poll() is None, child.stderr.read() if child.stderr else ""
+        assert time.monotonic() < deadline, f"{point} never reached the stall"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()

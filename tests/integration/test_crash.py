@@ -8,18 +8,14 @@ point (it writes a marker file and sleeps), so that the kill lands there.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_run import minidriver, run_json
+from cli_run import kill_at, minidriver, run_json
 
 from minidriver.config import Config, load_config
 
@@ -82,20 +78,8 @@ def test_kill_9_then_cleanup_then_boot(
 ) -> None:
     uri = host_config.libvirt.connection_uri
     run_json(minidriver(state, uri, "--json", "image", "add", str(test_image), "--name", "g"))
-    marker = state / "marker"
     boot_args = minidriver(state, uri, "boot", "--image", "g", "--flavor", "t1.nano")
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, point, str(marker), *boot_args[3:]],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert child.poll() is None, child.stderr.read() if child.stderr else ""
-        assert time.monotonic() < deadline, "the boot never reached the stall"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_at(CHILD, point, state / "marker", boot_args)
 
     report = run_json(minidriver(state, uri, "--json", "cleanup"))
     assert isinstance(report, dict)

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_run import minidriver, run_json
+from cli_run import kill_at, minidriver, run_json
 
 from minidriver import savefile
 from minidriver.config import Config, load_config
@@ -170,23 +166,6 @@ def state(host_config: Config) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def kill_at(point: str, state: Path, argv: list[str]) -> None:
-    marker = state / "marker"
-    marker.unlink(missing_ok=True)
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, point, str(marker), *argv[3:]],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        assert child.poll() is None, child.stderr.read() if child.stderr else ""
-        assert time.monotonic() < deadline, f"{point} never reached the stall"
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-
-
 def our_reservations(state: Path) -> list[Path]:
     reservations = load_config(None, state_dir=state, environ={}).port_reservations_path
     return [
@@ -209,7 +188,9 @@ def test_kill_9_in_template_create_and_in_boot_template_then_cleanup(
     run_json(md("--json", *boot, "--name", "src", "--wait-for", READY))
 
     # 1. Killed in `template create`, after the save, between two disk moves.
-    kill_at("template-create", state, md("template", "create", "src", "--name", "t"))
+    kill_at(
+        CHILD, "template-create", state / "marker", md("template", "create", "src", "--name", "t")
+    )
     report = run_json(md("--json", "cleanup"))
     assert len(report["templates"]) == 1 and len(report["records"]) == 1, report
     assert report["skipped"] == []
@@ -222,7 +203,9 @@ def test_kill_9_in_template_create_and_in_boot_template_then_cleanup(
     run_json(md("--json", *boot, "--name", "src2", "--wait-for", READY))
     made = run_json(md("--json", "template", "create", "src2", "--name", "t"))
     before = frozen_hashes(Path(made["template_dir"]))
-    kill_at("boot-template", state, md("boot", "--template", "t", "--name", "doomed"))
+    kill_at(
+        CHILD, "boot-template", state / "marker", md("boot", "--template", "t", "--name", "doomed")
+    )
     report = run_json(md("--json", "cleanup"))
     assert len(report["records"]) == 1 and len(report["ports"]) == 1, report
     assert report["templates"] == [] and report["skipped"] == []

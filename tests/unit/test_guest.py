@@ -4,6 +4,7 @@ started and undefined on libvirt's own test driver."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import libvirt
@@ -36,10 +37,18 @@ RBD_ROOT_AUTH = guest.NetworkSource(
     secret_uuid="457eb676-33da-42ec-9a8c-9293d545c337",
 )
 
+# images_type = rbd puts every disk in Ceph: root, ephemeral, swap and config drive.
+RBD_ALL = {
+    name: guest.NetworkSource(protocol="rbd", name=f"rbd/{INSTANCE_DIR.name}_{name}", hosts=MONS)
+    for name in ("disk", "disk.local", "disk.swap", "disk.config")
+}
+
 AGENT_SOCKET_DIR = Path("/var/lib/libvirt/qemu")
 
-# flavor, image properties, virt_type, config drive format, NIC, root disk in Ceph
-Case = tuple[Flavor, dict[str, str], str, str | None, VIF | None, guest.NetworkSource | None]
+# flavor, image properties, virt_type, config drive format, NIC, root disk in Ceph (or
+# every disk named in a mapping)
+RbdDisks = guest.NetworkSource | Mapping[str, guest.NetworkSource] | None
+Case = tuple[Flavor, dict[str, str], str, str | None, VIF | None, RbdDisks]
 CASES: dict[str, Case] = {
     "t1.nano-qemu": (NANO, {}, "qemu", None, None, None),
     "m1.small-kvm": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", None, None, None),
@@ -60,6 +69,7 @@ CASES: dict[str, Case] = {
     "net-user-most-disks": (MOST_DISKS, {}, "qemu", "vfat", USER_VIF, None),
     "t1.nano-rbd": (NANO, {}, "qemu", None, None, RBD_ROOT),
     "m1.small-rbd-auth": (DEFAULT_FLAVORS["m1.small"], {}, "kvm", "iso9660", None, RBD_ROOT_AUTH),
+    "t1.nano-rbd-all-disks": (NANO, {}, "qemu", "iso9660", USER_VIF, RBD_ALL),
     # An ISO image: its root is a cdrom (hda), the BIOS boots cdrom; with a config
     # drive, a second cdrom on the last IDE device.
     "iso-root": (NANO, {}, "qemu", None, None, None),
@@ -83,7 +93,7 @@ def render(
     virt_type: str,
     config_drive: str | None,
     vif: VIF | None = None,
-    rbd_root: guest.NetworkSource | None = None,
+    rbd_root: RbdDisks = None,
     display_name: str = "web-1",
     disk_format: str = "qcow2",
 ) -> str:
@@ -99,9 +109,10 @@ def render(
         created_at="2026-11-22T00:00:00+00:00",
     )
     disk_info = blockinfo.get_disk_info(virt_type, flavor, image, config_drive_format=config_drive)
+    network_disks = {"disk": rbd_root} if isinstance(rbd_root, guest.NetworkSource) else rbd_root
     formats = {m.name: ("raw" if m.name == "disk.config" else "qcow2") for m in disk_info}
-    if rbd_root is not None:
-        formats["disk"] = "raw"
+    for name in network_disks or {}:
+        formats[name] = "raw"
     config = guest.get_guest_config(
         instance,
         disk_info,
@@ -112,7 +123,7 @@ def render(
         state_id="0b5a3c44-2a41-4ad4-9a39-5a1f2f0c0d77",
         cache="none",
         vif=vif,
-        network_disks={"disk": rbd_root} if rbd_root else None,
+        network_disks=network_disks,
         image_properties=props,
         agent_socket_dir=AGENT_SOCKET_DIR,
     )
@@ -276,6 +287,19 @@ def test_rbd_root_is_a_network_disk_and_the_others_stay_files() -> None:
     assert all(d.get("type") == "file" for d in others)
     no_auth = etree.fromstring(render(*CASES["t1.nano-rbd"]).encode())
     assert no_auth.findall("devices/disk/auth") == []
+
+
+def test_rbd_every_disk_is_a_network_disk_none_a_file() -> None:
+    tree = etree.fromstring(render(*CASES["t1.nano-rbd-all-disks"]).encode())
+    disks = tree.findall("devices/disk")
+    assert [d.get("type") for d in disks] == ["network"] * 4
+    assert tree.xpath("devices/disk/source/@file") == []
+    assert [d.get("device") for d in disks] == ["disk", "disk", "disk", "cdrom"]
+    assert tree.xpath("devices/disk/source/@name") == [
+        f"rbd/{INSTANCE_DIR.name}_{n}" for n in ("disk", "disk.local", "disk.swap", "disk.config")
+    ]
+    assert tree.xpath("devices/disk/driver/@type") == ["raw"] * 4
+    assert tree.xpath("devices/disk[@device='cdrom']/readonly") != []
 
 
 def test_an_iso_root_is_a_cdrom_the_bios_boots_first() -> None:

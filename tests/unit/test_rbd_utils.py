@@ -95,7 +95,7 @@ def test_disk_info_names_an_rbd_disk_as_nova_does() -> None:
         ("raw", True, Flat, Flat),
     ],
 )
-def test_rbd_keeps_ephemeral_and_swap_in_files(
+def test_backend_of_the_root_and_of_file_disks(
     tmp_path: Path, images_type: str, use_cow: bool, root: type, local: type
 ) -> None:
     conf_file = tmp_path / "c.conf"

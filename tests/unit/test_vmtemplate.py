@@ -15,7 +15,7 @@ import libvirt
 import pytest
 from lxml import etree
 
-from minidriver import cleanup, imagecache
+from minidriver import cleanup, imagecache, vmtemplate_rbd
 from minidriver.cli import main
 from minidriver.db import InstanceRecord
 from minidriver.driver import LibvirtDriver
@@ -25,6 +25,7 @@ from minidriver.vmtemplate import (
     TemplateRecord,
     Templates,
     clone_xml,
+    disk_names,
 )
 
 
@@ -343,17 +344,52 @@ def test_the_clock_is_set_once_the_agent_answers(drv: LibvirtDriver, empty_qcow2
     assert guestagent.sync_guest_time(domain, wait=10) is False
 
 
-def test_create_refuses_an_rbd_root_for_now(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
-    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
-    disk_info = Path(inst.instance_dir) / "disk.info"
-    recorded = json.loads(disk_info.read_text())
-    # As images_type = rbd records it: the root disk in Ceph (Nova's rbd: path).
-    recorded = {
-        ("rbd:vms/" + inst.uuid + "_disk" if p.endswith("/disk") else p): f
-        for p, f in recorded.items()
+RBD_XML = Path(__file__).parent.parent / "data" / "domain-t1.nano-rbd-all-disks.xml"
+RBD_SOURCE = "7d1e4a52-9f64-4d8e-a0b4-1f1a5c3e2b10"  # the golden file's instance
+
+
+def rbd_clone_xml(xml: str, tmp_path: Path) -> str:
+    return clone_xml(
+        xml,
+        name="instance-00000042",
+        uuid="11111111-2222-3333-4444-555555555555",
+        display_name="c1",
+        created_at="2026-12-03T00:00:00Z",
+        source_dir=f"/var/lib/minidriver/instances/{RBD_SOURCE}",
+        source_uuid=RBD_SOURCE,
+        clone_dir=tmp_path,
+        template_dir=tmp_path,
+        overlaid=[],
+        forward_port=10999,
+    )
+
+
+def test_clone_xml_names_the_clones_own_rbd_disks(tmp_path: Path) -> None:
+    new = rbd_clone_xml(RBD_XML.read_text(), tmp_path)
+    root = etree.fromstring(new.encode())
+    clone = "11111111-2222-3333-4444-555555555555"
+    assert root.xpath("devices/disk/source/@name") == [
+        f"rbd/{clone}_{n}" for n in ("disk", "disk.local", "disk.swap", "disk.config")
+    ]
+    assert root.xpath("devices/disk/source/host/@name") == ["127.0.0.1", "fd00::2"] * 4
+    assert RBD_SOURCE not in new
+
+
+def test_clone_xml_refuses_an_rbd_disk_not_the_source_instances(tmp_path: Path) -> None:
+    stray = RBD_XML.read_text().replace(f"rbd/{RBD_SOURCE}_disk.swap", "rbd/someone_disk.swap")
+    with pytest.raises(TemplateError, match=r"RBD image rbd/someone_disk\.swap"):
+        rbd_clone_xml(stray, tmp_path)
+
+
+def test_an_rbd_instances_disks_are_named_for_the_template() -> None:
+    uuid = RBD_SOURCE
+    formats = {f"rbd:vms/{uuid}_{n}": "raw" for n in ("disk", "disk.local", "disk.swap")}
+    formats["/x/kernel"] = "aki"
+    assert disk_names(uuid, formats) == {
+        "disk": "raw",
+        "disk.local": "raw",
+        "disk.swap": "raw",
+        "kernel": "aki",
     }
-    disk_info.write_text(json.dumps(recorded))
-    with pytest.raises(TemplateError, match="not supported yet"):
-        Templates(drv).create(inst.uuid, "t")
-    assert Templates(drv).list() == []
-    assert drv.get_info(inst.uuid).state == "running"
+    frozen = vmtemplate_rbd.frozen_paths("T", vmtemplate_rbd.disk_names(uuid, formats))
+    assert frozen == {n: f"rbd:vms/tpl-T_{n}" for n in ("disk", "disk.local", "disk.swap")}
