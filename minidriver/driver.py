@@ -756,9 +756,12 @@ class LibvirtDriver:
     def _reserve_forward_port_again(
         self, instance_uuid: str, domain: libvirt.virDomain
     ) -> libvirt.virDomain:
-        """The port a stopped instance forwards, reserved again: the reservations live
-        under /run, which a reboot empties, so another instance or program may hold it
-        now. Then another port is reserved and the domain defined again with it."""
+        """The port a stopped or suspended instance forwards, reserved again: the
+        reservations live under /run, which a reboot empties, and a program may listen
+        on the port meanwhile, so another instance or program may hold it now. Then
+        another port is reserved and the domain defined again with it; a suspended
+        one's saved memory too, whose XML, not the definition, is what its start
+        restores (QEMU would fail on the old port)."""
         record = self.db.get_instance(instance_uuid)
         old = record.forward_port
         if record.network_mode != NetworkMode.USER or old is None:
@@ -771,13 +774,17 @@ class LibvirtDriver:
         )
         if port == old:
             return domain
-        try:
+        with contextlib.ExitStack() as undo:
+            undo.callback(self.ports.release, port, instance_uuid)
+            if domain.hasManagedSaveImage(0):
+                secure = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE
+                saved = domain.managedSaveGetXMLDesc(secure)
+                domain.managedSaveDefineXML(guest.with_forward_port(saved, port), 0)
+                undo.callback(domain.managedSaveDefineXML, saved, 0)
             xml = guest.with_forward_port(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), port)
             domain = self.host.define(xml)
             self.db.update_instance(instance_uuid, forward_port=port)
-        except BaseException:
-            self.ports.release(port, instance_uuid)
-            raise
+            undo.pop_all()
         (Path(record.instance_dir) / "libvirt.xml").write_text(xml)
         self.ports.release(old, instance_uuid)  # if it is still ours (a listener took it)
         LOG.warning(
