@@ -709,12 +709,18 @@ class LibvirtDriver:
 
     def power_on(self, instance_uuid: str) -> None:
         """Start a stopped instance. A suspended one is resumed: libvirt's start of a
-        domain with a managed save image restores that image (its memory is kept)."""
+        domain with a managed save image restores that image (its memory is kept), and
+        its clock is set as ``resume`` sets it."""
         domain = self._domain_of(instance_uuid)
+        restored = False
         if not domain.isActive():
+            restored = domain.hasManagedSaveImage(0) == 1
             domain = self._reserve_forward_port_again(instance_uuid, domain)
             self.host.launch(domain)
         self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
+        # As Nova's resume does: the guest's clock stood still while it was saved.
+        if restored and guestagent.has_agent_channel(domain.XMLDesc(0)):
+            guestagent.sync_guest_time(domain)
 
     def suspend(self, instance_uuid: str) -> None:
         """Nova's ``suspend``: the guest's memory saved by libvirt's managed save, the
@@ -740,10 +746,7 @@ class LibvirtDriver:
                 f" ({self.host.domain_state(domain)}, vm_state {record.vm_state})",
                 hint="only a suspended instance resumes",
             )
-        self.power_on(instance_uuid)
-        # As Nova's resume does: the guest's clock stood still while it was saved.
-        if guestagent.has_agent_channel(domain.XMLDesc(0)):
-            guestagent.sync_guest_time(domain)
+        self.power_on(instance_uuid)  # restores the saved memory, sets the clock
 
     def _refuse_if_suspended(self, instance_uuid: str, what: str) -> None:
         record = self.db.get_instance(instance_uuid)
