@@ -800,15 +800,34 @@ class LibvirtDriver:
 
     def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
         """Soft: the guest is asked (ACPI) and libvirt starts it again once it has
-        stopped. Hard: as Nova's ``_hard_reboot``, the domain is stopped and started."""
+        stopped. Hard: as Nova's ``_hard_reboot``, the domain is stopped and started.
+
+        A stopped instance is started (its port reserved again, as ``power_on``
+        does). A suspended one has no guest to ask: a soft reboot is refused, as Nova
+        refuses it (``ALLOW_SOFT_REBOOT`` is active only); a hard one boots it afresh,
+        its saved memory discarded, as Nova's ``_hard_reboot`` discards it (the
+        domain undefined with its managed save), where a plain start would restore it.
+        """
         domain = self._domain_of(instance_uuid)
-        if hard or not domain.isActive():
-            with contextlib.suppress(libvirt.libvirtError):
-                domain.destroy()
-            self.host.launch(domain)
-            self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
-        else:
+        if domain.isActive() and not hard:
             domain.reboot(0)
+            return
+        if domain.hasManagedSaveImage(0):
+            if not hard:
+                name = self.db.get_instance(instance_uuid).display_name
+                raise MinidriverError(
+                    f"instance {name} is suspended: no guest runs to reboot",
+                    hint=f"resume it (minidriver resume {name}), or boot it afresh with"
+                    f" `minidriver reboot --hard {name}` (its saved memory is discarded)",
+                )
+            domain.managedSaveRemove(0)
+        if domain.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()  # it may have stopped just now
+        else:
+            domain = self._reserve_forward_port_again(instance_uuid, domain)
+        self.host.launch(domain)
+        self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
 
     # -- snapshots ------------------------------------------------------------
 

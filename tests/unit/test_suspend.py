@@ -94,6 +94,22 @@ def test_wrong_states_are_refused(drv: LibvirtDriver, empty_qcow2_id: str) -> No
     assert states(drv, inst.uuid) == ("shutoff", "stopped")
 
 
+def test_a_suspended_instance_refuses_a_soft_reboot_and_boots_afresh_on_a_hard_one(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
+    drv.suspend(inst.uuid)
+    dom = domain(drv, inst.name)
+    with pytest.raises(MinidriverError, match="suspended: no guest runs to reboot") as refused:
+        drv.reboot(inst.uuid)
+    assert "reboot --hard vm" in (refused.value.hint or "")
+    assert dom.hasManagedSaveImage(0) == 1
+    assert states(drv, inst.uuid) == ("shutoff", "suspended")
+    drv.reboot(inst.uuid, hard=True)  # its memory discarded (the test guest shows the boot)
+    assert dom.hasManagedSaveImage(0) == 0
+    assert states(drv, inst.uuid) == ("running", "active")
+
+
 def test_delete_of_a_suspended_instance_removes_its_saved_state(
     drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
@@ -155,6 +171,8 @@ def test_suspend_and_resume_commands(
     assert [(i["state"], i["vm_state"]) for i in listed] == [("shutoff", "suspended")]
     code, failed = run(drv, conf, capsys, "stop", "web")
     assert code == 1 and "suspended" in failed["error"]
+    code, failed = run(drv, conf, capsys, "reboot", "web")
+    assert code == 1 and "suspended" in failed["error"] and "--hard" in failed["hint"]
     code, done = run(drv, conf, capsys, "resume", "web")
     assert (code, done["state"], done["vm_state"]) == (0, "running", "active")
     code, failed = run(drv, conf, capsys, "resume", "web")
