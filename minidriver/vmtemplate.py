@@ -349,10 +349,13 @@ class Templates:
             raise TemplateError(f"instance {record.display_name} has no disk.info")
         state = self.drv.get_info(record.uuid).state
         if state != "running" or record.vm_state != VMState.ACTIVE:
+            hint = "boot it with --wait-for or --wait-ssh, then make the template"
+            if record.vm_state == VMState.SUSPENDED:
+                hint = f"resume it first (minidriver resume {record.display_name})"
             raise TemplateError(
                 f"instance {record.display_name} is {state} (vm_state {record.vm_state});"
                 " a template is made from a running, ready guest",
-                hint="boot it with --wait-for or --wait-ssh, then make the template",
+                hint=hint,
             )
         if any(t.name == name for t in self.list()):
             raise TemplateError(f"a template named {name!r} exists", hint="choose another --name")

@@ -122,6 +122,18 @@ def test_create_refuses_and_changes_nothing(
     ]
 
 
+def test_create_of_a_suspended_instance_says_to_resume_it(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
+    drv.suspend(inst.uuid)
+    with pytest.raises(TemplateError, match="vm_state suspended") as refused:
+        Templates(drv).create(inst.uuid, "t")
+    assert refused.value.hint == "resume it first (minidriver resume src)"
+    assert Templates(drv).list() == [] and not drv.conf.templates_path.exists()
+    assert drv.db.get_instance(inst.uuid).vm_state == "suspended"
+
+
 def template_record(drv: LibvirtDriver, source: InstanceRecord, status: str) -> TemplateRecord:
     template_dir = drv.conf.templates_path / "t-0001"
     return TemplateRecord(
