@@ -429,7 +429,15 @@ class Templates:
         drv = self.drv
         tpl = self.get(template_id)
         if tpl.status != "active":
-            raise TemplateError(f"template {tpl.name} is still being made")
+            if lockutils.is_held(self.conf.locks_dir, template_lock_name(tpl.id)):
+                raise TemplateError(
+                    f"template {tpl.name} is still being made",
+                    hint="wait for its `template create` to finish",
+                )
+            raise TemplateError(
+                f"template {tpl.name} was left half-made by a `template create` that died",
+                hint="`minidriver cleanup` removes it (and what is left of its instance)",
+            )
         display_name = name or tpl.name
         validate_display_name(display_name)
         timer = StepTimer(listener, clock=drv.clock)

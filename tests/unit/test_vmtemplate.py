@@ -20,11 +20,13 @@ from minidriver.cli import main
 from minidriver.db import InstanceRecord
 from minidriver.driver import LibvirtDriver
 from minidriver.guest import METADATA_NAMESPACE, QEMU_NAMESPACE
+from minidriver.lockutils import external_lock
 from minidriver.vmtemplate import (
     TemplateError,
     TemplateRecord,
     Templates,
     clone_xml,
+    template_lock_name,
 )
 
 
@@ -132,6 +134,24 @@ def test_create_of_a_suspended_instance_says_to_resume_it(
     assert refused.value.hint == "resume it first (minidriver resume src)"
     assert Templates(drv).list() == [] and not drv.conf.templates_path.exists()
     assert drv.db.get_instance(inst.uuid).vm_state == "suspended"
+
+
+def test_a_clone_of_a_half_made_template_is_refused_naming_why(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
+    templates = Templates(drv)
+    tpl = template_record(drv, drv.db.get_instance(inst.uuid), "creating")
+    templates._insert(tpl)
+    with (
+        external_lock(drv.conf.locks_dir, template_lock_name(tpl.id)),  # being made
+        pytest.raises(TemplateError, match="still being made"),
+    ):
+        templates.spawn(tpl.id, name="c1")
+    with pytest.raises(TemplateError, match="left half-made") as refused:  # its maker died
+        templates.spawn(tpl.id, name="c1")
+    assert "minidriver cleanup" in (refused.value.hint or "")
+    assert [r.uuid for r in drv.db.list_instances()] == [inst.uuid]
 
 
 def template_record(drv: LibvirtDriver, source: InstanceRecord, status: str) -> TemplateRecord:
