@@ -60,6 +60,22 @@ def test_suspend_saves_the_memory_and_resume_restores_it(
     assert states(drv, inst.uuid) == ("running", "active")
 
 
+def test_a_suspended_instance_keeps_its_forwarded_port_reserved(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    """As a stopped one does: no other boot can take the port while it is suspended."""
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano", network="user")
+    port = drv.db.get_instance(inst.uuid).forward_port
+    assert port is not None
+    drv.suspend(inst.uuid)
+    reservation = drv.ports.get(port)
+    assert reservation is not None and reservation.instance_uuid == inst.uuid
+    other = drv.spawn("other", empty_qcow2_id, "t1.nano", network="user")
+    assert drv.db.get_instance(other.uuid).forward_port != port
+    drv.resume(inst.uuid)
+    assert drv.db.get_instance(inst.uuid).forward_port == port
+
+
 def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
     inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
     drv.suspend(inst.uuid)
