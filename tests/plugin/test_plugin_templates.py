@@ -12,7 +12,6 @@ must be gone.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,11 +21,11 @@ from typing import Any
 
 import pytest
 from test_plugin import (
-    RUN_TIMEOUT,
+    RECORD_CONFTEST,
     cli_json,
-    connect_args,
     connect_args_for_cli,
     daemon_domains_mentioning,
+    interrupt_when,
     processes_mentioning,
     run,
     wait_until,
@@ -38,33 +37,24 @@ from minidriver.host import SYSTEM_URI
 pytest_plugins = ["pytester"]
 
 # ``note(kind, **data)``: what the outer test checks, one JSON file per kind.
-NOTE_CONFTEST = """
-import json
-import os
-from pathlib import Path
-
-import pytest
-
-NOTES = Path(__file__).parent / "notes"
-
+NOTE_CONFTEST = (
+    RECORD_CONFTEST
+    + """
 
 @pytest.fixture(scope="session")
 def note(minidriver_driver):
     def write(kind, **data):
-        NOTES.mkdir(exist_ok=True)
         data.update(
             pid=os.getpid(),
             state_path=str(minidriver_driver.conf.state_path),
             state_id=minidriver_driver.db.state_id,
             uri=minidriver_driver.host.uri,
         )
-        path = NOTES / f"{kind}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        publish(Path(__file__).parent / "notes" / f"{kind}.json", data)
 
     return write
 """
+)
 
 # A template fixture, and a test of a clone; SLEEP: seconds the clone's test sleeps.
 CLONE = """
@@ -213,10 +203,6 @@ def test_sigint_leaves_nothing_of_templates(pytester: pytest.Pytester, when: str
         pytester.makepyfile(test_run=NEVER_READY)
     else:
         pytester.makepyfile(test_run=CLONE.format(sleep=300))
-    log_path = pytester.path / "pytest.log"
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *connect_args()]
-    with log_path.open("w") as log:
-        proc = pytester.popen([*argv, "test_run.py"], stdout=log, stderr=subprocess.STDOUT)
     notes_dir = pytester.path / "notes"
 
     def building() -> bool:
@@ -234,16 +220,5 @@ def test_sigint_leaves_nothing_of_templates(pytester: pytest.Pytester, when: str
             return building()
         return (notes_dir / "clone.json").exists()
 
-    try:
-        wait_until(lambda: ready() or proc.poll() is not None, RUN_TIMEOUT)
-        assert proc.poll() is None, log_path.read_text()
-        proc.send_signal(signal.SIGINT)
-        returncode = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = log_path.read_text()
-    assert returncode == pytest.ExitCode.INTERRUPTED, out
-    assert "KeyboardInterrupt" in out
+    interrupt_when(pytester, "test_run.py", ready)
     assert_nothing_left(read_notes(pytester), kept_dir=False)

@@ -18,10 +18,18 @@ from minidriver.config import Config
 from minidriver.db import Database
 from minidriver.driver import LibvirtDriver
 from minidriver.exception import MinidriverError
+from minidriver.objects import Instance
 
 
 def domain(drv: LibvirtDriver, name: str) -> libvirt.virDomain:
     return drv.host.get_connection().lookupByName(name)
+
+
+def suspended(drv: LibvirtDriver, image_id: str) -> tuple[Instance, libvirt.virDomain]:
+    """A new instance "vm", suspended; and its domain."""
+    inst = drv.spawn("vm", image_id, "t1.nano")
+    drv.suspend(inst.uuid)
+    return inst, domain(drv, inst.name)
 
 
 def states(drv: LibvirtDriver, uuid: str) -> tuple[str, str]:
@@ -50,9 +58,7 @@ def test_a_guest_that_shut_itself_down_shows_stopped(
 def test_suspend_saves_the_memory_and_resume_restores_it(
     drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
-    drv.suspend(inst.uuid)
-    dom = domain(drv, inst.name)
+    inst, dom = suspended(drv, empty_qcow2_id)
     assert dom.hasManagedSaveImage(0) == 1
     assert states(drv, inst.uuid) == ("shutoff", "suspended")
     drv.resume(inst.uuid)
@@ -77,9 +83,7 @@ def test_a_suspended_instance_keeps_its_forwarded_port_reserved(
 
 
 def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
-    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
-    drv.suspend(inst.uuid)
-    dom = domain(drv, inst.name)
+    inst, dom = suspended(drv, empty_qcow2_id)
     # libvirt's start of a domain with a managed save image restores that image
     # and removes it; a fresh boot (START_FORCE_BOOT) would discard it instead.
     drv.power_on(inst.uuid)
@@ -90,11 +94,10 @@ def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, empty_qcow
 def test_stop_of_a_suspended_instance_is_refused_and_keeps_its_memory(
     drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
-    drv.suspend(inst.uuid)
+    inst, dom = suspended(drv, empty_qcow2_id)
     with pytest.raises(MinidriverError, match="suspended"):
         drv.power_off(inst.uuid)
-    assert domain(drv, inst.name).hasManagedSaveImage(0) == 1
+    assert dom.hasManagedSaveImage(0) == 1
     assert states(drv, inst.uuid) == ("shutoff", "suspended")
 
 
@@ -113,9 +116,7 @@ def test_wrong_states_are_refused(drv: LibvirtDriver, empty_qcow2_id: str) -> No
 def test_a_suspended_instance_refuses_a_soft_reboot_and_boots_afresh_on_a_hard_one(
     drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
-    drv.suspend(inst.uuid)
-    dom = domain(drv, inst.name)
+    inst, dom = suspended(drv, empty_qcow2_id)
     with pytest.raises(MinidriverError, match="suspended: no guest runs to reboot") as refused:
         drv.reboot(inst.uuid)
     assert "reboot --hard vm" in (refused.value.hint or "")
