@@ -735,12 +735,18 @@ class LibvirtDriver:
 
     def power_on(self, instance_uuid: str) -> None:
         """Start a stopped instance. A suspended one is resumed: libvirt's start of a
-        domain with a managed save image restores that image (its memory is kept)."""
+        domain with a managed save image restores that image (its memory is kept), and
+        its clock is set as ``resume`` sets it."""
         domain = self._domain_of(instance_uuid)
+        restored = False
         if not domain.isActive():
+            restored = domain.hasManagedSaveImage(0) == 1
             domain = self._reserve_forward_port_again(instance_uuid, domain)
             self.host.launch(domain)
         self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
+        # As Nova's resume does: the guest's clock stood still while it was saved.
+        if restored and guestagent.has_agent_channel(domain.XMLDesc(0)):
+            guestagent.sync_guest_time(domain)
 
     def suspend(self, instance_uuid: str) -> None:
         """Nova's ``suspend``: the guest's memory saved by libvirt's managed save, the
@@ -766,10 +772,7 @@ class LibvirtDriver:
                 f" ({self.host.domain_state(domain)}, vm_state {record.vm_state})",
                 hint="only a suspended instance resumes",
             )
-        self.power_on(instance_uuid)
-        # As Nova's resume does: the guest's clock stood still while it was saved.
-        if guestagent.has_agent_channel(domain.XMLDesc(0)):
-            guestagent.sync_guest_time(domain)
+        self.power_on(instance_uuid)  # restores the saved memory, sets the clock
 
     def _refuse_if_suspended(self, instance_uuid: str, what: str) -> None:
         record = self.db.get_instance(instance_uuid)
@@ -782,9 +785,12 @@ class LibvirtDriver:
     def _reserve_forward_port_again(
         self, instance_uuid: str, domain: libvirt.virDomain
     ) -> libvirt.virDomain:
-        """The port a stopped instance forwards, reserved again: the reservations live
-        under /run, which a reboot empties, so another instance or program may hold it
-        now. Then another port is reserved and the domain defined again with it."""
+        """The port a stopped or suspended instance forwards, reserved again: the
+        reservations live under /run, which a reboot empties, and a program may listen
+        on the port meanwhile, so another instance or program may hold it now. Then
+        another port is reserved and the domain defined again with it; a suspended
+        one's saved memory too, whose XML, not the definition, is what its start
+        restores (QEMU would fail on the old port)."""
         record = self.db.get_instance(instance_uuid)
         old = record.forward_port
         if record.network_mode != NetworkMode.USER or old is None:
@@ -797,13 +803,17 @@ class LibvirtDriver:
         )
         if port == old:
             return domain
-        try:
+        with contextlib.ExitStack() as undo:
+            undo.callback(self.ports.release, port, instance_uuid)
+            if domain.hasManagedSaveImage(0):
+                secure = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE
+                saved = domain.managedSaveGetXMLDesc(secure)
+                domain.managedSaveDefineXML(guest.with_forward_port(saved, port), 0)
+                undo.callback(domain.managedSaveDefineXML, saved, 0)
             xml = guest.with_forward_port(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), port)
             domain = self.host.define(xml)
             self.db.update_instance(instance_uuid, forward_port=port)
-        except BaseException:
-            self.ports.release(port, instance_uuid)
-            raise
+            undo.pop_all()
         (Path(record.instance_dir) / "libvirt.xml").write_text(xml)
         self.ports.release(old, instance_uuid)  # if it is still ours (a listener took it)
         LOG.warning(
@@ -816,15 +826,34 @@ class LibvirtDriver:
 
     def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
         """Soft: the guest is asked (ACPI) and libvirt starts it again once it has
-        stopped. Hard: as Nova's ``_hard_reboot``, the domain is stopped and started."""
+        stopped. Hard: as Nova's ``_hard_reboot``, the domain is stopped and started.
+
+        A stopped instance is started (its port reserved again, as ``power_on``
+        does). A suspended one has no guest to ask: a soft reboot is refused, as Nova
+        refuses it (``ALLOW_SOFT_REBOOT`` is active only); a hard one boots it afresh,
+        its saved memory discarded, as Nova's ``_hard_reboot`` discards it (the
+        domain undefined with its managed save), where a plain start would restore it.
+        """
         domain = self._domain_of(instance_uuid)
-        if hard or not domain.isActive():
-            with contextlib.suppress(libvirt.libvirtError):
-                domain.destroy()
-            self.host.launch(domain)
-            self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
-        else:
+        if domain.isActive() and not hard:
             domain.reboot(0)
+            return
+        if domain.hasManagedSaveImage(0):
+            if not hard:
+                name = self.db.get_instance(instance_uuid).display_name
+                raise MinidriverError(
+                    f"instance {name} is suspended: no guest runs to reboot",
+                    hint=f"resume it (minidriver resume {name}), or boot it afresh with"
+                    f" `minidriver reboot --hard {name}` (its saved memory is discarded)",
+                )
+            domain.managedSaveRemove(0)
+        if domain.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()  # it may have stopped just now
+        else:
+            domain = self._reserve_forward_port_again(instance_uuid, domain)
+        self.host.launch(domain)
+        self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
 
     # -- snapshots ------------------------------------------------------------
 

@@ -8,7 +8,8 @@ The file stays while the instance exists, running or stopped, so no other boot o
 state dir takes the port meanwhile; ``destroy`` removes it. A reservation whose state
 dir no longer has its instance (a crash, a removed state dir) is stale and is taken over.
 The default directory is under ``/run``, which a reboot empties: ``start`` of a stopped
-instance reserves its port again, or another one when its port was taken meanwhile.
+or suspended instance reserves its port again, or another one when its port was taken
+meanwhile (by another reservation, or a program listening on it).
 
 Holding the lock only while choosing is enough between minidriver processes: the file,
 not the lock, keeps the port until QEMU binds it (and after). What no lock can stop is

@@ -355,10 +355,13 @@ class Templates:
             raise TemplateError(f"instance {record.display_name} has no disk.info")
         state = self.drv.get_info(record.uuid).state
         if state != "running" or record.vm_state != VMState.ACTIVE:
+            hint = "boot it with --wait-for or --wait-ssh, then make the template"
+            if record.vm_state == VMState.SUSPENDED:
+                hint = f"resume it first (minidriver resume {record.display_name})"
             raise TemplateError(
                 f"instance {record.display_name} is {state} (vm_state {record.vm_state});"
                 " a template is made from a running, ready guest",
-                hint="boot it with --wait-for or --wait-ssh, then make the template",
+                hint=hint,
             )
         if any(t.name == name for t in self.list()):
             raise TemplateError(f"a template named {name!r} exists", hint="choose another --name")
@@ -440,7 +443,15 @@ class Templates:
         drv = self.drv
         tpl = self.get(template_id)
         if tpl.status != "active":
-            raise TemplateError(f"template {tpl.name} is still being made")
+            if lockutils.is_held(self.conf.locks_dir, template_lock_name(tpl.id)):
+                raise TemplateError(
+                    f"template {tpl.name} is still being made",
+                    hint="wait for its `template create` to finish",
+                )
+            raise TemplateError(
+                f"template {tpl.name} was left half-made by a `template create` that died",
+                hint="`minidriver cleanup` removes it (and what is left of its instance)",
+            )
         display_name = name or tpl.name
         validate_display_name(display_name)
         timer = StepTimer(listener, clock=drv.clock)

@@ -45,6 +45,9 @@ Teardown, in every outcome:
 - the factory's teardown destroys the test's VMs (a failed, timed-out or interrupted
   test too); a spawn cut short undoes itself (the driver's undo list runs on any
   exception);
+- a template whose build fails (its wait runs out, its save fails) or is cut short
+  destroys its source guest at once; a clone is a VM like any other; the session's
+  templates are deleted at its end, after their clones;
 - the session's teardown destroys what survived (VMs whose destroy failed), then, on
   a state dir it made, every instance recorded there and every libvirt domain that
   carries its state id, and removes the dir (with the embedded driver's root);
@@ -582,8 +585,7 @@ class MinidriverTemplateFactory:
         """Boot ``image``, wait until its console matches ``wait_for`` (and/or its
         SSH server answers, ``wait_ssh``), save it as a template. A template must
         be made of a ready guest: give at least one of the two waits."""
-        from minidriver import ssh  # noqa: PLC0415 - the plugin loads without libvirt
-        from minidriver.vmtemplate import Templates  # noqa: PLC0415
+        from minidriver.vmtemplate import Templates  # noqa: PLC0415 - the plugin loads without libvirt
 
         if wait_for is None and not wait_ssh:
             raise TypeError("minidriver_template: give wait_for= or wait_ssh=True")
@@ -605,22 +607,53 @@ class MinidriverTemplateFactory:
             key_name=key_name,
         )
         self._session.registry.live[instance.uuid] = driver
-        log = Path(instance.instance_dir) / "console.log"
-        remaining = max(0.0, timeout - (time.monotonic() - started))
+        try:
+            self._wait_ready(instance, tpl_name, wait_for, wait_ssh, started)
+            record = Templates(driver).create(instance.uuid, tpl_name)
+        except BaseException:
+            # Now, not at the session's end: the source would run until then.
+            with _sigint_held():
+                self._session.registry.destroy(driver, instance.uuid)
+            raise
+        self._session.registry.live.pop(instance.uuid, None)  # consumed
+        made = MinidriverTemplate(record.id, record.name, time.monotonic() - started)
+        self._made[key] = made
+        return made
+
+    def _wait_ready(
+        self,
+        instance: Instance,
+        tpl_name: str,
+        wait_for: str | None,
+        wait_ssh: bool,
+        started: float,
+    ) -> None:
+        """Until the template's source guest is ready, within the boot timeout; a
+        console that never matches fails as a VM's ``wait_for_console`` does, with
+        its last lines."""
+        from minidriver import ssh  # noqa: PLC0415 - the plugin loads without libvirt
+
+        __tracebackhide__ = True
+        driver = self._session.driver
+        timeout = self._session.boot_timeout
         alive = lambda: driver.get_info(instance.uuid).state == "running"  # noqa: E731
         if wait_for is not None:
-            wait_for_console(log, wait_for, remaining, alive=alive)
+            log = Path(instance.instance_dir) / "console.log"
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            try:
+                wait_for_console(log, wait_for, remaining, alive=alive)
+            except ConsoleTimeout as exc:
+                raise ConsoleWaitFailed(
+                    f"template {tpl_name}, its source {instance.display_name}: {exc}\n"
+                    f"--- last console lines ---\n{exc.tail}",
+                    exc.tail,
+                ) from None
         if wait_ssh:
             port = driver.db.get_instance(instance.uuid).forward_port
             if port is None:
                 raise TypeError("minidriver_template: wait_ssh needs the user network")
             remaining = max(0.0, timeout - (time.monotonic() - started))
             ssh.wait_for_banner(port, remaining, alive=alive)
-        record = Templates(driver).create(instance.uuid, tpl_name)
-        self._session.registry.live.pop(instance.uuid, None)  # consumed
-        made = MinidriverTemplate(record.id, record.name, time.monotonic() - started)
-        self._made[key] = made
-        return made
 
     def close(self) -> None:
         """Delete the session's templates (their clones are gone by now)."""

@@ -61,3 +61,23 @@ def test_delete_of_a_suspended_guest_removes_its_saved_memory(
     driver.destroy(inst.uuid)
     assert driver.host.find_domain(inst.name) is None
     assert not Path(inst.instance_dir).exists()
+
+
+def test_a_hard_reboot_of_a_suspended_guest_boots_it_afresh(
+    driver: LibvirtDriver, test_image_id: str, wait_console: Callable[..., Any]
+) -> None:
+    """As Nova's hard reboot: the saved memory is discarded, the guest boots again
+    (a start would restore it instead)."""
+    inst = driver.spawn(name="sleeper3", image=test_image_id, flavor="t1.nano")
+    log = Path(inst.instance_dir) / "console.log"
+    try:
+        wait_console(log, r"^minidriver-guest: ready")
+        driver.suspend(inst.uuid)
+        driver.reboot(inst.uuid, hard=True)
+        wait_console(log, r"^minidriver-guest: boot-count 2")
+        assert guest_lines(Path(inst.instance_dir)).count("minidriver-guest: up") == 2
+        domain = driver.host.find_domain(inst.name)
+        assert domain is not None and domain.hasManagedSaveImage(0) == 0
+        assert driver.db.get_instance(inst.uuid).vm_state == "active"
+    finally:
+        driver.destroy(inst.uuid)

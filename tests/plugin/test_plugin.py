@@ -45,10 +45,17 @@ import pytest
 RECORDS = Path(__file__).parent / "records"
 
 
+# Written whole: the outer test may read at any time.
+def publish(path, data):
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
 @pytest.fixture
 def record(request, minidriver_driver):
     def write(vm, booted=False):
-        RECORDS.mkdir(exist_ok=True)
         data = {
             "test": request.node.nodeid,
             "pid": os.getpid(),
@@ -63,10 +70,7 @@ def record(request, minidriver_driver):
             "booted": booted,
         }
         stem = "".join(c if c.isalnum() else "_" for c in request.node.name)
-        path = RECORDS / f"{stem}{'-booted' if booted else ''}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        publish(RECORDS / f"{stem}{'-booted' if booted else ''}.json", data)
 
     return write
 """
@@ -410,15 +414,22 @@ def test_pytest_timeout_still_tears_down(pytester: pytest.Pytester) -> None:
 def test_sigint_still_tears_down(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(RECORD_CONFTEST)
     pytester.makepyfile(test_sleeper=SLEEPER)
+    booted = pytester.path / "records" / "test_sleeps-booted.json"
+    interrupt_when(pytester, "test_sleeper.py", booted.exists)
+    assert_nothing_left(read_records(pytester))
+
+
+def interrupt_when(pytester: pytest.Pytester, test_file: str, ready: Callable[[], bool]) -> str:
+    """Run pytest on ``test_file`` in a child, SIGINT it once ``ready()``; the child
+    must end interrupted. Its output."""
     log_path = pytester.path / "pytest.log"
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *connect_args()]
     with log_path.open("w") as log:
-        proc = pytester.popen([*argv, "test_sleeper.py"], stdout=log, stderr=subprocess.STDOUT)
+        proc = pytester.popen([*argv, test_file], stdout=log, stderr=subprocess.STDOUT)
     try:
-        booted = pytester.path / "records" / "test_sleeps-booted.json"
-        wait_until(lambda: booted.exists() or proc.poll() is not None, RUN_TIMEOUT)
+        wait_until(lambda: ready() or proc.poll() is not None, RUN_TIMEOUT)
         assert proc.poll() is None, log_path.read_text()
-        assert booted.exists()
+        assert ready()
         proc.send_signal(signal.SIGINT)
         returncode = proc.wait(timeout=300)
     finally:
@@ -428,7 +439,7 @@ def test_sigint_still_tears_down(pytester: pytest.Pytester) -> None:
     out = log_path.read_text()
     assert returncode == pytest.ExitCode.INTERRUPTED, out
     assert "KeyboardInterrupt" in out
-    assert_nothing_left(read_records(pytester))
+    return out
 
 
 @pytest.mark.integration

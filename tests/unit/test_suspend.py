@@ -18,10 +18,18 @@ from minidriver.config import Config
 from minidriver.db import Database
 from minidriver.driver import LibvirtDriver
 from minidriver.exception import MinidriverError
+from minidriver.objects import Instance
 
 
 def domain(drv: LibvirtDriver, name: str) -> libvirt.virDomain:
     return drv.host.get_connection().lookupByName(name)
+
+
+def suspended(drv: LibvirtDriver, image_id: str) -> tuple[Instance, libvirt.virDomain]:
+    """A new instance "vm", suspended; and its domain."""
+    inst = drv.spawn("vm", image_id, "t1.nano")
+    drv.suspend(inst.uuid)
+    return inst, domain(drv, inst.name)
 
 
 def states(drv: LibvirtDriver, uuid: str) -> tuple[str, str]:
@@ -50,9 +58,7 @@ def test_a_guest_that_shut_itself_down_shows_stopped(
 def test_suspend_saves_the_memory_and_resume_restores_it(
     drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
-    drv.suspend(inst.uuid)
-    dom = domain(drv, inst.name)
+    inst, dom = suspended(drv, empty_qcow2_id)
     assert dom.hasManagedSaveImage(0) == 1
     assert states(drv, inst.uuid) == ("shutoff", "suspended")
     drv.resume(inst.uuid)
@@ -60,10 +66,24 @@ def test_suspend_saves_the_memory_and_resume_restores_it(
     assert states(drv, inst.uuid) == ("running", "active")
 
 
-def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
-    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
+def test_a_suspended_instance_keeps_its_forwarded_port_reserved(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    """As a stopped one does: no other boot can take the port while it is suspended."""
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano", network="user")
+    port = drv.db.get_instance(inst.uuid).forward_port
+    assert port is not None
     drv.suspend(inst.uuid)
-    dom = domain(drv, inst.name)
+    reservation = drv.ports.get(port)
+    assert reservation is not None and reservation.instance_uuid == inst.uuid
+    other = drv.spawn("other", empty_qcow2_id, "t1.nano", network="user")
+    assert drv.db.get_instance(other.uuid).forward_port != port
+    drv.resume(inst.uuid)
+    assert drv.db.get_instance(inst.uuid).forward_port == port
+
+
+def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
+    inst, dom = suspended(drv, empty_qcow2_id)
     # libvirt's start of a domain with a managed save image restores that image
     # and removes it; a fresh boot (START_FORCE_BOOT) would discard it instead.
     drv.power_on(inst.uuid)
@@ -74,11 +94,10 @@ def test_start_of_a_suspended_instance_resumes_it(drv: LibvirtDriver, empty_qcow
 def test_stop_of_a_suspended_instance_is_refused_and_keeps_its_memory(
     drv: LibvirtDriver, empty_qcow2_id: str
 ) -> None:
-    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
-    drv.suspend(inst.uuid)
+    inst, dom = suspended(drv, empty_qcow2_id)
     with pytest.raises(MinidriverError, match="suspended"):
         drv.power_off(inst.uuid)
-    assert domain(drv, inst.name).hasManagedSaveImage(0) == 1
+    assert dom.hasManagedSaveImage(0) == 1
     assert states(drv, inst.uuid) == ("shutoff", "suspended")
 
 
@@ -92,6 +111,20 @@ def test_wrong_states_are_refused(drv: LibvirtDriver, empty_qcow2_id: str) -> No
     with pytest.raises(MinidriverError, match="not suspended"):
         drv.resume(inst.uuid)
     assert states(drv, inst.uuid) == ("shutoff", "stopped")
+
+
+def test_a_suspended_instance_refuses_a_soft_reboot_and_boots_afresh_on_a_hard_one(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst, dom = suspended(drv, empty_qcow2_id)
+    with pytest.raises(MinidriverError, match="suspended: no guest runs to reboot") as refused:
+        drv.reboot(inst.uuid)
+    assert "reboot --hard vm" in (refused.value.hint or "")
+    assert dom.hasManagedSaveImage(0) == 1
+    assert states(drv, inst.uuid) == ("shutoff", "suspended")
+    drv.reboot(inst.uuid, hard=True)  # its memory discarded (the test guest shows the boot)
+    assert dom.hasManagedSaveImage(0) == 0
+    assert states(drv, inst.uuid) == ("running", "active")
 
 
 def test_delete_of_a_suspended_instance_removes_its_saved_state(
@@ -155,6 +188,8 @@ def test_suspend_and_resume_commands(
     assert [(i["state"], i["vm_state"]) for i in listed] == [("shutoff", "suspended")]
     code, failed = run(drv, conf, capsys, "stop", "web")
     assert code == 1 and "suspended" in failed["error"]
+    code, failed = run(drv, conf, capsys, "reboot", "web")
+    assert code == 1 and "suspended" in failed["error"] and "--hard" in failed["hint"]
     code, done = run(drv, conf, capsys, "resume", "web")
     assert (code, done["state"], done["vm_state"]) == (0, "running", "active")
     code, failed = run(drv, conf, capsys, "resume", "web")

@@ -20,12 +20,14 @@ from minidriver.cli import main
 from minidriver.db import InstanceRecord
 from minidriver.driver import LibvirtDriver
 from minidriver.guest import METADATA_NAMESPACE, QEMU_NAMESPACE
+from minidriver.lockutils import external_lock
 from minidriver.vmtemplate import (
     TemplateError,
     TemplateRecord,
     Templates,
     clone_xml,
     disk_names,
+    template_lock_name,
 )
 
 
@@ -121,6 +123,36 @@ def test_create_refuses_and_changes_nothing(
         "disk.swap",
         "libvirt.xml",
     ]
+
+
+def test_create_of_a_suspended_instance_says_to_resume_it(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
+    drv.suspend(inst.uuid)
+    with pytest.raises(TemplateError, match="vm_state suspended") as refused:
+        Templates(drv).create(inst.uuid, "t")
+    assert refused.value.hint == "resume it first (minidriver resume src)"
+    assert Templates(drv).list() == [] and not drv.conf.templates_path.exists()
+    assert drv.db.get_instance(inst.uuid).vm_state == "suspended"
+
+
+def test_a_clone_of_a_half_made_template_is_refused_naming_why(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    inst = drv.spawn("src", empty_qcow2_id, "t1.nano")
+    templates = Templates(drv)
+    tpl = template_record(drv, drv.db.get_instance(inst.uuid), "creating")
+    templates._insert(tpl)
+    with (
+        external_lock(drv.conf.locks_dir, template_lock_name(tpl.id)),  # being made
+        pytest.raises(TemplateError, match="still being made"),
+    ):
+        templates.spawn(tpl.id, name="c1")
+    with pytest.raises(TemplateError, match="left half-made") as refused:  # its maker died
+        templates.spawn(tpl.id, name="c1")
+    assert "minidriver cleanup" in (refused.value.hint or "")
+    assert [r.uuid for r in drv.db.list_instances()] == [inst.uuid]
 
 
 def template_record(drv: LibvirtDriver, source: InstanceRecord, status: str) -> TemplateRecord:
