@@ -7,7 +7,7 @@ which device name it takes in the guest; the domain XML only lays that out.
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 from minidriver.exception import UnsupportedHardware
@@ -79,6 +79,32 @@ def find_disk_dev_for_disk_bus(
         if dev not in taken:
             return dev
     raise UnsupportedHardware(f"no free device name left on the {bus} bus")
+
+
+def get_volume_device(used_devs: Iterable[str], bus: DiskBus, requested: str | None) -> str:
+    """The device of a volume attached to an instance whose disks take ``used_devs``:
+    ``requested`` when it is free and on ``bus``, else the first free name (Nova's
+    ``get_info_from_bdm`` without a device name: ``find_disk_dev_for_disk_bus``)."""
+    used = [DiskMapping(dev, bus, dev, DeviceType.DISK) for dev in used_devs]
+    if requested is None:
+        return find_disk_dev_for_disk_bus(used, bus)
+    letters = string.ascii_lowercase[: get_dev_count_for_disk_bus(bus)]
+    if (
+        len(requested) != len(bus.dev_prefix) + 1
+        or requested[:-1] != bus.dev_prefix
+        or (requested[-1] not in letters)
+    ):
+        raise UnsupportedHardware(
+            f"device {requested!r} is not a {bus} device",
+            hint=f"give {bus.dev_prefix}{letters[1]} to {bus.dev_prefix}{letters[-1]},"
+            " or no --device for the next free one",
+        )
+    if requested in {m.dev for m in used}:
+        raise UnsupportedHardware(
+            f"device {requested} is taken on this instance",
+            hint="give another --device, or none for the next free one",
+        )
+    return requested
 
 
 def get_disk_info(

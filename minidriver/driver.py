@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import functools
 import logging
 import os
 import shutil
@@ -27,6 +27,7 @@ from pathlib import Path
 import libvirt
 
 from minidriver import (
+    block_device,
     blockinfo,
     compute_api,
     configdrive,
@@ -52,6 +53,7 @@ from minidriver.imagebackend import (
     Flat,
     Image,
     Rbd,
+    base_filename,
     create_ephemeral,
     create_swap,
     ephemeral_filename,
@@ -64,13 +66,14 @@ from minidriver.images import fetch, qemu_img
 from minidriver.images.store import Image as StoreImage
 from minidriver.images.store import ImageService
 from minidriver.keypairs import KeyPairStore
-from minidriver.lockutils import external_lock
+from minidriver.lockutils import external_lock, instance_lock_name
 from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
 from minidriver.serial_console import SerialConsole
 from minidriver.steps import Step, StepListener, StepTimer
 from minidriver.vm_states import VMState
+from minidriver.volume.api import Attachment, VolumeAPI, VolumeRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ __all__ = [
     "LibvirtDriver",
     "SpawnError",
     "base_filename",
+    "instance_lock_name",
 ]
 
 
@@ -111,16 +115,7 @@ class InstanceInfo:
     internal_id: int | None = None
 
 
-def base_filename(image_id: str) -> str:
-    """Nova names a cached base after the sha1 of the image id (not a security hash)."""
-    return hashlib.sha1(image_id.encode(), usedforsecurity=False).hexdigest()
-
-
 DEFINE_ATTEMPTS = 5  # names taken by other state dirs in a row before giving up
-
-
-def instance_lock_name(instance_uuid: str) -> str:
-    return f"instance-{instance_uuid}"
 
 
 class LibvirtDriver:
@@ -167,6 +162,27 @@ class LibvirtDriver:
         # What this driver's spawns made, by instance uuid: get_disks describes those
         # disks from it (and os.stat) instead of running qemu-img on each.
         self._spawned_disks: dict[str, dict[str, Callable[[], DiskDetails]]] = {}
+
+    @functools.cached_property
+    def volumes(self) -> VolumeAPI:
+        """The volume service (Cinder's role) of this state dir."""
+        return VolumeAPI(self.conf, self.db, self.images, self.host)
+
+    @functools.cached_property
+    def block_devices(self) -> block_device.BlockDeviceManager:
+        return block_device.BlockDeviceManager(
+            self.conf, self.db, self.host, self.volumes, clock=self.clock
+        )
+
+    def attach_volume(
+        self, instance_ref: str, volume_ref: str, *, device: str | None = None
+    ) -> Attachment:
+        """Nova's ``attach_volume``: live when the guest runs, always in its definition."""
+        return self.block_devices.attach_volume(instance_ref, volume_ref, device=device)
+
+    def detach_volume(self, instance_ref: str, volume_ref: str) -> VolumeRecord:
+        """Nova's ``detach_volume``: waits for the guest to release the disk."""
+        return self.block_devices.detach_volume(instance_ref, volume_ref)
 
     def rbd_driver(self, pool: str | None = None) -> rbd_utils.RBDDriver:
         """A driver for ``pool`` (default ``images_rbd_pool``) of the configured cluster."""
@@ -480,32 +496,15 @@ class LibvirtDriver:
                 self.conf, timer, driver=rbd, instance_uuid=instance.uuid, clone_location=clone
             )
         root_size = flavor.root_gb * GiB if flavor.root_gb else None
-        # RBD holds raw data only: its base is raw whatever force_raw_images says.
-        force_raw = self.conf.default.force_raw_images or rbd is not None
-        limits = qemu_img.resource_limits(
-            self.conf.libvirt.images_cpu_time_limit, self.conf.libvirt.images_address_space_limit
-        )
-        fetch_func = partial(
-            fetch.fetch_to_raw,
+        instance.cache_hit = imagebackend.cache_image(
+            root,
+            self.conf,
             image,
-            force_raw=force_raw,
-            timer=timer,
-            progress=progress,
-            limits=limits,
-            max_virtual_size=self.conf.libvirt.images_max_virtual_size,
+            root_size,
             open_data=self.images.open_data,
-        )
-        base_format = "raw" if force_raw else qemu_img.qemu_format(image.disk_format)
-        # A cached base is checked again before a disk is made on it (cheaply: its head
-        # and qemu-img info); the base the fetch makes is checked in full instead.
-        fetch.recheck_base(
-            self.conf.base_dir / base_filename(image.id),
-            base_format,
-            limits=limits,
-            disk_format=image.disk_format,
-        )
-        instance.cache_hit = root.cache(
-            fetch_func, base_filename(image.id), root_size, base_format=base_format
+            # RBD holds raw data only: its base is raw whatever force_raw_images says.
+            force_raw=self.conf.default.force_raw_images or rbd is not None,
+            progress=progress,
         )
         disks = {"disk": root}
         if "disk.local" in disk_info:
@@ -654,6 +653,8 @@ class LibvirtDriver:
             # unreachable cluster stops here, with the record kept for another try.
             imagebackend.cleanup_rbd(self.conf, record.uuid, disks)
             shutil.rmtree(instance_dir, ignore_errors=True)
+            # Its volumes outlive it, available again (Nova detaches them on delete).
+            self.block_devices.forget_instance(record.uuid)
             if record.forward_port is not None:
                 self.ports.release(record.forward_port, record.uuid)
             ssh.forget_host_key(self.conf.known_hosts_path, record.uuid, self.conf.locks_dir)

@@ -498,6 +498,14 @@ class RBDDriver:
                     removed.append(name)
         return removed
 
+    def create_image(self, name: str, size: int, pool: str | None = None) -> None:
+        """A new, empty image of ``size`` bytes (Cinder's ``create_volume``)."""
+        with self.ioctx(pool) as ioctx:
+            try:
+                rbd.RBD().create(ioctx, name, size, old_format=False)
+            except rbd.ImageExists:
+                raise RbdError(f"RBD image {pool or self.pool}/{name} exists already") from None
+
     def import_image(
         self,
         base: Path,
@@ -512,10 +520,7 @@ class RBDDriver:
         size = os.path.getsize(base)
         zeros = bytes(CHUNK)
         with self.ioctx(pool) as ioctx:
-            try:
-                rbd.RBD().create(ioctx, name, size, old_format=False)
-            except rbd.ImageExists:
-                raise RbdError(f"RBD image {pool or self.pool}/{name} exists already") from None
+            self.create_image(name, size, pool)
             try:
                 with rbd.Image(ioctx, name) as image, open(base, "rb") as src:
                     offset = 0

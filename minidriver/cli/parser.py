@@ -87,7 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     _boot_command(command)
     _instance_commands(command)
+    _volume_commands(command)
     return parser
+
+
+def _volume_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    volume = command("volume", "volumes (Cinder's role): rbd or a libvirt pool").add_subparsers(
+        dest="volume_command", metavar="SUBCOMMAND", required=True
+    )
+    p = command("create", "a new volume, blank or from an image", volume)
+    p.add_argument("--size", type=int, required=True, metavar="GB", help="its size in GB")
+    p.add_argument("--image", help="the image whose data it starts with")
+    p.add_argument("--name", help="its name (default: none, as Cinder's)")
+    p.add_argument(
+        "--backend",
+        choices=["rbd", "pool"],
+        help="rbd (Ceph) or pool (a libvirt storage pool, daemon only);"
+        " default: [volume] default_backend",
+    )
+    command("list", "list volumes and where they are attached", volume)
+    command("show", "show one volume", volume).add_argument("volume")
+    command("delete", "delete a volume (refused while attached)", volume).add_argument("volume")
+    p = command("attach", "attach a volume to an instance (live when it runs)", volume)
+    p.add_argument("instance")
+    p.add_argument("volume")
+    p.add_argument("--device", metavar="vdX", help="its device (default: the next free one)")
+    p = command("detach", "detach a volume from an instance (waits for the guest)", volume)
+    p.add_argument("instance")
+    p.add_argument("volume")
 
 
 def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
