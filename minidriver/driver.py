@@ -35,6 +35,7 @@ from minidriver import (
     guestagent,
     imagebackend,
     imagecache,
+    objects,
     rbd_utils,
     snapshot,
     ssh,
@@ -220,8 +221,16 @@ class LibvirtDriver:
         meta: Mapping[str, str] | None = None,
         network: str | None = None,
         key_name: str | None = None,
+        boot_volume: str | None = None,
+        volume_size: int | None = None,
     ) -> Instance:
         """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``.
+
+        ``boot_volume`` (a volume made from an image; ``image`` is then that image,
+        whatever is given) boots from that volume: Nova's boot from volume, the root
+        on it, no ``disk`` and no fetch for the root. ``volume_size`` (GB) makes a
+        volume from ``image`` first and boots from it (Nova's source=image,
+        dest=volume); a failed boot deletes that volume again.
 
         ``timeout`` (default ``instance_build_timeout``) bounds the whole spawn, from
         now until RUNNING; ``wait=False`` returns once the domain is started.
@@ -234,6 +243,80 @@ class LibvirtDriver:
         timer = StepTimer(listener, clock=self.clock)
         budget = self.conf.default.instance_build_timeout if timeout is None else timeout
         deadline = self.clock() + budget
+        with contextlib.ExitStack() as undo:
+            root_volume = None
+            if volume_size is not None:
+                if boot_volume is not None:
+                    raise MinidriverError(
+                        "give --boot-volume or --volume-size, not both",
+                        hint="--volume-size makes a new volume from --image",
+                    )
+                root_volume = self.volumes.create(volume_size, image=image, name=f"{name}-root")
+                undo.callback(self.volumes.delete, root_volume.id)
+            elif boot_volume is not None:
+                root_volume = self.volumes.get(boot_volume)
+            if root_volume is not None:
+                image = self.image_of_volume(root_volume)
+            instance = self._spawn_instance(
+                name,
+                image,
+                flavor,
+                timer=timer,
+                budget=budget,
+                deadline=deadline,
+                keep_on_timeout=keep_on_timeout,
+                wait=wait,
+                progress=progress,
+                config_drive=config_drive,
+                hostname=hostname,
+                user_data=user_data,
+                public_keys=public_keys,
+                meta=meta,
+                network=network,
+                key_name=key_name,
+                root_volume=root_volume,
+            )
+            undo.pop_all()
+        return instance
+
+    def image_of_volume(self, volume: VolumeRecord) -> str:
+        """The image a volume was made from: its properties decide the buses, the
+        kernel and the config drive, as Nova reads a volume's image metadata."""
+        if not volume.image_id:
+            raise MinidriverError(
+                f"volume {volume.describe()} was not made from an image: nothing to boot",
+                hint="make a bootable one: minidriver volume create --size GB --image IMAGE",
+            )
+        try:
+            return self.images.get(volume.image_id).id
+        except ImageNotFound:
+            raise MinidriverError(
+                f"image {volume.image_id}, which volume {volume.describe()} was made from,"
+                " is gone: its properties (disk bus, kernel) are not known any more",
+                hint="boot a volume made from an image that still exists",
+            ) from None
+
+    def _spawn_instance(
+        self,
+        name: str,
+        image: str,
+        flavor: str,
+        *,
+        timer: StepTimer,
+        budget: float,
+        deadline: float,
+        keep_on_timeout: bool,
+        wait: bool,
+        progress: fetch.Progress | None,
+        config_drive: bool | None,
+        hostname: str | None,
+        user_data: bytes | None,
+        public_keys: Mapping[str, str] | None,
+        meta: Mapping[str, str] | None,
+        network: str | None,
+        key_name: str | None,
+        root_volume: VolumeRecord | None,
+    ) -> Instance:
         request = compute_api.build_request(
             self.conf,
             self.images,
@@ -249,6 +332,7 @@ class LibvirtDriver:
             meta=meta,
             network=network,
             key_name=key_name,
+            boot_from_volume=root_volume is not None,
         )
         self.host.check_instances_path()
         instance = Instance(
@@ -274,6 +358,7 @@ class LibvirtDriver:
                     keep_on_timeout=keep_on_timeout,
                     progress=progress,
                     key_name=key_name,
+                    root_volume=root_volume,
                 )
             except InstanceBuildTimeout as exc:
                 # Said against the whole spawn's budget, which is what the caller gave.
@@ -299,6 +384,7 @@ class LibvirtDriver:
         keep_on_timeout: bool,
         progress: fetch.Progress | None,
         key_name: str | None = None,
+        root_volume: VolumeRecord | None = None,
     ) -> libvirt.virDomain:
         """Nova's spawn, step by step, with everything it creates on an undo list.
 
@@ -307,6 +393,7 @@ class LibvirtDriver:
         """
         rbd = self.rbd_driver() if self.uses_rbd else None
         image_meta, vif, config_drive = request.image_meta, request.vif, request.config_drive
+        instance_dir = Path(instance.instance_dir)
         with contextlib.ExitStack() as session, contextlib.ExitStack() as undo:
             step = "record"
             try:
@@ -318,15 +405,14 @@ class LibvirtDriver:
                     vif = self._reserve_forward_port(instance.uuid, vif, undo)
 
                 step = "get_disk_info"
-                disk_info = blockinfo.get_disk_info(
-                    instance.virt_type,
-                    instance.flavor,
+                disk_info = self.get_disk_info(
+                    instance,
                     image_meta,
-                    machine_type=self.conf.libvirt.hw_machine_type,
-                    config_drive_format=(
-                        self.conf.default.config_drive_format if config_drive else None
-                    ),
+                    config_drive=config_drive is not None,
+                    root_volume=root_volume,
                 )
+                step = "attach_root_volume"
+                volumes = self._claim_root_volume(instance, root_volume, disk_info, session, undo)
                 step = "create_image"
                 undo.callback(shutil.rmtree, instance.instance_dir, ignore_errors=True)
                 if rbd is not None:
@@ -338,11 +424,7 @@ class LibvirtDriver:
                 disks = self.create_image(
                     instance, disk_info, request.image, timer=timer, progress=progress, rbd=rbd
                 )
-                network_disks = {
-                    n: d.libvirt_info() for n, d in disks.items() if isinstance(d, Rbd)
-                }
-                step = "console"
-                instance_dir = Path(instance.instance_dir)
+                # console.log, ours, in the instance dir create_image made.
                 (instance_dir / "console.log").touch(mode=PRIVATE_FILE)
 
                 step = "define"
@@ -351,9 +433,12 @@ class LibvirtDriver:
                         instance,
                         image_meta,
                         disk_info,
-                        disk_formats(disks, disk_info),
+                        disk_formats(disks, disk_info) | dict.fromkeys(volumes, "raw"),
                         vif=vif,
-                        network_disks=network_disks,
+                        network_disks={
+                            n: d.libvirt_info() for n, d in disks.items() if isinstance(d, Rbd)
+                        },
+                        volumes=volumes,
                     )
                 undo.callback(self._undefine, instance.uuid)
 
@@ -400,6 +485,52 @@ class LibvirtDriver:
             finally:
                 local.unlink(missing_ok=True)
 
+    def get_disk_info(
+        self,
+        instance: Instance,
+        image_meta: ImageMeta,
+        *,
+        config_drive: bool,
+        root_volume: VolumeRecord | None,
+    ) -> DiskInfo:
+        """blockinfo's ``get_disk_info`` with Nova's ``block_device_info``: the root
+        volume (boot index 0) when the instance boots from one."""
+        bdms = []
+        if root_volume is not None:
+            bdms.append(objects.DriverVolumeBlockDevice(root_volume.id, None, boot_index=0))
+        return blockinfo.get_disk_info(
+            instance.virt_type,
+            instance.flavor,
+            image_meta,
+            machine_type=self.conf.libvirt.hw_machine_type,
+            config_drive_format=self.conf.default.config_drive_format if config_drive else None,
+            block_device_info=objects.BlockDeviceInfo(block_device_mapping=tuple(bdms)),
+        )
+
+    def _claim_root_volume(
+        self,
+        instance: Instance,
+        volume: VolumeRecord | None,
+        disk_info: DiskInfo,
+        session: contextlib.ExitStack,
+        undo: contextlib.ExitStack,
+    ) -> dict[str, guest.GuestVolume]:
+        """The root volume, locked for the spawn, recorded in-use as the instance's
+        root (boot index 0); the undo list makes it available again. By disk_info
+        name; none when the root is no volume."""
+        if volume is None:
+            return {}
+        session.enter_context(self.volumes.locked(volume.id))
+        volume = self.volumes.get(volume.id)
+        self.volumes.check_attachable(volume, instance.uuid)
+        name = f"volume-{volume.id}"
+        connection = self.volumes.connection(volume)
+        self.volumes.record_attachment(
+            Attachment(volume.id, instance.uuid, disk_info[name].dev, boot_index=0)
+        )
+        undo.callback(self.volumes.forget_attachment, volume.id)
+        return {name: guest.GuestVolume(connection.path, connection.network, volume.id)}
+
     def _reserve_forward_port(
         self, instance_uuid: str, vif: VIF, undo: contextlib.ExitStack
     ) -> VIF:
@@ -422,6 +553,7 @@ class LibvirtDriver:
         *,
         vif: VIF | None,
         network_disks: Mapping[str, guest.NetworkSource],
+        volumes: Mapping[str, guest.GuestVolume] | None = None,
     ) -> libvirt.virDomain:
         """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
         take the chosen name between our check and our define (each counts its own
@@ -430,7 +562,13 @@ class LibvirtDriver:
         collision = None
         for _attempt in range(DEFINE_ATTEMPTS):
             xml = self.to_xml(
-                instance, image_meta, disk_info, formats, vif=vif, network_disks=network_disks
+                instance,
+                image_meta,
+                disk_info,
+                formats,
+                vif=vif,
+                network_disks=network_disks,
+                volumes=volumes,
             )
             write_private(Path(instance.instance_dir) / "libvirt.xml", xml)
             try:
@@ -489,24 +627,26 @@ class LibvirtDriver:
                 )
             return backend(self.conf, instance_dir / name, timer)
 
-        root: Image = disk("disk")
-        if rbd is not None:
-            clone = imagebackend.clone_location(rbd, image)
-            root = Rbd(
-                self.conf, timer, driver=rbd, instance_uuid=instance.uuid, clone_location=clone
+        disks: dict[str, Image] = {}
+        # Booted from a volume (Nova's _is_booted_from_volume): no root disk, no fetch.
+        if "disk" in disk_info:
+            root: Image = disk("disk")
+            if rbd is not None:
+                clone = imagebackend.clone_location(rbd, image)
+                root = Rbd(
+                    self.conf, timer, driver=rbd, instance_uuid=instance.uuid, clone_location=clone
+                )
+            instance.cache_hit = imagebackend.cache_image(
+                root,
+                self.conf,
+                image,
+                flavor.root_gb * GiB if flavor.root_gb else None,
+                open_data=self.images.open_data,
+                # RBD holds raw data only: its base is raw whatever force_raw_images says.
+                force_raw=self.conf.default.force_raw_images or rbd is not None,
+                progress=progress,
             )
-        root_size = flavor.root_gb * GiB if flavor.root_gb else None
-        instance.cache_hit = imagebackend.cache_image(
-            root,
-            self.conf,
-            image,
-            root_size,
-            open_data=self.images.open_data,
-            # RBD holds raw data only: its base is raw whatever force_raw_images says.
-            force_raw=self.conf.default.force_raw_images or rbd is not None,
-            progress=progress,
-        )
-        disks = {"disk": root}
+            disks["disk"] = root
         if "disk.local" in disk_info:
             disks["disk.local"] = disk("disk.local")
             disks["disk.local"].cache(
@@ -569,6 +709,7 @@ class LibvirtDriver:
         *,
         vif: VIF | None = None,
         network_disks: Mapping[str, guest.NetworkSource] | None = None,
+        volumes: Mapping[str, guest.GuestVolume] | None = None,
     ) -> str:
         config = guest.get_guest_config(
             instance,
@@ -583,6 +724,7 @@ class LibvirtDriver:
             network_disks=network_disks,
             image_properties=image_meta.properties,
             agent_socket_dir=self.host.agent_socket_dir(create=True),
+            volumes=volumes,
         )
         return guest.to_xml(config)
 
@@ -634,9 +776,11 @@ class LibvirtDriver:
                 disks = guest.get_all_disks(domain.XMLDesc(0))
         return disks
 
-    def destroy(self, instance_uuid: str) -> None:
+    def destroy(self, instance_uuid: str, *, delete_volume: bool = False) -> None:
         """Stop and undefine the domain, remove the instance dir, free its forwarded port,
-        forget its SSH host key, remove its record.
+        forget its SSH host key, remove its record. Its volumes are kept, available
+        again; ``delete_volume`` (Nova's ``delete_on_termination``) deletes its root
+        volume too.
 
         Whatever of it exists is removed; what is already gone is no error. The image
         cache stays. The domain is the one with the instance's uuid, whatever its name.
@@ -653,8 +797,12 @@ class LibvirtDriver:
             # unreachable cluster stops here, with the record kept for another try.
             imagebackend.cleanup_rbd(self.conf, record.uuid, disks)
             shutil.rmtree(instance_dir, ignore_errors=True)
-            # Its volumes outlive it, available again (Nova detaches them on delete).
-            self.block_devices.forget_instance(record.uuid)
+            # Its volumes outlive it, available again, unless the root goes with it.
+            for attachment in self.block_devices.forget_instance(record.uuid):
+                if attachment.boot_index == 0 and (
+                    delete_volume or attachment.delete_on_termination
+                ):
+                    self.volumes.delete(attachment.volume_id)
             if record.forward_port is not None:
                 self.ports.release(record.forward_port, record.uuid)
             ssh.forget_host_key(self.conf.known_hosts_path, record.uuid, self.conf.locks_dir)
@@ -879,6 +1027,12 @@ class LibvirtDriver:
             return snapshot.direct(self.images, root, name=name, record=record, parent=parent)
         disk = instance_dir / "disk"
         disk_format = disks.get(os.fspath(disk))
+        if any(a.boot_index == 0 for a in self.volumes.attachments_of(record.uuid)):
+            raise MinidriverError(
+                f"instance {record.display_name} boots from a volume: its root is no image"
+                " backend disk, and snapshots of volumes are not built yet",
+                hint="make an image of the volume's image instead, or boot from an image",
+            )
         if disk_format is None:
             raise MinidriverError(f"instance {record.display_name} records no root disk {disk}")
         return snapshot.to_image(

@@ -227,17 +227,46 @@ def default_cpu_mode(virt_type: str, configured: str) -> str | None:
 NETWORK_DISK_CACHE = "writeback"
 
 
+@dataclass(frozen=True)
+class GuestVolume:
+    """A volume among the disks of a new domain (a root volume): its file or its
+    network source, and its id as the disk's serial."""
+
+    path: str
+    network: NetworkSource | None
+    serial: str
+
+
 def get_guest_disks(
     instance_dir: Path,
     disk_info: DiskInfo,
     disk_formats: dict[str, str],
     cache: str,
     network_disks: Mapping[str, NetworkSource] | None = None,
+    *,
+    volumes: Mapping[str, GuestVolume] | None = None,
 ) -> tuple[GuestDisk, ...]:
-    """Every disk of ``disk_info``; those named in ``network_disks`` are network disks."""
+    """Every disk of ``disk_info``; those named in ``network_disks`` are network disks,
+    those in ``volumes`` volumes."""
     network_disks = network_disks or {}
+    volumes = volumes or {}
     disks = []
     for m in disk_info:
+        volume = volumes.get(m.name)
+        if volume is not None:
+            disks.append(
+                get_volume_disk(
+                    volume.path,
+                    disk_formats[m.name],
+                    network=volume.network,
+                    dev=m.dev,
+                    bus=m.bus.value,
+                    cache=cache,
+                    serial=volume.serial,
+                    pci_address=None,  # at boot libvirt's own slots stay below the NIC's
+                )
+            )
+            continue
         network = network_disks.get(m.name)
         disks.append(
             GuestDisk(
@@ -341,6 +370,7 @@ def get_guest_config(
     network_disks: Mapping[str, NetworkSource] | None = None,
     image_properties: Mapping[str, str] | None = None,
     agent_socket_dir: Path | None = None,
+    volumes: Mapping[str, GuestVolume] | None = None,
 ) -> GuestConfig:
     """Every decision about the domain, made here in Python. ``network_disks``: the
     disks (by disk_info name) that live in Ceph rather than in ``instance_dir``.
@@ -362,6 +392,7 @@ def get_guest_config(
             disk_formats,
             cache or disk_cachemode(instance_dir),
             network_disks,
+            volumes=volumes,
         ),
         console_log=os.fspath(instance_dir / "console.log"),
         metadata=GuestMetadata(

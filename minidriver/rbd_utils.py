@@ -56,6 +56,10 @@ class PoolNotFound(RbdError):
     pass
 
 
+class PoolFull(RbdError):
+    """The pool takes no more writes (a quota, or a full cluster)."""
+
+
 class RbdImageBusy(RbdError):
     """An image (or its snapshot) still has clones or watchers."""
 
@@ -315,6 +319,20 @@ class RBDDriver:
         with self.ioctx(pool):
             pass
 
+    def check_pool_not_full(self, pool: str | None = None) -> None:
+        """Raise PoolFull when the OSD map flags the pool full (its quota reached, or
+        the cluster full): a write there would wait for ``OSD_OP_TIMEOUT`` and fail."""
+        pool = pool or self.pool
+        for entry in json.loads(self._mon_command("osd dump"))["pools"]:
+            flags = entry.get("flags_names", "").split(",")
+            if entry["pool_name"] == pool and "full" in flags:
+                why = "its quota is reached" if "full_quota" in flags else "the cluster is full"
+                raise PoolFull(
+                    f"Ceph pool {pool!r} is full ({why}): nothing can be written there",
+                    hint=f"ceph osd pool get-quota {pool}; free space, or raise the quota"
+                    f" (ceph osd pool set-quota {pool} max_bytes N)",
+                )
+
     # -- images ---------------------------------------------------------------
 
     def exists(self, name: str, pool: str | None = None, snapshot: str | None = None) -> bool:
@@ -556,6 +574,7 @@ __all__ = [
     "IMAGE_SNAPSHOT",
     "CephUnreachable",
     "MonHost",
+    "PoolFull",
     "PoolNotFound",
     "RBDDriver",
     "RBDReader",

@@ -143,6 +143,15 @@ def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
         "--meta", metavar="K=V", action="append", default=[], help="metadata (repeatable)"
     )
     p.add_argument("--hostname", metavar="NAME", help="the guest's hostname (a DNS label)")
+    p.add_argument(
+        "--boot-volume", metavar="VOLUME", help="boot from this volume (made from an image)"
+    )
+    p.add_argument(
+        "--volume-size",
+        type=int,
+        metavar="GB",
+        help="make a volume of GB from --image first and boot from it",
+    )
 
 
 def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -158,6 +167,11 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("delete", "delete instances (the image cache stays)")
     p.add_argument("instances", nargs="*", metavar="INSTANCE")
     p.add_argument("--all", action="store_true", help="every instance of this state dir")
+    p.add_argument(
+        "--delete-volume",
+        action="store_true",
+        help="delete a boot volume too (Nova's delete_on_termination; default: kept)",
+    )
     p = command("stop", "shut an instance down: ACPI, then a hard stop after the timeout")
     p.add_argument("instance")
     p.add_argument("--force", action="store_true", help="hard stop at once")
@@ -186,6 +200,7 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--image", help="required unless --template")
     p.add_argument("--flavor", help="required unless --template")
     p.add_argument("--template", metavar="NAME", help="what boot --template would make")
+    p.add_argument("--boot-volume", metavar="VOLUME", help="what boot --boot-volume would make")
     template = command("template", "a ready guest saved once, restored as clones").add_subparsers(
         dest="template_command", metavar="SUBCOMMAND", required=True
     )

@@ -35,7 +35,10 @@ class RBDVolumeDriver(VolumeBackend):
         return imagebackend.rbd_driver(self.conf, self.pool)
 
     def check_for_setup_error(self) -> None:
-        self.driver().check_pool()
+        driver = self.driver()
+        with driver.connected():
+            driver.check_pool()
+            driver.check_pool_not_full()
 
     def create_volume(self, volume_id: str, size: int) -> str:
         name = rbd_volume_name(volume_id)

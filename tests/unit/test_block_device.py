@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from minidriver import blockinfo, guest
+from minidriver import blockinfo, guest, objects
 from minidriver.cli import main
 from minidriver.config import Config
 from minidriver.exception import UnsupportedHardware
 from minidriver.host import Host
-from minidriver.objects import DiskBus
+from minidriver.objects import DEFAULT_FLAVORS, DiskBus, ImageMeta
 
 DATA = Path(__file__).parent.parent / "data"
 MONS = (guest.NetworkHost("127.0.0.1", "6789"),)
 VOLUME_ID = "4a75ce05-a718-420f-8fe3-9e0165db1c40"
+IMAGE = ImageMeta(id="0d521083-52b6-458b-b668-b0470c016034", name="guest", disk_format="qcow2")
 
 
 @pytest.mark.parametrize(
@@ -208,3 +209,99 @@ def test_create_list_show_delete_in_json(cli: Cli) -> None:
     assert json.loads(out) == {"deleted": created["id"]}
     code, out, _err = cli("--json", "volume", "show", "data")
     assert code == 1 and json.loads(out)["error"] == "no volume matches 'data'"
+
+
+# -- boot from volume: blockinfo's block_device_info --------------------------------
+
+
+def test_a_root_volume_replaces_the_root_disk() -> None:
+    bdm = objects.DriverVolumeBlockDevice(VOLUME_ID, None, boot_index=0)
+    info = objects.BlockDeviceInfo(block_device_mapping=(bdm,))
+    assert info.is_booted_from_volume
+    disk_info = blockinfo.get_disk_info(
+        "qemu",
+        DEFAULT_FLAVORS["t1.nano"],
+        IMAGE,
+        config_drive_format="iso9660",
+        block_device_info=info,
+    )
+    assert [(m.name, m.dev, m.boot_index) for m in disk_info] == [
+        (f"volume-{VOLUME_ID}", "vda", 1),
+        ("disk.local", "vdb", None),
+        ("disk.swap", "vdc", None),
+        ("disk.config", "hdd", None),
+    ]
+    assert "disk" not in disk_info
+    assert blockinfo.get_boot_order(disk_info) == ("hd",)
+
+
+def test_no_root_volume_keeps_the_root_disk() -> None:
+    attached = objects.DriverVolumeBlockDevice(VOLUME_ID, "vdd")  # no boot index
+    info = objects.BlockDeviceInfo(block_device_mapping=(attached,))
+    assert not info.is_booted_from_volume
+    disk_info = blockinfo.get_disk_info(
+        "qemu", DEFAULT_FLAVORS["t1.nano"], IMAGE, block_device_info=info
+    )
+    assert disk_info.root.name == "disk"
+
+
+def test_the_root_volume_in_the_domain_xml(tmp_path: Path) -> None:
+    bdm = objects.DriverVolumeBlockDevice(VOLUME_ID, None, boot_index=0)
+    disk_info = blockinfo.get_disk_info(
+        "qemu",
+        DEFAULT_FLAVORS["m1.tiny"],
+        IMAGE,
+        block_device_info=objects.BlockDeviceInfo(block_device_mapping=(bdm,)),
+    )
+    volume = guest.GuestVolume(
+        f"rbd:volumes/volume-{VOLUME_ID}",
+        guest.NetworkSource("rbd", f"volumes/volume-{VOLUME_ID}", MONS),
+        VOLUME_ID,
+    )
+    instance = objects.Instance(
+        uuid="9f3c1c57-2f71-4c43-9d0c-3bb5d3a2b1d1",
+        name="instance-00000001",
+        display_name="bfv",
+        flavor=DEFAULT_FLAVORS["m1.tiny"],
+        image_ref=IMAGE.id,
+    )
+    config = guest.get_guest_config(
+        instance,
+        disk_info,
+        {bdm.disk_name: "raw"},
+        instance_dir=tmp_path,
+        machine_type="pc",
+        cpu_mode="",
+        state_id="0b5a3c44-2a41-4ad4-9a39-5a1f2f0c0d77",
+        cache="none",
+        volumes={bdm.disk_name: volume},
+    )
+    (disk,) = etree.fromstring(guest.to_xml(config).encode()).iterfind("devices/disk")
+    assert disk.get("type") == "network"
+    assert disk.find("source").get("name") == f"volumes/volume-{VOLUME_ID}"  # type: ignore[union-attr]
+    assert disk.find("target").get("dev") == "vda"  # type: ignore[union-attr]
+    assert disk.findtext("serial") == VOLUME_ID
+
+
+BOOT_INVOCATIONS = [
+    (["boot", "--flavor", "t1.nano"], 2, "--image"),
+    (["boot", "--boot-volume", "v", "--image", "i", "--flavor", "t1.nano"], 2, "no --image"),
+    (["boot", "--boot-volume", "nope", "--flavor", "t1.nano"], 1, "no volume matches 'nope'"),
+    (["boot", "--image", "i", "--volume-size", "x", "--flavor", "t1.nano"], 2, "invalid int"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), BOOT_INVOCATIONS)
+def test_boot_from_volume_invocations(cli: Cli, argv: list[str], code: int, message: str) -> None:
+    got, _out, err = cli(*argv)
+    assert got == code, err
+    assert message in err
+
+
+def test_a_blank_volume_does_not_boot(cli: Cli) -> None:
+    assert cli("volume", "create", "--size", "1", "--name", "blank")[0] == 0
+    code, _out, err = cli("boot", "--boot-volume", "blank", "--flavor", "t1.nano")
+    assert code == 1
+    assert "was not made from an image: nothing to boot" in err
+    code, out, _err = cli("--json", "volume", "show", "blank")
+    assert json.loads(out)["status"] == "available"
