@@ -43,7 +43,10 @@ def boot_count(log: Path) -> list[str]:
 def backend(request: pytest.FixtureRequest, driver: LibvirtDriver) -> str:
     name: str = request.param
     if name == "pool" and driver.host.is_embedded:
-        pytest.skip("libvirt's storage pools need the daemon (test_pool_refused_... checks it)")
+        pytest.skip(
+            "libvirt's storage pools need the daemon"
+            " (test_the_pool_backend_is_refused_on_the_embedded_driver checks it)"
+        )
     if name == "rbd":
         request.getfixturevalue("ceph_conf")
     return name

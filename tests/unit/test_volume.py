@@ -13,6 +13,7 @@ import libvirt
 import pytest
 from pytest_mock import MockerFixture
 
+from minidriver import cleanup
 from minidriver.config import load_config
 from minidriver.db import InstanceRecord
 from minidriver.driver import LibvirtDriver
@@ -161,3 +162,24 @@ def test_volume_options(tmp_path: Path) -> None:
     ini.write_text("[libvirt]\ndevice_detach_timeout = 0\n")
     with pytest.raises(ConfigError, match="device_detach_timeout = 0: at least 1"):
         load_config(ini, state_dir=tmp_path / "s", environ={})
+
+
+def test_cleanup_frees_the_volumes_of_an_instance_whose_domain_is_gone(
+    drv: LibvirtDriver, empty_qcow2_id: str
+) -> None:
+    volume = drv.volumes.create(1)
+    kept = drv.volumes.create(1)
+    gone = drv.spawn("gone", empty_qcow2_id, "t1.nano")
+    alive = drv.spawn("alive", empty_qcow2_id, "t1.nano")
+    drv.volumes.record_attachment(Attachment(volume.id, gone.uuid, "vdd"))
+    drv.volumes.record_attachment(Attachment(kept.id, alive.uuid, "vdd"))
+    domain = drv.host.get_domain(gone.uuid)
+    assert domain is not None
+    drv.host.undefine(domain)  # as after a crash: the record, no domain
+
+    assert cleanup.cleanup(drv, dry_run=True).volumes == [volume.id]
+    assert drv.volumes.get(volume.id).status == VolumeStatus.IN_USE
+    report = cleanup.cleanup(drv)
+    assert (report.records, report.volumes) == ([gone.uuid], [volume.id])
+    assert drv.volumes.get(volume.id).status == VolumeStatus.AVAILABLE
+    assert drv.volumes.get(kept.id).status == VolumeStatus.IN_USE
