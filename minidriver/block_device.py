@@ -47,6 +47,17 @@ class DeviceDetachFailed(MinidriverError):
     """The guest did not release a detached disk in time (Nova's DeviceDetachFailed)."""
 
 
+def require_domain(host: Host, record: InstanceRecord, state_id: str) -> libvirt.virDomain:
+    """The instance's domain, defined by this state dir; a clear error when it has none."""
+    domain = host.owned_domain(record.uuid, state_id)
+    if domain is None:
+        raise MinidriverError(
+            f"instance {record.display_name} ({record.uuid}) has no domain {record.name}",
+            hint="delete it and boot again",
+        )
+    return domain
+
+
 class BlockDeviceManager:
     """Attach and detach volumes of one state dir's instances."""
 
@@ -77,13 +88,7 @@ class BlockDeviceManager:
             yield
 
     def _domain(self, record: InstanceRecord) -> libvirt.virDomain:
-        domain = self.host.owned_domain(record.uuid, self.db.state_id)
-        if domain is None:
-            raise MinidriverError(
-                f"instance {record.display_name} ({record.uuid}) has no domain {record.name}",
-                hint="delete it and boot again",
-            )
-        return domain
+        return require_domain(self.host, record, self.db.state_id)
 
     @staticmethod
     def _is_live(domain: libvirt.virDomain) -> bool:

@@ -257,22 +257,30 @@ class LibvirtDriver:
                 root_volume = self.volumes.get(boot_volume)
             if root_volume is not None:
                 image = self.image_of_volume(root_volume)
-            instance = self._spawn_instance(
-                name,
-                image,
-                flavor,
-                timer=timer,
-                budget=budget,
-                deadline=deadline,
-                keep_on_timeout=keep_on_timeout,
-                wait=wait,
-                progress=progress,
+            request = compute_api.build_request(
+                self.conf,
+                self.images,
+                self.keypairs,
+                self.db,
+                name=name,
+                image=image,
+                flavor=flavor,
                 config_drive=config_drive,
                 hostname=hostname,
                 user_data=user_data,
                 public_keys=public_keys,
                 meta=meta,
                 network=network,
+                key_name=key_name,
+                boot_from_volume=root_volume is not None,
+            )
+            instance = self._spawn_instance(
+                request,
+                timer=timer,
+                budget=budget,
+                deadline=deadline if wait else None,
+                keep_on_timeout=keep_on_timeout,
+                progress=progress,
                 key_name=key_name,
                 root_volume=root_volume,
             )
@@ -298,47 +306,22 @@ class LibvirtDriver:
 
     def _spawn_instance(
         self,
-        name: str,
-        image: str,
-        flavor: str,
+        request: compute_api.BuildRequest,
         *,
         timer: StepTimer,
         budget: float,
-        deadline: float,
+        deadline: float | None,
         keep_on_timeout: bool,
-        wait: bool,
         progress: fetch.Progress | None,
-        config_drive: bool | None,
-        hostname: str | None,
-        user_data: bytes | None,
-        public_keys: Mapping[str, str] | None,
-        meta: Mapping[str, str] | None,
-        network: str | None,
         key_name: str | None,
         root_volume: VolumeRecord | None,
     ) -> Instance:
-        request = compute_api.build_request(
-            self.conf,
-            self.images,
-            self.keypairs,
-            self.db,
-            name=name,
-            image=image,
-            flavor=flavor,
-            config_drive=config_drive,
-            hostname=hostname,
-            user_data=user_data,
-            public_keys=public_keys,
-            meta=meta,
-            network=network,
-            key_name=key_name,
-            boot_from_volume=root_volume is not None,
-        )
+        """The instance of a checked request, built under its lock: ``_spawn``."""
         self.host.check_instances_path()
         instance = Instance(
             uuid=request.uuid,
             name=self._next_domain_name(),
-            display_name=name,
+            display_name=request.display_name,
             flavor=request.flavor,
             image_ref=request.image.id,
             virt_type=self.host.virt_type.virt_type,
@@ -354,7 +337,7 @@ class LibvirtDriver:
                     instance,
                     request,
                     timer,
-                    deadline=deadline if wait else None,
+                    deadline=deadline,
                     keep_on_timeout=keep_on_timeout,
                     progress=progress,
                     key_name=key_name,
@@ -843,14 +826,9 @@ class LibvirtDriver:
     # -- power ----------------------------------------------------------------
 
     def _domain_of(self, instance_uuid: str) -> libvirt.virDomain:
-        record = self.db.get_instance(instance_uuid)
-        domain = self.host.owned_domain(record.uuid, self.db.state_id)
-        if domain is None:
-            raise MinidriverError(
-                f"instance {record.display_name} ({record.uuid}) has no domain {record.name}",
-                hint="delete it and boot again",
-            )
-        return domain
+        return block_device.require_domain(
+            self.host, self.db.get_instance(instance_uuid), self.db.state_id
+        )
 
     def open_serial_console(self, instance_uuid: str, *, force: bool = False) -> SerialConsole:
         """The running instance's serial console, open for reading and writing

@@ -114,6 +114,12 @@ _INSERT_ATTACHMENT: Final = (
 )
 
 
+def _attachment(row: sqlite3.Row) -> Attachment:
+    fields = {n: row[n] for n in _ATTACHMENT_FIELDS}
+    fields["delete_on_termination"] = bool(fields["delete_on_termination"])
+    return Attachment(**fields)
+
+
 def volume_lock_name(volume_id: str) -> str:
     return f"volume-{volume_id}"
 
@@ -131,17 +137,7 @@ class VolumeAPI:
 
     def _volume(self, row: sqlite3.Row) -> VolumeRecord:
         rows = self.db.query("SELECT * FROM volume_attachments WHERE volume_id = ?", (row["id"],))
-        attachment = None
-        if rows:
-            a = rows[0]
-            attachment = Attachment(
-                volume_id=a["volume_id"],
-                instance_uuid=a["instance_uuid"],
-                device=a["device"],
-                boot_index=a["boot_index"],
-                delete_on_termination=bool(a["delete_on_termination"]),
-                attached_at=a["attached_at"],
-            )
+        attachment = _attachment(rows[0]) if rows else None
         return VolumeRecord(**{n: row[n] for n in _VOLUME_FIELDS}, attachment=attachment)
 
     def get(self, ref: str) -> VolumeRecord:
@@ -170,17 +166,7 @@ class VolumeAPI:
             "SELECT * FROM volume_attachments WHERE instance_uuid = ? ORDER BY device",
             (instance_uuid,),
         )
-        return [
-            Attachment(
-                volume_id=r["volume_id"],
-                instance_uuid=r["instance_uuid"],
-                device=r["device"],
-                boot_index=r["boot_index"],
-                delete_on_termination=bool(r["delete_on_termination"]),
-                attached_at=r["attached_at"],
-            )
-            for r in rows
-        ]
+        return [_attachment(r) for r in rows]
 
     def _set_status(self, volume_id: str, status: VolumeStatus, **fields: str) -> None:
         sets = ", ".join(f"{name} = :{name}" for name in fields)
