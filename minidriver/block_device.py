@@ -31,11 +31,12 @@ import libvirt
 from minidriver import blockinfo, guest
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord
-from minidriver.exception import MinidriverError
+from minidriver.exception import ImageNotFound, MinidriverError
 from minidriver.fileutils import write_private
 from minidriver.host import Host
+from minidriver.images.store import ImageService
 from minidriver.lockutils import external_lock, instance_lock_name
-from minidriver.objects import DiskBus
+from minidriver.objects import DiskBus, DiskInfo
 from minidriver.volume.api import Attachment, VolumeAPI, VolumeError, VolumeRecord
 
 LOG = logging.getLogger(__name__)
@@ -232,3 +233,70 @@ class BlockDeviceManager:
         for attachment in attachments:
             self.volumes.forget_attachment(attachment.volume_id)
         return attachments
+
+    # -- boot from volume ---------------------------------------------------------
+
+    def root_volume(
+        self,
+        boot_volume: str | None,
+        volume_size: int | None,
+        *,
+        image: str,
+        name: str,
+        undo: contextlib.ExitStack,
+    ) -> VolumeRecord | None:
+        """The volume a boot puts its root on: ``boot_volume``; or, with
+        ``volume_size`` (GB), a new one made from ``image`` and named ``name`` (Nova's
+        source=image, dest=volume), which ``undo`` deletes again; None for neither."""
+        if volume_size is None:
+            return self.volumes.get(boot_volume) if boot_volume is not None else None
+        if boot_volume is not None:
+            raise MinidriverError(
+                "give --boot-volume or --volume-size, not both",
+                hint="--volume-size makes a new volume from --image",
+            )
+        volume = self.volumes.create(volume_size, image=image, name=name)
+        undo.callback(self.volumes.delete, volume.id)
+        return volume
+
+    @staticmethod
+    def image_of_volume(volume: VolumeRecord, images: ImageService) -> str:
+        """The image a volume was made from: its properties decide the buses, the
+        kernel and the config drive, as Nova reads a volume's image metadata."""
+        if not volume.image_id:
+            raise MinidriverError(
+                f"volume {volume.describe()} was not made from an image: nothing to boot",
+                hint="make a bootable one: minidriver volume create --size GB --image IMAGE",
+            )
+        try:
+            return images.get(volume.image_id).id
+        except ImageNotFound:
+            raise MinidriverError(
+                f"image {volume.image_id}, which volume {volume.describe()} was made from,"
+                " is gone: its properties (disk bus, kernel) are not known any more",
+                hint="boot a volume made from an image that still exists",
+            ) from None
+
+    def claim_root_volume(
+        self,
+        instance_uuid: str,
+        volume: VolumeRecord | None,
+        disk_info: DiskInfo,
+        session: contextlib.ExitStack,
+        undo: contextlib.ExitStack,
+    ) -> dict[str, guest.GuestVolume]:
+        """A spawn's root volume, locked for the spawn (``session``), recorded in-use
+        as the instance's root (boot index 0); ``undo`` makes it available again. By
+        disk_info name; none when the root is no volume."""
+        if volume is None:
+            return {}
+        session.enter_context(self.volumes.locked(volume.id))
+        volume = self.volumes.get(volume.id)
+        self.volumes.check_attachable(volume, instance_uuid)
+        name = f"volume-{volume.id}"
+        connection = self.volumes.connection(volume)
+        self.volumes.record_attachment(
+            Attachment(volume.id, instance_uuid, disk_info[name].dev, boot_index=0)
+        )
+        undo.callback(self.volumes.forget_attachment, volume.id)
+        return {name: guest.GuestVolume(connection.path, connection.network, volume.id)}

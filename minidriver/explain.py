@@ -106,7 +106,9 @@ def explain(
     (its image's properties, the volume as the root, no root disk and no fetch)."""
     flavor = drv.get_flavor(flavor_name)
     volume = drv.volumes.get(boot_volume) if boot_volume else None
-    image = drv.images.get(drv.image_of_volume(volume) if volume else image_ref or "")
+    image = drv.images.get(
+        drv.block_devices.image_of_volume(volume, drv.images) if volume else image_ref or ""
+    )
     meta = image.to_image_meta()
     compute_api.validate_flavor_image(
         flavor, meta, drv.conf.libvirt.images_max_virtual_size, root_on_volume=volume is not None

@@ -179,7 +179,9 @@ def image_to_boot(drv: LibvirtDriver, args: argparse.Namespace) -> StoreImage:
             "--boot-volume boots the volume's own image: no --image or --volume-size",
             hint="--image IMAGE --volume-size GB makes a new volume instead",
         )
-    return drv.images.get(drv.image_of_volume(drv.volumes.get(args.boot_volume)))
+    return drv.images.get(
+        drv.block_devices.image_of_volume(drv.volumes.get(args.boot_volume), drv.images)
+    )
 
 
 def need_image_and_flavor(args: argparse.Namespace) -> None:
