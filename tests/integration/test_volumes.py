@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import subprocess
 import time
 import uuid
@@ -39,14 +40,11 @@ def boot_count(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if "boot-count" in line]
 
 
-@pytest.fixture(params=["rbd", "pool"])
-def backend(request: pytest.FixtureRequest, driver: LibvirtDriver) -> str:
+@pytest.fixture(params=["rbd", pytest.param("pool", marks=pytest.mark.connection("daemon"))])
+def backend(request: pytest.FixtureRequest) -> str:
+    """rbd on every connection (with the dev cluster); libvirt's storage pool on the
+    daemon only: the embedded driver has none (the last test checks its refusal)."""
     name: str = request.param
-    if name == "pool" and driver.host.is_embedded:
-        pytest.skip(
-            "libvirt's storage pools need the daemon"
-            " (test_the_pool_backend_is_refused_on_the_embedded_driver checks it)"
-        )
     if name == "rbd":
         request.getfixturevalue("ceph_conf")
     return name
@@ -361,10 +359,55 @@ def test_attach_up_to_the_cap_of_fifteen(
     assert domain.isActive()
 
 
+@pytest.mark.connection("embed")
 def test_the_pool_backend_is_refused_on_the_embedded_driver(driver: LibvirtDriver) -> None:
-    if not driver.host.is_embedded:
-        pytest.skip("the embedded driver's refusal (the daemon has storage pools)")
     with pytest.raises(StoragePoolUnavailable, match="embedded driver") as exc:
         driver.volumes.create(1, backend="pool")
     assert exc.value.hint is not None and "rbd" in exc.value.hint
     assert driver.volumes.get_all() == []
+
+
+def test_a_volume_from_an_image_in_ceph_is_a_clone_of_its_snapshot(
+    vdrv: LibvirtDriver,
+    made: dict[str, list[str]],
+    test_image: Path,
+    ceph_conf: str,  # noqa: F811
+) -> None:
+    image = vdrv.images.add(
+        test_image, name=f"vol-clone-{uuid.uuid4().hex[:8]}", disk_format="qcow2", store="rbd"
+    )
+    try:
+        volume = new_volume(vdrv, made, "rbd", image=image.id)
+        rbd = vdrv.rbd_driver(vdrv.conf.volume.rbd_pool)
+        name = f"volume-{volume.id}"
+        location = rbd_utils.RbdLocation(rbd.get_fsid(), "images", image.id, "snap")
+        assert rbd.parent_info(name) == (location, 64 * 2**20)  # not flattened
+        assert rbd.size(name) == GiB
+        base = vdrv.conf.base_dir / hashlib.sha1(image.id.encode()).hexdigest()
+        assert not base.exists(), "a clone fetches nothing into _base"
+        vdrv.volumes.delete(volume.id)
+        made["volumes"].remove(volume.id)
+        assert name not in rbd.list_images()
+    finally:
+        vdrv.images.delete(image.id)
+
+
+def test_attach_to_a_stopped_instance_changes_its_definition_only(
+    vdrv: LibvirtDriver,
+    made: dict[str, list[str]],
+    test_image_id: str,
+    ceph_conf: str,  # noqa: F811
+) -> None:
+    inst = vdrv.spawn(name="vol-stopped", image=test_image_id, flavor="t1.nano")
+    made["instances"].append(inst.uuid)
+    vdrv.power_off(inst.uuid, force=True)
+    volume = new_volume(vdrv, made, "rbd")
+    assert vdrv.attach_volume(inst.uuid, volume.id).device == "vdd"
+    domain = domain_of(vdrv, inst.uuid)
+    assert not domain.isActive()
+    assert disk_in(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), "vdd") is not None
+    vdrv.power_on(inst.uuid)
+    assert domain.blockInfo("vdd")[0] == GiB  # the started guest has it
+    vdrv.power_off(inst.uuid, force=True)
+    assert vdrv.detach_volume(inst.uuid, volume.id).status == "available"
+    assert disk_in(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), "vdd") is None

@@ -139,17 +139,6 @@ def test_a_backend_failure_leaves_the_record_in_error(
     assert drv.volumes.get_all() == []
 
 
-def test_the_pool_backend_is_refused_on_the_embedded_driver(
-    drv: LibvirtDriver, mocker: MockerFixture
-) -> None:
-    mocker.patch.object(type(drv.host), "is_embedded", new_callable=mocker.PropertyMock)
-    type(drv.host).is_embedded.return_value = True  # type: ignore[attr-defined]
-    with pytest.raises(pool.StoragePoolUnavailable, match="embedded driver") as exc:
-        drv.volumes.create(1, backend="pool")
-    assert exc.value.hint is not None and "rbd" in exc.value.hint
-    assert drv.volumes.get_all() == []
-
-
 def test_volume_options(tmp_path: Path) -> None:
     ini = tmp_path / "md.conf"
     ini.write_text("[volume]\ndefault_backend = rbd\nrbd_pool = vols\n")
