@@ -735,16 +735,19 @@ class LibvirtDriver:
             imagebackend.cleanup_rbd(self.conf, record.uuid, disks)
             shutil.rmtree(instance_dir, ignore_errors=True)
             # Its volumes outlive it, available again, unless the root goes with it.
-            for attachment in self.block_devices.forget_instance(record.uuid):
-                if attachment.boot_index == 0 and (
-                    delete_volume or attachment.delete_on_termination
-                ):
-                    self.volumes.delete(attachment.volume_id)
+            attachments = self.block_devices.forget_instance(record.uuid)
             if record.forward_port is not None:
                 self.ports.release(record.forward_port, record.uuid)
             ssh.forget_host_key(self.conf.known_hosts_path, record.uuid, self.conf.locks_dir)
             self.db.delete_instance(record.uuid)
             self._spawned_disks.pop(record.uuid, None)
+            # Last: a volume that cannot be removed now is a volume in error, which
+            # `volume delete` retries; the instance is gone either way.
+            for attachment in attachments:
+                if attachment.boot_index == 0 and (
+                    delete_volume or attachment.delete_on_termination
+                ):
+                    self.volumes.delete(attachment.volume_id)
 
     def get_info(self, instance_uuid: str) -> InstanceInfo:
         record = self.db.get_instance(instance_uuid)
