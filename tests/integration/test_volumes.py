@@ -28,7 +28,7 @@ from minidriver import block_device, guest, rbd_utils
 from minidriver.driver import LibvirtDriver
 from minidriver.objects import GiB
 from minidriver.volume.api import VolumeError, VolumeRecord
-from minidriver.volume.pool import StoragePoolUnavailable
+from minidriver.volume.pool import StoragePoolDriver, StoragePoolUnavailable
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,21 @@ def backend(request: pytest.FixtureRequest) -> str:
     if name == "rbd":
         request.getfixturevalue("ceph_conf")
     return name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def storage_pool_undefined(driver: LibvirtDriver) -> Iterator[None]:
+    """The state dir's storage pool, which the pool backend defines on the shared
+    daemon, is undefined after these tests: its directory goes with the state dir."""
+    yield
+    name = StoragePoolDriver(driver.conf, driver.host, driver.db.state_id).name
+    try:
+        found = driver.host.get_connection().storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        return  # never defined, or the embedded driver (no storage driver)
+    if found.isActive():
+        found.destroy()
+    found.undefine()
 
 
 @pytest.fixture
