@@ -288,9 +288,10 @@ class VolumeAPI:
                     ),
                 )
             self._set_status(volume.id, VolumeStatus.DELETING)
+            driver = self.backend(volume.backend)
             try:
-                if volume.location:
-                    self.backend(volume.backend).delete_volume(volume.location)
+                # A create that died left no location, maybe storage: removed by name.
+                driver.delete_volume(volume.location or driver.location_of(volume.id))
             except BaseException:
                 self._set_status(volume.id, VolumeStatus.ERROR)
                 raise

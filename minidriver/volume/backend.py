@@ -49,6 +49,11 @@ class VolumeBackend(abc.ABC):
         """A volume holding ``image``'s data, grown to ``size`` bytes."""
 
     @abc.abstractmethod
+    def location_of(self, volume_id: str) -> str:
+        """Where a volume of this id is made: what a delete removes when a create died
+        before it recorded the location."""
+
+    @abc.abstractmethod
     def delete_volume(self, location: str) -> None:
         """Remove the volume; one already gone is no error."""
 

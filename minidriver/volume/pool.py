@@ -99,6 +99,9 @@ class StoragePoolDriver(VolumeBackend):
         )
         return os.fspath(disk.path)
 
+    def location_of(self, volume_id: str) -> str:
+        return os.fspath(self.path / pool_volume_name(volume_id))
+
     def delete_volume(self, location: str) -> None:
         conn = self.host.get_connection()
         self.storage_pool().refresh(0)

@@ -41,9 +41,8 @@ class RBDVolumeDriver(VolumeBackend):
             driver.check_pool_not_full()
 
     def create_volume(self, volume_id: str, size: int) -> str:
-        name = rbd_volume_name(volume_id)
-        self.driver().create_image(name, size)
-        return imagebackend.rbd_path(self.pool, name)
+        self.driver().create_image(rbd_volume_name(volume_id), size)
+        return self.location_of(volume_id)
 
     def create_volume_from_image(
         self,
@@ -67,6 +66,9 @@ class RBDVolumeDriver(VolumeBackend):
                 disk, self.conf, image, size, open_data=images.open_data, force_raw=True
             )
         return imagebackend.rbd_path(self.pool, disk.rbd_name)
+
+    def location_of(self, volume_id: str) -> str:
+        return imagebackend.rbd_path(self.pool, rbd_volume_name(volume_id))
 
     def delete_volume(self, location: str) -> None:
         pool, name = imagebackend.parse_rbd_path(location)

@@ -172,3 +172,23 @@ def test_cleanup_frees_the_volumes_of_an_instance_whose_domain_is_gone(
     assert (report.records, report.volumes) == ([gone.uuid], [volume.id])
     assert drv.volumes.get(volume.id).status == VolumeStatus.AVAILABLE
     assert drv.volumes.get(kept.id).status == VolumeStatus.IN_USE
+
+
+def test_delete_removes_storage_a_failed_create_left_unrecorded(
+    drv: LibvirtDriver, mocker: MockerFixture
+) -> None:
+    real = pool.StoragePoolDriver.create_volume
+
+    def made_then_failed(self: pool.StoragePoolDriver, volume_id: str, size: int) -> str:
+        real(self, volume_id, size)
+        raise libvirt.libvirtError("injected: the connection dropped after the create")
+
+    mocker.patch.object(pool.StoragePoolDriver, "create_volume", made_then_failed)
+    with pytest.raises(libvirt.libvirtError):
+        drv.volumes.create(1, name="half")
+    (volume,) = drv.volumes.get_all()
+    assert (volume.status, volume.location) == ("error", "")
+    assert pool_of(drv).listVolumes() == [f"volume-{volume.id}"]
+    drv.volumes.delete("half")
+    assert pool_of(drv).listVolumes() == []
+    assert drv.volumes.get_all() == []
