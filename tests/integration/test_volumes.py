@@ -21,6 +21,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from guest_shell import run, wait_for_line
 from pytest_mock import MockerFixture
 from test_rbd import ceph_conf, closed_port  # noqa: F401 - the cluster fixture
 
@@ -119,6 +120,9 @@ def disk_in(xml: str, dev: str) -> str | None:
     return guest.find_disk_xml(xml, dev)
 
 
+DISK_ADDED = r"minidriver-guest: disk-added (vd[a-z]+) (\d+) (\w+)"
+
+
 def test_attach_detach_and_attach_elsewhere(
     vdrv: LibvirtDriver,
     backend: str,
@@ -128,28 +132,44 @@ def test_attach_detach_and_attach_elsewhere(
 ) -> None:
     first = running_guest(vdrv, made, test_image_id, wait_console, "vol-first")
     volume = new_volume(vdrv, made, backend, name="data")
+    record = f"minidriver-volume-{volume.id[:8]}"
 
-    attachment = vdrv.attach_volume(first, "data")
-    assert attachment.device == "vdd"  # after vda, vdb, vdc of t1.nano
-    domain = domain_of(vdrv, first)
-    for xml in (domain.XMLDesc(0), domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
-        disk = disk_in(xml, "vdd")
-        assert disk is not None and volume.id in disk  # its serial
-        assert "slot='0x11'" in disk or 'slot="0x11"' in disk
-    # QEMU's own view of the attached disk: its size.
-    assert domain.blockInfo("vdd")[0] == GiB
-    assert vdrv.volumes.get("data").status == "in-use"
-    libvirt_xml = (Path(vdrv.db.get_instance(first).instance_dir) / "libvirt.xml").read_text()
-    assert disk_in(libvirt_xml, "vdd") is not None
+    with vdrv.open_serial_console(first) as shell:
+        attachment = vdrv.attach_volume(first, "data")
+        assert attachment.device == "vdd"  # after vda, vdb, vdc of t1.nano
+        # The guest's own report: the disk and its size.
+        added = wait_for_line(shell, DISK_ADDED)
+        name = added.group(1)
+        assert added.group(2) == str(GiB)
+        domain = domain_of(vdrv, first)
+        for xml in (domain.XMLDesc(0), domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+            disk = disk_in(xml, "vdd")
+            assert disk is not None and volume.id in disk  # its serial
+            assert "slot='0x11'" in disk or 'slot="0x11"' in disk
+        assert vdrv.volumes.get("data").status == "in-use"
+        libvirt_xml = (Path(vdrv.db.get_instance(first).instance_dir) / "libvirt.xml").read_text()
+        assert disk_in(libvirt_xml, "vdd") is not None
+        wrote = run(
+            shell,
+            f"printf '{record}\\n' | dd of=/dev/{name} bs=512 seek=1 count=1"
+            " conv=sync,notrunc,fsync",
+        )
+        assert wrote.status == 0, wrote.output
 
-    detached = vdrv.detach_volume(first, "data")
+        detached = vdrv.detach_volume(first, "data")
+        wait_for_line(shell, f"minidriver-guest: disk-removed {name}")
     assert (detached.status, detached.attachment) == ("available", None)
     assert disk_in(domain.XMLDesc(0), "vdd") is None
     assert disk_in(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), "vdd") is None
 
     second = running_guest(vdrv, made, test_image_id, wait_console, "vol-second")
-    vdrv.attach_volume(second, volume.id, device="vdf")
-    assert domain_of(vdrv, second).blockInfo("vdf")[0] == GiB
+    with vdrv.open_serial_console(second) as shell:
+        vdrv.attach_volume(second, volume.id, device="vdf")
+        again = wait_for_line(shell, DISK_ADDED)
+        assert again.group(2) == str(GiB)
+        # What the first guest wrote, read back by the second.
+        read = run(shell, f"dd if=/dev/{again.group(1)} bs=512 skip=1 count=1 2>/dev/null")
+        assert read.output.split("\n")[0] == record
     # Deleting the instance keeps the volume, available again.
     vdrv.destroy(second)
     made["instances"].remove(second)
