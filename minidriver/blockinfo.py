@@ -7,11 +7,19 @@ which device name it takes in the guest; the domain XML only lays that out.
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 from minidriver.exception import UnsupportedHardware
-from minidriver.objects import DeviceType, DiskBus, DiskInfo, DiskMapping, Flavor, ImageMeta
+from minidriver.objects import (
+    BlockDeviceInfo,
+    DeviceType,
+    DiskBus,
+    DiskInfo,
+    DiskMapping,
+    Flavor,
+    ImageMeta,
+)
 
 # Buses libvirt's QEMU driver offers for disks, as Nova lists them for kvm and qemu.
 DISK_BUSES = {DiskBus.VIRTIO, DiskBus.IDE, DiskBus.SCSI, DiskBus.SATA, DiskBus.USB}
@@ -81,6 +89,32 @@ def find_disk_dev_for_disk_bus(
     raise UnsupportedHardware(f"no free device name left on the {bus} bus")
 
 
+def get_volume_device(used_devs: Iterable[str], bus: DiskBus, requested: str | None) -> str:
+    """The device of a volume attached to an instance whose disks take ``used_devs``:
+    ``requested`` when it is free and on ``bus``, else the first free name (Nova's
+    ``get_info_from_bdm`` without a device name: ``find_disk_dev_for_disk_bus``)."""
+    used = [DiskMapping(dev, bus, dev, DeviceType.DISK) for dev in used_devs]
+    if requested is None:
+        return find_disk_dev_for_disk_bus(used, bus)
+    letters = string.ascii_lowercase[: get_dev_count_for_disk_bus(bus)]
+    if (
+        len(requested) != len(bus.dev_prefix) + 1
+        or requested[:-1] != bus.dev_prefix
+        or (requested[-1] not in letters)
+    ):
+        raise UnsupportedHardware(
+            f"device {requested!r} is not a {bus} device",
+            hint=f"give {bus.dev_prefix}{letters[1]} to {bus.dev_prefix}{letters[-1]},"
+            " or no --device for the next free one",
+        )
+    if requested in {m.dev for m in used}:
+        raise UnsupportedHardware(
+            f"device {requested} is taken on this instance",
+            hint="give another --device, or none for the next free one",
+        )
+    return requested
+
+
 def get_disk_info(
     virt_type: str,
     flavor: Flavor,
@@ -88,12 +122,16 @@ def get_disk_info(
     *,
     machine_type: str = "pc",
     config_drive_format: str | None = None,
+    block_device_info: BlockDeviceInfo | None = None,
 ) -> DiskInfo:
     """Where each disk of a new instance goes, in Nova's order.
 
     Root ``disk`` first with boot index 1 (a cdrom when the image is an ISO), then
     ``disk.local`` (ephemeral) and ``disk.swap``, and the config drive last:
     ``iso9660`` as a cdrom on the last device of the cdrom bus, ``vfat`` as a disk.
+    With a root volume in ``block_device_info`` (boot from volume) the root is that
+    volume, a disk at ``root_device_name`` (default: the first free), and there is
+    no ``disk``.
     """
     if virt_type not in ("kvm", "qemu"):
         raise UnsupportedHardware(f"virt_type {virt_type!r} is not supported")
@@ -111,7 +149,13 @@ def get_disk_info(
         dev = find_disk_dev_for_disk_bus(mapping, bus, last_device=last_device)
         mapping.append(DiskMapping(name, bus, dev, dtype, boot_index))
 
-    if image_meta.disk_format == "iso":
+    root_bdm = block_device_info.root_bdm if block_device_info else None
+    if root_bdm is not None:
+        assert block_device_info is not None
+        dev = block_device_info.root_device_name or root_bdm.mount_device
+        dev = get_volume_device((), disk_bus, dev)
+        mapping.append(DiskMapping(root_bdm.disk_name, disk_bus, dev, DeviceType.DISK, 1))
+    elif image_meta.disk_format == "iso":
         add("disk", cdrom_bus, DeviceType.CDROM, boot_index=1)
     else:
         add("disk", disk_bus, DeviceType.DISK, boot_index=1)

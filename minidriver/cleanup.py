@@ -61,6 +61,8 @@ class CleanupReport:
     rbd_disks: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)  # ids of images a dead add left saving
     templates: list[str] = field(default_factory=list)  # half-made template dirs
+    # volumes attached to a reaped instance: available again, kept as a delete keeps them
+    volumes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # busy or unreachable: what and why
 
     def total(self) -> int:
@@ -76,6 +78,7 @@ class CleanupReport:
                 self.rbd_disks,
                 self.images,
                 self.templates,
+                self.volumes,
             )
         )
 
@@ -219,10 +222,21 @@ class _Pass:
                 self.drv.host.undefine(domain)
         if record is None and directory.is_dir():
             self.report.instance_dirs.append(str(directory))
-        if self.reap_rbd_disks(instance_uuid, directory, disks) and not self.report.dry_run:
+        self.reap(instance_uuid, directory, disks, has_record=record is not None)
+
+    def reap(
+        self, instance_uuid: str, directory: Path, disks: dict[str, str] | None, *, has_record: bool
+    ) -> None:
+        """Its RBD disks, then its dir and record; its volumes kept, available again."""
+        attachments = self.drv.volumes.attachments_of(instance_uuid)
+        if not self.reap_rbd_disks(instance_uuid, directory, disks):
+            return
+        self.report.volumes.extend(a.volume_id for a in attachments)
+        if not self.report.dry_run:
             shutil.rmtree(directory, ignore_errors=True)
-            if record is not None:
+            if has_record:
                 self.drv.db.delete_instance(instance_uuid)
+            self.drv.block_devices.forget_instance(instance_uuid)
 
     def saving_images(self) -> None:
         """Images an ``image add`` left ``saving`` when it died: each add holds its

@@ -75,6 +75,7 @@ def build_request(
     meta: Mapping[str, str] | None = None,
     network: str | None = None,
     key_name: str | None = None,
+    boot_from_volume: bool = False,
 ) -> BuildRequest:
     """Check a request (``LibvirtDriver.spawn``'s arguments) and resolve its flavor,
     images, NIC (a MAC no instance of this state dir has), key pair and config drive
@@ -83,7 +84,12 @@ def build_request(
     flavor_obj = get_flavor(conf, flavor)
     store_image = images.get(image)
     image_meta = store_image.to_image_meta()
-    validate_flavor_image(flavor_obj, image_meta, conf.libvirt.images_max_virtual_size)
+    validate_flavor_image(
+        flavor_obj,
+        image_meta,
+        conf.libvirt.images_max_virtual_size,
+        root_on_volume=boot_from_volume,
+    )
     kernel, ramdisk = handle_kernel_and_ramdisk(images, image_meta)
     instance_uuid = str(uuidlib.uuid4())
     requested = NetworkRequest.parse(network, conf.libvirt)
@@ -141,10 +147,13 @@ def validate_display_name(name: str) -> None:
         )
 
 
-def validate_flavor_image(flavor: Flavor, image: ImageMeta, max_virtual_size: int = 0) -> None:
+def validate_flavor_image(
+    flavor: Flavor, image: ImageMeta, max_virtual_size: int = 0, *, root_on_volume: bool = False
+) -> None:
     """Nova's ``_validate_flavor_image_nostatus``: refuse a flavor too small for the
     image, an image over the ``images_max_virtual_size`` ceiling (bytes; 0: none), or
-    one that is no disk at all."""
+    one that is no disk at all. ``root_on_volume``: the flavor's root size does not
+    count (the volume holds the root), as Nova skips that check for boot from volume."""
     if image.disk_format in UNINSPECTED:
         # Kernels and ramdisks are never shown to qemu-img, so never a root disk.
         raise ImageUnacceptable(
@@ -158,7 +167,7 @@ def validate_flavor_image(flavor: Flavor, image: ImageMeta, max_virtual_size: in
             f" images_max_virtual_size ({max_virtual_size} bytes)",
             hint="use a smaller image, or raise [libvirt] images_max_virtual_size",
         )
-    if flavor.root_gb:
+    if flavor.root_gb and not root_on_volume:
         root = flavor.root_gb * GiB
         if image.virtual_size is not None and root < image.virtual_size:
             raise FlavorDiskSmallerThanImage(

@@ -105,6 +105,10 @@ class LibvirtOptions:
     rbd_user: str = ""  # the cephx user (client.<rbd_user>); empty: librados' default
     rbd_secret_uuid: str = ""  # libvirt secret of rbd_user's key: QEMU's <auth>
     rbd_connect_timeout: int = 5  # seconds to reach the cluster before a clear error
+    # Nova's: seconds to wait for the guest to release a detached device, per attempt,
+    # and how many times the detach is asked before a clear error.
+    device_detach_timeout: int = 20
+    device_detach_attempts: int = 8
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,25 @@ class GlanceStoreOptions:
     rbd_store_pool: str = "images"
 
 
+@dataclass(frozen=True)
+class VolumeOptions:
+    """``[volume]``: the volume service (``minidriver volume``), Cinder's role.
+
+    The RBD backend uses the cluster ``[libvirt]`` names (``images_rbd_ceph_conf``,
+    ``rbd_user``), so that a volume made from an image in Ceph is a clone of it.
+    """
+
+    # rbd | pool; empty: pool on the libvirt daemon, else rbd when Ceph is configured
+    # (images_type = rbd or images_rbd_ceph_conf set). Cinder's default_volume_type.
+    default_backend: str = ""
+    rbd_pool: str = "volumes"  # Cinder's RBD driver option rbd_pool
+    # The libvirt `dir` storage pool of the pool backend; empty: one named after this
+    # state dir (minidriver-<state id>-volumes), so that state dirs sharing a daemon
+    # keep apart. No Cinder counterpart (Cinder's LVM driver names a volume group).
+    storage_pool: str = ""
+    storage_pool_path: str = "$state_path/volumes"
+
+
 CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("DEFAULT", "preallocate_images"): ("none", "space"),
     ("DEFAULT", "config_drive_format"): ("iso9660", "vfat"),
@@ -136,6 +159,7 @@ CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("libvirt", "cpu_mode"): ("", "host-model", "host-passthrough", "custom", "none"),
     ("libvirt", "images_type"): ("default", "qcow2", "raw", "flat", "rbd"),
     ("libvirt", "network_mode"): ("user", "network", "bridge", "none"),
+    ("volume", "default_backend"): ("", "rbd", "pool"),
 }
 
 SECTIONS: Mapping[str, type[Any]] = {
@@ -143,6 +167,7 @@ SECTIONS: Mapping[str, type[Any]] = {
     "libvirt": LibvirtOptions,
     "image_cache": ImageCacheOptions,
     "glance_store": GlanceStoreOptions,
+    "volume": VolumeOptions,
 }
 FLAVOR_FIELDS = ("vcpus", "memory_mb", "root_gb", "ephemeral_gb", "swap")
 
@@ -155,6 +180,7 @@ class Config:
     libvirt: LibvirtOptions = field(default_factory=LibvirtOptions)
     image_cache: ImageCacheOptions = field(default_factory=ImageCacheOptions)
     glance_store: GlanceStoreOptions = field(default_factory=GlanceStoreOptions)
+    volume: VolumeOptions = field(default_factory=VolumeOptions)
     flavors: Mapping[str, Flavor] = field(default_factory=lambda: dict(DEFAULT_FLAVORS))
     source: str | None = None  # the file it was read from, if any
 
@@ -337,7 +363,8 @@ def load_config(
         if section not in SECTIONS and not section.startswith("flavor:"):
             raise ConfigError(
                 f"unknown section [{section}] in {source}",
-                hint="sections: [DEFAULT], [libvirt], [image_cache], [glance_store], [flavor:NAME]",
+                hint="sections: [DEFAULT], [libvirt], [image_cache], [glance_store], [volume],"
+                " [flavor:NAME]",
             )
     default: DefaultOptions = _section(parser, "DEFAULT", DefaultOptions)
     libvirt_opts = (
@@ -355,7 +382,15 @@ def load_config(
         if parser.has_section("glance_store")
         else GlanceStoreOptions()
     )
+    volume = (
+        _section(parser, "volume", VolumeOptions)
+        if parser.has_section("volume")
+        else VolumeOptions()
+    )
     _check_rbd(libvirt_opts)
+    for name in ("device_detach_timeout", "device_detach_attempts"):
+        if getattr(libvirt_opts, name) < 1:
+            raise ConfigError(f"[libvirt] {name} = {getattr(libvirt_opts, name)}: at least 1")
     flavors = dict(DEFAULT_FLAVORS)
     for section in parser.sections():
         if section.startswith("flavor:"):
@@ -368,6 +403,8 @@ def load_config(
     default = dataclasses.replace(
         default, state_path=state_path, instances_path=os.path.abspath(instances_path)
     )
+    pool_path = Template(volume.storage_pool_path).safe_substitute(state_path=state_path)
+    volume = dataclasses.replace(volume, storage_pool_path=os.path.abspath(pool_path))
     low, high = libvirt_opts.forward_port_min, libvirt_opts.forward_port_max
     if not 1024 <= low <= high <= 65535:
         raise ConfigError(
@@ -379,6 +416,7 @@ def load_config(
         libvirt=libvirt_opts,
         image_cache=image_cache,
         glance_store=glance_store,
+        volume=volume,
         flavors=flavors,
         source=source,
     )

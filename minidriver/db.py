@@ -1,8 +1,8 @@
 """The state database, one SQLite file ``$state_path/minidriver.db`` (Nova's nova/db/).
 
-It holds the instances, the local image service's images and the counter behind the
-domain names. Several threads and several processes (two CLI commands at once, a
-cache manager pass) use it together, so:
+It holds the instances, the local image service's images, the templates, the volumes
+and the counter behind the domain names. Several threads and several processes (two
+CLI commands at once, a cache manager pass) use it together, so:
 
 - WAL mode, so that readers never wait for a writer;
 - every write in a ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front,
@@ -206,6 +206,43 @@ def _schema_5(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE instances ADD COLUMN template_id TEXT NOT NULL DEFAULT ''")
 
 
+def _schema_6(conn: sqlite3.Connection) -> None:
+    """Volumes (issue 19): Cinder's volumes with their states, and their attachments,
+    each also Nova's block device mapping (the device, the boot index of a root
+    volume, ``delete_on_termination``). One attachment per volume: no multi-attach.
+    The rows are read and written by ``minidriver.volume.api``."""
+    conn.execute(
+        """
+        CREATE TABLE volumes (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            size_gb INTEGER NOT NULL,
+            status TEXT NOT NULL
+                CHECK (status IN ('creating', 'available', 'in-use', 'error', 'deleting')),
+            backend TEXT NOT NULL CHECK (backend IN ('rbd', 'pool')),
+            location TEXT NOT NULL DEFAULT '',
+            image_id TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX volumes_name ON volumes (name)")
+    conn.execute(
+        """
+        CREATE TABLE volume_attachments (
+            volume_id TEXT PRIMARY KEY REFERENCES volumes (id),
+            instance_uuid TEXT NOT NULL,
+            device TEXT NOT NULL,
+            boot_index INTEGER,
+            delete_on_termination INTEGER NOT NULL DEFAULT 0,
+            attached_at TEXT NOT NULL,
+            UNIQUE (instance_uuid, device)
+        )
+        """
+    )
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
@@ -215,6 +252,7 @@ MIGRATIONS: Final[Sequence[Migration]] = (
     _schema_3,
     _schema_4,
     _schema_5,
+    _schema_6,
 )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import functools
 import logging
 import os
 import shutil
@@ -27,6 +27,7 @@ from pathlib import Path
 import libvirt
 
 from minidriver import (
+    block_device,
     blockinfo,
     compute_api,
     configdrive,
@@ -34,6 +35,7 @@ from minidriver import (
     guestagent,
     imagebackend,
     imagecache,
+    objects,
     rbd_utils,
     snapshot,
     ssh,
@@ -52,6 +54,7 @@ from minidriver.imagebackend import (
     Flat,
     Image,
     Rbd,
+    base_filename,
     create_ephemeral,
     create_swap,
     ephemeral_filename,
@@ -64,13 +67,14 @@ from minidriver.images import fetch, qemu_img
 from minidriver.images.store import Image as StoreImage
 from minidriver.images.store import ImageService
 from minidriver.keypairs import KeyPairStore
-from minidriver.lockutils import external_lock
+from minidriver.lockutils import external_lock, instance_lock_name
 from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
 from minidriver.serial_console import SerialConsole
 from minidriver.steps import Step, StepListener, StepTimer
 from minidriver.vm_states import VMState
+from minidriver.volume.api import Attachment, VolumeAPI, VolumeRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ __all__ = [
     "LibvirtDriver",
     "SpawnError",
     "base_filename",
+    "instance_lock_name",
 ]
 
 
@@ -111,16 +116,7 @@ class InstanceInfo:
     internal_id: int | None = None
 
 
-def base_filename(image_id: str) -> str:
-    """Nova names a cached base after the sha1 of the image id (not a security hash)."""
-    return hashlib.sha1(image_id.encode(), usedforsecurity=False).hexdigest()
-
-
 DEFINE_ATTEMPTS = 5  # names taken by other state dirs in a row before giving up
-
-
-def instance_lock_name(instance_uuid: str) -> str:
-    return f"instance-{instance_uuid}"
 
 
 class LibvirtDriver:
@@ -131,11 +127,12 @@ class LibvirtDriver:
     request, the disks or libvirt is asked of ``compute_api``, ``imagebackend`` and
     ``host``.
 
-    Bigger than the ~400-line guide (about 740 lines), and so the module (about 900):
+    Bigger than the ~400-line guide (about 830 lines), and so the module (about 990):
     spawn and its steps (``spawn``, ``_spawn``, ``_define``, ``create_image``,
-    ``create_kernel_ramdisk``, ``to_xml``, ``wait_for_running``: some 390 lines) are
-    Nova's driver methods and the backbone the design keeps readable top to bottom in
-    one place; the other operations are each a few calls into the modules above.
+    ``create_kernel_ramdisk``, ``to_xml``, ``wait_for_running``: some 450 lines with
+    the boot from volume's) are Nova's driver methods and the backbone the design
+    keeps readable top to bottom in one place; the other operations are each a few
+    calls into the modules above (volumes: ``block_device``).
     """
 
     def __init__(
@@ -167,6 +164,27 @@ class LibvirtDriver:
         # What this driver's spawns made, by instance uuid: get_disks describes those
         # disks from it (and os.stat) instead of running qemu-img on each.
         self._spawned_disks: dict[str, dict[str, Callable[[], DiskDetails]]] = {}
+
+    @functools.cached_property
+    def volumes(self) -> VolumeAPI:
+        """The volume service (Cinder's role) of this state dir."""
+        return VolumeAPI(self.conf, self.db, self.images, self.host)
+
+    @functools.cached_property
+    def block_devices(self) -> block_device.BlockDeviceManager:
+        return block_device.BlockDeviceManager(
+            self.conf, self.db, self.host, self.volumes, clock=self.clock
+        )
+
+    def attach_volume(
+        self, instance_ref: str, volume_ref: str, *, device: str | None = None
+    ) -> Attachment:
+        """Nova's ``attach_volume``: live when the guest runs, always in its definition."""
+        return self.block_devices.attach_volume(instance_ref, volume_ref, device=device)
+
+    def detach_volume(self, instance_ref: str, volume_ref: str) -> VolumeRecord:
+        """Nova's ``detach_volume``: waits for the guest to release the disk."""
+        return self.block_devices.detach_volume(instance_ref, volume_ref)
 
     def rbd_driver(self, pool: str | None = None) -> rbd_utils.RBDDriver:
         """A driver for ``pool`` (default ``images_rbd_pool``) of the configured cluster."""
@@ -204,8 +222,16 @@ class LibvirtDriver:
         meta: Mapping[str, str] | None = None,
         network: str | None = None,
         key_name: str | None = None,
+        boot_volume: str | None = None,
+        volume_size: int | None = None,
     ) -> Instance:
         """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``.
+
+        ``boot_volume`` (a volume made from an image; ``image`` is then that image,
+        whatever is given) boots from that volume: Nova's boot from volume, the root
+        on it, no ``disk`` and no fetch for the root. ``volume_size`` (GB) makes a
+        volume from ``image`` first and boots from it (Nova's source=image,
+        dest=volume); a failed boot deletes that volume again.
 
         ``timeout`` (default ``instance_build_timeout``) bounds the whole spawn, from
         now until RUNNING; ``wait=False`` returns once the domain is started.
@@ -218,27 +244,60 @@ class LibvirtDriver:
         timer = StepTimer(listener, clock=self.clock)
         budget = self.conf.default.instance_build_timeout if timeout is None else timeout
         deadline = self.clock() + budget
-        request = compute_api.build_request(
-            self.conf,
-            self.images,
-            self.keypairs,
-            self.db,
-            name=name,
-            image=image,
-            flavor=flavor,
-            config_drive=config_drive,
-            hostname=hostname,
-            user_data=user_data,
-            public_keys=public_keys,
-            meta=meta,
-            network=network,
-            key_name=key_name,
-        )
+        with contextlib.ExitStack() as undo:
+            root_volume = self.block_devices.root_volume(
+                boot_volume, volume_size, image=image, name=f"{name}-root", undo=undo
+            )
+            if root_volume is not None:
+                image = self.block_devices.image_of_volume(root_volume, self.images)
+            request = compute_api.build_request(
+                self.conf,
+                self.images,
+                self.keypairs,
+                self.db,
+                name=name,
+                image=image,
+                flavor=flavor,
+                config_drive=config_drive,
+                hostname=hostname,
+                user_data=user_data,
+                public_keys=public_keys,
+                meta=meta,
+                network=network,
+                key_name=key_name,
+                boot_from_volume=root_volume is not None,
+            )
+            instance = self._spawn_instance(
+                request,
+                timer=timer,
+                budget=budget,
+                deadline=deadline if wait else None,
+                keep_on_timeout=keep_on_timeout,
+                progress=progress,
+                key_name=key_name,
+                root_volume=root_volume,
+            )
+            undo.pop_all()
+        return instance
+
+    def _spawn_instance(
+        self,
+        request: compute_api.BuildRequest,
+        *,
+        timer: StepTimer,
+        budget: float,
+        deadline: float | None,
+        keep_on_timeout: bool,
+        progress: fetch.Progress | None,
+        key_name: str | None,
+        root_volume: VolumeRecord | None,
+    ) -> Instance:
+        """The instance of a checked request, built under its lock: ``_spawn``."""
         self.host.check_instances_path()
         instance = Instance(
             uuid=request.uuid,
             name=self._next_domain_name(),
-            display_name=name,
+            display_name=request.display_name,
             flavor=request.flavor,
             image_ref=request.image.id,
             virt_type=self.host.virt_type.virt_type,
@@ -254,10 +313,11 @@ class LibvirtDriver:
                     instance,
                     request,
                     timer,
-                    deadline=deadline if wait else None,
+                    deadline=deadline,
                     keep_on_timeout=keep_on_timeout,
                     progress=progress,
                     key_name=key_name,
+                    root_volume=root_volume,
                 )
             except InstanceBuildTimeout as exc:
                 # Said against the whole spawn's budget, which is what the caller gave.
@@ -283,6 +343,7 @@ class LibvirtDriver:
         keep_on_timeout: bool,
         progress: fetch.Progress | None,
         key_name: str | None = None,
+        root_volume: VolumeRecord | None = None,
     ) -> libvirt.virDomain:
         """Nova's spawn, step by step, with everything it creates on an undo list.
 
@@ -291,6 +352,7 @@ class LibvirtDriver:
         """
         rbd = self.rbd_driver() if self.uses_rbd else None
         image_meta, vif, config_drive = request.image_meta, request.vif, request.config_drive
+        instance_dir = Path(instance.instance_dir)
         with contextlib.ExitStack() as session, contextlib.ExitStack() as undo:
             step = "record"
             try:
@@ -302,14 +364,15 @@ class LibvirtDriver:
                     vif = self._reserve_forward_port(instance.uuid, vif, undo)
 
                 step = "get_disk_info"
-                disk_info = blockinfo.get_disk_info(
-                    instance.virt_type,
-                    instance.flavor,
+                disk_info = self.get_disk_info(
+                    instance,
                     image_meta,
-                    machine_type=self.conf.libvirt.hw_machine_type,
-                    config_drive_format=(
-                        self.conf.default.config_drive_format if config_drive else None
-                    ),
+                    config_drive=config_drive is not None,
+                    root_volume=root_volume,
+                )
+                step = "attach_root_volume"
+                volumes = self.block_devices.claim_root_volume(
+                    instance.uuid, root_volume, disk_info, session, undo
                 )
                 step = "create_image"
                 undo.callback(shutil.rmtree, instance.instance_dir, ignore_errors=True)
@@ -322,11 +385,7 @@ class LibvirtDriver:
                 disks = self.create_image(
                     instance, disk_info, request.image, timer=timer, progress=progress, rbd=rbd
                 )
-                network_disks = {
-                    n: d.libvirt_info() for n, d in disks.items() if isinstance(d, Rbd)
-                }
-                step = "console"
-                instance_dir = Path(instance.instance_dir)
+                # console.log, ours, in the instance dir create_image made.
                 (instance_dir / "console.log").touch(mode=PRIVATE_FILE)
 
                 step = "define"
@@ -335,9 +394,12 @@ class LibvirtDriver:
                         instance,
                         image_meta,
                         disk_info,
-                        disk_formats(disks, disk_info),
+                        disk_formats(disks, disk_info) | dict.fromkeys(volumes, "raw"),
                         vif=vif,
-                        network_disks=network_disks,
+                        network_disks={
+                            n: d.libvirt_info() for n, d in disks.items() if isinstance(d, Rbd)
+                        },
+                        volumes=volumes,
                     )
                 undo.callback(self._undefine, instance.uuid)
 
@@ -384,6 +446,28 @@ class LibvirtDriver:
             finally:
                 local.unlink(missing_ok=True)
 
+    def get_disk_info(
+        self,
+        instance: Instance,
+        image_meta: ImageMeta,
+        *,
+        config_drive: bool,
+        root_volume: VolumeRecord | None,
+    ) -> DiskInfo:
+        """blockinfo's ``get_disk_info`` with Nova's ``block_device_info``: the root
+        volume (boot index 0) when the instance boots from one."""
+        bdms = []
+        if root_volume is not None:
+            bdms.append(objects.DriverVolumeBlockDevice(root_volume.id, None, boot_index=0))
+        return blockinfo.get_disk_info(
+            instance.virt_type,
+            instance.flavor,
+            image_meta,
+            machine_type=self.conf.libvirt.hw_machine_type,
+            config_drive_format=self.conf.default.config_drive_format if config_drive else None,
+            block_device_info=objects.BlockDeviceInfo(block_device_mapping=tuple(bdms)),
+        )
+
     def _reserve_forward_port(
         self, instance_uuid: str, vif: VIF, undo: contextlib.ExitStack
     ) -> VIF:
@@ -406,6 +490,7 @@ class LibvirtDriver:
         *,
         vif: VIF | None,
         network_disks: Mapping[str, guest.NetworkSource],
+        volumes: Mapping[str, guest.GuestVolume] | None = None,
     ) -> libvirt.virDomain:
         """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
         take the chosen name between our check and our define (each counts its own
@@ -414,7 +499,13 @@ class LibvirtDriver:
         collision = None
         for _attempt in range(DEFINE_ATTEMPTS):
             xml = self.to_xml(
-                instance, image_meta, disk_info, formats, vif=vif, network_disks=network_disks
+                instance,
+                image_meta,
+                disk_info,
+                formats,
+                vif=vif,
+                network_disks=network_disks,
+                volumes=volumes,
             )
             write_private(Path(instance.instance_dir) / "libvirt.xml", xml)
             try:
@@ -473,41 +564,26 @@ class LibvirtDriver:
                 )
             return backend(self.conf, instance_dir / name, timer)
 
-        root: Image = disk("disk")
-        if rbd is not None:
-            clone = imagebackend.clone_location(rbd, image)
-            root = Rbd(
-                self.conf, timer, driver=rbd, instance_uuid=instance.uuid, clone_location=clone
+        disks: dict[str, Image] = {}
+        # Booted from a volume (Nova's _is_booted_from_volume): no root disk, no fetch.
+        if "disk" in disk_info:
+            root: Image = disk("disk")
+            if rbd is not None:
+                clone = imagebackend.clone_location(rbd, image)
+                root = Rbd(
+                    self.conf, timer, driver=rbd, instance_uuid=instance.uuid, clone_location=clone
+                )
+            instance.cache_hit = imagebackend.cache_image(
+                root,
+                self.conf,
+                image,
+                flavor.root_gb * GiB if flavor.root_gb else None,
+                open_data=self.images.open_data,
+                # RBD holds raw data only: its base is raw whatever force_raw_images says.
+                force_raw=self.conf.default.force_raw_images or rbd is not None,
+                progress=progress,
             )
-        root_size = flavor.root_gb * GiB if flavor.root_gb else None
-        # RBD holds raw data only: its base is raw whatever force_raw_images says.
-        force_raw = self.conf.default.force_raw_images or rbd is not None
-        limits = qemu_img.resource_limits(
-            self.conf.libvirt.images_cpu_time_limit, self.conf.libvirt.images_address_space_limit
-        )
-        fetch_func = partial(
-            fetch.fetch_to_raw,
-            image,
-            force_raw=force_raw,
-            timer=timer,
-            progress=progress,
-            limits=limits,
-            max_virtual_size=self.conf.libvirt.images_max_virtual_size,
-            open_data=self.images.open_data,
-        )
-        base_format = "raw" if force_raw else qemu_img.qemu_format(image.disk_format)
-        # A cached base is checked again before a disk is made on it (cheaply: its head
-        # and qemu-img info); the base the fetch makes is checked in full instead.
-        fetch.recheck_base(
-            self.conf.base_dir / base_filename(image.id),
-            base_format,
-            limits=limits,
-            disk_format=image.disk_format,
-        )
-        instance.cache_hit = root.cache(
-            fetch_func, base_filename(image.id), root_size, base_format=base_format
-        )
-        disks = {"disk": root}
+            disks["disk"] = root
         if "disk.local" in disk_info:
             disks["disk.local"] = disk("disk.local")
             disks["disk.local"].cache(
@@ -570,6 +646,7 @@ class LibvirtDriver:
         *,
         vif: VIF | None = None,
         network_disks: Mapping[str, guest.NetworkSource] | None = None,
+        volumes: Mapping[str, guest.GuestVolume] | None = None,
     ) -> str:
         config = guest.get_guest_config(
             instance,
@@ -584,6 +661,7 @@ class LibvirtDriver:
             network_disks=network_disks,
             image_properties=image_meta.properties,
             agent_socket_dir=self.host.agent_socket_dir(create=True),
+            volumes=volumes,
         )
         return guest.to_xml(config)
 
@@ -635,9 +713,11 @@ class LibvirtDriver:
                 disks = guest.get_all_disks(domain.XMLDesc(0))
         return disks
 
-    def destroy(self, instance_uuid: str) -> None:
+    def destroy(self, instance_uuid: str, *, delete_volume: bool = False) -> None:
         """Stop and undefine the domain, remove the instance dir, free its forwarded port,
-        forget its SSH host key, remove its record.
+        forget its SSH host key, remove its record. Its volumes are kept, available
+        again; ``delete_volume`` (Nova's ``delete_on_termination``) deletes its root
+        volume too.
 
         Whatever of it exists is removed; what is already gone is no error. The image
         cache stays. The domain is the one with the instance's uuid, whatever its name.
@@ -654,11 +734,20 @@ class LibvirtDriver:
             # unreachable cluster stops here, with the record kept for another try.
             imagebackend.cleanup_rbd(self.conf, record.uuid, disks)
             shutil.rmtree(instance_dir, ignore_errors=True)
+            # Its volumes outlive it, available again, unless the root goes with it.
+            attachments = self.block_devices.forget_instance(record.uuid)
             if record.forward_port is not None:
                 self.ports.release(record.forward_port, record.uuid)
             ssh.forget_host_key(self.conf.known_hosts_path, record.uuid, self.conf.locks_dir)
             self.db.delete_instance(record.uuid)
             self._spawned_disks.pop(record.uuid, None)
+            # Last: a volume that cannot be removed now is a volume in error, which
+            # `volume delete` retries; the instance is gone either way.
+            for attachment in attachments:
+                if attachment.boot_index == 0 and (
+                    delete_volume or attachment.delete_on_termination
+                ):
+                    self.volumes.delete(attachment.volume_id)
 
     def get_info(self, instance_uuid: str) -> InstanceInfo:
         record = self.db.get_instance(instance_uuid)
@@ -694,14 +783,9 @@ class LibvirtDriver:
     # -- power ----------------------------------------------------------------
 
     def _domain_of(self, instance_uuid: str) -> libvirt.virDomain:
-        record = self.db.get_instance(instance_uuid)
-        domain = self.host.owned_domain(record.uuid, self.db.state_id)
-        if domain is None:
-            raise MinidriverError(
-                f"instance {record.display_name} ({record.uuid}) has no domain {record.name}",
-                hint="delete it and boot again",
-            )
-        return domain
+        return block_device.require_domain(
+            self.host, self.db.get_instance(instance_uuid), self.db.state_id
+        )
 
     def open_serial_console(self, instance_uuid: str, *, force: bool = False) -> SerialConsole:
         """The running instance's serial console, open for reading and writing
@@ -878,6 +962,12 @@ class LibvirtDriver:
             return snapshot.direct(self.images, root, name=name, record=record, parent=parent)
         disk = instance_dir / "disk"
         disk_format = disks.get(os.fspath(disk))
+        if any(a.boot_index == 0 for a in self.volumes.attachments_of(record.uuid)):
+            raise MinidriverError(
+                f"instance {record.display_name} boots from a volume: its root is no image"
+                " backend disk, and snapshots of volumes are not built yet",
+                hint="make an image of the volume's image instead, or boot from an image",
+            )
         if disk_format is None:
             raise MinidriverError(f"instance {record.display_name} records no root disk {disk}")
         return snapshot.to_image(

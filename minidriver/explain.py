@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from minidriver import blockinfo, compute_api, guest
+from minidriver import compute_api, guest
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.imagebackend import (
     EPHEMERAL_FS,
@@ -95,12 +95,24 @@ class Plan:
 
 
 def explain(
-    drv: LibvirtDriver, image_ref: str, flavor_name: str, network: str | None = None
+    drv: LibvirtDriver,
+    image_ref: str | None,
+    flavor_name: str,
+    network: str | None = None,
+    *,
+    boot_volume: str | None = None,
 ) -> Plan:
+    """What a boot of ``image_ref`` would make; with ``boot_volume``, of that volume
+    (its image's properties, the volume as the root, no root disk and no fetch)."""
     flavor = drv.get_flavor(flavor_name)
-    image = drv.images.get(image_ref)
+    volume = drv.volumes.get(boot_volume) if boot_volume else None
+    image = drv.images.get(
+        drv.block_devices.image_of_volume(volume, drv.images) if volume else image_ref or ""
+    )
     meta = image.to_image_meta()
-    compute_api.validate_flavor_image(flavor, meta, drv.conf.libvirt.images_max_virtual_size)
+    compute_api.validate_flavor_image(
+        flavor, meta, drv.conf.libvirt.images_max_virtual_size, root_on_volume=volume is not None
+    )
     kernel, ramdisk = compute_api.handle_kernel_and_ramdisk(drv.images, meta)
     conf = drv.conf
     plan = Plan(image_id=image.id, flavor=flavor.name)
@@ -117,9 +129,7 @@ def explain(
     instance_dir = conf.instances_path / instance.uuid
     instance.instance_dir = str(instance_dir)
     backend = local_backend_class(conf)
-    disk_info = blockinfo.get_disk_info(
-        instance.virt_type, flavor, meta, machine_type=conf.libvirt.hw_machine_type
-    )
+    disk_info = drv.get_disk_info(instance, meta, config_drive=False, root_volume=volume)
     formats = {m.name: backend.driver_format for m in disk_info}
     rbd_paths: dict[str, str] = {}
     network_disks: dict[str, guest.NetworkSource] = {}
@@ -130,6 +140,8 @@ def explain(
             rbd.check_pool()
             clone = clone_location(rbd, image)
             for m in disk_info:
+                if volume is not None and m.name == f"volume-{volume.id}":
+                    continue  # the root volume: its own backend's
                 disk = Rbd(
                     conf, StepTimer(), driver=rbd, instance_uuid=instance.uuid, disk_name=m.name
                 )
@@ -143,7 +155,26 @@ def explain(
     for name, linked in (("kernel", kernel), ("ramdisk", ramdisk)):
         if linked is not None:
             add_boot_file(plan, name, linked, conf.base_dir, instance_dir)
-    add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
+    volumes: dict[str, guest.GuestVolume] = {}
+    if volume is not None:
+        connection = drv.volumes.connection(volume)
+        plan.files.append(
+            PlannedFile(
+                path=connection.path,
+                format=connection.driver_format,
+                virtual_size=volume.size_gb * GiB,
+                exists=True,
+                commands=(),
+                note=f"volume {volume.name or volume.id}, the root (boot from volume):"
+                " no root disk, nothing fetched",
+            )
+        )
+        volumes[f"volume-{volume.id}"] = guest.GuestVolume(
+            connection.path, connection.network, volume.id
+        )
+        formats[f"volume-{volume.id}"] = connection.driver_format
+    else:
+        add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
     add_local_disks(plan, drv, instance_dir, rbd_paths)
 
     config = guest.get_guest_config(
@@ -160,6 +191,7 @@ def explain(
         vif=planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt)),
         image_properties=meta.properties,
         agent_socket_dir=drv.host.agent_socket_dir(),
+        volumes=volumes,
     )
     plan.xml = guest.to_xml(config)
     return plan

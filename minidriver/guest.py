@@ -33,6 +33,10 @@ METADATA_NAMESPACE = "urn:minidriver:instance:1"
 QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
 # libvirt marks a domain with QEMU arguments it does not manage "tainted: custom-argv".
 CUSTOM_ARGV_TAINT = "custom-argv"
+# Attached volumes get explicit PCI slots above the user-mode NIC's (libvirt's own
+# assignment would walk into it, QEMU then refusing the device): 0x11 to 0x1f, the
+# last slot of the root bus. So at most 15 volumes are attached to one instance.
+VOLUME_PCI_SLOTS = range(0x11, 0x20)
 # The user-mode NIC is given to QEMU directly, so libvirt does not know its PCI slot and
 # may not skip it: it is put where libvirt's own assignment never reaches. libvirt
 # fills slots upwards from the lowest free one (pc: 0x01 is the PIIX3, then 0x02...);
@@ -64,6 +68,20 @@ class NetworkSource:
 
 
 @dataclass(frozen=True)
+class PciAddress:
+    """A device's place on the PCI root bus (libvirt's ``<address type='pci'>``)."""
+
+    slot: int
+    domain: str = "0x0000"
+    bus: str = "0x00"
+    function: str = "0x0"
+
+    @property
+    def slot_hex(self) -> str:
+        return f"{self.slot:#04x}"
+
+
+@dataclass(frozen=True)
 class GuestDisk:
     source_path: str  # the file; for a network disk, how disk.info names it
     driver_type: str  # qcow2, raw
@@ -73,6 +91,25 @@ class GuestDisk:
     cache: str
     readonly: bool = False
     network: NetworkSource | None = None
+    serial: str | None = None  # a volume's id, as Nova sets it (the guest's disk by-id)
+    pci_address: PciAddress | None = None  # None: libvirt chooses
+
+
+@dataclass(frozen=True)
+class StoragePoolConfig:
+    """A libvirt ``dir`` storage pool (the volume service's pool backend)."""
+
+    name: str
+    path: str
+    mode: str = "0711"  # the daemon's QEMU runs as another user: traverse only
+
+
+@dataclass(frozen=True)
+class StorageVolConfig:
+    """A raw, sparse volume of a storage pool."""
+
+    name: str
+    capacity: int  # bytes
 
 
 @dataclass(frozen=True)
@@ -190,17 +227,46 @@ def default_cpu_mode(virt_type: str, configured: str) -> str | None:
 NETWORK_DISK_CACHE = "writeback"
 
 
+@dataclass(frozen=True)
+class GuestVolume:
+    """A volume among the disks of a new domain (a root volume): its file or its
+    network source, and its id as the disk's serial."""
+
+    path: str
+    network: NetworkSource | None
+    serial: str
+
+
 def get_guest_disks(
     instance_dir: Path,
     disk_info: DiskInfo,
     disk_formats: dict[str, str],
     cache: str,
     network_disks: Mapping[str, NetworkSource] | None = None,
+    *,
+    volumes: Mapping[str, GuestVolume] | None = None,
 ) -> tuple[GuestDisk, ...]:
-    """Every disk of ``disk_info``; those named in ``network_disks`` are network disks."""
+    """Every disk of ``disk_info``; those named in ``network_disks`` are network disks,
+    those in ``volumes`` volumes."""
     network_disks = network_disks or {}
+    volumes = volumes or {}
     disks = []
     for m in disk_info:
+        volume = volumes.get(m.name)
+        if volume is not None:
+            disks.append(
+                get_volume_disk(
+                    volume.path,
+                    disk_formats[m.name],
+                    network=volume.network,
+                    dev=m.dev,
+                    bus=m.bus.value,
+                    cache=cache,
+                    serial=volume.serial,
+                    pci_address=None,  # at boot libvirt's own slots stay below the NIC's
+                )
+            )
+            continue
         network = network_disks.get(m.name)
         disks.append(
             GuestDisk(
@@ -304,6 +370,7 @@ def get_guest_config(
     network_disks: Mapping[str, NetworkSource] | None = None,
     image_properties: Mapping[str, str] | None = None,
     agent_socket_dir: Path | None = None,
+    volumes: Mapping[str, GuestVolume] | None = None,
 ) -> GuestConfig:
     """Every decision about the domain, made here in Python. ``network_disks``: the
     disks (by disk_info name) that live in Ceph rather than in ``instance_dir``.
@@ -325,6 +392,7 @@ def get_guest_config(
             disk_formats,
             cache or disk_cachemode(instance_dir),
             network_disks,
+            volumes=volumes,
         ),
         console_log=os.fspath(instance_dir / "console.log"),
         metadata=GuestMetadata(
@@ -393,11 +461,101 @@ def get_all_disks(domain_xml: str) -> dict[str, str]:
     return disks
 
 
-def to_xml(config: GuestConfig) -> str:
-    """Render the domain XML and prove it well formed before anyone sees it."""
-    text = _environment().get_template("domain.xml.j2").render(g=config)
+def render_xml(template: str, **values: object) -> str:
+    """Render one of the XML templates and prove it well formed before anyone sees it."""
+    text = _environment().get_template(template).render(**values)
     try:
         etree.fromstring(text.encode())
     except etree.XMLSyntaxError as exc:
-        raise GuestXMLError(f"rendered domain XML is not well formed: {exc}") from exc
+        raise GuestXMLError(f"rendered {template} is not well formed: {exc}") from exc
     return text
+
+
+def to_xml(config: GuestConfig) -> str:
+    """The domain XML of a GuestConfig."""
+    return render_xml("domain.xml.j2", g=config)
+
+
+def disk_to_xml(disk: GuestDisk) -> str:
+    """One ``<disk>`` device, as ``virDomainAttachDeviceFlags`` takes it."""
+    return render_xml("disk.xml.j2", attach=disk)
+
+
+class NoFreePciSlot(MinidriverError):
+    """Every PCI slot for attached volumes is taken."""
+
+
+def get_volume_disk(
+    path: str,
+    driver_format: str,
+    *,
+    network: NetworkSource | None,
+    dev: str,
+    bus: str,
+    cache: str,
+    serial: str,
+    pci_address: PciAddress | None,
+) -> GuestDisk:
+    """Nova's ``_get_volume_config``: a volume's ``<disk>``, its serial the volume id."""
+    return GuestDisk(
+        source_path=f"{network.protocol}:{network.name}" if network else path,
+        driver_type=driver_format,
+        device=DeviceType.DISK,
+        target_dev=dev,
+        target_bus=bus,
+        cache=NETWORK_DISK_CACHE if network else cache,
+        network=network,
+        serial=serial,
+        pci_address=pci_address,
+    )
+
+
+def used_pci_slots(domain_xml: str) -> set[int]:
+    """The slots the domain's devices take on the root PCI bus, from its XML, and the
+    user-mode NIC's, which its XML shows only as a QEMU argument."""
+    tree = etree.fromstring(domain_xml.encode())
+    slots = {
+        int(a.get("slot", "0"), 16)
+        for a in tree.iterfind("devices//address[@type='pci']")
+        if int(a.get("bus", "0"), 16) == 0
+    }
+    if tree.find(f"{{{QEMU_NAMESPACE}}}commandline") is not None:
+        slots.add(USER_NIC_PCI_SLOT)
+    return slots
+
+
+def free_volume_pci_address(*domain_xmls: str, machine_type: str) -> PciAddress | None:
+    """A slot for a volume free in every one of the XMLs (the live domain's and its
+    definition's). None on q35: there libvirt hot-plugs into PCIe root ports, away
+    from the root bus the NIC sits on."""
+    if "q35" in machine_type:
+        return None
+    used: set[int] = set()
+    for xml in domain_xmls:
+        used |= used_pci_slots(xml)
+    for slot in VOLUME_PCI_SLOTS:
+        if slot not in used:
+            return PciAddress(slot)
+    raise NoFreePciSlot(
+        f"all {len(VOLUME_PCI_SLOTS)} PCI slots for volumes"
+        f" ({VOLUME_PCI_SLOTS[0]:#x} to {VOLUME_PCI_SLOTS[-1]:#x}) are taken",
+        hint="detach a volume first: an instance has at most"
+        f" {len(VOLUME_PCI_SLOTS)} attached volumes",
+    )
+
+
+def disk_targets(domain_xml: str) -> list[str]:
+    """The target devs of the domain's disks (vda, hdd...)."""
+    tree = etree.fromstring(domain_xml.encode())
+    return [t.get("dev", "") for t in tree.iterfind("devices/disk/target")]
+
+
+def find_disk_xml(domain_xml: str, dev: str) -> str | None:
+    """The ``<disk>`` element whose target is ``dev``, as libvirt wrote it (with its
+    alias and address: what a detach must name); None when there is none."""
+    tree = etree.fromstring(domain_xml.encode())
+    for disk in tree.iterfind("devices/disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev") == dev:
+            return etree.tostring(disk, encoding="unicode")
+    return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -40,7 +41,7 @@ from minidriver.fileutils import (
     publish,
     removed_on_error,
 )
-from minidriver.images import qemu_img
+from minidriver.images import fetch, qemu_img
 from minidriver.images.inspect import UNINSPECTED
 from minidriver.lockutils import external_lock
 from minidriver.objects import GiB, MiB
@@ -277,9 +278,11 @@ class Rbd(Image):
         instance_uuid: str,
         disk_name: str = "disk",
         clone_location: rbd_utils.RbdLocation | None = None,
+        rbd_name: str | None = None,
     ) -> None:
         self.driver = driver
-        self.rbd_name = f"{instance_uuid}_{disk_name}"
+        # rbd_name: an image named otherwise than an instance's disk (a volume's).
+        self.rbd_name = rbd_name or f"{instance_uuid}_{disk_name}"
         self.clone_location = clone_location
         super().__init__(conf, Path(rbd_path(driver.pool, self.rbd_name)), timer)
 
@@ -392,6 +395,48 @@ class Rbd(Image):
         finally:
             driver.remove_snap(self.rbd_name, snapshot_name, unprotect=True)
         return rbd_utils.RbdLocation(fsid, dest_pool, image_id, rbd_utils.IMAGE_SNAPSHOT)
+
+
+def cache_image(
+    disk: Image,
+    conf: Config,
+    image: StoreImage,
+    size: int | None,
+    *,
+    open_data: fetch.OpenData,
+    force_raw: bool,
+    progress: fetch.Progress | None = None,
+) -> bool:
+    """A disk made from ``image`` through its base in ``_base`` (Nova's
+    ``_create_and_inject_local_root``'s ``cache`` call): the base fetched once
+    (``fetch_to_raw``), a cached one checked again first. Returns True on a cache hit.
+    An instance's root disk and a volume made from an image both come this way."""
+    limits = qemu_img.resource_limits(
+        conf.libvirt.images_cpu_time_limit, conf.libvirt.images_address_space_limit
+    )
+    fetch_func = functools.partial(
+        fetch.fetch_to_raw,
+        image,
+        force_raw=force_raw,
+        timer=disk.timer,
+        progress=progress,
+        limits=limits,
+        max_virtual_size=conf.libvirt.images_max_virtual_size,
+        open_data=open_data,
+    )
+    base_format = "raw" if force_raw else qemu_img.qemu_format(image.disk_format)
+    filename = base_filename(image.id)
+    # A cached base is checked again before a disk is made on it (cheaply: its head
+    # and qemu-img info); the base the fetch makes is checked in full instead.
+    fetch.recheck_base(
+        conf.base_dir / filename, base_format, limits=limits, disk_format=image.disk_format
+    )
+    return disk.cache(fetch_func, filename, size, base_format=base_format)
+
+
+def base_filename(image_id: str) -> str:
+    """Nova names a cached base after the sha1 of the image id (not a security hash)."""
+    return hashlib.sha1(image_id.encode(), usedforsecurity=False).hexdigest()
 
 
 def clone_location(driver: rbd_utils.RBDDriver, image: StoreImage) -> rbd_utils.RbdLocation | None:

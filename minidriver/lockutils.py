@@ -86,3 +86,8 @@ def external_lock(lock_dir: Path, name: str) -> Iterator[None]:
         yield
     finally:
         release(lock_dir, name, fd)
+
+
+def instance_lock_name(instance_uuid: str) -> str:
+    """The lock held while an instance is built, changed or deleted."""
+    return f"instance-{instance_uuid}"

@@ -135,6 +135,40 @@ class DiskInfo:
         return next(m for m in self.mapping if m.boot_index == 1)
 
 
+@dataclass(frozen=True)
+class DriverVolumeBlockDevice:
+    """One volume of an instance's block device mapping (Nova's
+    ``DriverVolumeBlockDevice``, an entry of ``block_device_mapping``)."""
+
+    volume_id: str
+    mount_device: str | None  # vda...; None: the next free one
+    boot_index: int | None = None  # 0: the root, as in Nova's BDMs
+    delete_on_termination: bool = False
+
+    @property
+    def disk_name(self) -> str:
+        """Its name in disk_info's mapping, beside disk, disk.local..."""
+        return f"volume-{self.volume_id}"
+
+
+@dataclass(frozen=True)
+class BlockDeviceInfo:
+    """Nova's ``block_device_info``, typed: the root's device and the volumes."""
+
+    root_device_name: str | None = None
+    block_device_mapping: tuple[DriverVolumeBlockDevice, ...] = ()
+
+    @property
+    def root_bdm(self) -> DriverVolumeBlockDevice | None:
+        """Nova's ``get_root_bdm``: the volume with boot index 0, if any."""
+        return next((b for b in self.block_device_mapping if b.boot_index == 0), None)
+
+    @property
+    def is_booted_from_volume(self) -> bool:
+        """Nova's ``_is_booted_from_volume``: the root is a volume."""
+        return self.root_bdm is not None
+
+
 @dataclass
 class Instance:
     """An instance being built or running (a small part of Nova's ``objects.Instance``)."""

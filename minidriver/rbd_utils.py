@@ -56,6 +56,10 @@ class PoolNotFound(RbdError):
     pass
 
 
+class PoolFull(RbdError):
+    """The pool takes no more writes (a quota, or a full cluster)."""
+
+
 class RbdImageBusy(RbdError):
     """An image (or its snapshot) still has clones or watchers."""
 
@@ -315,6 +319,20 @@ class RBDDriver:
         with self.ioctx(pool):
             pass
 
+    def check_pool_not_full(self, pool: str | None = None) -> None:
+        """Raise PoolFull when the OSD map flags the pool full (its quota reached, or
+        the cluster full): a write there would wait for ``OSD_OP_TIMEOUT`` and fail."""
+        pool = pool or self.pool
+        for entry in json.loads(self._mon_command("osd dump"))["pools"]:
+            flags = entry.get("flags_names", "").split(",")
+            if entry["pool_name"] == pool and "full" in flags:
+                why = "its quota is reached" if "full_quota" in flags else "the cluster is full"
+                raise PoolFull(
+                    f"Ceph pool {pool!r} is full ({why}): nothing can be written there",
+                    hint=f"ceph osd pool get-quota {pool}; free space, or raise the quota"
+                    f" (ceph osd pool set-quota {pool} max_bytes N)",
+                )
+
     # -- images ---------------------------------------------------------------
 
     def exists(self, name: str, pool: str | None = None, snapshot: str | None = None) -> bool:
@@ -498,6 +516,14 @@ class RBDDriver:
                     removed.append(name)
         return removed
 
+    def create_image(self, name: str, size: int, pool: str | None = None) -> None:
+        """A new, empty image of ``size`` bytes (Cinder's ``create_volume``)."""
+        with self.ioctx(pool) as ioctx:
+            try:
+                rbd.RBD().create(ioctx, name, size, old_format=False)
+            except rbd.ImageExists:
+                raise RbdError(f"RBD image {pool or self.pool}/{name} exists already") from None
+
     def import_image(
         self,
         base: Path,
@@ -512,10 +538,7 @@ class RBDDriver:
         size = os.path.getsize(base)
         zeros = bytes(CHUNK)
         with self.ioctx(pool) as ioctx:
-            try:
-                rbd.RBD().create(ioctx, name, size, old_format=False)
-            except rbd.ImageExists:
-                raise RbdError(f"RBD image {pool or self.pool}/{name} exists already") from None
+            self.create_image(name, size, pool)
             try:
                 with rbd.Image(ioctx, name) as image, open(base, "rb") as src:
                     offset = 0
@@ -551,6 +574,7 @@ __all__ = [
     "IMAGE_SNAPSHOT",
     "CephUnreachable",
     "MonHost",
+    "PoolFull",
     "PoolNotFound",
     "RBDDriver",
     "RBDReader",

@@ -59,6 +59,7 @@ COMMANDS = {
     "cache": "images",
     "host": "host",
     "cleanup": "host",
+    "volume": "volumes",
 }
 
 

@@ -31,6 +31,7 @@ from minidriver.cli.output import (
 from minidriver.cli.parser import build_parser, key_values
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver
 from minidriver.exception import MinidriverError
+from minidriver.images.store import Image as StoreImage
 from minidriver.objects import Instance
 from minidriver.steps import Step
 
@@ -44,7 +45,9 @@ def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
         return vmtemplate.cmd_boot_template(drv, args, out)
     need_image_and_flavor(args)
     if args.print_xml or args.dry_run:
-        plan = explain.explain(drv, args.image, args.flavor, args.network)
+        plan = explain.explain(
+            drv, args.image, args.flavor, args.network, boot_volume=args.boot_volume
+        )
         if args.print_xml:
             out.result({"xml": plan.xml}, plan.xml.rstrip("\n"))
         else:
@@ -83,7 +86,7 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
         elif step is Step.CONVERT:
             out.say("  convert ...")
 
-    image = drv.images.get(args.image)
+    image = image_to_boot(drv, args)
     drv.get_flavor(args.flavor)
     if args.wait_for:
         try:
@@ -111,6 +114,8 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
                 progress=bar.update,
                 network=args.network,
                 key_name=args.key_name,
+                boot_volume=args.boot_volume,
+                volume_size=args.volume_size,
                 **drive_args,
             )
     except InstanceBuildTimeout as exc:
@@ -165,8 +170,23 @@ def config_drive_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def image_to_boot(drv: LibvirtDriver, args: argparse.Namespace) -> StoreImage:
+    """--image, or the image the --boot-volume was made from."""
+    if not args.boot_volume:
+        return drv.images.get(args.image)
+    if args.image or args.volume_size is not None:
+        raise UsageError(
+            "--boot-volume boots the volume's own image: no --image or --volume-size",
+            hint="--image IMAGE --volume-size GB makes a new volume instead",
+        )
+    return drv.images.get(
+        drv.block_devices.image_of_volume(drv.volumes.get(args.boot_volume), drv.images)
+    )
+
+
 def need_image_and_flavor(args: argparse.Namespace) -> None:
-    missing = [f"--{name}" for name in ("image", "flavor") if not getattr(args, name)]
+    needed = ("flavor",) if getattr(args, "boot_volume", None) else ("image", "flavor")
+    missing = [f"--{name}" for name in needed if not getattr(args, name)]
     if missing:
         raise UsageError(
             # argparse's own words, as when both options were required
@@ -182,7 +202,7 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
 
         return vmtemplate.cmd_explain_template(drv, args, out)
     need_image_and_flavor(args)
-    plan = explain.explain(drv, args.image, args.flavor)
+    plan = explain.explain(drv, args.image, args.flavor, boot_volume=args.boot_volume)
     out.result(
         plan.to_dict(),
         lambda: (

@@ -98,6 +98,7 @@ def cmd_cleanup(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
         *(f"{verb} RBD disk {d}" for d in report.rbd_disks),
         *(f"{verb} image {i} (left saving by an add that died)" for i in report.images),
         *(f"{verb} half-made template {d}" for d in report.templates),
+        *(f"{verb} attachment of volume {v} (its instance is gone)" for v in report.volumes),
         *(f"skipped {s}" for s in report.skipped),
         f"{verb} {report.total()} leftovers" if report.total() else "nothing to clean up",
     ]

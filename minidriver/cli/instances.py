@@ -45,6 +45,8 @@ def instance_dict(drv: LibvirtDriver, uuid: str) -> dict[str, Any]:
         "instance_dir": record.instance_dir,
         "created_at": record.created_at,
         "disks": {name: asdict(d) for name, d in drv.get_disks(uuid).items()},
+        # Attached volumes, the root first when it boots from one (boot_index 0).
+        "volumes": volume_list(drv, uuid),
         "network": {
             "mode": record.network_mode,
             "source": record.network_source or None,
@@ -106,6 +108,32 @@ def boot_file_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def volume_list(drv: LibvirtDriver, uuid: str) -> list[dict[str, Any]]:
+    out = []
+    for a in sorted(drv.volumes.attachments_of(uuid), key=lambda a: (a.boot_index != 0, a.device)):
+        volume = drv.volumes.get(a.volume_id)
+        out.append(
+            {
+                "id": volume.id,
+                "name": volume.name,
+                "device": a.device,
+                "root": a.boot_index == 0,
+                "size_gb": volume.size_gb,
+                "backend": volume.backend,
+                "location": volume.location,
+            }
+        )
+    return out
+
+
+def volume_lines(volumes: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{v['device']:<11} volume {v['name'] or v['id']} {v['size_gb']} GB"
+        f" ({v['backend']}: {v['location']}){', the root' if v['root'] else ''}"
+        for v in volumes
+    ]
+
+
 def show_text(data: dict[str, Any], base_dir: Path) -> str:
     rows = [
         (key, data[key])
@@ -124,7 +152,11 @@ def show_text(data: dict[str, Any], base_dir: Path) -> str:
     ]
     rows += network_rows(data)
     text = format_table(("field", "value"), rows)
-    lines = boot_file_lines(data) + chain_lines(data["disks"], base_dir)
+    lines = (
+        boot_file_lines(data)
+        + chain_lines(data["disks"], base_dir)
+        + volume_lines(data.get("volumes", []))
+    )
     return text + "\n\n" + "\n".join(lines)
 
 
@@ -196,7 +228,7 @@ def cmd_delete(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int
     for ref in refs:
         try:
             record = drv.db.find_instance(ref)
-            drv.destroy(record.uuid)
+            drv.destroy(record.uuid, delete_volume=args.delete_volume)
             deleted.append(record.uuid)
             out.say(f"deleted {record.display_name} ({record.uuid})")
         except MinidriverError as exc:

@@ -87,7 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     _boot_command(command)
     _instance_commands(command)
+    _volume_commands(command)
     return parser
+
+
+def _volume_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    volume = command("volume", "volumes (Cinder's role): rbd or a libvirt pool").add_subparsers(
+        dest="volume_command", metavar="SUBCOMMAND", required=True
+    )
+    p = command("create", "a new volume, blank or from an image", volume)
+    p.add_argument("--size", type=int, required=True, metavar="GB", help="its size in GB")
+    p.add_argument("--image", help="the image whose data it starts with")
+    p.add_argument("--name", help="its name (default: none, as Cinder's)")
+    p.add_argument(
+        "--backend",
+        choices=["rbd", "pool"],
+        help="rbd (Ceph) or pool (a libvirt storage pool, daemon only);"
+        " default: [volume] default_backend",
+    )
+    command("list", "list volumes and where they are attached", volume)
+    command("show", "show one volume", volume).add_argument("volume")
+    command("delete", "delete a volume (refused while attached)", volume).add_argument("volume")
+    p = command("attach", "attach a volume to an instance (live when it runs)", volume)
+    p.add_argument("instance")
+    p.add_argument("volume")
+    p.add_argument("--device", metavar="vdX", help="its device (default: the next free one)")
+    p = command("detach", "detach a volume from an instance (waits for the guest)", volume)
+    p.add_argument("instance")
+    p.add_argument("volume")
 
 
 def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -116,6 +143,15 @@ def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
         "--meta", metavar="K=V", action="append", default=[], help="metadata (repeatable)"
     )
     p.add_argument("--hostname", metavar="NAME", help="the guest's hostname (a DNS label)")
+    p.add_argument(
+        "--boot-volume", metavar="VOLUME", help="boot from this volume (made from an image)"
+    )
+    p.add_argument(
+        "--volume-size",
+        type=int,
+        metavar="GB",
+        help="make a volume of GB from --image first and boot from it",
+    )
 
 
 def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -131,6 +167,11 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("delete", "delete instances (the image cache stays)")
     p.add_argument("instances", nargs="*", metavar="INSTANCE")
     p.add_argument("--all", action="store_true", help="every instance of this state dir")
+    p.add_argument(
+        "--delete-volume",
+        action="store_true",
+        help="delete a boot volume too (Nova's delete_on_termination; default: kept)",
+    )
     p = command("stop", "shut an instance down: ACPI, then a hard stop after the timeout")
     p.add_argument("instance")
     p.add_argument("--force", action="store_true", help="hard stop at once")
@@ -159,6 +200,7 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--image", help="required unless --template")
     p.add_argument("--flavor", help="required unless --template")
     p.add_argument("--template", metavar="NAME", help="what boot --template would make")
+    p.add_argument("--boot-volume", metavar="VOLUME", help="what boot --boot-volume would make")
     template = command("template", "a ready guest saved once, restored as clones").add_subparsers(
         dest="template_command", metavar="SUBCOMMAND", required=True
     )
