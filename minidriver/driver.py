@@ -481,14 +481,14 @@ class LibvirtDriver:
         base_format = "raw" if force_raw else qemu_img.qemu_format(image.disk_format)
         # A cached base is checked again before a disk is made on it (cheaply: its head
         # and qemu-img info); the base the fetch makes is checked in full instead.
-        fetch.recheck_base(
-            self.conf.base_dir / base_filename(image.id),
+        recheck = fetch.BaseRecheck(
             base_format,
             limits=limits,
             disk_format=image.disk_format,
+            trusted=fetch.TrustedBases(self.conf.trusted_bases_path),
         )
         instance.cache_hit = root.cache(
-            fetch_func, base_filename(image.id), root_size, base_format=base_format
+            fetch_func, base_filename(image.id), root_size, base_format=base_format, recheck=recheck
         )
         disks = {"disk": root}
         if "disk.local" in disk_info:

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from minidriver import guest, rbd_utils
 from minidriver.config import Config
@@ -75,6 +75,17 @@ class FlavorDiskSmallerThanImage(MinidriverError):
     pass
 
 
+class BaseCheck(Protocol):
+    """A cached base's re-check (``images.fetch.BaseRecheck``), run by ``cache`` under
+    the base's lock before a disk is made on it."""
+
+    def check(self, base: Path) -> int:
+        """The base's virtual size once it passed; raises if it does not."""
+
+    def touched(self, base: Path) -> None:
+        """The base was just marked in use (its times changed)."""
+
+
 def touch(path: Path) -> None:
     """Mark a base as in use for the image cache manager (Nova updates its mtime)."""
     os.utime(path)
@@ -111,28 +122,39 @@ class Image(abc.ABC):
         size: int | None,
         step: Step | None = None,
         base_format: str = "raw",
+        *,
+        recheck: BaseCheck | None = None,
     ) -> bool:
         """Create the base (once, under its lock) and the instance disk from it.
 
         Returns True on a cache hit: the base was already there. ``step`` is the timer
         step that pays for the work (fetch_func times its own steps when None).
         ``base_format`` is what the base must be: raw, or the image's own format when
-        ``force_raw_images`` is off; the overlay names it with ``-F``.
+        ``force_raw_images`` is off; the overlay names it with ``-F``. ``recheck``
+        checks a base that was already there again, under the lock (the one the
+        fetch made was checked in full); its virtual size serves the size check.
         """
         make_dir(self.base_dir, TRAVERSE_ONLY_DIR)
         base = self.base_dir / filename
         whole = self.timer.step(step) if step else contextlib.nullcontext()
         with whole, external_lock(self.conf.locks_dir, filename):
             hit = base.exists()
+            virtual = None
             if not hit:
                 # No half-made base may stay under its final name for the next spawn.
                 with removed_on_error(base):
                     made = fetch_func(base)
                     if made != base_format:
                         raise MinidriverError(f"base {base} is {made}, expected {base_format}")
+            elif recheck is not None:
+                virtual = recheck.check(base)
             touch(base)
+            if hit and recheck is not None:
+                recheck.touched(base)
             self.base_format = base_format
-            self.base_virtual_size = self.verify_base_size(base, size, base_format, self.limits)
+            self.base_virtual_size = self.verify_base_size(
+                base, size, base_format, self.limits, virtual
+            )
             if not self.exists():
                 with self.removed_on_error():
                     self.create_image(base, size, timed=step is None)
@@ -176,13 +198,20 @@ class Image(abc.ABC):
 
     @staticmethod
     def verify_base_size(
-        base: Path, size: int | None, base_format: str, limits: ResourceLimits
+        base: Path,
+        size: int | None,
+        base_format: str,
+        limits: ResourceLimits,
+        virtual: int | None = None,
     ) -> int | None:
-        """The base's virtual size, checked against ``size``; None when no size is
-        asked (the base is then not shown to qemu-img)."""
+        """The base's virtual size (``virtual`` when the re-check just read it),
+        checked against ``size``; None when no size is asked (the base is then not
+        shown to qemu-img). A raw base's is its file's size: qemu-img would say the
+        same, so none runs for it."""
         if size is None:
             return None
-        virtual = qemu_img.info(base, base_format, limits).virtual_size
+        if virtual is None:
+            virtual = file_virtual_size(base, base_format, limits)
         if size < virtual:
             raise FlavorDiskSmallerThanImage(
                 f"flavor's disk ({size} bytes) is smaller than the image ({virtual} bytes)",
@@ -295,11 +324,13 @@ class Rbd(Image):
         size: int | None,
         step: Step | None = None,
         base_format: str = "raw",
+        *,
+        recheck: BaseCheck | None = None,
     ) -> bool:
         """Clone when the image allows it (no base in ``_base`` at all; returns False:
         no cached base was used), else the usual base, then an import."""
         if self.clone_location is None:
-            return super().cache(fetch_func, filename, size, step, base_format)
+            return super().cache(fetch_func, filename, size, step, base_format, recheck=recheck)
         with self.removed_on_error():
             with self.timer.step(Step.CLONE):
                 self.driver.clone(self.clone_location, self.rbd_name)
@@ -570,6 +601,7 @@ def create_swap(target: Path, swap_mb: int) -> str:
 __all__ = [
     "EPHEMERAL_FS",
     "EPHEMERAL_LABEL",
+    "BaseCheck",
     "DiskDetails",
     "Flat",
     "FlavorDiskSmallerThanImage",
