@@ -564,7 +564,7 @@ class LibvirtDriver:
             image_properties=image_meta.properties,
             agent_socket_dir=self.host.agent_socket_dir(create=True),
         )
-        return guest.to_xml(config)
+        return guest.to_xml(config, cache_dir=self.conf.template_cache_path)
 
     def wait_for_running(
         self, instance: Instance, domain: libvirt.virDomain, timeout: float | None = None

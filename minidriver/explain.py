@@ -155,7 +155,7 @@ def explain(
         image_properties=meta.properties,
         agent_socket_dir=drv.host.agent_socket_dir(),
     )
-    plan.xml = guest.to_xml(config)
+    plan.xml = guest.to_xml(config, cache_dir=drv.conf.template_cache_path)
     return plan
 
 
