@@ -13,7 +13,9 @@ the end with every domain and storage pool the run made, also on Ctrl-C):
    the image's warm floor, then each new root size (1 to 8 GB) on a warm cache, in the
    default chain and in the older ``_<GB>`` chain;
 4. peer: ``minidriver boot`` against ``virt-install --import`` on the same cached
-   base, whole process against whole process, to RUNNING and to the ready line;
+   base, whole process against whole process, to RUNNING and to the ready line, and
+   their CPU time; also like for like both ways (minidriver with one disk and no NIC,
+   virt-install with minidriver's three disks and a user-mode NIC);
 5. concurrency: 1, 2, 4, 8 spawns at once (threads, one driver) of the uncached
    synthetic image, and the same 8 one after another;
 6. time to ready: the phases' boots split into the driver's share (spawn total) and
