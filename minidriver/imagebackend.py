@@ -124,6 +124,7 @@ class Image(abc.ABC):
         base_format: str = "raw",
         *,
         recheck: BaseCheck | None = None,
+        base_ready: Callable[[], None] | None = None,
     ) -> bool:
         """Create the base (once, under its lock) and the instance disk from it.
 
@@ -133,6 +134,8 @@ class Image(abc.ABC):
         ``force_raw_images`` is off; the overlay names it with ``-F``. ``recheck``
         checks a base that was already there again, under the lock (the one the
         fetch made was checked in full); its virtual size serves the size check.
+        ``base_ready`` is called once the base passed every check, before the disk
+        is made on it.
         """
         make_dir(self.base_dir, TRAVERSE_ONLY_DIR)
         base = self.base_dir / filename
@@ -155,6 +158,8 @@ class Image(abc.ABC):
             self.base_virtual_size = self.verify_base_size(
                 base, size, base_format, self.limits, virtual
             )
+            if base_ready is not None:
+                base_ready()
             if not self.exists():
                 with self.removed_on_error():
                     self.create_image(base, size, timed=step is None)
@@ -326,11 +331,20 @@ class Rbd(Image):
         base_format: str = "raw",
         *,
         recheck: BaseCheck | None = None,
+        base_ready: Callable[[], None] | None = None,
     ) -> bool:
         """Clone when the image allows it (no base in ``_base`` at all; returns False:
         no cached base was used), else the usual base, then an import."""
         if self.clone_location is None:
-            return super().cache(fetch_func, filename, size, step, base_format, recheck=recheck)
+            return super().cache(
+                fetch_func,
+                filename,
+                size,
+                step,
+                base_format,
+                recheck=recheck,
+                base_ready=base_ready,
+            )
         with self.removed_on_error():
             with self.timer.step(Step.CLONE):
                 self.driver.clone(self.clone_location, self.rbd_name)

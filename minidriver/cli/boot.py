@@ -77,10 +77,15 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     started = time.monotonic()
     timeout = args.timeout
 
+    bar = ProgressBar("fetch", enabled=not out.json)
+
     def listener(step: Step, seconds: float, finished: bool) -> None:
+        # The ephemeral and swap disks are made while the root's image is fetched.
         if finished:
+            bar.clear()
             out.say(f"  {step.value:<12} {seconds:7.3f} s")
         elif step is Step.CONVERT:
+            bar.clear()
             out.say("  convert ...")
 
     image = drv.images.get(args.image)
@@ -99,7 +104,7 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     out.say(f"booting {name} from {image.name} ({image.id[:8]}) as {args.flavor}")
     try:
         drive_args = config_drive_args(args)
-        with ProgressBar("fetch", enabled=not out.json) as bar:
+        with bar:
             inst = drv.spawn(
                 name,
                 image.id,

@@ -1,8 +1,11 @@
-"""The re-check of a cached base, once per warm spawn, and its remembered verdict.
+"""A warm spawn's disk work: the cached base re-checked once, its verdict remembered,
+the three disks made side by side.
 
 A base that passed its re-check is not inspected again while it is the same file
 (``fetch.TrustedBases``); ``qemu-img info`` still reads it on every use; any change
-to it, even with its mtime put back, has it inspected again.
+to it, even with its mtime put back, has it inspected again. The root, ephemeral and
+swap disks are made at once, each under its base's lock; a failure of one leaves
+nothing of the instance once all have ended.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pytest_mock import MockerFixture
 
-from minidriver import process
+from minidriver import imagebackend, process
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver, SpawnError
 from minidriver.images import inspect
@@ -161,3 +166,46 @@ def test_ephemeral_and_swap_bases_are_sized_without_qemu_img(
             text=True,
         ).stdout
         assert disks[name].backing_virtual_size == json.loads(info)["virtual-size"] == size
+
+
+def test_the_three_disks_are_made_at_once(
+    drv: LibvirtDriver, tmp_path: Path, mocker: MockerFixture
+) -> None:
+    drv.images.add(data_qcow2(tmp_path), name="data", disk_format="qcow2")
+    drv.spawn("cold", "data", "t1.nano")
+    # Each overlay's qemu-img waits until all three have started: one after another,
+    # the first would wait in vain and the barrier break.
+    barrier = threading.Barrier(3, timeout=10)
+
+    def run(cmd: list[str], *args: Any, **kwargs: Any) -> process.Completed:
+        if cmd[1] == "create":
+            barrier.wait()
+        return process.run(cmd, *args, **kwargs)
+
+    mocker.patch("minidriver.images.qemu_img.run", side_effect=run)
+
+    inst = drv.spawn("warm", "data", "t1.nano")
+
+    assert not barrier.broken
+    assert sorted(drv.get_disks(inst.uuid)) == ["disk", "disk.local", "disk.swap"]
+    assert inst.timings["ephemeral"] > 0 and inst.timings["swap"] > 0
+
+
+def test_a_disk_that_fails_beside_the_others_leaves_nothing_of_the_instance(
+    drv: LibvirtDriver, tmp_path: Path, mocker: MockerFixture
+) -> None:
+    drv.images.add(data_qcow2(tmp_path), name="data", disk_format="qcow2")
+    real = imagebackend.mkswap_cmd
+    mocker.patch.object(imagebackend, "mkswap_cmd", lambda target: ["false", *real(target)[1:]])
+
+    with pytest.raises(SpawnError, match="create_image") as err:
+        drv.spawn("broken", "data", "t1.nano")
+
+    assert "false" in str(err.value.cause)
+    assert drv.db.list_instances() == []
+    assert sorted(p.name for p in drv.conf.instances_path.iterdir()) == ["_base", "locks"]
+    # The root and ephemeral bases made beside it stay cached; no half-made swap base.
+    assert sorted(p.name for p in drv.conf.base_dir.iterdir()) == sorted(
+        [base_of(drv, drv.images.get("data").id).name, imagebackend.ephemeral_filename(1)]
+    )
+    assert list(drv.conf.locks_dir.iterdir()) == []
