@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import libvirt
 
@@ -34,10 +35,7 @@ from minidriver import (
     guest,
     guestagent,
     imagebackend,
-    imagecache,
     rbd_utils,
-    snapshot,
-    ssh,
     vm_states,
 )
 from minidriver.config import Config
@@ -71,6 +69,9 @@ from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
 from minidriver.steps import Step, StepListener, StepTimer
 from minidriver.vm_states import VMState
+
+if TYPE_CHECKING:
+    from minidriver import imagecache
 
 LOG = logging.getLogger(__name__)
 
@@ -664,6 +665,8 @@ class LibvirtDriver:
             shutil.rmtree(instance_dir, ignore_errors=True)
             if record.forward_port is not None:
                 self.ports.release(record.forward_port, record.uuid)
+            from minidriver import ssh  # noqa: PLC0415 - boot does not need it (issue 17)
+
             ssh.forget_host_key(self.conf.known_hosts_path, record.uuid, self.conf.locks_dir)
             self.db.delete_instance(record.uuid)
             self._spawned_disks.pop(record.uuid, None)
@@ -834,6 +837,8 @@ class LibvirtDriver:
     def snapshot(self, instance_uuid: str, name: str) -> StoreImage:
         """Nova's ``snapshot``: the root disk as a new, bootable image in the store (an
         RBD root disk by Nova's direct snapshot)."""
+        from minidriver import snapshot  # noqa: PLC0415 - boot does not need it (issue 17)
+
         record = self.db.get_instance(instance_uuid)
         domain = self._domain_of(instance_uuid)
         instance_dir = Path(record.instance_dir)
@@ -866,6 +871,8 @@ class LibvirtDriver:
     # -- image cache ----------------------------------------------------------
 
     def image_cache_manager(self) -> imagecache.ImageCacheManager:
+        from minidriver import imagecache  # noqa: PLC0415 - boot does not need it (issue 17)
+
         return imagecache.ImageCacheManager(
             self.conf.base_dir, self.conf.locks_dir, self.conf.instances_path, self.conf.image_cache
         )
@@ -873,6 +880,8 @@ class LibvirtDriver:
     def bases_in_use(self) -> dict[str, set[str]]:
         """Nova's count of what is in use: every instance disk's backing chain on this
         host, plus the base of every instance recorded in the state DB."""
+        from minidriver import imagecache  # noqa: PLC0415 - boot does not need it (issue 17)
+
         return imagecache.merge(
             imagecache.backing_files_in_use(self.conf.instances_path, self.conf.base_dir),
             imagecache.instances_in_use(self.db.list_instances(), base_filename),
