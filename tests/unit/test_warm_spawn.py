@@ -64,6 +64,15 @@ def base_of(drv: LibvirtDriver, image_id: str) -> Path:
     return drv.conf.base_dir / hashlib.sha1(image_id.encode()).hexdigest()
 
 
+def checked_base(drv: LibvirtDriver, tmp_path: Path) -> Path:
+    """The base of image ``data``, fetched and checked by one spawn, then re-checked
+    by a second, which kept the verdict."""
+    image = drv.images.add(data_qcow2(tmp_path), name="data", disk_format="qcow2")
+    drv.spawn("cold", "data", "m1.tiny")
+    drv.spawn("warm", "data", "m1.tiny")
+    return base_of(drv, image.id)
+
+
 def qemu_img_subcommands(spy: object) -> list[str]:
     return [os.fspath(call.args[0][1]) for call in spy.call_args_list]  # type: ignore[attr-defined]
 
@@ -71,10 +80,7 @@ def qemu_img_subcommands(spy: object) -> list[str]:
 def test_a_base_that_passed_its_recheck_is_not_inspected_again_until_it_changes(
     drv: LibvirtDriver, tmp_path: Path, mocker: MockerFixture
 ) -> None:
-    image = drv.images.add(data_qcow2(tmp_path), name="data", disk_format="qcow2")
-    drv.spawn("cold", "data", "m1.tiny")  # fetched and checked in full
-    drv.spawn("warm", "data", "m1.tiny")  # its re-check passed: the verdict is kept
-    base = base_of(drv, image.id)
+    base = checked_base(drv, tmp_path)
     head_check = mocker.patch.object(inspect, "check_image_head", wraps=inspect.check_image_head)
     spy = mocker.patch("minidriver.images.qemu_img.run", wraps=process.run)
 
@@ -110,13 +116,13 @@ def test_a_base_that_passed_its_recheck_is_not_inspected_again_until_it_changes(
 def test_the_same_bytes_written_again_are_inspected_again(
     drv: LibvirtDriver, tmp_path: Path, mocker: MockerFixture
 ) -> None:
-    image = drv.images.add(data_qcow2(tmp_path), name="data", disk_format="qcow2")
-    drv.spawn("cold", "data", "m1.tiny")
-    drv.spawn("warm", "data", "m1.tiny")
-    base = base_of(drv, image.id)
+    base = checked_base(drv, tmp_path)
+    content = base.read_bytes()
     with open(base, "r+b") as fh:  # a write that changes nothing but the file's times
-        fh.write(fh.read(512))
+        head = fh.read(512)
         fh.seek(0)
+        fh.write(head)
+    assert base.read_bytes() == content
     head_check = mocker.patch.object(inspect, "check_image_head", wraps=inspect.check_image_head)
 
     drv.spawn("rewritten", "data", "m1.tiny")
@@ -129,10 +135,7 @@ def test_a_verdict_is_for_the_format_it_was_checked_as(
     drv: LibvirtDriver, tmp_path: Path, mocker: MockerFixture
 ) -> None:
     """A record is no verdict on the base read as another format (a changed record)."""
-    image = drv.images.add(data_qcow2(tmp_path), name="data", disk_format="qcow2")
-    drv.spawn("cold", "data", "m1.tiny")
-    drv.spawn("warm", "data", "m1.tiny")
-    record = drv.conf.trusted_bases_path / base_of(drv, image.id).name
+    record = drv.conf.trusted_bases_path / checked_base(drv, tmp_path).name
     assert record.stat().st_mode & 0o777 == 0o600
     record.write_text(record.read_text().replace('"checked_as": "raw"', '"checked_as": "iso"'))
     head_check = mocker.patch.object(inspect, "check_image_head", wraps=inspect.check_image_head)
