@@ -132,9 +132,9 @@ class LibvirtDriver:
     request, the disks or libvirt is asked of ``compute_api``, ``imagebackend`` and
     ``host``.
 
-    Bigger than the ~400-line guide (about 740 lines), and so the module (about 900):
+    Bigger than the ~400-line guide (about 780 lines), and so the module (about 940):
     spawn and its steps (``spawn``, ``_spawn``, ``_define``, ``create_image``,
-    ``create_kernel_ramdisk``, ``to_xml``, ``wait_for_running``: some 390 lines) are
+    ``create_kernel_ramdisk``, ``to_xml``, ``wait_for_running``: some 400 lines) are
     Nova's driver methods and the backbone the design keeps readable top to bottom in
     one place; the other operations are each a few calls into the modules above.
     """
