@@ -83,6 +83,13 @@ def render_floor(section: Mapping[str, Any]) -> str:
         ["minidriver warm spawn / warm floor", ratio_cell(r["warm"])],
         ["minidriver cold spawn / cold floor", ratio_cell(r["cold"])],
     ]
+    cpu = section.get("cpu")
+    if cpu:
+        rows += [
+            ["CPU (user+sys, ours and children's): warm floor", cell(cpu["floor"])],
+            ["CPU: minidriver warm spawn", cell(cpu["warm"])],
+            ["CPU: warm spawn above the floor, per pair", cell(cpu["warm_above_floor"])],
+        ]
     return format_table(
         "2. the floor: the rendered XML by hand on fresh overlays, and bare qemu-img",
         ["", "seconds or ratio"],

@@ -46,7 +46,7 @@ def floor_section(
     for f in floor:
         warm_floor = f["overlays"] + f["define"] + f["create"]
         samples.append({**f, "warm_floor": warm_floor, "cold_floor": f["convert"] + warm_floor})
-    return {
+    section = {
         "summary": summarize(samples, FLOOR_COLUMNS),
         "spawn": {
             "warm": Stat.of([w["total"] for w in warm]).as_dict(),
@@ -59,6 +59,17 @@ def floor_section(
         "commands": dict(commands),
         "samples": samples,
     }
+    if all("cpu" in x for x in (*floor, *warm)):
+        # CPU seconds in this process and its children (libvirt's own work is the
+        # daemon's): the warm spawn's above the floor's, pair by pair.
+        section["cpu"] = {
+            "floor": Stat.of([f["cpu"] for f in floor]).as_dict(),
+            "warm": Stat.of([w["cpu"] for w in warm]).as_dict(),
+            "warm_above_floor": Stat.of(
+                [w["cpu"] - f["cpu"] for w, f in zip(warm, floor, strict=True)]
+            ).as_dict(),
+        }
+    return section
 
 
 def ready_section(

@@ -56,6 +56,7 @@ from minidriver.bench.harness import (
     Runs,
     StartedEvents,
     build_doc,
+    cpu_seconds,
     make_log,
     run_guarded,
 )
@@ -176,8 +177,9 @@ class Bench:
     def spawn_to_ready(self, flavor: str, *, cold: bool, ready: bool = True) -> dict[str, float]:
         """A spawn of the test guest, then the wait for its ready line (unless not
         ``ready``: warm-ups), the STARTED event's time; destroyed after."""
-        started = time.monotonic()
+        started, cpu = time.monotonic(), cpu_seconds()
         inst = self.spawn(self.test_image_id, flavor, cold=cold)
+        cpu = cpu_seconds() - cpu
         try:
             if not ready:
                 return dict(inst.timings)
@@ -185,6 +187,7 @@ class Bench:
                 Path(inst.instance_dir) / "console.log", READY, READY_TIMEOUT, interval=0.05
             )
             figures = dict(inst.timings)
+            figures["cpu"] = cpu
             figures["ready"] = time.monotonic() - started
             event = self.events.started(inst.uuid)
             if event is None:
@@ -231,7 +234,7 @@ class Bench:
         for disk in template.disks:
             disk.unlink(missing_ok=True)
         (template.instance_dir / "console.log").write_bytes(b"")
-        t0 = time.monotonic()
+        t0, cpu = time.monotonic(), cpu_seconds()
         # At once, as spawn makes them: the floor is the least the same work can take.
         with ThreadPoolExecutor(max_workers=len(template.overlays)) as pool:
             list(pool.map(run, template.overlays))
@@ -241,11 +244,12 @@ class Bench:
             t2 = time.monotonic()
             domain.create()
             t3 = time.monotonic()
+            cpu = cpu_seconds() - cpu
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 domain.destroy()
             domain.undefine()
-        return {"overlays": t1 - t0, "define": t2 - t1, "create": t3 - t2}
+        return {"overlays": t1 - t0, "define": t2 - t1, "create": t3 - t2, "cpu": cpu}
 
     # -- 1, 2 and 6: phases, the floor, time to ready
 

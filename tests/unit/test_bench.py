@@ -177,6 +177,19 @@ def test_floor_section_adds_up_the_floor_and_divides_pair_by_pair() -> None:
     assert "the 3 overlays" in report.render_floor(section)
 
 
+def test_floor_section_gives_the_cpu_of_a_warm_spawn_above_the_floors() -> None:
+    cold, warm = phases_samples()
+    floor = floor_samples()
+    for f, w, (fc, wc) in zip(floor, warm, [(0.02, 0.06), (0.03, 0.05), (0.02, 0.09)], strict=True):
+        f["cpu"], w["cpu"] = fc, wc
+    section = sections.floor_section(floor, cold, warm, {"overlays": [["qemu-img"]] * 3})
+    assert section["cpu"]["warm_above_floor"]["median"] == pytest.approx(0.04)
+    assert section["cpu"]["warm_above_floor"]["max"] == pytest.approx(0.07)
+    assert "warm spawn above the floor, per pair" in report.render_floor(section)
+    # Documents without CPU figures (older runs) render as before.
+    assert "cpu" not in sections.floor_section(floor_samples(), cold, warm, {"overlays": []})
+
+
 def test_ready_section_splits_the_driver_and_the_guest() -> None:
     cold, warm = phases_samples()
     section = sections.ready_section(cold, warm)
