@@ -523,12 +523,14 @@ class LibvirtDriver:
         # warm t1.nano spawn: ~30 ms sooner on a loaded host). They start once the
         # root's base passed its checks, so a refused image makes nothing else; every
         # one has ended, made or failed, before this returns, so the undo list never
-        # races a worker.
+        # races a worker. Files only: an RBD disk would share the spawn's RBDDriver,
+        # which serves one thread.
+        beside = not any(isinstance(d, Rbd) for n, d in disks.items() if n != "disk")
         futures: list[Future[bool]] = []
         with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
 
             def start_others() -> None:
-                if not futures:
+                if beside and not futures:
                     futures.extend(pool.submit(make) for make in others)
 
             instance.cache_hit = root.cache(
@@ -542,6 +544,9 @@ class LibvirtDriver:
             start_others()  # an RBD clone has no base: the others start now
             for future in futures:
                 future.result()
+        if not beside:
+            for make in others:
+                make()
         write_disk_info(
             instance_dir, disk_formats(disks, disk_info), {"disk": os.fspath(root.path)}
         )
