@@ -215,6 +215,16 @@ class Config:
         return self.state_path / "minidriver.db"
 
     @property
+    def trusted_bases_path(self) -> Path:
+        """The re-check's verdicts on cached bases (images.fetch.TrustedBases)."""
+        return self.state_path / "trusted_bases"
+
+    @property
+    def template_cache_path(self) -> Path:
+        """The domain XML template, compiled (Jinja's bytecode cache; guest.to_xml)."""
+        return self.state_path / "jinja_cache"
+
+    @property
     def keypairs_path(self) -> Path:
         """SSH keypairs (``keypair create``): NAME (private, 0600) and NAME.pub."""
         return self.state_path / "keypairs"

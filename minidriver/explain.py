@@ -193,7 +193,7 @@ def explain(
         agent_socket_dir=drv.host.agent_socket_dir(),
         volumes=volumes,
     )
-    plan.xml = guest.to_xml(config)
+    plan.xml = guest.to_xml(config, cache_dir=drv.conf.template_cache_path)
     return plan
 
 

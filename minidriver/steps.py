@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -37,7 +38,12 @@ StepListener = Callable[[Step, float, bool], None]
 
 
 class StepTimer:
-    """Adds up the seconds spent in each step; every step appears, 0.0 if skipped."""
+    """Adds up the seconds spent in each step; every step appears, 0.0 if skipped.
+
+    Steps may run on several threads at once (a spawn's disks are made side by
+    side): each thread has its own ``current`` step, and the listener is called by
+    one thread at a time, so its lines never interleave.
+    """
 
     def __init__(
         self,
@@ -47,24 +53,35 @@ class StepTimer:
         self.listener = listener
         self.clock = clock
         self.seconds: dict[str, float] = {s.value: 0.0 for s in Step}
-        self.current: Step | None = None
         self._started = clock()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @property
+    def current(self) -> Step | None:
+        """The innermost step this thread is in."""
+        step: Step | None = getattr(self._local, "step", None)
+        return step
+
+    def _tell(self, step: Step, seconds: float, finished: bool) -> None:
+        if self.listener:
+            with self._lock:
+                self.listener(step, seconds, finished)
 
     @contextlib.contextmanager
     def step(self, step: Step) -> Iterator[None]:
         outer = self.current
-        self.current = step
-        if self.listener:
-            self.listener(step, 0.0, False)
+        self._local.step = step
+        self._tell(step, 0.0, False)
         start = self.clock()
         try:
             yield
         finally:
             elapsed = self.clock() - start
-            self.seconds[step.value] += elapsed
-            self.current = outer
-            if self.listener:
-                self.listener(step, elapsed, True)
+            with self._lock:
+                self.seconds[step.value] += elapsed
+            self._local.step = outer
+            self._tell(step, elapsed, True)
 
     def as_dict(self) -> dict[str, float]:
         """The contract's shape: every step, then ``total`` since the timer began."""

@@ -46,7 +46,7 @@ def floor_section(
     for f in floor:
         warm_floor = f["overlays"] + f["define"] + f["create"]
         samples.append({**f, "warm_floor": warm_floor, "cold_floor": f["convert"] + warm_floor})
-    return {
+    section = {
         "summary": summarize(samples, FLOOR_COLUMNS),
         "spawn": {
             "warm": Stat.of([w["total"] for w in warm]).as_dict(),
@@ -59,6 +59,17 @@ def floor_section(
         "commands": dict(commands),
         "samples": samples,
     }
+    if all("cpu" in x for x in (*floor, *warm)):
+        # CPU seconds in this process and its children (libvirt's own work is the
+        # daemon's): the warm spawn's above the floor's, pair by pair.
+        section["cpu"] = {
+            "floor": Stat.of([f["cpu"] for f in floor]).as_dict(),
+            "warm": Stat.of([w["cpu"] for w in warm]).as_dict(),
+            "warm_above_floor": Stat.of(
+                [w["cpu"] - f["cpu"] for w, f in zip(warm, floor, strict=True)]
+            ).as_dict(),
+        }
+    return section
 
 
 def ready_section(
@@ -182,21 +193,44 @@ def peer_section(
     minidriver: Sequence[Mapping[str, float]],
     peer: Sequence[Mapping[str, float]],
     commands: Mapping[str, Sequence[str]],
+    *,
+    like: Sequence[Mapping[str, float]] = (),
+    full: Sequence[Mapping[str, float]] = (),
 ) -> dict[str, Any]:
+    """``minidriver`` and ``peer`` (virt-install) samples of the same rounds; ``like``:
+    minidriver asked what virt-install is asked, ``full``: virt-install given
+    minidriver's disks and NIC. Samples with ``cpu`` (seconds) get its column and
+    ratios too."""
     cols = ("running", "ready")
+    cpu = ("cpu",) if minidriver and all("cpu" in m for m in (*minidriver, *peer)) else ()
     outside = [{**m, "outside": m["running"] - m["spawn"]} for m in minidriver]
-    return {
+    summary = {
+        "minidriver": summarize(outside, (*cols, "spawn", "outside", *cpu)),
+        "virt_install": summarize(peer, (*cols, *cpu)),
+    }
+
+    def ratios(num: Sequence[Mapping[str, float]], den: Sequence[Mapping[str, float]]) -> Any:
+        return {c: ratio_stat([n[c] for n in num], [d[c] for d in den]) for c in (*cols, *cpu)}
+
+    section: dict[str, Any] = {
         "flavor": flavor,
         "virt_install": virt_install,
         "missing": None,
-        "summary": {
-            "minidriver": summarize(outside, (*cols, "spawn", "outside")),
-            "virt_install": summarize(peer, cols),
-        },
-        "ratios": {c: ratio_stat([m[c] for m in minidriver], [p[c] for p in peer]) for c in cols},
+        "summary": summary,
+        "ratios": ratios(minidriver, peer),
         "commands": {k: list(v) for k, v in commands.items()},
         "samples": {"minidriver": list(minidriver), "virt_install": list(peer)},
     }
+    if like:
+        like_outside = [{**m, "outside": m["running"] - m["spawn"]} for m in like]
+        summary["minidriver_like"] = summarize(like_outside, (*cols, "spawn", "outside", *cpu))
+        section["ratios_like"] = ratios(like, peer)
+        section["samples"]["minidriver_like"] = list(like)
+    if full:
+        summary["virt_install_full"] = summarize(full, (*cols, *cpu))
+        section["ratios_full"] = ratios(minidriver, full)
+        section["samples"]["virt_install_full"] = list(full)
+    return section
 
 
 def peer_missing_section(flavor: str, why: str) -> dict[str, Any]:

@@ -6,14 +6,16 @@ the end with every domain and storage pool the run made, also on Ctrl-C):
 1. phases: cold spawn (empty cache) and warm spawn (cached base) of the test guest,
    split per step, plus the time from spawn's start to the guest's ``ready`` line;
 2. floor: the XML minidriver rendered, defined and started by hand on overlays made
-   by bare ``qemu-img create``, and a bare ``qemu-img convert`` of the image: what no
-   spawn can go below;
+   by bare ``qemu-img create`` (all at once, as spawn makes them), and a bare
+   ``qemu-img convert`` of the image: what no spawn can go below;
 3. scaling: a synthetic 1 GiB qcow2 holding 300 MiB of data (not bootable: measured
    to RUNNING): cold spawn against ``qemu-img convert`` alone and against convert +
    the image's warm floor, then each new root size (1 to 8 GB) on a warm cache, in the
    default chain and in the older ``_<GB>`` chain;
 4. peer: ``minidriver boot`` against ``virt-install --import`` on the same cached
-   base, whole process against whole process, to RUNNING and to the ready line;
+   base, whole process against whole process, to RUNNING and to the ready line, and
+   their CPU time; also like for like both ways (minidriver with one disk and no NIC,
+   virt-install with minidriver's three disks and a user-mode NIC);
 5. concurrency: 1, 2, 4, 8 spawns at once (threads, one driver) of the uncached
    synthetic image, and the same 8 one after another;
 6. time to ready: the phases' boots split into the driver's share (spawn total) and
@@ -54,6 +56,7 @@ from minidriver.bench.harness import (
     Runs,
     StartedEvents,
     build_doc,
+    cpu_seconds,
     make_log,
     run_guarded,
 )
@@ -174,8 +177,9 @@ class Bench:
     def spawn_to_ready(self, flavor: str, *, cold: bool, ready: bool = True) -> dict[str, float]:
         """A spawn of the test guest, then the wait for its ready line (unless not
         ``ready``: warm-ups), the STARTED event's time; destroyed after."""
-        started = time.monotonic()
+        started, cpu = time.monotonic(), cpu_seconds()
         inst = self.spawn(self.test_image_id, flavor, cold=cold)
+        cpu = cpu_seconds() - cpu
         try:
             if not ready:
                 return dict(inst.timings)
@@ -183,6 +187,7 @@ class Bench:
                 Path(inst.instance_dir) / "console.log", READY, READY_TIMEOUT, interval=0.05
             )
             figures = dict(inst.timings)
+            figures["cpu"] = cpu
             figures["ready"] = time.monotonic() - started
             event = self.events.started(inst.uuid)
             if event is None:
@@ -229,20 +234,22 @@ class Bench:
         for disk in template.disks:
             disk.unlink(missing_ok=True)
         (template.instance_dir / "console.log").write_bytes(b"")
-        t0 = time.monotonic()
-        for cmd in template.overlays:
-            run(cmd)
+        t0, cpu = time.monotonic(), cpu_seconds()
+        # At once, as spawn makes them: the floor is the least the same work can take.
+        with ThreadPoolExecutor(max_workers=len(template.overlays)) as pool:
+            list(pool.map(run, template.overlays))
         t1 = time.monotonic()
         domain = self.conn.defineXML(template.xml)
         try:
             t2 = time.monotonic()
             domain.create()
             t3 = time.monotonic()
+            cpu = cpu_seconds() - cpu
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 domain.destroy()
             domain.undefine()
-        return {"overlays": t1 - t0, "define": t2 - t1, "create": t3 - t2}
+        return {"overlays": t1 - t0, "define": t2 - t1, "create": t3 - t2, "cpu": cpu}
 
     # -- 1, 2 and 6: phases, the floor, time to ready
 

@@ -15,10 +15,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from minidriver import console, explain
-from minidriver.cli.guestaccess import check_wait_ssh, wait_ssh
+from minidriver import console
 from minidriver.cli.instances import chain_lines, instance_dict, show_text
 from minidriver.cli.output import (
     EXIT_OK,
@@ -35,6 +34,9 @@ from minidriver.images.store import Image as StoreImage
 from minidriver.objects import Instance
 from minidriver.steps import Step
 
+if TYPE_CHECKING:
+    from minidriver import explain
+
 TEST_IMAGE_NAME = "minidriver-test-guest"
 
 
@@ -45,6 +47,8 @@ def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
         return vmtemplate.cmd_boot_template(drv, args, out)
     need_image_and_flavor(args)
     if args.print_xml or args.dry_run:
+        from minidriver import explain  # noqa: PLC0415 - a boot that runs does not need it
+
         plan = explain.explain(
             drv, args.image, args.flavor, args.network, boot_volume=args.boot_volume
         )
@@ -61,7 +65,11 @@ def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
     started = time.monotonic()
     inst = boot_instance(drv, args, out)
-    ssh_ready = wait_ssh(drv, inst, args, started) if args.wait_ssh else None
+    ssh_ready = None
+    if args.wait_ssh:
+        from minidriver.cli.guestaccess import wait_ssh  # noqa: PLC0415 - with --wait-ssh only
+
+        ssh_ready = wait_ssh(drv, inst, args, started)
     if ssh_ready is not None:
         out.say(
             f"  ssh answered {ssh_ready['ready_after']:.3f} s after start: {ssh_ready['banner']}"
@@ -80,10 +88,15 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     started = time.monotonic()
     timeout = args.timeout
 
+    bar = ProgressBar("fetch", enabled=not out.json)
+
     def listener(step: Step, seconds: float, finished: bool) -> None:
+        # The ephemeral and swap disks are made while the root's image is fetched.
         if finished:
+            bar.clear()
             out.say(f"  {step.value:<12} {seconds:7.3f} s")
         elif step is Step.CONVERT:
+            bar.clear()
             out.say("  convert ...")
 
     image = image_to_boot(drv, args)
@@ -97,12 +110,14 @@ def boot_instance(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
                 hint="a Python regular expression, e.g. 'minidriver-guest: ready'",
             ) from None
     if args.wait_ssh:
+        from minidriver.cli.guestaccess import check_wait_ssh  # noqa: PLC0415 - as above
+
         check_wait_ssh(drv, args)
     name = args.name or image.name
     out.say(f"booting {name} from {image.name} ({image.id[:8]}) as {args.flavor}")
     try:
         drive_args = config_drive_args(args)
-        with ProgressBar("fetch", enabled=not out.json) as bar:
+        with bar:
             inst = drv.spawn(
                 name,
                 image.id,
@@ -202,6 +217,8 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
 
         return vmtemplate.cmd_explain_template(drv, args, out)
     need_image_and_flavor(args)
+    from minidriver import explain  # noqa: PLC0415 - not for boot
+
     plan = explain.explain(drv, args.image, args.flavor, boot_volume=args.boot_volume)
     out.result(
         plan.to_dict(),

@@ -94,9 +94,15 @@ class ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Take the bar off its line (for a line printed meanwhile); the next update
+        draws it again."""
         if self.drawn:
             self.stream.write("\r\033[K")
             self.stream.flush()
+            self.drawn = False
 
     def update(self, done: int, total: int) -> None:
         now = time.monotonic()

@@ -21,12 +21,16 @@ published only once both the conversion and the hash passed; a wrong hash remove
 ``open_data`` (an rbd snapshot), the checked copy stays: there qemu-img never reads a
 byte whose hash was not checked first.
 
-``recheck_base`` is the cheap check of a cached base before each use.
+``recheck_base`` is the cheap check of a cached base before each use (``BaseRecheck``
+runs it under the base's lock; ``TrustedBases`` remembers its verdict while the base
+is unchanged).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -36,11 +40,14 @@ from types import TracebackType
 from minidriver import fileutils
 from minidriver.exception import ImageNotFound, ImageUnacceptable
 from minidriver.fileutils import (
+    PRIVATE_DIR,
     create_private,
     ensure_free_space,
+    make_dir,
     out_of_space_is_clear,
     publish,
     removed_on_error,
+    write_private,
 )
 from minidriver.images import inspect, qemu_img
 from minidriver.images.inspect import Readable
@@ -203,8 +210,9 @@ def recheck_base(
     *,
     limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS,
     disk_format: str = "",
-) -> None:
-    """Check a cached image base again before an instance disk is made on it.
+) -> int | None:
+    """Check a cached image base again before an instance disk is made on it; returns
+    its virtual size (None: no base yet).
 
     The base passed every check when it was made; this catches one changed since (by
     hand, or left by an older minidriver). It runs on every warm spawn, so its cost
@@ -218,17 +226,115 @@ def recheck_base(
     is cached as it is (raw to qemu-img), and the inspector still sees an ISO in it.
     """
     if not base.exists():
-        return
-    glance_format = "iso" if disk_format == "iso" else _GLANCE_FORMATS.get(base_format, base_format)
-    try:
-        detected = inspect.check_image_head(base, glance_format)
-        inspect.agree_info(base.name, detected, qemu_img.info(base, base_format, limits))
-    except (ImageUnacceptable, qemu_img.QemuImgError) as exc:
-        raise ImageUnacceptable(
-            f"cached base {base} failed its re-check: {exc}",
-            hint=f"remove {base} (it is not in use once no instance runs on it): the next"
-            " spawn fetches and checks the image again",
-        ) from exc
+        return None
+    return BaseRecheck(base_format, limits=limits, disk_format=disk_format).check(base)
+
+
+class TrustedBases:
+    """The re-check's verdicts, one record per base in ``records_dir``, each kept for
+    as long as its base is the very file that was checked.
+
+    The format inspector costs a warm spawn ~50 ms (oslo.utils' import compiles
+    hundreds of patterns), more than all the rest of minidriver's own work there. A
+    record holds the base's path, device, inode, size, mtime and ctime (ns) as
+    they were once minidriver last used it, and what the inspector found: while
+    they all match, the inspector's verdict stands; any write to the base changes
+    its mtime and ctime (and resetting the mtime by hand changes the ctime), so a
+    changed base is inspected again. ``qemu-img info`` still runs on every use (see
+    :class:`BaseRecheck`). A record that cannot be read is no record.
+    """
+
+    def __init__(self, records_dir: Path) -> None:
+        self.records_dir = records_dir
+
+    def _record(self, base: Path) -> Path:
+        return self.records_dir / base.name
+
+    @staticmethod
+    def _stamp(base: Path) -> list[int | str]:
+        st = base.stat()
+        return [os.fspath(base), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def verdict(self, base: Path, checked_as: str) -> inspect.DetectedImage | None:
+        """What the inspector found in ``base`` as ``checked_as``, if the record says
+        so of the file as it is now."""
+        try:
+            data = json.loads(self._record(base).read_text())
+            if data["stamp"] != self._stamp(base) or data["checked_as"] != checked_as:
+                return None
+            return inspect.DetectedImage(str(data["format"]), int(data["virtual_size"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def remember(self, base: Path, checked_as: str, detected: inspect.DetectedImage) -> None:
+        """Record the verdict on ``base`` as it is now: after its last write, our touch."""
+        make_dir(self.records_dir, PRIVATE_DIR)
+        record = {
+            "stamp": self._stamp(base),
+            "checked_as": checked_as,
+            "format": detected.format,
+            "virtual_size": detected.virtual_size,
+        }
+        write_private(self._record(base), json.dumps(record))
+
+    def forget(self, base: Path) -> None:
+        self._record(base).unlink(missing_ok=True)
+
+
+class BaseRecheck:
+    """:func:`recheck_base` of the one cached base a spawn uses, run by
+    ``Image.cache`` under the base's lock, so the file checked is the file the
+    overlay is made on, and its ``qemu-img info`` is the only one of the base in a
+    warm spawn (its virtual size serves the flavor's size check too).
+
+    With ``trusted``, the inspector is skipped while a record says the base is
+    unchanged since it last passed; ``qemu-img info`` (format pinned, limits) runs
+    all the same, and must still agree with the recorded verdict. ``touched`` records
+    the verdict once the cache has marked the base in use (which changes its times).
+    """
+
+    def __init__(
+        self,
+        base_format: str,
+        *,
+        limits: ResourceLimits | None = qemu_img.DEFAULT_LIMITS,
+        disk_format: str = "",
+        trusted: TrustedBases | None = None,
+    ) -> None:
+        self.base_format = base_format
+        self.limits = limits
+        self.trusted = trusted
+        self.checked_as = (
+            "iso" if disk_format == "iso" else _GLANCE_FORMATS.get(base_format, base_format)
+        )
+        self._passed: inspect.DetectedImage | None = None
+
+    def check(self, base: Path) -> int:
+        """The base's virtual size, once it passed; raises ImageUnacceptable."""
+        self._passed = None
+        trusted = self.trusted
+        try:
+            detected = trusted.verdict(base, self.checked_as) if trusted else None
+            if detected is None:
+                detected = inspect.check_image_head(base, self.checked_as)
+            info = qemu_img.info(base, self.base_format, self.limits)
+            virtual_size = inspect.agree_info(base.name, detected, info)
+        except (ImageUnacceptable, qemu_img.QemuImgError) as exc:
+            if trusted:
+                trusted.forget(base)
+            raise ImageUnacceptable(
+                f"cached base {base} failed its re-check: {exc}",
+                hint=f"remove {base} (it is not in use once no instance runs on it): the next"
+                " spawn fetches and checks the image again",
+            ) from exc
+        self._passed = detected
+        return virtual_size
+
+    def touched(self, base: Path) -> None:
+        # Between our touch and this stat only a writer that ignores the base's lock
+        # could slip in; such a writer could as well write after any re-check.
+        if self.trusted and self._passed is not None:
+            self.trusted.remember(base, self.checked_as, self._passed)
 
 
 def fetch_to_raw(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ from minidriver.bench import spawn as bench
 from minidriver.bench.harness import Runs
 from minidriver.bench.sections import Batch
 from minidriver.bench.stats import Stat
+from minidriver.config import load_config
+from minidriver.objects import DEFAULT_FLAVORS
 
 STEP_ZERO = {col: 0.0 for col in sections.COLUMNS}
 
@@ -173,6 +177,19 @@ def test_floor_section_adds_up_the_floor_and_divides_pair_by_pair() -> None:
     assert "the 3 overlays" in report.render_floor(section)
 
 
+def test_floor_section_gives_the_cpu_of_a_warm_spawn_above_the_floors() -> None:
+    cold, warm = phases_samples()
+    floor = floor_samples()
+    for f, w, (fc, wc) in zip(floor, warm, [(0.02, 0.06), (0.03, 0.05), (0.02, 0.09)], strict=True):
+        f["cpu"], w["cpu"] = fc, wc
+    section = sections.floor_section(floor, cold, warm, {"overlays": [["qemu-img"]] * 3})
+    assert section["cpu"]["warm_above_floor"]["median"] == pytest.approx(0.04)
+    assert section["cpu"]["warm_above_floor"]["max"] == pytest.approx(0.07)
+    assert "warm spawn above the floor, per pair" in report.render_floor(section)
+    # Documents without CPU figures (older runs) render as before.
+    assert "cpu" not in sections.floor_section(floor_samples(), cold, warm, {"overlays": []})
+
+
 def test_ready_section_splits_the_driver_and_the_guest() -> None:
     cold, warm = phases_samples()
     section = sections.ready_section(cold, warm)
@@ -260,6 +277,84 @@ def test_peer_section_compares_to_running_and_to_ready() -> None:
     assert section["ratios"]["ready"]["min"] == pytest.approx(6.5 / 7.0)
     assert section["summary"]["minidriver"]["outside"]["max"] == pytest.approx(0.4)
     assert "virt-install 4.1.0" in report.render_peer(section)
+
+
+def test_peer_section_adds_the_like_for_like_boots_and_cpu() -> None:
+    md = [
+        {"running": 0.6, "ready": 5.0, "spawn": 0.5, "cpu": 0.20},
+        {"running": 0.8, "ready": 5.0, "spawn": 0.6, "cpu": 0.22},
+    ]
+    like = [
+        {"running": 0.5, "ready": 4.0, "spawn": 0.4, "cpu": 0.18},
+        {"running": 0.6, "ready": 4.0, "spawn": 0.5, "cpu": 0.18},
+    ]
+    vi = [{"running": 1.0, "ready": 5.0, "cpu": 0.25}, {"running": 1.0, "ready": 4.0, "cpu": 0.3}]
+    full = [{"running": 0.8, "ready": 5.0, "cpu": 0.3}, {"running": 1.0, "ready": 5.0, "cpu": 0.3}]
+    commands = {"minidriver": ["minidriver", "boot"], "virt_install": ["virt-install"]}
+
+    section = sections.peer_section(
+        "t1.nano", "virt-install 4.1.0", md, vi, commands, like=like, full=full
+    )
+
+    assert section["ratios"]["running"]["median"] == pytest.approx(0.7)  # 0.6, 0.8
+    assert section["ratios_like"]["running"]["median"] == pytest.approx(0.55)  # 0.5, 0.6
+    assert section["ratios_full"]["running"]["median"] == pytest.approx(0.775)  # 0.75, 0.8
+    assert section["ratios"]["cpu"]["max"] == pytest.approx(0.8)
+    assert section["summary"]["minidriver_like"]["cpu"]["median"] == pytest.approx(0.18)
+    text = report.render_peer(section)
+    assert "CPU (user+sys)" in text
+    assert "one disk, --network none" in text
+    targets = {t["name"]: t for t in report.evaluate_targets({"peer": section})}
+    name = "warm minidriver boot vs virt-install, to RUNNING"
+    assert [t["met"] for t in targets.values()] == [True, True, True]
+    assert targets[name]["goal"] == "at most 0.9x"
+    assert json.loads(json.dumps(section)) == section
+
+
+def test_the_like_for_like_config_asks_for_the_root_disk_alone(tmp_path: Path) -> None:
+    flavor = DEFAULT_FLAVORS["t1.nano"]
+    config = tmp_path / "peer-like.conf"
+    config.write_text(peer.like_config(flavor))
+    like = load_config(config, state_dir=tmp_path, environ={}).flavors[peer.LIKE_FLAVOR]
+    assert (like.vcpus, like.memory_mb, like.root_gb) == (1, 128, 1)
+    assert (like.ephemeral_gb, like.swap) == (0, 0)
+
+
+def test_children_cpu_counts_a_command_and_what_it_ran() -> None:
+    burn = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass"
+    with peer.children_cpu() as took:
+        subprocess.run(["sh", "-c", f'{sys.executable} -c "{burn}"'], check=True)
+    assert took["cpu"] >= 0.2
+
+
+def test_virt_install_given_minidriver_work_has_its_disks_and_a_user_nic() -> None:
+    setup = peer.PeerSetup(
+        dir=Path("/var/tmp/s/p"),
+        env={},
+        options={
+            "uri": "qemu:///system",
+            "base": Path("/var/tmp/s/instances/_base/abc"),
+            "base_format": "raw",
+            "size_gb": 1,
+            "virt_type": "qemu",
+            "version": (4, 1, 0),
+        },
+        full=[(Path("/b/ephemeral_1_40d1d2c"), 1024), (Path("/b/swap_64"), 64)],
+    )
+    plain = setup.command("n", Path("/var/tmp/s/p/vi-3.qcow2"), Path("/var/tmp/s/p/vi-3.log"))
+    cmd = setup.command(
+        "n", Path("/var/tmp/s/p/vi-3.qcow2"), Path("/var/tmp/s/p/vi-3.log"), full=True
+    )
+    disks = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--disk"]
+    assert disks[0] == next(plain[i + 1] for i, arg in enumerate(plain) if arg == "--disk")
+    assert disks[1:] == [
+        "path=/var/tmp/s/p/vi-3.1.qcow2,format=qcow2,bus=virtio,"
+        "backing_store=/b/ephemeral_1_40d1d2c,backing_format=raw,size=1",
+        "path=/var/tmp/s/p/vi-3.2.qcow2,format=qcow2,bus=virtio,"
+        "backing_store=/b/swap_64,backing_format=raw,size=0.0625",
+    ]
+    assert cmd[cmd.index("--network") + 1] == "user,model=virtio"
+    assert plain[plain.index("--network") + 1] == "none"
 
 
 def test_a_missing_peer_is_said_with_the_install_command() -> None:

@@ -7,10 +7,12 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+import jinja2
 import libvirt
 import pytest
 from conftest import TEST_DRIVER_NODE
 from lxml import etree
+from pytest_mock import MockerFixture
 
 from minidriver import blockinfo, guest
 from minidriver.network import VIF, NetworkMode
@@ -96,6 +98,7 @@ def render(
     rbd_root: RbdDisks = None,
     display_name: str = "web-1",
     disk_format: str = "qcow2",
+    cache_dir: Path | None = None,
 ) -> str:
     image = ImageMeta(id="c036d689-0336-4fcd-a8e0-4aed4dd5e420", name="x", disk_format=disk_format)
     image = ImageMeta(**{**image.__dict__, "properties": props})
@@ -127,7 +130,7 @@ def render(
         image_properties=props,
         agent_socket_dir=AGENT_SOCKET_DIR,
     )
-    return guest.to_xml(config)
+    return guest.to_xml(config, cache_dir=cache_dir)
 
 
 def canonical(text: str) -> bytes:
@@ -324,3 +327,26 @@ def test_a_disk_image_boots_hd_and_a_kernel_image_no_device() -> None:
     disk_info = blockinfo.get_disk_info("qemu", NANO, image)
     # QEMU loads the kernel itself: the BIOS boots nothing.
     assert guest.get_guest_os(instance, disk_info, INSTANCE_DIR).boot_devs == ()
+
+
+def test_the_compiled_template_is_kept_private_and_loaded_by_the_next_process(
+    tmp_path: Path, mocker: MockerFixture
+) -> None:
+    cache_dir = tmp_path / "state" / "jinja_cache"
+    flavor = DEFAULT_FLAVORS["t1.nano"]
+    compiled = mocker.spy(jinja2.Environment, "compile")
+
+    guest._environment.cache_clear()  # as in a new process
+    first = render(flavor, {}, "qemu", None, cache_dir=cache_dir)
+    # domain.xml.j2 and the disk macro it imports (disk.xml.j2), each compiled once.
+    assert compiled.call_count == 2
+    assert cache_dir.stat().st_mode & 0o777 == 0o700
+    kept = list(cache_dir.iterdir())
+    assert len(kept) == 2
+    assert {p.stat().st_mode & 0o777 for p in kept} == {0o600}
+
+    guest._environment.cache_clear()
+    second = render(flavor, {}, "qemu", None, cache_dir=cache_dir)
+
+    assert compiled.call_count == 2  # both loaded, not compiled again
+    assert second == first == render(flavor, {}, "qemu", None)
