@@ -12,6 +12,7 @@ deadlines (exit code 3), delete's partial failures and state-dir isolation,
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
@@ -781,6 +782,17 @@ def test_debug_adds_the_traceback(images: World, caplog: pytest.LogCaptureFixtur
 
     assert quiet.code == loud.code == 1
     assert [rec.getMessage() for rec in caplog.records if rec.exc_info] == ["failed"]
+
+
+def test_a_caller_of_main_keeps_its_garbage_collector(images: World) -> None:
+    """Only the command's own process freezes its imports out of the collector: a
+    program (or a test) that calls ``main`` with its arguments finds it as it was."""
+    frozen = gc.get_freeze_count()
+
+    assert images.cli.run("list").code == 0
+
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen
 
 
 # -- 3: deadlines ----------------------------------------------------------------------
