@@ -106,6 +106,7 @@ def test_kill_9_then_cleanup_then_boot(
         "partial_files": [], "locks": [], "ports": [], "rbd_disks": [], "images": [],
         "skipped": [],
         "templates": [],
+        "volumes": [],
     }  # fmt: skip
 
     boot = run_json(

@@ -152,6 +152,10 @@ power-button) power_button; exit 0 ;;
 dirty-memory) dirty_memory "$2"; exit 1 ;;
 esac
 
+# The console log is kept across boots, and the last one may have ended with the shell's
+# prompt pending: "up" starts on a line of its own whatever came before (the log may then
+# show an empty line before it).
+echo
 say up
 
 /bin/busybox mount -t proc proc /proc
