@@ -215,18 +215,35 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
     if args.template:
         from minidriver.cli import vmtemplate  # noqa: PLC0415 - only a clone needs it
 
+        if args.nova:
+            raise UsageError(
+                "explain: --nova maps a spawn's steps; a --template clone is restored, not spawned",
+                hint="explain --nova --image IMAGE --flavor FLAVOR",
+            )
+
         return vmtemplate.cmd_explain_template(drv, args, out)
     need_image_and_flavor(args)
     from minidriver import explain  # noqa: PLC0415 - not for boot
 
     plan = explain.explain(drv, args.image, args.flavor, boot_volume=args.boot_volume)
+    document = plan.to_dict()
+    nova = ""
+    if args.nova:
+        from minidriver import nova_map  # noqa: PLC0415 - only --nova needs it
+
+        document["nova"] = [s.to_dict() for s in nova_map.steps_of("spawn")]
+        nova = (
+            "\n\neach step of spawn, the Nova function that does it"
+            " (nova_map.py; the README's table):\n" + nova_map.text_table("spawn")
+        )
     out.result(
-        plan.to_dict(),
+        document,
         lambda: (
             "the chain of files a boot would make:\n"
             + plan_text(plan)
             + "\n\nthe domain XML (name and uuid are given at boot):\n"
             + plan.xml.rstrip("\n")
+            + nova
         ),
     )
     return EXIT_OK
