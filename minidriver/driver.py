@@ -494,10 +494,11 @@ class LibvirtDriver:
         network_disks: Mapping[str, guest.NetworkSource],
         volumes: Mapping[str, guest.GuestVolume] | None = None,
     ) -> libvirt.virDomain:
-        """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
-        take the chosen name between our check and our define (each counts its own
-        names): on that collision alone the next free name is taken and the XML made
-        again. Any other refusal is raised as it is."""
+        """to_xml, write libvirt.xml (ours: Nova stopped writing it in 15.0.0), define.
+        Another state dir on the same daemon may take the chosen name between our
+        check and our define (each counts its own names): on that collision alone the
+        next free name is taken and the XML made again. Any other refusal is raised as
+        it is."""
         collision = None
         for _attempt in range(DEFINE_ATTEMPTS):
             xml = self.to_xml(
