@@ -240,7 +240,9 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
         "ours", "", "Nova's spawn waits at a fixed 0.5 s, in code"
     ),
     ("libvirt", "resized_base_copies"): OptionOrigin(
-        "ours", "", "the seeds' _base/<sha1>_<GB> chain; Nova no longer makes it"
+        "ours",
+        "",
+        "the seeds' _base/<sha1>_<GB> chain; Nova makes one only for a disk already on one",
     ),
     ("libvirt", "images_cpu_time_limit"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "images_address_space_limit"): OptionOrigin(

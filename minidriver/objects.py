@@ -35,7 +35,8 @@ class Flavor:
                 raise ValueError(f"flavor {self.name}: {attr} must not be negative")
 
 
-# Nova's default flavors, plus a tiny one for tests.
+# The m1.* flavors Nova's database once seeded (removed in 14.0.0, commit 1a1a41bdbe;
+# DevStack makes them today), plus a tiny one for tests.
 DEFAULT_FLAVORS: Mapping[str, Flavor] = MappingProxyType(
     {
         f.name: f
