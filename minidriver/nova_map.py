@@ -87,7 +87,7 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "console log",
         f"{_DRIVER}:_ensure_console_log_for_instance",
         "driver.LibvirtDriver.spawn",
-        "<log append='on'>: kept across starts (our choice)",
+        "appended across starts (our choice; Nova's log element has append off)",
     ),
     NovaStep(
         "spawn",

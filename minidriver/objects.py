@@ -78,7 +78,7 @@ class ImageMeta:
 
     @property
     def os_command_line(self) -> str:
-        """The kernel command line the image asks for, '' for Nova's default."""
+        """The kernel command line the image asks for, '' for ours (guest.KERNEL_CONSOLE)."""
         return self.properties.get("os_command_line", "")
 
 
