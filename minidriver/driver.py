@@ -5,9 +5,10 @@ define, the post-XML hook, launch, ``wait_for_running``. Everything a spawn crea
 goes on an undo list; on any failure the list runs (domain, instance dir, DB record:
 never the shared cache) and a typed error names the step that failed.
 
-The driver keeps Nova's steps; the rest lives where Nova keeps it: the request's checks
-in ``compute_api``, the disks (and their RBD side) in ``imagebackend``, the domains
-(found by uuid) and the waits in ``host``, ``disk.info`` in ``disk_info_file``.
+The driver keeps Nova's steps; the rest lives in rooms named after Nova's: the request's
+checks in ``compute_api``, the disks (and their RBD side) in ``imagebackend``, the
+domains (found by uuid) and the waits in ``host``, ``disk.info`` in ``disk_info_file``
+(Nova keeps it in imagebackend). ``nova_map`` says where Nova does each step.
 """
 
 from __future__ import annotations

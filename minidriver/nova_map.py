@@ -68,6 +68,8 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "the _base cache, a disk on it",
         f"{_BACKEND}:Image.cache, Qcow2.create_image, Flat.create_image",
         "imagebackend.Image.cache, Qcow2, Flat",
+        "the inspector's verdict on a cached base kept while the file is unchanged"
+        " (trusted_bases; Nova's Qcow2 inspects the base at every spawn)",
     ),
     NovaStep(
         "spawn",
