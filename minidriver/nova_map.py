@@ -14,6 +14,15 @@ from dataclasses import dataclass
 _DRIVER = "nova/virt/libvirt/driver.py"
 _BACKEND = "nova/virt/libvirt/imagebackend.py"
 
+# The steps that make a file, as explain names them beside each file it plans.
+ROOT = "instance dir, root disk"
+KERNEL = "kernel and ramdisk"
+EPHEMERAL = "ephemeral disk"
+SWAP = "swap disk"
+DISK = "the _base cache, a disk on it"
+FETCH = "fetch and convert into _base"
+RBD = "RBD disks"
+
 
 @dataclass(frozen=True)
 class NovaStep:
@@ -50,22 +59,29 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     ),
     NovaStep(
         "spawn",
-        "instance dir, root disk",
+        ROOT,
         f"{_DRIVER}:_create_image, _create_and_inject_local_root",
         "driver.LibvirtDriver.create_image",
         "no file injection; an optional _base/<sha1>_<GB> resized copy (resized_base_copies, ours)",
     ),
     NovaStep(
         "spawn",
-        "ephemeral and swap disks",
-        f"{_DRIVER}:_create_ephemeral, _create_swap",
-        "imagebackend.create_ephemeral, create_swap",
-        "always ext4 (Nova: default_ephemeral_format, else by os_type, vfat without;"
-        " nova/privsep/fs.py)",
+        KERNEL,
+        f"{_DRIVER}:_create_image (the kernel and ramdisk images, each by Flat.cache)",
+        "driver.LibvirtDriver.create_image",
     ),
     NovaStep(
         "spawn",
-        "the _base cache, a disk on it",
+        EPHEMERAL,
+        f"{_DRIVER}:_create_ephemeral",
+        "imagebackend.create_ephemeral",
+        "always ext4 (Nova: default_ephemeral_format, else by os_type, vfat without;"
+        " nova/privsep/fs.py)",
+    ),
+    NovaStep("spawn", SWAP, f"{_DRIVER}:_create_swap", "imagebackend.create_swap"),
+    NovaStep(
+        "spawn",
+        DISK,
         f"{_BACKEND}:Image.cache, Qcow2.create_image, Flat.create_image",
         "imagebackend.Image.cache, Qcow2, Flat",
         "the inspector's verdict on a cached base kept while the file is unchanged"
@@ -73,14 +89,15 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     ),
     NovaStep(
         "spawn",
-        "fetch and convert into _base",
+        FETCH,
         "nova/virt/images.py:fetch_to_raw, convert_image, qemu_img_info",
         "images/fetch.py, images/qemu_img.py",
-        "a local image store or a URL instead of Glance",
+        "a local image store or a URL instead of Glance; the store's hash and the"
+        " virtual size checked too",
     ),
     NovaStep(
         "spawn",
-        "RBD disks",
+        RBD,
         f"{_BACKEND}:Rbd.clone, Rbd.create_image, Rbd.libvirt_info",
         "imagebackend.Rbd",
     ),
@@ -196,6 +213,14 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
 
 def steps_of(operation: str) -> tuple[NovaStep, ...]:
     return tuple(s for s in NOVA_STEPS if s.operation == operation)
+
+
+def step(name: str, operation: str = "spawn") -> NovaStep:
+    """The step called ``name`` (one of the constants above); KeyError if none."""
+    for s in steps_of(operation):
+        if s.step == name:
+            return s
+    raise KeyError(f"no {operation} step {name!r} in nova_map")
 
 
 def markdown_table() -> str:

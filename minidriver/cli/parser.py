@@ -204,7 +204,7 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--nova",
         action="store_true",
-        help="also each step of spawn beside the Nova function that does it, and where"
+        help="also the Nova function beside each file and each step of spawn, and where"
         " minidriver differs",
     )
     template = command("template", "a ready guest saved once, restored as clones").add_subparsers(

@@ -448,6 +448,14 @@ def nova_plan_shape(d: Any, w: World) -> None:
         "nova/virt/libvirt/driver.py:_create_image, _create_and_inject_local_root"
     )
     assert all(set(s) == {"operation", "step", "nova", "minidriver", "differs"} for s in steps)
+    # Beside each file, the Nova function that makes it.
+    nova_of = {Path(f["path"]).name: f["nova"] for f in d["files"]}
+    cache = "nova/virt/libvirt/imagebackend.py:Image.cache, Qcow2.create_image"
+    assert nova_of["disk"].startswith(cache)
+    assert nova_of["disk.local"].startswith(cache)
+    assert nova_of["ephemeral_1_40d1d2c"] == "nova/virt/libvirt/driver.py:_create_ephemeral"
+    assert nova_of["swap_64"] == "nova/virt/libvirt/driver.py:_create_swap"
+    assert all(f["nova"] and f["nova"].startswith("nova/") for f in d["files"])
 
 
 def plan_shape(d: Any, w: World) -> None:
@@ -680,6 +688,9 @@ CASES = [
             "nova/virt/libvirt/driver.py:_create_image",
             "nova/virt/libvirt/blockinfo.py:get_disk_info",
             "differs: a deadline",
+            "    nova: nova/virt/images.py:fetch_to_raw",
+            "    nova: nova/virt/libvirt/driver.py:_create_ephemeral\n",
+            "    nova: nova/virt/libvirt/driver.py:_create_swap\n",
         ),
     ),
     case("--json explain --image cirros --flavor t1.nano --nova", 0, doc(nova_plan_shape)),

@@ -7,6 +7,8 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
+
 from minidriver import nova_map
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -73,3 +75,18 @@ def test_explain_lines_put_each_step_beside_its_nova_function() -> None:
     assert "_wait_for_boot" in lines[wait]
     assert lines[wait + 1].strip().startswith("differs: a deadline")
     assert "destroy" not in text
+
+
+def test_every_step_explain_names_is_in_the_table() -> None:
+    for name in (
+        nova_map.ROOT,
+        nova_map.KERNEL,
+        nova_map.EPHEMERAL,
+        nova_map.SWAP,
+        nova_map.DISK,
+        nova_map.FETCH,
+        nova_map.RBD,
+    ):
+        assert nova_map.step(name).operation == "spawn"
+    with pytest.raises(KeyError):
+        nova_map.step("no such step")
