@@ -834,7 +834,9 @@ class LibvirtDriver:
         return SerialConsole.open(self._domain_of(instance_uuid), force=force, clock=self.clock)
 
     def power_off(self, instance_uuid: str, *, timeout: float = 60, force: bool = False) -> bool:
-        """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``.
+        """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``
+        (Nova's ``shutdown_timeout``, 60 s; Nova also repeats the request every
+        ``shutdown_retry_interval``, which we do not).
 
         Returns True when the guest shut down cleanly (False: it was stopped hard).
         """

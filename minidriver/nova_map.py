@@ -152,6 +152,8 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "stop",
         f"{_DRIVER}:power_off, _clean_shutdown",
         "driver.LibvirtDriver.power_off",
+        "one ACPI request (Nova sends it again every shutdown_retry_interval, 10 s);"
+        " the timeout is 60 s as Nova's shutdown_timeout",
     ),
     NovaStep(
         "power",
