@@ -219,7 +219,8 @@ def disk_cachemode(instance_dir: Path) -> str:
 
 
 def default_cpu_mode(virt_type: str, configured: str) -> str | None:
-    """host-model under kvm, no <cpu> element (QEMU's default model) under TCG."""
+    """host-model under kvm, no <cpu> element (QEMU's default model) under TCG: our
+    choice; Nova's empty ``cpu_mode`` means host-model under qemu (TCG) too."""
     mode = configured or ("host-model" if virt_type == "kvm" else "none")
     return None if mode == "none" else mode
 
