@@ -190,7 +190,7 @@ _NOVA_LIBVIRT = "nova/conf/libvirt.py"
 _NOVA_CACHE = "nova/conf/imagecache.py"
 _NOVA_DRIVE = "nova/conf/configdrive.py"
 
-# Every option, checked against its owner's source for issue 21 (Nova at master; the
+# Every option, checked against its owner's source for issue 21 (Nova at 00a030403f; the
 # README's table "Whose option" is made from this and a unit test keeps it so).
 ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ("DEFAULT", "state_path"): OptionOrigin(

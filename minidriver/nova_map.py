@@ -1,5 +1,5 @@
 """Where Nova does each step minidriver does, and where minidriver differs (no Nova
-counterpart: a map of Nova's source, read at master for issue 21).
+counterpart: a map of Nova's source, read at master, commit 00a030403f, for issue 21).
 
 One table, :data:`NOVA_STEPS`, feeds ``explain --nova`` and the README's section "How
 the flow maps to Nova" (a unit test compares the README with :func:`markdown_table`,
