@@ -21,7 +21,8 @@ from minidriver.objects import (
     ImageMeta,
 )
 
-# Buses libvirt's QEMU driver offers for disks, as Nova lists them for kvm and qemu.
+# Buses libvirt's QEMU driver offers for disks, as Nova lists them for kvm and qemu
+# (SUPPORTED_DEVICE_BUSES), less fdc: no floppies here.
 DISK_BUSES = {DiskBus.VIRTIO, DiskBus.IDE, DiskBus.SCSI, DiskBus.SATA, DiskBus.USB}
 # A cdrom cannot sit on virtio.
 CDROM_BUSES = {DiskBus.IDE, DiskBus.SCSI, DiskBus.SATA, DiskBus.USB}
@@ -128,7 +129,8 @@ def get_disk_info(
 
     Root ``disk`` first with boot index 1 (a cdrom when the image is an ISO), then
     ``disk.local`` (ephemeral) and ``disk.swap``, and the config drive last:
-    ``iso9660`` as a cdrom on the last device of the cdrom bus, ``vfat`` as a disk.
+    ``iso9660`` as a cdrom on the last device of the cdrom bus (our choice: Nova's
+    ``get_disk_mapping`` takes the next free device), ``vfat`` as a disk.
     With a root volume in ``block_device_info`` (boot from volume) the root is that
     volume, a disk at ``root_device_name`` (default: the first free), and there is
     no ``disk``.

@@ -151,7 +151,7 @@ def validate_flavor_image(
     flavor: Flavor, image: ImageMeta, max_virtual_size: int = 0, *, root_on_volume: bool = False
 ) -> None:
     """Nova's ``_validate_flavor_image_nostatus``: refuse a flavor too small for the
-    image, an image over the ``images_max_virtual_size`` ceiling (bytes; 0: none), or
+    image, an image over the ``images_max_virtual_size`` ceiling (ours; bytes; 0: none), or
     one that is no disk at all. ``root_on_volume``: the flavor's root size does not
     count (the volume holds the root), as Nova skips that check for boot from volume."""
     if image.disk_format in UNINSPECTED:

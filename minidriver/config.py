@@ -1,6 +1,8 @@
 """Typed settings from an INI file, with Nova's option names and sections (nova/conf/).
 
-Every option and its default is listed once, in the dataclasses below. Precedence:
+Nova's names where Nova has the option; :data:`ORIGINS` says whose each option is
+(Nova's, Glance's, Cinder's or ours) and where ours differs. Every option and its
+default is listed once, in the dataclasses below. Precedence:
 explicit arguments (the CLI's ``--state-dir``), then ``MINIDRIVER_STATE_DIR`` /
 ``MINIDRIVER_CONFIG``, then the file, then the defaults.
 """
@@ -170,6 +172,126 @@ SECTIONS: Mapping[str, type[Any]] = {
     "volume": VolumeOptions,
 }
 FLAVOR_FIELDS = ("vcpus", "memory_mb", "root_gb", "ephemeral_gb", "swap")
+
+
+@dataclass(frozen=True)
+class OptionOrigin:
+    """Whose option a setting is: ``owner`` is Nova, Glance, glance_store, Cinder or
+    ours (minidriver's alone); ``differs`` says how ours differs from the owner's
+    (default, unit, choices), empty when it does not."""
+
+    owner: str
+    source: str  # where the owner defines it ("" for ours)
+    differs: str = ""
+
+
+_NOVA_CONF = "nova/conf/compute.py"
+_NOVA_LIBVIRT = "nova/conf/libvirt.py"
+_NOVA_CACHE = "nova/conf/imagecache.py"
+_NOVA_DRIVE = "nova/conf/configdrive.py"
+
+# Every option, checked against its owner's source for issue 21 (Nova at 00a030403f; the
+# README's table "Whose option" is made from this and a unit test keeps it so).
+ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
+    ("DEFAULT", "state_path"): OptionOrigin(
+        "Nova", "nova/conf/paths.py", "Nova's default: $pybasedir (Nova's install dir)"
+    ),
+    ("DEFAULT", "instances_path"): OptionOrigin("Nova", _NOVA_CONF),
+    ("DEFAULT", "use_cow_images"): OptionOrigin("Nova", _NOVA_CONF),
+    ("DEFAULT", "force_raw_images"): OptionOrigin("Nova", _NOVA_CONF),
+    ("DEFAULT", "preallocate_images"): OptionOrigin("Nova", _NOVA_CONF),
+    ("DEFAULT", "instance_build_timeout"): OptionOrigin(
+        "Nova",
+        _NOVA_CONF,
+        "Nova's default: 0 (no limit; its compute manager's periodic check sets the"
+        " instance to ERROR); ours: 300, the deadline of wait_for_running",
+    ),
+    ("DEFAULT", "instance_name_template"): OptionOrigin("Nova", _NOVA_CONF),
+    ("DEFAULT", "image_size_cap"): OptionOrigin(
+        "Glance", "glance/common/config.py", "applied by image add, in [DEFAULT] here too"
+    ),
+    ("DEFAULT", "force_config_drive"): OptionOrigin("Nova", _NOVA_DRIVE),
+    ("DEFAULT", "config_drive_format"): OptionOrigin("Nova", _NOVA_DRIVE),
+    ("DEFAULT", "ssh_user"): OptionOrigin("ours", ""),
+    ("libvirt", "connection_uri"): OptionOrigin(
+        "Nova",
+        _NOVA_LIBVIRT,
+        "empty means, in Nova, the URI of virt_type (qemu:///system); here the system"
+        " daemon, else the embedded driver, or qemu:///session for a user",
+    ),
+    ("libvirt", "virt_type"): OptionOrigin(
+        "Nova",
+        _NOVA_LIBVIRT,
+        "Nova's default: kvm (also lxc, parallels); auto, our default, is ours",
+    ),
+    ("libvirt", "cpu_mode"): OptionOrigin(
+        "Nova",
+        _NOVA_LIBVIRT,
+        "empty means host-model under kvm and qemu in Nova; here none under qemu (TCG)",
+    ),
+    ("libvirt", "hw_machine_type"): OptionOrigin(
+        "Nova",
+        _NOVA_LIBVIRT,
+        "Nova's is a list of arch=type, unset (then pc for x86_64:"
+        " nova/virt/libvirt/utils.py:get_default_machine_type); ours one type, pc",
+    ),
+    ("libvirt", "images_type"): OptionOrigin("Nova", _NOVA_LIBVIRT, "no lvm or ploop here"),
+    ("libvirt", "wait_interval"): OptionOrigin(
+        "ours", "", "Nova's spawn waits at a fixed 0.5 s, in code"
+    ),
+    ("libvirt", "resized_base_copies"): OptionOrigin(
+        "ours",
+        "",
+        "the seeds' _base/<sha1>_<GB> chain; Nova makes one only for a disk already on one",
+    ),
+    ("libvirt", "images_cpu_time_limit"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "images_address_space_limit"): OptionOrigin(
+        "Nova", _NOVA_LIBVIRT, "in bytes here; Nova's is in GiB (default 2): the same limit"
+    ),
+    ("libvirt", "images_max_virtual_size"): OptionOrigin("ours", "", "no Nova option"),
+    ("libvirt", "network_mode"): OptionOrigin("ours", "", "Nova's networks are Neutron's"),
+    ("libvirt", "network_name"): OptionOrigin("ours", ""),
+    ("libvirt", "bridge"): OptionOrigin("ours", ""),
+    ("libvirt", "forward_port_min"): OptionOrigin("ours", ""),
+    ("libvirt", "forward_port_max"): OptionOrigin("ours", ""),
+    ("libvirt", "port_reservations_path"): OptionOrigin("ours", ""),
+    ("libvirt", "images_rbd_pool"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "images_rbd_ceph_conf"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "rbd_user"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "rbd_secret_uuid"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "rbd_connect_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "device_detach_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "device_detach_attempts"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("image_cache", "subdirectory_name"): OptionOrigin("Nova", _NOVA_CACHE),
+    ("image_cache", "remove_unused_base_images"): OptionOrigin("Nova", _NOVA_CACHE),
+    ("image_cache", "remove_unused_original_minimum_age_seconds"): OptionOrigin(
+        "Nova", _NOVA_CACHE
+    ),
+    ("image_cache", "remove_unused_resized_minimum_age_seconds"): OptionOrigin("Nova", _NOVA_CACHE),
+    ("image_cache", "manager_interval"): OptionOrigin(
+        "Nova", _NOVA_CACHE, "here the interval of cache clean --loop"
+    ),
+    ("glance_store", "rbd_store_pool"): OptionOrigin(
+        "glance_store", "glance_store/_drivers/rbd.py"
+    ),
+    ("volume", "default_backend"): OptionOrigin(
+        "ours", "", "in the role of Cinder's default_volume_type"
+    ),
+    ("volume", "rbd_pool"): OptionOrigin(
+        "Cinder", "cinder/volume/drivers/rbd.py", "Cinder's default: rbd"
+    ),
+    ("volume", "storage_pool"): OptionOrigin("ours", ""),
+    ("volume", "storage_pool_path"): OptionOrigin("ours", ""),
+}
+
+
+def origins_markdown() -> str:
+    """The README's table "Whose option", from :data:`ORIGINS`."""
+    lines = ["| Option | Whose | Where minidriver differs |", "|---|---|---|"]
+    for (section, name), origin in ORIGINS.items():
+        whose = f"{origin.owner} (`{origin.source}`)" if origin.source else origin.owner
+        lines.append(f"| `[{section}] {name}` | {whose} | {origin.differs or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,16 @@ Nova's ``ConfigDriveBuilder`` and the files of its ``InstanceMetadata``, for one
 The drive carries what cloud-init's ConfigDrive datasource reads at first boot: a
 filesystem labelled ``config-2`` with ``openstack/<version>/meta_data.json``,
 ``user_data``, ``network_data.json``, ``vendor_data.json`` and ``vendor_data2.json``
-for every metadata version Nova writes, and ``latest``. Two formats, as in Nova:
+for every metadata version Nova writes up to 2020-10-14, and ``latest`` (Nova's
+2025-04-04 adds only share devices, which minidriver has none of: not written here).
+Two formats, as in Nova:
 
-- ``iso9660``: built in Python with pycdlib, with what Nova's ``genisoimage -l -J -r
-  -V config-2`` gives: Rock Ridge 1.09 and Joliet carry the real names
-  (``meta_data.json``), the plain ISO 9660 names are the interchange level 2 form
-  (``META_DATA.JSON;1``);
+- ``iso9660``: built in Python with pycdlib (Nova runs ``mkisofs_cmd``,
+  genisoimage, with ``-ldots -allow-lowercase -allow-multidot -l -J -r -V config-2``):
+  Rock Ridge 1.09 and Joliet carry the real names (``meta_data.json``), as in Nova's;
+  the plain ISO 9660 names are the strict interchange level 2 form
+  (``META_DATA.JSON;1``), where Nova's options keep lower case and dots (our choice:
+  guests read the Rock Ridge or Joliet names);
 - ``vfat``: a 64 MiB FAT made by ``mkfs.vfat``, filled by mtools' ``mcopy`` without
   mounting anything (Nova mounts it).
 
@@ -51,8 +55,9 @@ FORMATS = ("iso9660", "vfat")
 # Nova's CONFIGDRIVESIZE_BYTES: the size of a vfat drive.
 VFAT_SIZE = 64 * 1024**2
 
-# Nova's metadata versions (nova/api/metadata/base.py), oldest first. Each adds to the
-# one before; cloud-init reads the newest it knows (2018-08-27 in cloud-init 22.4).
+# Nova's metadata versions (nova/api/metadata/base.py), oldest first, up to VICTORIA:
+# Nova's EPOXY (2025-04-04) adds share devices only, and there are none here. Each adds
+# to the one before; cloud-init reads the newest it knows (2018-08-27 in cloud-init 22.4).
 FOLSOM = "2012-08-10"
 GRIZZLY = "2013-04-04"  # random_seed
 HAVANA = "2013-10-17"  # vendor_data.json

@@ -30,7 +30,9 @@ def write_disk_info(
 
     Written to a temporary file and renamed (``publish``), so no reader ever sees half
     of it. ``paths`` names disks that are not files of the instance dir (an RBD root
-    disk is ``rbd:<pool>/<uuid>_disk``, as in Nova)."""
+    disk is ``rbd:<pool>/<uuid>_disk``, the path Nova's ``Rbd`` gives it). Listing RBD
+    disks here is ours: Nova's ``disk.info`` is written by its file backends only
+    (``Flat``, ``Qcow2``)."""
     path = instance_dir / DISK_INFO
     paths = paths or {}
     data = {paths.get(name, os.fspath(instance_dir / name)): fmt for name, fmt in formats.items()}

@@ -5,9 +5,10 @@ define, the post-XML hook, launch, ``wait_for_running``. Everything a spawn crea
 goes on an undo list; on any failure the list runs (domain, instance dir, DB record:
 never the shared cache) and a typed error names the step that failed.
 
-The driver keeps Nova's steps; the rest lives where Nova keeps it: the request's checks
-in ``compute_api``, the disks (and their RBD side) in ``imagebackend``, the domains
-(found by uuid) and the waits in ``host``, ``disk.info`` in ``disk_info_file``.
+The driver keeps Nova's steps; the rest lives in rooms named after Nova's: the request's
+checks in ``compute_api``, the disks (and their RBD side) in ``imagebackend``, the
+domains (found by uuid) and the waits in ``host``, ``disk.info`` in ``disk_info_file``
+(Nova keeps it in imagebackend). ``nova_map`` says where Nova does each step.
 """
 
 from __future__ import annotations
@@ -347,7 +348,9 @@ class LibvirtDriver:
         key_name: str | None = None,
         root_volume: VolumeRecord | None = None,
     ) -> libvirt.virDomain:
-        """Nova's spawn, step by step, with everything it creates on an undo list.
+        """Nova's spawn, step by step. Everything it creates goes on an undo list, our
+        choice (Nova removes the instance dir and disks a failed spawn created, in
+        ``_create_guest_with_network``'s cleanup).
 
         With ``images_type = rbd`` one connection to the cluster serves the whole
         spawn; it outlives the undo list, which may need it to remove the root disk.
@@ -494,10 +497,11 @@ class LibvirtDriver:
         network_disks: Mapping[str, guest.NetworkSource],
         volumes: Mapping[str, guest.GuestVolume] | None = None,
     ) -> libvirt.virDomain:
-        """to_xml, write libvirt.xml, define. Another state dir on the same daemon may
-        take the chosen name between our check and our define (each counts its own
-        names): on that collision alone the next free name is taken and the XML made
-        again. Any other refusal is raised as it is."""
+        """to_xml, write libvirt.xml (ours: Nova stopped writing it in 15.0.0), define.
+        Another state dir on the same daemon may take the chosen name between our
+        check and our define (each counts its own names): on that collision alone the
+        next free name is taken and the XML made again. Any other refusal is raised as
+        it is."""
         collision = None
         for _attempt in range(DEFINE_ATTEMPTS):
             xml = self.to_xml(
@@ -830,7 +834,9 @@ class LibvirtDriver:
         return SerialConsole.open(self._domain_of(instance_uuid), force=force, clock=self.clock)
 
     def power_off(self, instance_uuid: str, *, timeout: float = 60, force: bool = False) -> bool:
-        """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``.
+        """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``
+        (Nova's ``shutdown_timeout``, 60 s; Nova also repeats the request every
+        ``shutdown_retry_interval``, which we do not).
 
         Returns True when the guest shut down cleanly (False: it was stopped hard).
         """
@@ -855,9 +861,10 @@ class LibvirtDriver:
         return clean
 
     def power_on(self, instance_uuid: str) -> None:
-        """Start a stopped instance. A suspended one is resumed: libvirt's start of a
-        domain with a managed save image restores that image (its memory is kept), and
-        its clock is set as ``resume`` sets it."""
+        """Start a stopped instance: its existing definition (Nova's ``power_on`` is a
+        ``_hard_reboot``: new XML, missing disks re-created). A suspended one is
+        resumed: libvirt's start of a domain with a managed save image restores that
+        image (its memory is kept), and its clock is set as ``resume`` sets it."""
         domain = self._domain_of(instance_uuid)
         restored = False
         if not domain.isActive():
@@ -946,14 +953,19 @@ class LibvirtDriver:
         return domain
 
     def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
-        """Soft: the guest is asked (ACPI) and libvirt starts it again once it has
-        stopped. Hard: as Nova's ``_hard_reboot``, the domain is stopped and started.
+        """Soft: the guest is asked (libvirt's reboot, ACPI) and libvirt starts it
+        again once it has stopped; unlike Nova's ``_soft_reboot`` (shutdown, then its
+        own launch), there is no fall back to a hard reboot. Hard: the domain is
+        stopped and its existing definition started again; Nova's ``_hard_reboot``
+        also regenerates the XML and re-creates missing disks and backing files
+        (``_create_images_and_backing``), which minidriver does not do yet.
 
         A stopped instance is started (its port reserved again, as ``power_on``
-        does). A suspended one has no guest to ask: a soft reboot is refused, as Nova
-        refuses it (``ALLOW_SOFT_REBOOT`` is active only); a hard one boots it afresh,
-        its saved memory discarded, as Nova's ``_hard_reboot`` discards it (the
-        domain undefined with its managed save), where a plain start would restore it.
+        does). A suspended one has no guest to ask: a soft reboot is refused, as
+        Nova's API refuses it (``vm_states.ALLOW_SOFT_REBOOT`` is active only); a hard
+        one boots it afresh, its saved memory discarded, as Nova's ``_hard_reboot``
+        discards it (its ``destroy`` undefines the domain with its managed save),
+        where a plain start would restore it.
         """
         domain = self._domain_of(instance_uuid)
         if domain.isActive() and not hard:
@@ -1031,8 +1043,9 @@ class LibvirtDriver:
         )
 
     def bases_in_use(self) -> dict[str, set[str]]:
-        """Nova's count of what is in use: every instance disk's backing chain on this
-        host, plus the base of every instance recorded in the state DB."""
+        """What is in use, as Nova's cache manager counts it (``_list_backing_images``
+        and the images of ``_list_running_instances``): every instance disk's backing
+        chain on this host, plus the base of every instance recorded in the state DB."""
         from minidriver import imagecache  # noqa: PLC0415 - boot does not need it (issue 17)
 
         return imagecache.merge(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from minidriver import compute_api, guest
+from minidriver import compute_api, guest, nova_map
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.imagebackend import (
     EPHEMERAL_FS,
@@ -50,6 +50,10 @@ class PlannedFile:
     exists: bool  # already there (a cached base): nothing to run for it
     commands: tuple[tuple[str, ...], ...]
     note: str = ""
+    step: str = ""  # the nova_map step that makes it ("": none of spawn's, a volume)
+
+    def nova_step(self) -> nova_map.NovaStep | None:
+        return nova_map.step(self.step) if self.step else None
 
 
 @dataclass
@@ -60,7 +64,14 @@ class Plan:
     xml: str = ""
 
     def add(
-        self, path: Path, fmt: str, size: int | None, cmds: list[list[str]], note: str = ""
+        self,
+        path: Path,
+        fmt: str,
+        size: int | None,
+        cmds: list[list[str]],
+        note: str = "",
+        *,
+        step: str,
     ) -> None:
         """A file a boot may make: nothing to run for it if it is there (cached)."""
         exists = path.exists()
@@ -72,26 +83,29 @@ class Plan:
                 exists=exists,
                 commands=() if exists else tuple(tuple(c) for c in cmds),
                 note=note,
+                step=step,
             )
         )
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "image": self.image_id,
-            "flavor": self.flavor,
-            "files": [
-                {
-                    "path": f.path,
-                    "format": f.format,
-                    "virtual_size": f.virtual_size,
-                    "exists": f.exists,
-                    "commands": [list(c) for c in f.commands],
-                    "note": f.note,
-                }
-                for f in self.files
-            ],
-            "xml": self.xml,
-        }
+    def to_dict(self, *, nova: bool = False) -> dict[str, object]:
+        """``nova``: each file also names the Nova function that makes it and where
+        minidriver differs (``explain --nova``), from :data:`nova_map.NOVA_STEPS`."""
+        files = []
+        for f in self.files:
+            entry: dict[str, object] = {
+                "path": f.path,
+                "format": f.format,
+                "virtual_size": f.virtual_size,
+                "exists": f.exists,
+                "commands": [list(c) for c in f.commands],
+                "note": f.note,
+            }
+            if nova:
+                step = f.nova_step()
+                entry["nova"] = step.nova if step else None
+                entry["differs"] = step.differs if step else None
+            files.append(entry)
+        return {"image": self.image_id, "flavor": self.flavor, "files": files, "xml": self.xml}
 
 
 def explain(
@@ -213,8 +227,17 @@ def add_boot_file(
     base = base_dir / base_filename(image.id)
     if not base.exists():
         part = base.with_name(base.name + ".part")
-        plan.add(part, image.disk_format, image.size, [], f"copy of {image.path}, sha512 verified")
-    plan.add(base, image.disk_format, image.size, [], f"{name}, image {image.id}")
+        plan.add(
+            part,
+            image.disk_format,
+            image.size,
+            [],
+            f"copy of {image.path}, sha512 verified",
+            step=nova_map.KERNEL,
+        )
+    plan.add(
+        base, image.disk_format, image.size, [], f"{name}, image {image.id}", step=nova_map.KERNEL
+    )
     target = instance_dir / name
     plan.files.append(
         PlannedFile(
@@ -224,6 +247,7 @@ def add_boot_file(
             exists=False,
             commands=(tuple(copy_sparse_cmd(base, target)),),
             note=f"a full copy of {base_dir.name}/{base.name}",
+            step=nova_map.KERNEL,
         )
     )
 
@@ -256,11 +280,17 @@ def add_root_files(
             root_size,
             ["clone", str(clone), rbd_root],
             f"a copy-on-write clone of {clone}: nothing is fetched",
+            step=nova_map.RBD,
         )
     else:
         if not base.exists():
             plan.add(
-                part, source_fmt, meta.virtual_size, [], f"copy of {image_source(image)}, verified"
+                part,
+                source_fmt,
+                meta.virtual_size,
+                [],
+                f"copy of {image_source(image)}, verified",
+                step=nova_map.FETCH,
             )
         if force_raw and source_fmt != "raw":
             converted = base.with_name(base.name + ".converted")
@@ -270,9 +300,17 @@ def add_root_files(
                 meta.virtual_size,
                 [qemu_img.convert_cmd(part, source_fmt, converted, "raw")],
                 f"converted, then renamed from {converted.name}",
+                step=nova_map.FETCH,
             )
         else:
-            plan.add(base, base_fmt, meta.virtual_size, [], f"renamed from {part.name}")
+            plan.add(
+                base,
+                base_fmt,
+                meta.virtual_size,
+                [],
+                f"renamed from {part.name}",
+                step=nova_map.FETCH,
+            )
     if clone is None and rbd_root is not None:
         add_rbd_disk(
             plan,
@@ -280,6 +318,7 @@ def add_root_files(
             root_size,
             ["import", str(base), rbd_root],
             f"{base.name} imported into the pool (the image is not cloneable)",
+            step=nova_map.RBD,
         )
     if rbd_root is None:
         backing = base
@@ -292,6 +331,7 @@ def add_root_files(
                 root_size,
                 [copy_sparse_cmd(base, temp), qemu_img.resize_cmd(temp, base_fmt, root_size)],
                 f"a full copy, resized, renamed from {temp.name}",
+                step=nova_map.DISK,
             )
             backing, root_size = resized, None
         add_disk(
@@ -313,16 +353,19 @@ def add_local_disks(
     flavor = drv.get_flavor(plan.flavor)
     backend = local_backend_class(drv.conf)
     base_dir = drv.conf.base_dir
-    # (disk, its base, size, the command that formats the base's temp file, its kind)
-    local: list[tuple[str, Path, int, Callable[[Path], list[str]], str]] = []
+    # (disk, its base, size, the command that formats the base's temp file, its kind,
+    # the nova_map step that makes the base)
+    local: list[tuple[str, Path, int, Callable[[Path], list[str]], str, str]] = []
     if flavor.ephemeral_gb:
         eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
         mkfs = partial(mkfs_cmd, EPHEMERAL_FS, EPHEMERAL_LABEL)
-        local.append(("disk.local", eph, flavor.ephemeral_gb * GiB, mkfs, EPHEMERAL_FS))
+        local.append(
+            ("disk.local", eph, flavor.ephemeral_gb * GiB, mkfs, EPHEMERAL_FS, nova_map.EPHEMERAL)
+        )
     if flavor.swap:
         swap = base_dir / swap_filename(flavor.swap)
-        local.append(("disk.swap", swap, flavor.swap * MiB, mkswap_cmd, "swap"))
-    for name, base, size, format_cmd, kind in local:
+        local.append(("disk.swap", swap, flavor.swap * MiB, mkswap_cmd, "swap", nova_map.SWAP))
+    for name, base, size, format_cmd, kind, step in local:
         temp = base.with_name(base.name + ".part")
         plan.add(
             base,
@@ -330,6 +373,7 @@ def add_local_disks(
             size,
             [qemu_img.create_cmd(temp, "raw", size), format_cmd(temp)],
             f"{kind}, renamed from {temp.name}",
+            step=step,
         )
         if name in rbd_paths:
             add_rbd_disk(
@@ -338,6 +382,7 @@ def add_local_disks(
                 None,
                 ["import", str(base), rbd_paths[name]],
                 f"{base.name} imported into the pool",
+                step=nova_map.RBD,
             )
         else:
             add_disk(
@@ -355,7 +400,9 @@ def image_source(image: StoreImage) -> str:
     return str(location) if location is not None else str(image.path)
 
 
-def add_rbd_disk(plan: Plan, rbd_path: str, size: int | None, first: list[str], note: str) -> None:
+def add_rbd_disk(
+    plan: Plan, rbd_path: str, size: int | None, first: list[str], note: str, *, step: str
+) -> None:
     """A disk in the pool, made by ``rbd <first...>`` and grown to ``size``."""
     plan.files.append(
         PlannedFile(
@@ -365,6 +412,7 @@ def add_rbd_disk(plan: Plan, rbd_path: str, size: int | None, first: list[str], 
             exists=False,
             commands=rbd_commands(first, size),
             note=note,
+            step=step,
         )
     )
 
@@ -399,5 +447,6 @@ def add_disk(
             exists=False,
             commands=tuple(tuple(c) for c in cmds),
             note=note,
+            step=nova_map.DISK,
         )
     )

@@ -1,6 +1,6 @@
 """Writing files so that a crash or an error never leaves half of one under its name,
 and so that guest data is private from its first byte, and no write starts that cannot
-fit (Nova: ``fileutils``, ``utils.remove_path_on_error``).
+fit (Nova: oslo.utils' ``fileutils``, its ``remove_path_on_error`` among them).
 
 Guest data (disks, the config drive with user data and keys, the console, images) is
 for us and QEMU's user alone. Nova leaves these modes to the umask; here we choose to
@@ -76,7 +76,8 @@ def publish(temp: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def removed_on_error(*paths: Path) -> Iterator[None]:
-    """Nova's ``remove_path_on_error``: no half-written file outlives a failure."""
+    """oslo.utils' ``remove_path_on_error``, as Nova uses it: no half-written file
+    outlives a failure."""
     try:
         yield
     except BaseException:

@@ -134,7 +134,9 @@ class GuestMetadata:
     namespace: str = METADATA_NAMESPACE
 
 
-# Nova's CONSOLE for a kernel booted directly: the guest's console on the serial port.
+# The console of a kernel booted directly: the guest's console on the serial port. Nova's
+# CONSOLE (nova/virt/libvirt/driver.py) is "console=tty0 console=ttyS0 console=hvc0",
+# with " no_timer_check" under virt_type = qemu; ours is the older, shorter line.
 KERNEL_CONSOLE = "console=tty0 console=ttyS0"
 
 
@@ -217,7 +219,8 @@ def disk_cachemode(instance_dir: Path) -> str:
 
 
 def default_cpu_mode(virt_type: str, configured: str) -> str | None:
-    """host-model under kvm, no <cpu> element (QEMU's default model) under TCG."""
+    """host-model under kvm, no <cpu> element (QEMU's default model) under TCG: our
+    choice; Nova's empty ``cpu_mode`` means host-model under qemu (TCG) too."""
     mode = configured or ("host-model" if virt_type == "kvm" else "none")
     return None if mode == "none" else mode
 
@@ -291,10 +294,11 @@ def get_guest_disks(
 def get_guest_os(
     instance: Instance, disk_info: DiskInfo, instance_dir: Path, os_command_line: str = ""
 ) -> GuestOS:
-    """Nova's choice for ``<os>``: with a kernel image, the copies of the kernel and
-    ramdisk in the instance dir and ``root=/dev/<root disk> console...``, unless the
-    image gives its own ``os_command_line``; otherwise the BIOS boots in
-    ``blockinfo.get_boot_order``'s order (an ISO image's root: ``cdrom``)."""
+    """``<os>`` as Nova lays it out: with a kernel image, the copies of the kernel and
+    ramdisk in the instance dir and ``root=/dev/<root disk> console...`` (our
+    :data:`KERNEL_CONSOLE`, not Nova's), unless the image gives its own
+    ``os_command_line``; otherwise the BIOS boots in ``blockinfo.get_boot_order``'s
+    order (an ISO image's root: ``cdrom``)."""
     if not instance.kernel_id:
         return GuestOS(boot_devs=blockinfo.get_boot_order(disk_info))
     return GuestOS(

@@ -61,7 +61,9 @@ LOG = logging.getLogger(__name__)
 # Makes a base file at the path it is given; returns the base's format.
 FetchFunc = Callable[[Path], str]
 
-# Nova's default ephemeral filesystem for Linux guests, and its label.
+# Nova's default ephemeral filesystem for Linux guests (nova/privsep/fs.py), and its
+# label. Ours for every guest: Nova gives vfat when os_type is not linux (or windows:
+# ntfs) and default_ephemeral_format is unset.
 EPHEMERAL_FS = "ext4"
 EPHEMERAL_LABEL = "ephemeral0"
 
@@ -84,7 +86,9 @@ class FlavorDiskSmallerThanImage(MinidriverError):
 
 
 def touch(path: Path) -> None:
-    """Mark a base as in use for the image cache manager (Nova updates its mtime)."""
+    """Mark a base as in use for the image cache manager: its mtime, from which the
+    manager counts a base's age (as Nova's ``Qcow2.create_image`` touches it at spawn,
+    ``_update_utime_ignore_eacces``, and its manager in ``_mark_in_use``)."""
     os.utime(path)
 
 
@@ -413,14 +417,16 @@ class Rbd(Image):
     ) -> rbd_utils.RbdLocation:
         """Nova's ``direct_snapshot``: an RBD snapshot of the disk, cloned as
         ``image_id`` into the pool of ``parent`` (the image the instance was booted
-        from) when that is in this cluster, else into Glance's ``rbd_store_pool``;
+        from) when that is in this cluster, else into Glance's ``rbd_store_pool``
+        (ours: Nova's ``_get_parent_pool`` asks the disk's own parent first, then the
+        image's locations, and failing both Nova takes a standard snapshot);
         flattened (it must outlive this disk), with its own protected ``snap``. The
         disk's temporary snapshot goes in every outcome."""
         driver = self.driver
         fsid = driver.get_fsid()
         dest_pool = self.conf.glance_store.rbd_store_pool
         if parent is not None and parent.fsid == fsid:
-            dest_pool = parent.pool  # Nova's _get_parent_pool
+            dest_pool = parent.pool  # Nova's _get_parent_pool, by the image's location
         source = rbd_utils.RbdLocation(fsid, driver.pool, self.rbd_name, snapshot_name)
         driver.create_snap(self.rbd_name, snapshot_name, protect=True)
         try:

@@ -1,7 +1,8 @@
 """SSH key pairs kept in the state dir (nova/api/openstack/compute/keypairs.py).
 
 ``create`` makes an ed25519 pair with ``ssh-keygen`` and keeps the private key, unlike
-Nova, which hands it over once: these are keys for throwaway guests that
+Nova, which handed it over once (and since API microversion 2.92 makes no keys, it
+only imports them): these are keys for throwaway guests that
 ``minidriver ssh`` logs into. ``import_public_key`` records someone's public key
 alone, as Nova's import does. Files: ``keypairs/NAME`` (private, 0600) and
 ``keypairs/NAME.pub``, in a 0700 directory.

@@ -107,8 +107,9 @@ class VIF:
 
 
 def generate_mac_address(taken: Container[str] = ()) -> str:
-    """Nova's ``generate_mac_address``: ``fa:16:3e`` and three random bytes; never one
-    in ``taken`` (this state dir's instances)."""
+    """A MAC as Neutron makes one from its default ``base_mac``: ``fa:16:3e`` and
+    three random bytes; never one in ``taken`` (this state dir's instances). Nova's own
+    ``generate_mac_address`` (nova/utils.py) was removed in 2025, unused."""
     while True:
         mac = ":".join(f"{b:02x}" for b in (*MAC_PREFIX, *secrets.token_bytes(3)))
         if mac not in taken:
@@ -119,8 +120,9 @@ def get_network_metadata(vif: VIF | None) -> dict[str, Any]:
     """Nova's ``netutils.get_network_metadata``: network_data.json for the VIF.
 
     One link with the MAC (cloud-init finds the NIC by it), one ``ipv4_dhcp`` network
-    on it, and the DNS server where we know it (QEMU's user network). No VIF: the
-    empty document Nova writes for an instance without ports.
+    on it, and the DNS server where we know it (QEMU's user network). No VIF: empty
+    links, networks and services (ours; Nova writes ``{}`` for an instance without
+    ports).
     """
     if vif is None or vif.mode is NetworkMode.NONE:
         return {"links": [], "networks": [], "services": []}
@@ -132,7 +134,8 @@ def get_network_metadata(vif: VIF | None) -> dict[str, Any]:
             {
                 "id": link_id,
                 "vif_id": vif.vif_id,
-                # Nova's VIF types: a plain tap for QEMU's own network, else a bridge.
+                # Nova writes the VIF's type here (bridge, tap, ...; "phy" for others);
+                # ours: "ethernet" for QEMU's own network, which has no Neutron VIF type.
                 "type": "ethernet" if user else "bridge",
                 "mtu": USER_NETWORK_MTU if user else None,
                 "ethernet_mac_address": vif.mac_address,

@@ -35,7 +35,8 @@ class Flavor:
                 raise ValueError(f"flavor {self.name}: {attr} must not be negative")
 
 
-# Nova's default flavors, plus a tiny one for tests.
+# The m1.* flavors Nova's database once seeded (removed in 14.0.0, commit 1a1a41bdbe;
+# DevStack makes them today), plus a tiny one for tests.
 DEFAULT_FLAVORS: Mapping[str, Flavor] = MappingProxyType(
     {
         f.name: f
@@ -77,7 +78,7 @@ class ImageMeta:
 
     @property
     def os_command_line(self) -> str:
-        """The kernel command line the image asks for, '' for Nova's default."""
+        """The kernel command line the image asks for, '' for ours (guest.KERNEL_CONSOLE)."""
         return self.properties.get("os_command_line", "")
 
 

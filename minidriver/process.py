@@ -22,7 +22,8 @@ Arg = str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class ResourceLimits:
-    """Limits for a child process (as Nova's ``oslo_concurrency.ProcessLimits``).
+    """Limits for a child process (oslo.concurrency's ``ProcessLimits``, as Nova uses
+    them for qemu-img).
 
     Applied with util-linux's ``prlimit`` in front of the command rather than a
     ``preexec_fn``, which is unsafe in a process with threads (libvirt's event loop).

@@ -346,7 +346,8 @@ class RBDDriver:
 
     def is_cloneable(self, url: str, disk_format: str) -> bool:
         """Nova's ``is_cloneable``: the location is in this cluster, the image is raw
-        and its snapshot exists and is protected (a clone's parent must be). Why not
+        and its snapshot exists; and, ours besides, that snapshot is protected (a
+        clone's parent must be, and Nova's clone would fail later). Why not
         is logged; as a warning when a snapshot of this cluster is unusable, since a
         slow fetch and import follows."""
         try:

@@ -1,6 +1,7 @@
 """Templates and their clones: a ready guest saved once, restored as many new instances
 (no Nova counterpart; Kata Containers' VM templating, done with libvirt's save and
-restore, ``virDomainSave`` / ``virDomainRestore``, the calls behind Nova's suspend).
+restore, ``virDomainSave`` / ``virDomainRestore``; Nova's suspend uses their managed
+form, ``virDomainManagedSave``).
 
 ``create`` turns a running instance into a template: its memory saved by libvirt into
 ``<state_path>/templates/<id>/memory.save``, its disk files (and kernel, ramdisk, config

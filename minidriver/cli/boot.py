@@ -215,29 +215,52 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
     if args.template:
         from minidriver.cli import vmtemplate  # noqa: PLC0415 - only a clone needs it
 
+        if args.nova:
+            raise UsageError(
+                "explain: --nova maps a spawn's steps; a --template clone is restored, not spawned",
+                hint="explain --nova --image IMAGE --flavor FLAVOR",
+            )
+
         return vmtemplate.cmd_explain_template(drv, args, out)
     need_image_and_flavor(args)
     from minidriver import explain  # noqa: PLC0415 - not for boot
 
     plan = explain.explain(drv, args.image, args.flavor, boot_volume=args.boot_volume)
+    document = plan.to_dict(nova=args.nova)
+    nova = ""
+    if args.nova:
+        from minidriver import nova_map  # noqa: PLC0415 - only --nova needs it
+
+        document["nova"] = [s.to_dict() for s in nova_map.steps_of("spawn")]
+        nova = (
+            "\n\neach step of spawn, the Nova function that does it"
+            " (nova_map.py; the README's table):\n" + nova_map.text_table("spawn")
+        )
     out.result(
-        plan.to_dict(),
+        document,
         lambda: (
             "the chain of files a boot would make:\n"
-            + plan_text(plan)
+            + plan_text(plan, nova=args.nova)
             + "\n\nthe domain XML (name and uuid are given at boot):\n"
             + plan.xml.rstrip("\n")
+            + nova
         ),
     )
     return EXIT_OK
 
 
-def plan_text(plan: explain.Plan) -> str:
+def plan_text(plan: explain.Plan, *, nova: bool = False) -> str:
+    """Each file, its commands; with ``nova``, the Nova function that makes it too."""
     lines = []
     for f in plan.files:
         size = human_size(f.virtual_size) if f.virtual_size is not None else "?"
         state = "cached" if f.exists else "new"
         lines.append(f"{f.path}\n    {f.format}, {size} virtual, {state}: {f.note}")
+        step = f.nova_step() if nova else None
+        if step is not None:
+            lines.append(f"    nova: {step.nova}")
+            if step.differs:
+                lines.append(f"    differs: {step.differs}")
         lines.extend(f"    $ {shlex.join(c)}" for c in f.commands)
     return "\n".join(lines)
 

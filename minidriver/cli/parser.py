@@ -201,6 +201,12 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--flavor", help="required unless --template")
     p.add_argument("--template", metavar="NAME", help="what boot --template would make")
     p.add_argument("--boot-volume", metavar="VOLUME", help="what boot --boot-volume would make")
+    p.add_argument(
+        "--nova",
+        action="store_true",
+        help="also the Nova function beside each file and each step of spawn, and where"
+        " minidriver differs",
+    )
     template = command("template", "a ready guest saved once, restored as clones").add_subparsers(
         dest="template_command", metavar="SUBCOMMAND", required=True
     )

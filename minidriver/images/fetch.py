@@ -1,10 +1,12 @@
 """Nova's ``images.fetch_to_raw``: an image from the store into ``_base``, safely.
 
-Nova's order: fetch (the store's data to ``<base>.part``, hashed while copied and
-checked against the store's ``os_hash_value`` and size; the format inspector and
-``qemu-img info``, under resource limits and its format pinned, must agree on it; its
-virtual size must be under the ceiling and fit in ``_base``'s free space), then, with
-``force_raw_images``, convert into ``<base>.converted``. Each file is fsynced and
+Nova's order: fetch the image to ``<base>.part``, inspect it (the format inspector and
+``qemu-img info`` under resource limits must agree on its format), then, with
+``force_raw_images``, convert into ``<base>.converted``. Ours besides (Nova's
+``fetch_to_raw`` does none of these): the data hashed while copied and checked
+against the store's ``os_hash_value`` and size, ``qemu-img info`` given the format it
+must find, and the virtual size under a ceiling and within ``_base``'s free space.
+Each file is fsynced and
 renamed into place, so a base under its final name is always whole, and a failure (a
 full disk included) leaves no ``.part`` or ``.converted``. Kernels and ramdisks (aki,
 ari) are size-checked and hashed only: their base is the file as is, never shown to
@@ -423,9 +425,10 @@ def _convert(
     ensure_free_space(base_dir, virtual_size, converting)
     with out_of_space_is_clear(base_dir, converting):
         qemu_img.convert(source, fmt, converted, "raw")
-        # The raw result is re-checked as Nova does: a raw file that now parses as
-        # something else (say a qcow2 header inside a disk, or a partition table with
-        # tricks) is refused.
+        # The raw result is re-checked (Nova asks qemu-img info whether it is raw; we
+        # ask the format inspector, stricter): a raw file that now parses as something
+        # else (say a qcow2 header inside a disk, or a partition table with tricks) is
+        # refused.
         inspect.check_image(converted, "raw", label=f"{image.name} ({image.id}) as raw")
         before_publish()
         publish(converted, target)

@@ -19,8 +19,8 @@ from minidriver.exception import MinidriverError, ProcessExecutionError
 from minidriver.fileutils import PRIVATE_UMASK
 from minidriver.process import Completed, ResourceLimits, run
 
-# Nova's QEMU_IMG_LIMITS defaults: 30 s of CPU, 1 GiB of address space. qemu-img 7.2
-# needs a little more address space here, hence 2 GiB ([libvirt] images_*_limit).
+# Nova's QEMU_IMG_LIMITS defaults (nova/privsep/qemu.py): 30 s of CPU, 2 GiB of address
+# space ([libvirt] images_cpu_time_limit, images_address_space_limit, in bytes here).
 DEFAULT_LIMITS = ResourceLimits(cpu_time=30, address_space=2 * 1024**3)
 
 # How qemu-img 7.2 fails when its address space runs out, besides a signal: the
@@ -194,7 +194,8 @@ def create_cow_image_cmd(
 def create_cow_image(
     backing_file: Path, backing_fmt: str, path: Path, size: int | None
 ) -> list[str]:
-    """A qcow2 overlay of ``backing_file`` (Nova's ``create_cow_image``)."""
+    """A qcow2 overlay of ``backing_file`` (Nova's ``libvirt.utils.create_image`` with
+    a backing file; its older name, ``create_cow_image``, is this function's)."""
     return _run(create_cow_image_cmd(backing_file, backing_fmt, path, size))
 
 

@@ -436,6 +436,28 @@ def flavor_shape(d: Any, _w: World) -> None:
     assert (by_name["t1.nano"]["ephemeral_gb"], by_name["t1.nano"]["swap"]) == (1, 64)
 
 
+def nova_plan_shape(d: Any, w: World) -> None:
+    plan_shape(d, w)
+    steps = d["nova"]
+    assert [s["step"] for s in steps][:3] == [
+        "the steps in order",
+        "buses and device names",
+        "instance dir, root disk",
+    ]
+    assert steps[2]["nova"] == (
+        "nova/virt/libvirt/driver.py:_create_image, _create_and_inject_local_root"
+    )
+    assert all(set(s) == {"operation", "step", "nova", "minidriver", "differs"} for s in steps)
+    # Beside each file, the Nova function that makes it.
+    nova_of = {Path(f["path"]).name: f["nova"] for f in d["files"]}
+    cache = "nova/virt/libvirt/imagebackend.py:Image.cache, Qcow2.create_image"
+    assert nova_of["disk"].startswith(cache)
+    assert nova_of["disk.local"].startswith(cache)
+    assert nova_of["ephemeral_1_40d1d2c"] == "nova/virt/libvirt/driver.py:_create_ephemeral"
+    assert nova_of["swap_64"] == "nova/virt/libvirt/driver.py:_create_swap"
+    assert all(f["nova"] and f["nova"].startswith("nova/") for f in d["files"])
+
+
 def plan_shape(d: Any, w: World) -> None:
     assert isinstance(d, dict)
     assert d["image"] == w.subs["cirros"]
@@ -659,6 +681,20 @@ CASES = [
     case("explain --image nope --flavor t1.nano", 1, err_has("no image matches 'nope'")),
     case("explain --image cirros --flavor nope", 1, err_has("no flavor named 'nope'", "t1.nano")),
     case("explain --image cirros", 2, err_has("required: --flavor")),
+    case(
+        "explain --image cirros --flavor t1.nano --nova",
+        0,
+        out_has(
+            "nova/virt/libvirt/driver.py:_create_image",
+            "nova/virt/libvirt/blockinfo.py:get_disk_info",
+            "differs: a deadline",
+            "    nova: nova/virt/images.py:fetch_to_raw",
+            "    nova: nova/virt/libvirt/driver.py:_create_ephemeral\n",
+            "    nova: nova/virt/libvirt/driver.py:_create_swap\n",
+        ),
+    ),
+    case("--json explain --image cirros --flavor t1.nano --nova", 0, doc(nova_plan_shape)),
+    case("explain --template nope --nova", 2, err_has("--nova maps a spawn's steps")),
     # demo: a real boot of the test guest is the integration tests' business
     case("demo --timeout soon", 2, err_has("invalid float value")),
     case("demo now", 2, err_has("unrecognized arguments: now")),

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from minidriver import config
 from minidriver.config import EMBED_ROOT_MAX, load_config
 from minidriver.exception import ConfigError
 from minidriver.objects import Flavor
@@ -189,3 +191,26 @@ def test_bad_rbd_options_are_refused(tmp_path: Path, libvirt: str, message: str)
     path = write(tmp_path, f"[libvirt]\n{libvirt}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path, state_dir=tmp_path, environ={})
+
+
+def test_every_option_says_whose_it_is() -> None:
+    """Each option of every section is Nova's, Glance's, glance_store's, Cinder's or
+    ours, with where it differs; no stale entry for an option that is gone."""
+    options = {(section, f.name) for section, cls in config.SECTIONS.items() for f in fields(cls)}
+    assert set(config.ORIGINS) == options
+    owners = {o.owner for o in config.ORIGINS.values()}
+    assert owners <= {"Nova", "Glance", "glance_store", "Cinder", "ours"}
+    for key, origin in config.ORIGINS.items():
+        assert (origin.owner == "ours") == (origin.source == ""), key
+    for name in ("wait_interval", "resized_base_copies", "images_max_virtual_size"):
+        assert config.ORIGINS["libvirt", name].owner == "ours"
+    timeout = config.ORIGINS["DEFAULT", "instance_build_timeout"]
+    assert timeout.owner == "Nova" and "default: 0" in timeout.differs
+
+
+def test_readme_says_whose_each_option_is() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert config.origins_markdown() in readme, (
+        "README.md's table 'Whose option' drifted from config.ORIGINS: paste"
+        " config.origins_markdown() into the section Configuration"
+    )

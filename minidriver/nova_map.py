@@ -1,0 +1,248 @@
+"""Where Nova does each step minidriver does, and where minidriver differs (no Nova
+counterpart: a map of Nova's source, read at master, commit 00a030403f, for issue 21).
+
+One table, :data:`NOVA_STEPS`, feeds ``explain --nova`` and the README's section "How
+the flow maps to Nova" (a unit test compares the README with :func:`markdown_table`,
+so the two never drift). Each Nova entry is ``file:function`` in Nova's tree; every
+one was looked up there, and a "differs" cell says what minidriver chooses instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_DRIVER = "nova/virt/libvirt/driver.py"
+_BACKEND = "nova/virt/libvirt/imagebackend.py"
+
+# The steps that make a file, as explain names them beside each file it plans.
+ROOT = "instance dir, root disk"
+KERNEL = "kernel and ramdisk"
+EPHEMERAL = "ephemeral disk"
+SWAP = "swap disk"
+DISK = "the _base cache, a disk on it"
+FETCH = "fetch and convert into _base"
+RBD = "RBD disks"
+
+
+@dataclass(frozen=True)
+class NovaStep:
+    operation: str  # spawn, destroy, snapshot, ...
+    step: str  # what is done, in minidriver's words
+    nova: str  # file:function in Nova's tree
+    minidriver: str  # where minidriver does it
+    differs: str = ""  # empty: as in Nova
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "operation": self.operation,
+            "step": self.step,
+            "nova": self.nova,
+            "minidriver": self.minidriver,
+            "differs": self.differs,
+        }
+
+
+NOVA_STEPS: tuple[NovaStep, ...] = (
+    NovaStep(
+        "spawn",
+        "the steps in order",
+        f"{_DRIVER}:LibvirtDriver.spawn",
+        "driver.LibvirtDriver.spawn",
+        "every step's creation on an undo list; no vGPU, vTPM or ephemeral encryption",
+    ),
+    NovaStep(
+        "spawn",
+        "buses and device names",
+        "nova/virt/libvirt/blockinfo.py:get_disk_info",
+        "blockinfo.get_disk_info",
+        "a typed DiskInfo, not a dict; an iso9660 config drive on the cdrom bus's last device",
+    ),
+    NovaStep(
+        "spawn",
+        ROOT,
+        f"{_DRIVER}:_create_image, _create_and_inject_local_root",
+        "driver.LibvirtDriver.create_image",
+        "no file injection; an optional _base/<sha1>_<GB> resized copy (resized_base_copies, ours)",
+    ),
+    NovaStep(
+        "spawn",
+        KERNEL,
+        f"{_DRIVER}:_create_image (the kernel and ramdisk images, each by Flat.cache)",
+        "driver.LibvirtDriver.create_image",
+    ),
+    NovaStep(
+        "spawn",
+        EPHEMERAL,
+        f"{_DRIVER}:_create_ephemeral",
+        "imagebackend.create_ephemeral",
+        "always ext4 (Nova: default_ephemeral_format, else by os_type, vfat without;"
+        " nova/privsep/fs.py)",
+    ),
+    NovaStep("spawn", SWAP, f"{_DRIVER}:_create_swap", "imagebackend.create_swap"),
+    NovaStep(
+        "spawn",
+        DISK,
+        f"{_BACKEND}:Image.cache, Qcow2.create_image, Flat.create_image",
+        "imagebackend.Image.cache, Qcow2, Flat",
+        "the inspector's verdict on a cached base kept while the file is unchanged"
+        " (trusted_bases; Nova's Qcow2 inspects the base at every spawn)",
+    ),
+    NovaStep(
+        "spawn",
+        FETCH,
+        "nova/virt/images.py:fetch_to_raw, convert_image, qemu_img_info",
+        "images/fetch.py, images/qemu_img.py",
+        "a local image store or a URL instead of Glance; the store's hash and the"
+        " virtual size checked too",
+    ),
+    NovaStep(
+        "spawn",
+        RBD,
+        f"{_BACKEND}:Rbd.clone, Rbd.create_image, Rbd.libvirt_info",
+        "imagebackend.Rbd",
+    ),
+    NovaStep(
+        "spawn",
+        "console log",
+        f"{_DRIVER}:_ensure_console_log_for_instance",
+        "driver.LibvirtDriver.spawn",
+        "appended across starts (our choice; Nova's log element has append off)",
+    ),
+    NovaStep(
+        "spawn",
+        "domain XML",
+        f"{_DRIVER}:_get_guest_xml, _get_guest_config;"
+        " nova/virt/libvirt/config.py:LibvirtConfigGuest",
+        "guest.get_guest_config, guest.to_xml (templates/domain.xml.j2)",
+        "a Jinja template over typed data; libvirt.xml written in the instance dir"
+        " (ours: Nova stopped in 15.0.0)",
+    ),
+    NovaStep(
+        "spawn",
+        "define and start",
+        f"{_DRIVER}:_create_guest_with_network, _create_guest;"
+        " nova/virt/libvirt/guest.py:Guest.create, Guest.launch",
+        "host.Host.define, post-XML hook, host.Host.launch",
+        "no wait for network-vif-plugged (no Neutron)",
+    ),
+    NovaStep(
+        "spawn",
+        "config drive",
+        f"{_DRIVER}:_create_configdrive; nova/virt/configdrive.py:ConfigDriveBuilder",
+        "driver.LibvirtDriver (post-XML hook), configdrive.make_drive",
+        "ISO 9660 built in Python (pycdlib), vfat with mtools: no genisoimage, no mount",
+    ),
+    NovaStep(
+        "spawn",
+        "wait for RUNNING",
+        f"{_DRIVER}:LibvirtDriver.spawn's _wait_for_boot (FixedIntervalLoopingCall, 0.5 s)",
+        "driver.LibvirtDriver.wait_for_running",
+        "a deadline (instance_build_timeout 300; Nova's default 0: none); a lifecycle"
+        " event ends the wait early",
+    ),
+    NovaStep(
+        "destroy",
+        "stop, undefine, remove disks",
+        f"{_DRIVER}:destroy, _destroy, cleanup, _undefine_domain, _cleanup_rbd",
+        "driver.LibvirtDriver.destroy, imagebackend.cleanup_rbd",
+        "the state record and the forwarded port are freed here too",
+    ),
+    NovaStep(
+        "power",
+        "stop",
+        f"{_DRIVER}:power_off, _clean_shutdown",
+        "driver.LibvirtDriver.power_off",
+        "one ACPI request (Nova sends it again every shutdown_retry_interval, 10 s);"
+        " the timeout is 60 s as Nova's shutdown_timeout",
+    ),
+    NovaStep(
+        "power",
+        "start",
+        f"{_DRIVER}:power_on (_hard_reboot)",
+        "driver.LibvirtDriver.power_on",
+        "starts the existing definition: no new XML, missing disks not re-created",
+    ),
+    NovaStep(
+        "power",
+        "reboot",
+        f"{_DRIVER}:reboot, _soft_reboot, _hard_reboot",
+        "driver.LibvirtDriver.reboot",
+        "soft: libvirt's reboot, no fall back to hard; hard: the definition restarted",
+    ),
+    NovaStep(
+        "snapshot",
+        "root disk to a new image",
+        f"{_DRIVER}:snapshot, _live_snapshot; {_BACKEND}:Rbd.direct_snapshot",
+        "driver.LibvirtDriver.snapshot, snapshot.py",
+        "into the local image store",
+    ),
+    NovaStep(
+        "suspend",
+        "memory saved, domain stopped",
+        f"{_DRIVER}:suspend; nova/virt/libvirt/guest.py:Guest.save_memory_state",
+        "driver.LibvirtDriver.suspend",
+        "no PCI or mediated devices to detach",
+    ),
+    NovaStep(
+        "resume",
+        "domain started from its saved memory",
+        f"{_DRIVER}:resume",
+        "driver.LibvirtDriver.resume",
+        "starts the managed save; Nova defines its existing XML again first",
+    ),
+    NovaStep(
+        "attach",
+        "a volume into the guest",
+        f"{_DRIVER}:attach_volume",
+        "block_device.BlockDeviceManager, driver.LibvirtDriver.attach_volume",
+        "volumes from our own volume service (Cinder's role)",
+    ),
+    NovaStep(
+        "detach",
+        "a volume out of the guest",
+        f"{_DRIVER}:detach_volume, _detach_with_retry",
+        "block_device.BlockDeviceManager, driver.LibvirtDriver.detach_volume",
+    ),
+    NovaStep(
+        "image cache",
+        "unused _base files removed",
+        "nova/virt/libvirt/imagecache.py:ImageCacheManager.update;"
+        " nova/compute/manager.py:_run_image_cache_manager_pass",
+        "imagecache.ImageCacheManager.update (cache clean)",
+    ),
+)
+
+
+def steps_of(operation: str) -> tuple[NovaStep, ...]:
+    return tuple(s for s in NOVA_STEPS if s.operation == operation)
+
+
+def step(name: str, operation: str = "spawn") -> NovaStep:
+    """The step called ``name`` (one of the constants above); KeyError if none."""
+    for s in steps_of(operation):
+        if s.step == name:
+            return s
+    raise KeyError(f"no {operation} step {name!r} in nova_map")
+
+
+def markdown_table() -> str:
+    """The README's table, one row per step of :data:`NOVA_STEPS`."""
+    lines = [
+        "| Operation | Step | Nova (file:function) | minidriver | Where minidriver differs |",
+        "|---|---|---|---|---|",
+    ]
+    for s in NOVA_STEPS:
+        cells = (s.operation, s.step, f"`{s.nova}`", f"`{s.minidriver}`", s.differs or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(operation: str = "spawn") -> str:
+    """``explain --nova``'s lines: each step, the Nova function beside it, and what
+    minidriver does otherwise."""
+    lines = []
+    for s in steps_of(operation):
+        lines.append(f"  {s.step:<32} {s.nova}")
+        if s.differs:
+            lines.append(f"  {'':<32} differs: {s.differs}")
+    return "\n".join(lines)
