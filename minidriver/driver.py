@@ -81,6 +81,10 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
+# Nova's [libvirt] wait_soft_reboot_seconds (its default): how long a soft reboot waits
+# for the guest to shut down before it reboots it hard.
+WAIT_SOFT_REBOOT_SECONDS = 120
+
 # Imported from here by the API's users (DiskDetails is what get_disks returns).
 __all__ = [
     "DiskDetails",
@@ -953,9 +957,9 @@ class LibvirtDriver:
         return domain
 
     def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
-        """Soft: the guest is asked (libvirt's reboot, ACPI) and libvirt starts it
-        again once it has stopped; unlike Nova's ``_soft_reboot`` (shutdown, then its
-        own launch), there is no fall back to a hard reboot. Hard: the domain is
+        """Soft, as Nova's ``_soft_reboot``: the guest is asked to shut down (ACPI),
+        waited for up to ``WAIT_SOFT_REBOOT_SECONDS``, and started again by this
+        process; a guest that does not stop in time is rebooted hard. Hard: the domain is
         stopped and its existing definition started again; Nova's ``_hard_reboot``
         also regenerates the XML and re-creates missing disks and backing files
         (``_create_images_and_backing``), which minidriver does not do yet.
@@ -969,8 +973,24 @@ class LibvirtDriver:
         """
         domain = self._domain_of(instance_uuid)
         if domain.isActive() and not hard:
-            domain.reboot(0)
-            return
+            # Nova's _soft_reboot: the guest asked to shut down, waited for, then launched
+            # by us; a hard reboot when it does not stop in time. Not libvirt's reboot:
+            # its restart needs a libvirt alive when the guest stops, and on the embedded
+            # driver that is this process, gone by then.
+            domain.shutdown()
+            reached = self.host.wait_for_state(
+                domain,
+                "shutoff",
+                WAIT_SOFT_REBOOT_SECONDS,
+                interval=self.conf.libvirt.wait_interval,
+                clock=self.clock,
+            )
+            if reached != "shutoff":
+                LOG.warning(
+                    "%s did not shut down within %d s: rebooting it hard",
+                    domain.name(),
+                    WAIT_SOFT_REBOOT_SECONDS,
+                )
         if domain.hasManagedSaveImage(0):
             if not hard:
                 name = self.db.get_instance(instance_uuid).display_name

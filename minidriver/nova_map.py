@@ -167,7 +167,8 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "reboot",
         f"{_DRIVER}:reboot, _soft_reboot, _hard_reboot",
         "driver.LibvirtDriver.reboot",
-        "soft: libvirt's reboot, no fall back to hard; hard: the definition restarted",
+        "soft: as Nova, falling back to hard after 120 s (a constant here, Nova's option);"
+        " hard: the definition restarted",
     ),
     NovaStep(
         "snapshot",
