@@ -837,6 +837,19 @@ class LibvirtDriver:
         (``serial_console.py``); ``force`` takes it from another client."""
         return SerialConsole.open(self._domain_of(instance_uuid), force=force, clock=self.clock)
 
+    def _clean_shutdown(self, domain: libvirt.virDomain, timeout: float) -> bool:
+        """Nova's ``_clean_shutdown``: the guest asked to shut down (ACPI), then waited
+        for up to ``timeout`` seconds; True when it stopped."""
+        domain.shutdown()
+        reached = self.host.wait_for_state(
+            domain,
+            "shutoff",
+            timeout,
+            interval=self.conf.libvirt.wait_interval,
+            clock=self.clock,
+        )
+        return reached == "shutoff"
+
     def power_off(self, instance_uuid: str, *, timeout: float = 60, force: bool = False) -> bool:
         """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``
         (Nova's ``shutdown_timeout``, 60 s; Nova also repeats the request every
@@ -849,15 +862,7 @@ class LibvirtDriver:
         clean = False
         if domain.isActive():
             if not force:
-                domain.shutdown()
-                reached = self.host.wait_for_state(
-                    domain,
-                    "shutoff",
-                    timeout,
-                    interval=self.conf.libvirt.wait_interval,
-                    clock=self.clock,
-                )
-                clean = reached == "shutoff"
+                clean = self._clean_shutdown(domain, timeout)
             if not clean:
                 with contextlib.suppress(libvirt.libvirtError):
                     domain.destroy()  # it may have stopped just now
@@ -977,15 +982,8 @@ class LibvirtDriver:
             # by us; a hard reboot when it does not stop in time. Not libvirt's reboot:
             # its restart needs a libvirt alive when the guest stops, and on the embedded
             # driver that is this process, gone by then.
-            domain.shutdown()
-            reached = self.host.wait_for_state(
-                domain,
-                "shutoff",
-                WAIT_SOFT_REBOOT_SECONDS,
-                interval=self.conf.libvirt.wait_interval,
-                clock=self.clock,
-            )
-            if reached != "shutoff":
+            stopped = self._clean_shutdown(domain, WAIT_SOFT_REBOOT_SECONDS)
+            if not stopped:
                 LOG.warning(
                     "%s did not shut down within %d s: rebooting it hard",
                     domain.name(),
