@@ -1057,7 +1057,11 @@ class LibvirtDriver:
         from minidriver import imagecache  # noqa: PLC0415 - boot does not need it (issue 17)
 
         return imagecache.ImageCacheManager(
-            self.conf.base_dir, self.conf.locks_dir, self.conf.instances_path, self.conf.image_cache
+            self.conf.base_dir,
+            self.conf.locks_dir,
+            self.conf.instances_path,
+            self.conf.image_cache,
+            trusted=fetch.TrustedBases(self.conf.trusted_bases_path),
         )
 
     def bases_in_use(self) -> dict[str, set[str]]:

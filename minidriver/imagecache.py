@@ -55,6 +55,7 @@ from minidriver.config import ImageCacheOptions
 from minidriver.db import InstanceRecord
 from minidriver.exception import MinidriverError
 from minidriver.images import inspect, qemu_img
+from minidriver.images.fetch import TrustedBases
 
 LOG = logging.getLogger(__name__)
 
@@ -358,12 +359,16 @@ class ImageCacheManager:
         settings: ImageCacheSettings,
         *,
         clock: Clock = time.time,
+        trusted: TrustedBases | None = None,
     ) -> None:
         self.base_dir = base_dir
         self.locks_dir = locks_dir
         self.instances_path = instances_path
         self.settings = settings
         self.clock = clock
+        # The spawn's records of bases it checked (images/fetch.py): a pass drops
+        # those of bases that are gone.
+        self.trusted = trusted
 
     def backing_files_in_use(self) -> dict[str, set[str]]:
         return backing_files_in_use(self.instances_path, self.base_dir)
@@ -408,6 +413,8 @@ class ImageCacheManager:
                         removed.append(verdict)
                     if error:
                         errors.append(error)
+            if self.trusted is not None:
+                self.trusted.prune()
         return PassResult(
             files=tuple(files.values()),
             removed=tuple(removed),

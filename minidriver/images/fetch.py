@@ -282,6 +282,29 @@ class TrustedBases:
     def forget(self, base: Path) -> None:
         self._record(base).unlink(missing_ok=True)
 
+    def prune(self) -> list[str]:
+        """Remove the records whose base is gone (removed by the image cache manager
+        or by hand) and those that cannot be read; return their names.
+
+        A record is written only once its base exists, so a spawn that is making one
+        meanwhile never loses it.
+        """
+        pruned = []
+        try:
+            records = list(self.records_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        for record in records:
+            try:
+                base = Path(json.loads(record.read_text())["stamp"][0])
+                if base.exists():
+                    continue
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                pass
+            record.unlink(missing_ok=True)
+            pruned.append(record.name)
+        return pruned
+
 
 class BaseRecheck:
     """:func:`recheck_base` of the one cached base a spawn uses, run by

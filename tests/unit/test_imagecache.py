@@ -40,7 +40,8 @@ from minidriver.imagecache import (
     merge,
     run_loop,
 )
-from minidriver.images import qemu_img
+from minidriver.images import inspect, qemu_img
+from minidriver.images.fetch import TrustedBases
 from minidriver.lockutils import external_lock
 from minidriver.steps import StepTimer
 
@@ -850,3 +851,34 @@ def test_a_pass_never_removes_a_base_from_under_a_spawn(
     assert fetches >= iterations // 10
     if resized_base_copies:
         assert name in removed
+
+
+def test_a_pass_drops_the_trust_records_of_bases_that_are_gone(
+    layout: Layout, tmp_path: Path
+) -> None:
+    trusted = TrustedBases(tmp_path / "trusted_bases")
+    verdict = inspect.DetectedImage("raw", 16 * MiB)
+    old = layout.base(SHA_A, age=2 * DAY)  # unused for two days: this pass removes it
+    kept = layout.base(SHA_B, age=0)  # too young to go
+    by_hand = layout.base(f"{SHA_B}_10", age=0)
+    for base in (old, kept, by_hand):
+        trusted.remember(base, "raw", verdict)
+    by_hand.unlink()  # removed outside minidriver
+    (trusted.records_dir / "garbage").write_text("not json")
+    manager = ImageCacheManager(
+        layout.base_dir,
+        layout.locks,
+        layout.instances,
+        ImageCacheSettings(),
+        clock=lambda: NOW,
+        trusted=trusted,
+    )
+
+    manager.update(layout.in_use(), dry_run=True)
+    assert len(list(trusted.records_dir.iterdir())) == 4  # a dry run changes nothing
+
+    manager.update(layout.in_use(), recheck=layout.in_use)
+
+    assert not old.exists()
+    assert sorted(p.name for p in trusted.records_dir.iterdir()) == [SHA_B]
+    assert trusted.verdict(kept, "raw") == verdict
