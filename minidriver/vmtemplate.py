@@ -662,11 +662,15 @@ def disk_names(instance_uuid: str, formats: dict[str, str]) -> dict[str, str]:
     return names
 
 
+def _half_made_pools(drv: LibvirtDriver, tpl: TemplateRecord) -> set[str]:
+    source_formats = read_disk_info(Path(tpl.source_dir)) or {}
+    return vmtemplate_rbd.template_pools(drv.conf, tpl.path, source_formats)
+
+
 def remove_half_made(drv: LibvirtDriver, tpl: TemplateRecord) -> list[str]:
     """A template that was not finished, and what is left of its source instance and
     of its frozen RBD disks (``pool/name`` of those removed, returned)."""
-    source_formats = read_disk_info(Path(tpl.source_dir)) or {}
-    pools = vmtemplate_rbd.template_pools(drv.conf, tpl.path, source_formats)
+    pools = _half_made_pools(drv, tpl)
     with contextlib.suppress(NotFound):
         drv.destroy(tpl.source_uuid)
     removed = vmtemplate_rbd.remove_frozen(drv.conf, tpl.id, pools)
@@ -696,7 +700,10 @@ def cleanup(drv: LibvirtDriver, *, dry_run: bool) -> tuple[list[str], list[str],
         with contextlib.suppress(NotFound):
             drv.db.get_instance(tpl.source_uuid)
             sources.append(tpl.source_uuid)
-        if not dry_run:
+        if dry_run:
+            pools = _half_made_pools(drv, tpl)
+            images.extend(vmtemplate_rbd.remove_frozen(drv.conf, tpl.id, pools, dry_run=True))
+        else:
             images.extend(remove_half_made(drv, tpl))
     root = drv.conf.templates_path
     if root.is_dir():

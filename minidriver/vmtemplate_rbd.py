@@ -116,15 +116,20 @@ def clone_commands(frozen: Mapping[str, str], clone_uuid: str) -> list[tuple[str
     return out
 
 
-def remove_frozen(conf: Config, template_id: str, pools: Iterable[str]) -> list[str]:
+def remove_frozen(
+    conf: Config, template_id: str, pools: Iterable[str], *, dry_run: bool = False
+) -> list[str]:
     """Every ``tpl-<id>_*`` image in ``pools``, its snapshot unprotected first; refused
-    by Ceph (RbdImageBusy) while a clone of it exists. Returns ``pool/name`` removed."""
+    by Ceph (RbdImageBusy) while a clone of it exists. Returns ``pool/name`` removed
+    (with ``dry_run``: found, and left as they are)."""
     removed = []
     for pool in sorted(set(pools)):
         driver = imagebackend.rbd_driver(conf, pool)
         with driver.connected():
             for name in driver.list_images():
-                if name.startswith(frozen_prefix(template_id)) and driver.remove_image(name):
+                if not name.startswith(frozen_prefix(template_id)):
+                    continue
+                if dry_run or driver.remove_image(name):
                     removed.append(f"{pool}/{name}")
     return removed
 

@@ -537,6 +537,10 @@ def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
     renamed = [n.removeprefix(frozen_prefix) for n in ours(frozen_prefix)]
     not_yet = [n.removeprefix(f"{src['uuid']}_") for n in ours(src["uuid"])]
     assert len(renamed) == 2 and sorted(renamed + not_yet) == list(ALL_DISKS)
+    before = sorted(rbd_ls(ceph_conf, pool))
+    dry = run_json(md("--json", "cleanup", "--dry-run"))
+    assert sorted(dry["rbd_disks"]) == [f"{pool}/{frozen_prefix}{n}" for n in renamed]
+    assert len(dry["templates"]) == 1 and sorted(rbd_ls(ceph_conf, pool)) == before
     report = run_json(md("--json", "cleanup"))
     assert len(report["templates"]) == 1 and len(report["records"]) == 1, report
     assert sorted(report["rbd_disks"]) == [f"{pool}/{frozen_prefix}{n}" for n in renamed]
