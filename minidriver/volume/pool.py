@@ -5,12 +5,13 @@ The pool is a ``dir`` pool under the state dir (``[volume] storage_pool_path``),
 on first use, named after the state dir so that state dirs sharing a daemon keep apart.
 A volume is the raw file ``volume-<id>`` in it, made and removed by libvirt
 (``createXML``, ``delete``); a volume from an image gets the image's raw base from
-``_base`` (fetched as an instance's root is) by ``upload``, then is grown. libvirt's
+``_base`` (fetched as an instance's root is) by a sparse ``upload``, then is grown. libvirt's
 embedded driver has no storage driver: there the backend refuses and names rbd.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,6 +118,38 @@ class StoragePoolDriver(VolumeBackend):
         return VolumeConnection(path=location)
 
 
+def _section(fd: int) -> tuple[bool, int]:
+    """Whether the file at ``fd``'s offset is in data or in a hole, and how long that
+    lasts (SEEK_DATA / SEEK_HOLE); the offset is left where it was."""
+    here = os.lseek(fd, 0, os.SEEK_CUR)
+    if here >= os.fstat(fd).st_size:
+        return True, 0  # the end: the next read is empty
+    try:
+        data = os.lseek(fd, here, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        data = os.fstat(fd).st_size  # only a hole up to the end
+    if data > here:
+        section = (False, data - here)
+    else:
+        section = (True, os.lseek(fd, here, os.SEEK_HOLE) - here)
+    os.lseek(fd, here, os.SEEK_SET)
+    return section
+
+
+def _send_sparse(stream: libvirt.virStream, fd: int) -> None:
+    """The file at ``fd`` into ``stream``, its holes sent as holes (``virsh vol-upload
+    --sparse``): a base of a few MiB of data in a GiB of zeros uploads a few MiB, and
+    the volume stays as sparse as the base."""
+    stream.sparseSendAll(
+        lambda _stream, nbytes, _fd: os.read(fd, min(nbytes, UPLOAD_CHUNK)),
+        lambda _stream, _fd: _section(fd),
+        lambda _stream, length, _fd: os.lseek(fd, length, os.SEEK_CUR),
+        fd,
+    )
+
+
 class PoolVolume(imagebackend.Image):
     """A pool volume as an image backend's disk: ``cache`` brings the base into
     ``_base``; ``create_image`` uploads it into a new volume through libvirt."""
@@ -133,21 +166,30 @@ class PoolVolume(imagebackend.Image):
 
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
         length = os.path.getsize(base)
-        vol = self.driver._create(self.volume_id, max(size or 0, length))
+        capacity = max(size or 0, length)
+        vol = self.driver._create(self.volume_id, capacity)
         try:
             with self._step(Step.IMPORT, timed):
                 stream = self.driver.host.get_connection().newStream(0)
-                vol.upload(stream, 0, length, 0)
+                vol.upload(stream, 0, length, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
                 try:
                     with open(base, "rb") as src:
-                        while chunk := src.read(UPLOAD_CHUNK):
-                            stream.send(chunk)
+                        _send_sparse(stream, src.fileno())
                     stream.finish()
                 except BaseException:
                     stream.abort()
                     raise
+                # A sparse upload leaves the file as long as the data sent: the
+                # volume is grown back to its size.
+                resized = vol.info()[1] < capacity
+                if resized:
+                    vol.resize(capacity, 0)
         except BaseException:
             vol.delete(0)
             raise
         self.path = Path(vol.path())
-        self.commands.append(["virsh", "vol-upload", os.fspath(self.path), os.fspath(base)])
+        self.commands.append(
+            ["virsh", "vol-upload", "--sparse", os.fspath(self.path), os.fspath(base)]
+        )
+        if resized:
+            self.commands.append(["virsh", "vol-resize", os.fspath(self.path), str(capacity)])

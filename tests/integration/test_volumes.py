@@ -26,7 +26,7 @@ from pytest_mock import MockerFixture
 from test_rbd import ceph_conf, closed_port  # noqa: F401 - the cluster fixture
 
 from minidriver import block_device, guest, rbd_utils
-from minidriver.driver import LibvirtDriver
+from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.objects import GiB
 from minidriver.volume.api import VolumeError, VolumeRecord
 from minidriver.volume.pool import StoragePoolDriver, StoragePoolUnavailable
@@ -184,6 +184,10 @@ def test_boot_from_a_volume_made_from_the_test_image(
     wait_console: Callable[..., Any],
 ) -> None:
     volume = new_volume(vdrv, made, backend, image=test_image_id, name="root")
+    if backend == "pool":  # uploaded with its holes: the volume is as sparse as the base
+        base = vdrv.conf.base_dir / base_filename(test_image_id)
+        allocated = Path(vdrv.volumes.get("root").location).stat().st_blocks * 512
+        assert allocated <= base.stat().st_blocks * 512 + 1024 * 1024 < base.stat().st_size
     inst = vdrv.spawn(name="bfv", image="", flavor="t1.nano", boot_volume="root")
     made["instances"].append(inst.uuid)
     log = Path(inst.instance_dir) / "console.log"
