@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import subprocess
 import tempfile
+import termios
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,6 +85,53 @@ def test_a_piped_command_runs_in_the_guest_and_its_output_is_printed(booted: Boo
     console.wait_for_console(booted.console_log, rf"^md-42-{token}\r?$", 30)
     assert re.search(rf"^minidriver-guest\$ echo md-\$\(\(6\*7\)\)-{token}\r?$",
                      console.read_console(booted.console_log), re.MULTILINE)  # fmt: skip
+
+
+def test_on_a_terminal_keys_go_to_the_guest_until_ctrl_bracket(booted: Booted) -> None:
+    master, terminal = os.openpty()
+    before = termios.tcgetattr(terminal)
+    child = subprocess.Popen(
+        booted.argv("console", "vm", "--attach", "--timeout", "240"),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        token = uuid.uuid4().hex[:12]
+        # The command makes the terminal raw once it holds the console.
+        deadline = time.monotonic() + 120
+        while termios.tcgetattr(terminal)[3] & termios.ICANON:
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            assert time.monotonic() < deadline, "the terminal never became raw"
+            time.sleep(0.1)
+        # Typed as on a keyboard: Enter is "\r" (the guest's terminal makes it "\n").
+        os.write(master, f"echo term-$((6*7))-{token}\r".encode())
+        shown = read_terminal(master, f"term-42-{token}\r\n".encode(), child)
+        assert f"echo term-$((6*7))-{token}\r\n".encode() in shown  # raw: the guest echoes
+        os.write(master, b"\x1d")
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert "connected to the console of vm" in err
+        assert "detached from the console of vm" in err
+        assert termios.tcgetattr(terminal) == before
+    finally:
+        child.kill()
+        child.wait()
+        os.close(master)
+        os.close(terminal)
+
+
+def read_terminal(master: int, until: bytes, child: subprocess.Popen[str]) -> bytes:
+    """What the terminal showed, from its master side, until ``until`` came."""
+    deadline = time.monotonic() + 120
+    shown = b""
+    while until not in shown:
+        assert child.poll() is None, child.stderr.read() if child.stderr else ""
+        assert time.monotonic() < deadline, f"the terminal showed {shown!r}, never {until!r}"
+        if select.select([master], [], [], 1)[0]:
+            shown += os.read(master, 4096)
+    return shown
 
 
 def test_the_timeout_bounds_an_attach_whose_input_never_ends(booted: Booted) -> None:
