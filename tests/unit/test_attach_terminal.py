@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from test_vmtemplate import template_record
 
 from minidriver.cli import main
 from minidriver.cli.attach import End, Terminated, attach, raw_terminal
 from minidriver.config import Config
 from minidriver.driver import LibvirtDriver
 from minidriver.serial_console import ConsoleBuffer, ConsoleClosed
-from minidriver.vmtemplate import TemplateRecord, Templates
+from minidriver.vmtemplate import Templates
 
 
 class BufferConsole:
@@ -234,30 +235,11 @@ def test_attach_to_a_template_says_to_boot_a_clone(
     drv: LibvirtDriver, conf: Config, empty_qcow2_id: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The test driver's save image is no QEMU one, which template create checks: the
-    # record is made as create makes it (its source's fields).
+    # record is made as create makes it.
     source = drv.db.get_instance(drv.spawn("base", empty_qcow2_id, "t1.nano").uuid)
-    Templates(drv)._insert(
-        TemplateRecord(
-            id="t-0001",
-            name="ready-guest",
-            status="active",
-            created_at="2026-12-03T00:00:00Z",
-            template_dir=str(drv.conf.templates_path / "t-0001"),
-            source_uuid=source.uuid,
-            source_dir=source.instance_dir,
-            flavor=source.flavor,
-            image_id=source.image_id,
-            kernel_id="",
-            ramdisk_id="",
-            network_mode=source.network_mode,
-            mac_address=source.mac_address,
-            key_name=None,
-            disks={"disk": "qcow2"},
-            memory_bytes=None,
-        )
-    )
-    code, err = command(drv, conf, capsys, "console", "ready-guest", "--attach")
-    assert code == 1 and "'ready-guest' is a template" in err
-    assert "minidriver boot --template ready-guest" in err
+    Templates(drv)._insert(template_record(drv, source, "active"))
+    code, err = command(drv, conf, capsys, "console", "tpl", "--attach")
+    assert code == 1 and "'tpl' is a template" in err
+    assert "minidriver boot --template tpl" in err
     code, err = command(drv, conf, capsys, "console", "nothing-of-that-name", "--attach")
     assert code == 1 and "no instance matches 'nothing-of-that-name'" in err
