@@ -205,6 +205,16 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "block_device.BlockDeviceManager, driver.LibvirtDriver.detach_volume",
     ),
     NovaStep(
+        "console",
+        "the live serial console, read-write",
+        f"{_DRIVER}:get_serial_console, _create_serial_consoles;"
+        " nova/console/websocketproxy.py:NovaProxyRequestHandler",
+        "serial_console.SerialConsole, cli/attach.py (console --attach)",
+        "libvirt's virDomainOpenConsole on the pty serial, in the terminal; Nova gives"
+        " the guest TCP serial ports instead ([serial_console] enabled, default off) and"
+        " nova-serialproxy relays one to a websocket client",
+    ),
+    NovaStep(
         "image cache",
         "unused _base files removed",
         "nova/virt/libvirt/imagecache.py:ImageCacheManager.update;"

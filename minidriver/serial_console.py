@@ -12,7 +12,9 @@ read by the process itself). Both kinds of reader are served:
 * a test: ``send_line("echo $((6*7))")``, then ``read_until(r"^42\\n", timeout=10)``;
   ``read_until`` sees the text with the terminal's ``\\r\\n`` line ends as ``\\n``;
 * an interactive terminal: ``write(keys)`` and ``read(timeout)``, raw bytes as they
-  come, to be shown as they are.
+  come, to be shown as they are; ``fileno()`` is readable whenever unread bytes wait
+  (or the stream ended), so that one ``select`` watches the console and the keyboard
+  (``cli/attach.py``, ``console --attach``).
 
 The console log (the serial's ``<log>`` file) keeps recording meanwhile: QEMU writes
 the serial's output there whoever reads the pty.
@@ -26,6 +28,7 @@ there). A stopped domain ends the stream too.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -113,18 +116,52 @@ class ConsoleBuffer:
         self._pending = bytearray()
         self._cond = threading.Condition()
         self._ended: str | None = None
+        # The pipe behind fileno(), made on first use: it holds one byte exactly while
+        # something is there to read (bytes, or the end), so a select() on it wakes.
+        self._wake: tuple[int, int] | None = None
+        self._wake_set = False
+
+    def fileno(self) -> int:
+        """A descriptor readable while unread bytes wait or the stream has ended."""
+        with self._cond:
+            if self._wake is None:
+                self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._wake_set = False
+                self._update_wake()
+            return self._wake[0]
+
+    def close(self) -> None:
+        """Close ``fileno()``'s pipe, if it was made."""
+        with self._cond:
+            if self._wake is not None:
+                for fd in self._wake:
+                    os.close(fd)
+                self._wake = None
+
+    def _update_wake(self) -> None:
+        """With the lock held: the pipe readable exactly when a read would not wait."""
+        ready = bool(self._pending) or self._ended is not None
+        if self._wake is None or ready == self._wake_set:
+            return
+        if ready:
+            os.write(self._wake[1], b"\0")
+        else:
+            os.read(self._wake[0], 1)
+        self._wake_set = ready
 
     def feed(self, data: bytes) -> None:
         with self._cond:
             self._pending += data
             if len(self._pending) > self.limit:
                 del self._pending[: len(self._pending) - self.limit]
+            self._update_wake()
             self._cond.notify_all()
 
     def end(self, why: str) -> None:
         """No more will come (the first reason given is kept); readers wake up."""
         with self._cond:
             self._ended = self._ended or why
+            self._update_wake()
             self._cond.notify_all()
 
     @property
@@ -148,6 +185,7 @@ class ConsoleBuffer:
                 self._cond.wait(remaining)
             data = bytes(self._pending)
             self._pending.clear()
+            self._update_wake()
             return data
 
     def read_until(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
@@ -165,6 +203,7 @@ class ConsoleBuffer:
                 match = regex.search(normalize(raw))
                 if match:
                     del self._pending[: raw_length(raw, match.end())]
+                    self._update_wake()
                     return match
                 if self._ended is not None:
                     raise ConsoleClosed(
@@ -189,6 +228,7 @@ class ConsoleBuffer:
         with self._cond:
             text = normalize(bytes(self._pending))
             self._pending.clear()
+            self._update_wake()
             return text
 
 
@@ -332,6 +372,12 @@ class SerialConsole:
         """Read and return everything unread (e.g. what came before a command)."""
         return self._buffer.discard()
 
+    def fileno(self) -> int:
+        """A descriptor that is readable while unread bytes wait or the stream has
+        ended (then ``read`` returns at once): for a ``select`` beside other files."""
+        self._check_open()
+        return self._buffer.fileno()
+
     @property
     def ended(self) -> bool:
         """Whether the stream has ended (unread bytes may remain)."""
@@ -347,6 +393,7 @@ class SerialConsole:
             self._stream.eventRemoveCallback()
         with contextlib.suppress(libvirt.libvirtError):
             self._stream.abort()
+        self._buffer.close()
 
     def __enter__(self) -> SerialConsole:
         return self

@@ -196,6 +196,15 @@ def cmd_show(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_console(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    if args.attach:
+        from minidriver.cli.attach import cmd_attach  # noqa: PLC0415 - termios etc. only here
+
+        return cmd_attach(drv, args, out)
+    for given, option in ((args.force, "--force"), (args.timeout, "--timeout")):
+        if given:
+            raise UsageError(f"{option} goes with --attach")
+    if args.settle is not None:
+        raise UsageError("--settle goes with --attach")
     record = drv.db.find_instance(args.instance)
     log = Path(record.instance_dir) / "console.log"
     text = console.read_console(log)

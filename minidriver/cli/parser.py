@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, top=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, parent: Any = sub, **kw: Any) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(
-            name, help=help_text, description=help_text, parents=[common]
+            name, help=help_text, description=help_text, parents=[common], **kw
         )
         return p
 
@@ -154,6 +154,37 @@ def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     )
 
 
+def _console_command(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command(
+        "console",
+        "print an instance's serial console log, or (--attach) type into its console",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--attach: the running guest's serial console, read-write, while its"
+        " console log keeps\nbeing written. On a terminal: raw mode, every key goes to the"
+        " guest; Ctrl-] detaches.\nFrom a pipe: the input is sent as it comes; after its"
+        " end, output is printed until the\nconsole was quiet for --settle seconds (a"
+        " \\r\\n printed as \\n when stdout is no terminal).\n--timeout bounds the whole"
+        " attach (exit 3 when it passes). One client at a time:\na console held elsewhere"
+        " is an error unless --force takes it over (as virsh console\n--force). On the"
+        " embedded driver the state dir's libvirt is this process's while attached.",
+    )
+    p.add_argument("instance")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until interrupted")
+    p.add_argument("--attach", action="store_true", help="read and write the live serial console")
+    p.add_argument(
+        "--force", action="store_true", help="with --attach: take the console from its holder"
+    )
+    p.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --attach: end after this long"
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        metavar="SECONDS",
+        help="with --attach: once the input ended, wait for this much quiet (default 2)",
+    )
+
+
 def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     command("list", "list this state dir's instances")
     command("show", "show an instance and its image chain").add_argument("instance")
@@ -161,9 +192,7 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("instance")
     p.add_argument("--user", help="login name (default: [DEFAULT] ssh_user)")
     p.add_argument("remote_command", nargs="*", metavar="-- COMMAND", help="run this instead")
-    p = command("console", "print an instance's serial console log")
-    p.add_argument("instance")
-    p.add_argument("--follow", "-f", action="store_true", help="stream until interrupted")
+    _console_command(command)
     p = command("delete", "delete instances (the image cache stays)")
     p.add_argument("instances", nargs="*", metavar="INSTANCE")
     p.add_argument("--all", action="store_true", help="every instance of this state dir")

@@ -8,6 +8,7 @@ fed by a real thread, as libvirt's event loop feeds it, and read with deadlines.
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 
@@ -109,6 +110,34 @@ def test_read_gives_raw_bytes_as_they_come_then_the_end() -> None:
     with pytest.raises(ConsoleClosed, match=r"^the console stream ended$"):
         buffer.read(timeout=1)
     assert buffer.ended == "the console stream ended"
+
+
+def readable(fd: int, timeout: float = 0) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_its_descriptor_is_readable_exactly_while_a_read_would_not_wait() -> None:
+    buffer = ConsoleBuffer("vm")
+    buffer.feed(b"before anyone asked\r\n")
+    fd = buffer.fileno()  # made late: what is already there counts
+    assert readable(fd)
+    assert buffer.read(timeout=0) == b"before anyone asked\r\n"
+    assert not readable(fd)
+    thread = feed_later(buffer, b"one", b"two")
+    assert readable(fd, timeout=10)  # a select wakes when the event loop feeds
+    thread.join()
+    assert buffer.read(timeout=0) == b"onetwo"
+    assert not readable(fd)
+    buffer.feed(b"prompt$ ")
+    buffer.read_until(r"\$ ", timeout=1)
+    assert not readable(fd)
+    buffer.end("the console stream ended")
+    assert readable(fd)  # the end too: the next read raises at once
+    with pytest.raises(ConsoleClosed):
+        buffer.read(timeout=0)
+    assert readable(fd)
+    buffer.close()
+    buffer.close()
 
 
 def test_unread_bytes_are_capped_oldest_first() -> None:
