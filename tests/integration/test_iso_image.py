@@ -75,7 +75,7 @@ def test_the_guest_iso_boots_from_its_cdrom(
     assert f"minidriver-guest: config-drive uuid={boot['uuid']} hostname=from-iso" in console
     defined = etree.parse(Path(boot["instance_dir"]) / "libvirt.xml").getroot()
     assert defined.xpath("os/boot/@dev") == ["cdrom"]
-    assert defined.xpath("devices/disk[@device='cdrom']/target/@dev") == ["hda", "hdd"]
+    assert defined.xpath("devices/disk[@device='cdrom']/target/@dev") == ["hda", "hdb"]
 
     # The second boot starts from the cached ISO, checked again as an ISO.
     again = cli_json(
