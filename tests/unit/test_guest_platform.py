@@ -1,18 +1,16 @@
-"""Nova's SMBIOS sysinfo in the domain XML, kept true to the domain's uuid when a
-template's clone takes a new one, and the image properties that shape the hardware."""
+"""Nova's SMBIOS sysinfo in the domain XML (a clone's: tests/unit/test_vmtemplate.py),
+and the image properties that shape the hardware."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import libvirt
 import pytest
 from lxml import etree
 
 from minidriver import guest, sysinfo
 from minidriver.driver import LibvirtDriver
 from minidriver.exception import UnsupportedHardware
-from minidriver.vmtemplate import clone_xml
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SOURCE_UUID = "7d1e4a52-9f64-4d8e-a0b4-1f1a5c3e2b10"  # the golden files' instance
@@ -45,45 +43,6 @@ def test_sysinfo_serial_os_is_the_hosts_machine_id(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing or empty"):
         sysinfo.host_os_serial(machine_id)
     assert sysinfo.get_guest_sysinfo(CLONE_UUID, "none").serial is None
-
-
-def clone_of(xml: str, tmp_path: Path) -> str:
-    return clone_xml(
-        xml,
-        name="instance-00000042",
-        uuid=CLONE_UUID,
-        display_name="c1",
-        created_at="",
-        source_dir=f"/var/lib/minidriver/instances/{SOURCE_UUID}",
-        source_uuid=SOURCE_UUID,
-        clone_dir=tmp_path,
-        template_dir=tmp_path,
-        overlaid=["disk", "disk.local", "disk.swap"],
-        forward_port=10999,
-    )
-
-
-def test_libvirt_refuses_a_sysinfo_uuid_not_the_domains_and_a_clone_has_its_own(
-    test_driver: libvirt.virConnect, tmp_path: Path
-) -> None:
-    xml = (DATA / "domain-guest-agent.xml").read_text()
-    stale = xml.replace(f"<uuid>{SOURCE_UUID}</uuid>", f"<uuid>{CLONE_UUID}</uuid>")
-    with pytest.raises(libvirt.libvirtError):
-        test_driver.defineXML(stale)
-    clone = clone_of(xml, tmp_path)
-    assert entries(clone)["uuid"] == CLONE_UUID
-    assert entries(clone)["serial"] == CLONE_UUID
-    domain = test_driver.defineXML(clone)
-    assert domain.UUIDString() == CLONE_UUID
-    domain.undefine()
-
-
-def test_a_clone_of_a_template_made_before_sysinfo_still_has_none(tmp_path: Path) -> None:
-    tree = etree.fromstring((DATA / "domain-guest-agent.xml").read_bytes())
-    for element in tree.findall("sysinfo"):
-        tree.remove(element)
-    clone = clone_of(etree.tostring(tree, encoding="unicode"), tmp_path)
-    assert entries(clone) == {}
 
 
 @pytest.mark.parametrize(
