@@ -1,5 +1,7 @@
-"""The guest's boot and clock: ``<os>`` and ``<clock>``'s timers
-(nova/virt/libvirt/driver.py: _set_guest_for_inst_kernel, _set_clock).
+"""The guest's <os> and clock timers (nova/virt/libvirt/driver.py: _set_clock, ...).
+
+Nova's ``_set_guest_for_inst_kernel`` (a kernel boot's command line) and ``_set_clock``
+(the timers); the BIOS boot order comes from ``blockinfo.get_boot_order``.
 
 Decisions only; guest.py puts them into the ``GuestConfig`` the template lays out.
 """
