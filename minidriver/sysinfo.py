@@ -16,6 +16,7 @@ from pathlib import Path
 from lxml import etree
 
 from minidriver import __version__
+from minidriver.exception import ConfigError
 
 # Nova's defaults (nova/version.py: NOVA_VENDOR, NOVA_PRODUCT); the version is ours.
 MANUFACTURER = "OpenStack Foundation"
@@ -43,7 +44,10 @@ def host_os_serial(machine_id: Path = MACHINE_ID) -> str:
     except FileNotFoundError:
         text = []
     if not text:
-        raise ValueError(f"sysinfo_serial = os, but {machine_id} is missing or empty")
+        raise ConfigError(
+            f"[libvirt] sysinfo_serial = os, but {machine_id} is missing or empty",
+            hint="use sysinfo_serial = unique (Nova's default), or none",
+        )
     return str(uuidlib.UUID(text[0]))
 
 

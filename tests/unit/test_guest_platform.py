@@ -10,7 +10,7 @@ from lxml import etree
 
 from minidriver import guest, sysinfo
 from minidriver.driver import LibvirtDriver
-from minidriver.exception import UnsupportedHardware
+from minidriver.exception import ConfigError, UnsupportedHardware
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SOURCE_UUID = "7d1e4a52-9f64-4d8e-a0b4-1f1a5c3e2b10"  # the golden files' instance
@@ -40,7 +40,7 @@ def test_sysinfo_serial_os_is_the_hosts_machine_id(tmp_path: Path) -> None:
     machine_id.write_text("0123456789abcdef0123456789abcdef\n")
     assert sysinfo.host_os_serial(machine_id) == "01234567-89ab-cdef-0123-456789abcdef"
     machine_id.write_text("")
-    with pytest.raises(ValueError, match="missing or empty"):
+    with pytest.raises(ConfigError, match="missing or empty"):
         sysinfo.host_os_serial(machine_id)
     assert sysinfo.get_guest_sysinfo(CLONE_UUID, "none").serial is None
 
