@@ -118,9 +118,7 @@ class BlockDeviceManager:
                 xmls.append(domain.XMLDesc(0))
             used = {dev for xml in xmls for dev in guest.disk_targets(xml)}
             dev = blockinfo.get_volume_device(used, DiskBus.VIRTIO, device)
-            pci = guest.free_volume_pci_address(
-                *xmls, machine_type=self.conf.libvirt.hw_machine_type
-            )
+            pci = guest.free_volume_pci_address(*xmls, machine_type=guest.machine_type_of(xmls[0]))
             # Asked before libvirt is: an unreachable cluster fails here, nothing done.
             connection = self.volumes.connection(volume)
             disk = guest.get_volume_disk(

@@ -75,15 +75,11 @@ def get_dev_count_for_disk_bus(bus: DiskBus) -> int:
     return 4 if bus is DiskBus.IDE else 26
 
 
-def find_disk_dev_for_disk_bus(
-    used: list[DiskMapping], bus: DiskBus, *, last_device: bool = False
-) -> str:
-    """The first free device name on ``bus`` (or its last one, for a config drive)."""
+def find_disk_dev_for_disk_bus(used: list[DiskMapping], bus: DiskBus) -> str:
+    """The first free device name on ``bus``."""
     taken = {m.dev for m in used}
     count = get_dev_count_for_disk_bus(bus)
-    letters = string.ascii_lowercase[:count]
-    candidates = [letters[-1]] if last_device else list(letters)
-    for letter in candidates:
+    for letter in string.ascii_lowercase[:count]:
         dev = bus.dev_prefix + letter
         if dev not in taken:
             return dev
@@ -128,9 +124,10 @@ def get_disk_info(
     """Where each disk of a new instance goes, in Nova's order.
 
     Root ``disk`` first with boot index 1 (a cdrom when the image is an ISO), then
-    ``disk.local`` (ephemeral) and ``disk.swap``, and the config drive last:
-    ``iso9660`` as a cdrom on the last device of the cdrom bus (our choice: Nova's
-    ``get_disk_mapping`` takes the next free device), ``vfat`` as a disk.
+    ``disk.local`` (ephemeral) and ``disk.swap``, and the config drive last, on the
+    next free device of its bus as Nova's ``get_disk_mapping`` places it (since 15.0.0,
+    Ocata; before, the last device): ``iso9660`` a cdrom (``hda`` on ``pc`` behind virtio
+    disks, ``hdb`` behind an ISO root), ``vfat`` a disk.
     With a root volume in ``block_device_info`` (boot from volume) the root is that
     volume, a disk at ``root_device_name`` (default: the first free), and there is
     no ``disk``.
@@ -146,9 +143,8 @@ def get_disk_info(
         bus: DiskBus,
         dtype: DeviceType,
         boot_index: int | None = None,
-        last_device: bool = False,
     ) -> None:
-        dev = find_disk_dev_for_disk_bus(mapping, bus, last_device=last_device)
+        dev = find_disk_dev_for_disk_bus(mapping, bus)
         mapping.append(DiskMapping(name, bus, dev, dtype, boot_index))
 
     root_bdm = block_device_info.root_bdm if block_device_info else None
@@ -166,7 +162,7 @@ def get_disk_info(
     if flavor.swap > 0:
         add("disk.swap", disk_bus, DeviceType.DISK)
     if config_drive_format == "iso9660":
-        add("disk.config", cdrom_bus, DeviceType.CDROM, last_device=True)
+        add("disk.config", cdrom_bus, DeviceType.CDROM)
     elif config_drive_format == "vfat":
         add("disk.config", disk_bus, DeviceType.DISK)
     elif config_drive_format is not None:

@@ -68,6 +68,9 @@ class DefaultOptions:
     image_size_cap: int = 1024**4  # Glance's name: the largest image `image add` takes
     force_config_drive: bool = False
     config_drive_format: str = "iso9660"
+    # The filesystem of ephemeral disks; empty: by the image's os_type (linux: ext4,
+    # else vfat), as Nova chooses it.
+    default_ephemeral_format: str = ""
     # The login `minidriver ssh` uses (Debian cloud images' cloud-init default user).
     ssh_user: str = "debian"
 
@@ -80,6 +83,8 @@ class LibvirtOptions:
     virt_type: str = "auto"
     cpu_mode: str = ""  # empty: host-model under kvm, none under TCG
     hw_machine_type: str = "pc"
+    # The guest's SMBIOS serial: unique (the instance's uuid), os (/etc/machine-id) or none.
+    sysinfo_serial: str = "unique"
     images_type: str = "default"
     wait_interval: float = 0.5
     resized_base_copies: bool = False
@@ -157,6 +162,8 @@ class VolumeOptions:
 CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("DEFAULT", "preallocate_images"): ("none", "space"),
     ("DEFAULT", "config_drive_format"): ("iso9660", "vfat"),
+    ("DEFAULT", "default_ephemeral_format"): ("", "ext2", "ext3", "ext4", "xfs", "vfat"),
+    ("libvirt", "sysinfo_serial"): ("unique", "os", "none"),
     ("libvirt", "virt_type"): ("auto", "kvm", "qemu"),
     ("libvirt", "cpu_mode"): ("", "host-model", "host-passthrough", "custom", "none"),
     ("libvirt", "images_type"): ("default", "qcow2", "raw", "flat", "rbd"),
@@ -212,6 +219,9 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ),
     ("DEFAULT", "force_config_drive"): OptionOrigin("Nova", _NOVA_DRIVE),
     ("DEFAULT", "config_drive_format"): OptionOrigin("Nova", _NOVA_DRIVE),
+    ("DEFAULT", "default_ephemeral_format"): OptionOrigin(
+        "Nova", _NOVA_CONF, "no ntfs here (vfat instead, Nova's own default)"
+    ),
     ("DEFAULT", "ssh_user"): OptionOrigin("ours", ""),
     ("libvirt", "connection_uri"): OptionOrigin(
         "Nova",
@@ -234,6 +244,9 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
         _NOVA_LIBVIRT,
         "Nova's is a list of arch=type, unset (then pc for x86_64:"
         " nova/virt/libvirt/utils.py:get_default_machine_type); ours one type, pc",
+    ),
+    ("libvirt", "sysinfo_serial"): OptionOrigin(
+        "Nova", _NOVA_LIBVIRT, "no hardware or auto here (they ask libvirt for the host's uuid)"
     ),
     ("libvirt", "images_type"): OptionOrigin("Nova", _NOVA_LIBVIRT, "no lvm or ploop here"),
     ("libvirt", "wait_interval"): OptionOrigin(

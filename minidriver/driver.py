@@ -48,7 +48,6 @@ from minidriver.exception import ImageNotFound, MinidriverError
 from minidriver.fileutils import PRIVATE_FILE, TRAVERSE_ONLY_DIR, write_private
 from minidriver.host import Host
 from minidriver.imagebackend import (
-    EPHEMERAL_FS,
     EPHEMERAL_LABEL,
     DiskDetails,
     Flat,
@@ -58,6 +57,7 @@ from minidriver.imagebackend import (
     create_ephemeral,
     create_swap,
     ephemeral_filename,
+    get_ephemeral_fs,
     is_rbd_path,
     local_backend_class,
     parse_rbd_path,
@@ -472,7 +472,7 @@ class LibvirtDriver:
             instance.virt_type,
             instance.flavor,
             image_meta,
-            machine_type=self.conf.libvirt.hw_machine_type,
+            machine_type=image_meta.machine_type(self.conf.libvirt.hw_machine_type),
             config_drive_format=self.conf.default.config_drive_format if config_drive else None,
             block_device_info=objects.BlockDeviceInfo(block_device_mapping=tuple(bdms)),
         )
@@ -578,16 +578,19 @@ class LibvirtDriver:
         others: list[Callable[[], bool]] = []
         if "disk.local" in disk_info:
             disks["disk.local"] = disk("disk.local")
+            fs_type = get_ephemeral_fs(
+                image.properties.get("os_type", ""), self.conf.default.default_ephemeral_format
+            )
             others.append(
                 partial(
                     disks["disk.local"].cache,
                     partial(
                         create_ephemeral,
                         size_gb=flavor.ephemeral_gb,
-                        fs_type=EPHEMERAL_FS,
+                        fs_type=fs_type,
                         label=EPHEMERAL_LABEL,
                     ),
-                    ephemeral_filename(flavor.ephemeral_gb),
+                    ephemeral_filename(flavor.ephemeral_gb, fs_type),
                     flavor.ephemeral_gb * GiB,
                     Step.EPHEMERAL,
                 )
@@ -696,8 +699,9 @@ class LibvirtDriver:
             disk_info,
             formats,
             instance_dir=Path(instance.instance_dir),
-            machine_type=self.conf.libvirt.hw_machine_type,
+            machine_type=image_meta.machine_type(self.conf.libvirt.hw_machine_type),
             cpu_mode=self.conf.libvirt.cpu_mode,
+            sysinfo_serial=self.conf.libvirt.sysinfo_serial,
             state_id=self.db.state_id,
             os_command_line=image_meta.os_command_line,
             vif=vif,

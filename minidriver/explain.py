@@ -21,7 +21,6 @@ from pathlib import Path
 from minidriver import compute_api, guest, nova_map
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.imagebackend import (
-    EPHEMERAL_FS,
     EPHEMERAL_LABEL,
     Qcow2,
     Rbd,
@@ -29,6 +28,7 @@ from minidriver.imagebackend import (
     clone_location,
     copy_sparse_cmd,
     ephemeral_filename,
+    get_ephemeral_fs,
     local_backend_class,
     mkfs_cmd,
     mkswap_cmd,
@@ -189,15 +189,16 @@ def explain(
         formats[f"volume-{volume.id}"] = connection.driver_format
     else:
         add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
-    add_local_disks(plan, drv, instance_dir, rbd_paths)
+    add_local_disks(plan, drv, instance_dir, rbd_paths, meta.os_type)
 
     config = guest.get_guest_config(
         instance,
         disk_info,
         formats,
         instance_dir=instance_dir,
-        machine_type=conf.libvirt.hw_machine_type,
+        machine_type=meta.machine_type(conf.libvirt.hw_machine_type),
         cpu_mode=conf.libvirt.cpu_mode,
+        sysinfo_serial=conf.libvirt.sysinfo_serial,
         state_id=drv.db.state_id,
         cache="none",
         network_disks=network_disks,
@@ -345,11 +346,16 @@ def add_root_files(
 
 
 def add_local_disks(
-    plan: Plan, drv: LibvirtDriver, instance_dir: Path, rbd_paths: Mapping[str, str]
+    plan: Plan,
+    drv: LibvirtDriver,
+    instance_dir: Path,
+    rbd_paths: Mapping[str, str],
+    os_type: str = "",
 ) -> None:
     """Ephemeral and swap: formatted bases in _base, the instance's files on them, or
     with images_type = rbd (``rbd_paths``: each disk's ``rbd:pool/name``) the bases
-    imported into the pool, as Nova's Rbd backend does."""
+    imported into the pool, as Nova's Rbd backend does. ``os_type``, the image's,
+    decides the ephemeral filesystem."""
     flavor = drv.get_flavor(plan.flavor)
     backend = local_backend_class(drv.conf)
     base_dir = drv.conf.base_dir
@@ -357,10 +363,11 @@ def add_local_disks(
     # the nova_map step that makes the base)
     local: list[tuple[str, Path, int, Callable[[Path], list[str]], str, str]] = []
     if flavor.ephemeral_gb:
-        eph = base_dir / ephemeral_filename(flavor.ephemeral_gb)
-        mkfs = partial(mkfs_cmd, EPHEMERAL_FS, EPHEMERAL_LABEL)
+        fs_type = get_ephemeral_fs(os_type, drv.conf.default.default_ephemeral_format)
+        eph = base_dir / ephemeral_filename(flavor.ephemeral_gb, fs_type)
+        mkfs = partial(mkfs_cmd, fs_type, EPHEMERAL_LABEL)
         local.append(
-            ("disk.local", eph, flavor.ephemeral_gb * GiB, mkfs, EPHEMERAL_FS, nova_map.EPHEMERAL)
+            ("disk.local", eph, flavor.ephemeral_gb * GiB, mkfs, fs_type, nova_map.EPHEMERAL)
         )
     if flavor.swap:
         swap = base_dir / swap_filename(flavor.swap)

@@ -15,17 +15,19 @@ import os
 import platform
 import uuid as uuidlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from minidriver import blockinfo, guestagent
-from minidriver.exception import MinidriverError
+from minidriver import guestagent
+from minidriver.exception import MinidriverError, UnsupportedHardware
 from minidriver.fileutils import PRIVATE_DIR, make_dir
+from minidriver.guestos import KVM_TIMERS, GuestOS, GuestTimer, get_guest_os
 from minidriver.network import GUEST_SSH_PORT, VIF, NetworkMode
 from minidriver.objects import DeviceType, DiskInfo, Flavor, Instance
+from minidriver.sysinfo import GuestSysinfo, get_guest_sysinfo
 
 if TYPE_CHECKING:
     import jinja2
@@ -134,22 +136,17 @@ class GuestMetadata:
     namespace: str = METADATA_NAMESPACE
 
 
-# The console of a kernel booted directly: the guest's console on the serial port. Nova's
-# CONSOLE (nova/virt/libvirt/driver.py) is "console=tty0 console=ttyS0 console=hvc0",
-# with " no_timer_check" under virt_type = qemu; ours is the older, shorter line.
-KERNEL_CONSOLE = "console=tty0 console=ttyS0"
-
-
-@dataclass(frozen=True)
-class GuestOS:
-    """``<os>``: a BIOS boot from ``boot_devs`` in that order (Nova's ``os_boot_dev``),
-    or a kernel given to QEMU (Nova's ``os_kernel``, ``os_initrd``, ``os_cmdline``;
-    None when the BIOS boots)."""
-
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-    boot_devs: tuple[str, ...] = ("hd",)
+# hw_vif_model: the x86 PCI NICs among the models Nova allows for kvm and qemu
+# (nova/virt/libvirt/vif.py SUPPORTED_VIF_MODELS), each with its QEMU device (the
+# user-mode NIC is given to QEMU directly).
+VIF_MODELS: Mapping[str, str] = {
+    "virtio": "virtio-net-pci",
+    "e1000": "e1000",
+    "e1000e": "e1000e",
+    "rtl8139": "rtl8139",
+    "ne2k_pci": "ne2k_pci",
+    "pcnet": "pcnet",
+}
 
 
 @dataclass(frozen=True)
@@ -174,9 +171,11 @@ class GuestConfig:
     disks: tuple[GuestDisk, ...]
     console_log: str
     metadata: GuestMetadata
-    os: GuestOS = GuestOS()
+    os: GuestOS = field(default_factory=GuestOS)
     interfaces: tuple[GuestInterface, ...] = ()
     channels: tuple[GuestChannel, ...] = ()
+    sysinfo: GuestSysinfo | None = None  # and <smbios mode="sysinfo"/> in <os>
+    timers: tuple[GuestTimer, ...] = ()
     # Extra QEMU arguments (libvirt's QEMU namespace): the user-mode NIC.
     qemu_args: tuple[str, ...] = ()
     qemu_namespace: str = QEMU_NAMESPACE
@@ -219,8 +218,12 @@ def disk_cachemode(instance_dir: Path) -> str:
 
 
 def default_cpu_mode(virt_type: str, configured: str) -> str | None:
-    """host-model under kvm, no <cpu> element (QEMU's default model) under TCG: our
-    choice; Nova's empty ``cpu_mode`` means host-model under qemu (TCG) too."""
+    """host-model under kvm, no <cpu> element (QEMU's default model) under TCG.
+
+    Our choice under TCG: Nova's empty ``cpu_mode`` means host-model under qemu too
+    (``_get_guest_cpu_model_config``). TCG emulates the host's model only in part
+    (QEMU warns of each feature it lacks), while its default model is one it emulates
+    whole, so a guest sees the same CPU on every host a CI run lands on."""
     mode = configured or ("host-model" if virt_type == "kvm" else "none")
     return None if mode == "none" else mode
 
@@ -291,22 +294,21 @@ def get_guest_disks(
     return tuple(disks)
 
 
-def get_guest_os(
-    instance: Instance, disk_info: DiskInfo, instance_dir: Path, os_command_line: str = ""
-) -> GuestOS:
-    """``<os>`` as Nova lays it out: with a kernel image, the copies of the kernel and
-    ramdisk in the instance dir and ``root=/dev/<root disk> console...`` (our
-    :data:`KERNEL_CONSOLE`, not Nova's), unless the image gives its own
-    ``os_command_line``; otherwise the BIOS boots in ``blockinfo.get_boot_order``'s
-    order (an ISO image's root: ``cdrom``)."""
-    if not instance.kernel_id:
-        return GuestOS(boot_devs=blockinfo.get_boot_order(disk_info))
-    return GuestOS(
-        kernel=os.fspath(instance_dir / "kernel"),
-        initrd=os.fspath(instance_dir / "ramdisk") if instance.ramdisk_id else None,
-        cmdline=os_command_line or f"root=/dev/{disk_info.root.dev} {KERNEL_CONSOLE}",
-        boot_devs=(),
-    )
+def get_vif_model(image_properties: Mapping[str, str]) -> str:
+    """The image's ``hw_vif_model``, else virtio (Nova's default for kvm and qemu)."""
+    model = image_properties.get("hw_vif_model", "virtio")
+    if model not in VIF_MODELS:
+        raise UnsupportedHardware(
+            f"hw_vif_model = {model!r} is not supported",
+            hint=f"use one of: {', '.join(sorted(VIF_MODELS))}",
+        )
+    return model
+
+
+def machine_type_of(domain_xml: str) -> str:
+    """The machine type a domain was defined with (libvirt's expansion: pc-i440fx-7.2)."""
+    os_type = etree.fromstring(domain_xml.encode()).find("os/type")
+    return os_type.get("machine", "") if os_type is not None else ""
 
 
 def pci_root_bus(machine_type: str) -> str:
@@ -314,14 +316,14 @@ def pci_root_bus(machine_type: str) -> str:
     return "pcie.0" if "q35" in machine_type else "pci.0"
 
 
-def user_network_args(vif: VIF, machine_type: str) -> tuple[str, ...]:
+def user_network_args(vif: VIF, machine_type: str, model: str = "virtio") -> tuple[str, ...]:
     """QEMU's user network with the guest's SSH port forwarded from 127.0.0.1 only, and a
-    virtio NIC on it with the VIF's MAC at a fixed PCI address. ``romfile=`` (none):
+    NIC of ``model`` on it with the VIF's MAC at a fixed PCI address. ``romfile=`` (none):
     the guest boots from disk, and QEMU has no iPXE ROM here without ipxe-qemu."""
     if vif.forward_port is None:
         raise ValueError("a user-mode VIF needs its forwarded port")
     device = (
-        f"virtio-net-pci,netdev={USER_NETDEV_ID},id={USER_NIC_ID},mac={vif.mac_address},"
+        f"{VIF_MODELS[model]},netdev={USER_NETDEV_ID},id={USER_NIC_ID},mac={vif.mac_address},"
         f"bus={pci_root_bus(machine_type)},addr={USER_NIC_PCI_SLOT:#x},romfile="
     )
     return ("-netdev", _user_netdev(vif.forward_port), "-device", device)
@@ -342,10 +344,10 @@ def with_forward_port(domain_xml: str, forward_port: int) -> str:
     raise ValueError("the domain has no user-mode NIC")
 
 
-def get_guest_interfaces(vif: VIF | None) -> tuple[GuestInterface, ...]:
+def get_guest_interfaces(vif: VIF | None, model: str = "virtio") -> tuple[GuestInterface, ...]:
     if vif is None or vif.mode not in (NetworkMode.NETWORK, NetworkMode.BRIDGE):
         return ()
-    return (GuestInterface(net_type=str(vif.mode), source=vif.source, mac_address=vif.mac_address),)
+    return (GuestInterface(str(vif.mode), vif.source, vif.mac_address, model),)
 
 
 def get_guest_channels(
@@ -369,6 +371,7 @@ def get_guest_config(
     machine_type: str,
     cpu_mode: str,
     state_id: str,
+    sysinfo_serial: str = "unique",
     cache: str | None = None,
     os_command_line: str = "",
     vif: VIF | None = None,
@@ -380,8 +383,11 @@ def get_guest_config(
     """Every decision about the domain, made here in Python. ``network_disks``: the
     disks (by disk_info name) that live in Ceph rather than in ``instance_dir``.
     ``image_properties`` with ``hw_qemu_guest_agent=yes``: the agent's channel, its
-    socket in ``agent_socket_dir`` (None: where libvirt puts it)."""
+    socket in ``agent_socket_dir`` (None: where libvirt puts it). An x86 guest gets
+    Nova's SMBIOS sysinfo; under kvm, Nova's timers."""
     user = vif is not None and vif.mode is NetworkMode.USER
+    vif_model = get_vif_model(image_properties or {})
+    x86 = platform.machine() in ("x86_64", "i686")
     return GuestConfig(
         virt_type=instance.virt_type,
         name=instance.name,
@@ -409,9 +415,13 @@ def get_guest_config(
             image_id=instance.image_ref,
         ),
         os=get_guest_os(instance, disk_info, instance_dir, os_command_line),
-        interfaces=get_guest_interfaces(vif),
+        interfaces=get_guest_interfaces(vif, vif_model),
         channels=get_guest_channels(instance, image_properties or {}, agent_socket_dir),
-        qemu_args=user_network_args(vif, machine_type) if vif is not None and user else (),
+        sysinfo=get_guest_sysinfo(instance.uuid, sysinfo_serial) if x86 else None,
+        timers=KVM_TIMERS if instance.virt_type == "kvm" and x86 else (),
+        qemu_args=(
+            user_network_args(vif, machine_type, vif_model) if vif is not None and user else ()
+        ),
     )
 
 

@@ -61,10 +61,10 @@ LOG = logging.getLogger(__name__)
 # Makes a base file at the path it is given; returns the base's format.
 FetchFunc = Callable[[Path], str]
 
-# Nova's default ephemeral filesystem for Linux guests (nova/privsep/fs.py), and its
-# label. Ours for every guest: Nova gives vfat when os_type is not linux (or windows:
-# ntfs) and default_ephemeral_format is unset.
-EPHEMERAL_FS = "ext4"
+# Nova's ephemeral filesystems (nova/privsep/fs.py) when default_ephemeral_format is
+# unset: by the image's os_type, vfat for any other or none. And the disk's label.
+EPHEMERAL_FS_BY_OS_TYPE: Mapping[str, str] = {"linux": "ext4", "windows": "ntfs"}
+EPHEMERAL_DEFAULT_FS = "vfat"
 EPHEMERAL_LABEL = "ephemeral0"
 
 
@@ -608,8 +608,20 @@ def file_virtual_size(
     return qemu_img.info(path, fmt, limits).virtual_size
 
 
-def ephemeral_filename(size_gb: int, fs_type: str = EPHEMERAL_FS) -> str:
-    """Nova's name: ``ephemeral_<GB>_<first 7 hex of md5(fs type)>``."""
+def get_ephemeral_fs(os_type: str, default_ephemeral_format: str = "") -> str:
+    """The filesystem of an ephemeral disk, as Nova's ``configurable_mkfs`` picks it
+    (no ``virt_mkfs`` commands here): ``default_ephemeral_format``, else by os_type."""
+    return default_ephemeral_format or EPHEMERAL_FS_BY_OS_TYPE.get(os_type, EPHEMERAL_DEFAULT_FS)
+
+
+def ephemeral_filename(size_gb: int, fs_type: str) -> str:
+    """Nova's form of the name: ``ephemeral_<GB>_<first 7 hex of md5(fs type)>``.
+
+    The tag hashes the filesystem made: our choice. Nova's (``_create_image`` through
+    ``get_fs_type_for_os_type``) hashes the os_type's filesystem only when
+    ``virt_mkfs`` gives that os_type a command, else the default's (vfat), so an
+    ``os_type=linux`` instance's ext4 base is named like a vfat one (``_0706d66``) and
+    the two would share one cache file."""
     tag = hashlib.md5(fs_type.encode(), usedforsecurity=False).hexdigest()[:7]
     return f"ephemeral_{size_gb}_{tag}"
 
@@ -627,7 +639,15 @@ def copy_sparse(source: Path, dest: Path) -> list[str]:
 
 
 def mkfs_cmd(fs_type: str, label: str, target: Path) -> list[str]:
-    return ["mkfs", "-t", fs_type, "-F", "-q", "-L", label, os.fspath(target)]
+    """Nova's ``unprivileged_mkfs`` options: forced where mkfs would ask about a file
+    that is not a block device, FAT's label option ``-n``; quiet where mkfs can be."""
+    cmd = ["mkfs", "-t", fs_type]
+    if fs_type in ("ext2", "ext3", "ext4", "ntfs"):
+        cmd.append("-F")
+    if fs_type.startswith("ext") or fs_type == "xfs":
+        cmd.append("-q")
+    label_opt = "-n" if fs_type in ("vfat", "msdos") else "-L"
+    return [*cmd, label_opt, label, os.fspath(target)]
 
 
 def mkswap_cmd(target: Path) -> list[str]:
@@ -676,7 +696,8 @@ def create_swap(target: Path, swap_mb: int) -> str:
 
 
 __all__ = [
-    "EPHEMERAL_FS",
+    "EPHEMERAL_DEFAULT_FS",
+    "EPHEMERAL_FS_BY_OS_TYPE",
     "EPHEMERAL_LABEL",
     "DiskDetails",
     "Flat",
@@ -691,6 +712,7 @@ __all__ = [
     "create_swap",
     "disk_details",
     "ephemeral_filename",
+    "get_ephemeral_fs",
     "is_rbd_path",
     "local_backend_class",
     "parse_rbd_path",

@@ -55,7 +55,7 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "buses and device names",
         "nova/virt/libvirt/blockinfo.py:get_disk_info",
         "blockinfo.get_disk_info",
-        "a typed DiskInfo, not a dict; an iso9660 config drive on the cdrom bus's last device",
+        "a typed DiskInfo, not a dict",
     ),
     NovaStep(
         "spawn",
@@ -75,8 +75,8 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         EPHEMERAL,
         f"{_DRIVER}:_create_ephemeral",
         "imagebackend.create_ephemeral",
-        "always ext4 (Nova: default_ephemeral_format, else by os_type, vfat without;"
-        " nova/privsep/fs.py)",
+        "the _base name's tag hashes the filesystem made (Nova's: vfat's unless virt_mkfs"
+        " names the os_type); no virt_mkfs",
     ),
     NovaStep("spawn", SWAP, f"{_DRIVER}:_create_swap", "imagebackend.create_swap"),
     NovaStep(
@@ -115,7 +115,7 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         " nova/virt/libvirt/config.py:LibvirtConfigGuest",
         "guest.get_guest_config, guest.to_xml (templates/domain.xml.j2)",
         "a Jinja template over typed data; libvirt.xml written in the instance dir"
-        " (ours: Nova stopped in 15.0.0)",
+        " (ours: Nova stopped in 15.0.0); no cpu mode under qemu (Nova: host-model)",
     ),
     NovaStep(
         "spawn",

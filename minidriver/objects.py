@@ -78,8 +78,18 @@ class ImageMeta:
 
     @property
     def os_command_line(self) -> str:
-        """The kernel command line the image asks for, '' for ours (guest.KERNEL_CONSOLE)."""
+        """The kernel command line the image asks for, '' for Nova's (guest.KERNEL_CONSOLE)."""
         return self.properties.get("os_command_line", "")
+
+    @property
+    def os_type(self) -> str:
+        """The guest's OS (Nova's ``os_type``: linux, windows...), '' when not given."""
+        return self.properties.get("os_type", "")
+
+    def machine_type(self, default: str) -> str:
+        """The image's ``hw_machine_type``, else the host's ``[libvirt] hw_machine_type``
+        (Nova's ``libvirt_utils.get_machine_type``)."""
+        return self.properties.get("hw_machine_type") or default
 
 
 class DiskBus(enum.StrEnum):

@@ -45,7 +45,16 @@ from typing import Any, Final
 import libvirt
 from lxml import etree
 
-from minidriver import guestagent, imagebackend, lockutils, rbd_utils, savefile, ssh, vmtemplate_rbd
+from minidriver import (
+    guestagent,
+    imagebackend,
+    lockutils,
+    rbd_utils,
+    savefile,
+    ssh,
+    sysinfo,
+    vmtemplate_rbd,
+)
 from minidriver.compute_api import validate_display_name
 from minidriver.db import InstanceRecord, resolve, utc_now
 from minidriver.disk_info_file import read_disk_info, write_disk_info
@@ -160,8 +169,9 @@ def clone_xml(
     """The template's domain XML (the saved one or ``libvirt.xml``) for a clone: its
     name, uuid and metadata; each file of the source instance's dir named by the
     clone's overlay, the template's shared copy or the clone's console log; the
-    forwarded port; the guest agent's socket, named after the instance's uuid. A path
-    this does not know is refused, never left pointing at another instance's file."""
+    SMBIOS uuid (libvirt wants the domain's) and serial; the forwarded port; the
+    guest agent's socket, named after the instance's uuid. A path this does not know
+    is refused, never left pointing at another instance's file."""
     root = etree.fromstring(xml.encode())
     overlays = set(overlaid)
 
@@ -175,6 +185,7 @@ def clone_xml(
         raise TemplateError(f"the template's XML names {path}, which no clone can have")
 
     _set_text(root, "name", name)
+    sysinfo.with_uuid(root, root.findtext("uuid") or "", uuid)
     _set_text(root, "uuid", uuid)
     meta = root.find(f"metadata/{{{METADATA_NAMESPACE}}}instance")
     if meta is None:

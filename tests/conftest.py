@@ -30,7 +30,7 @@ from skip_policy import pytest_collection_modifyitems, pytest_configure  # noqa:
 from minidriver import config, console, guest
 from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver
-from minidriver.guestimages import cloudimage
+from minidriver.guestimages import cloudimage, testimage
 from minidriver.host import EMBED_URI, SYSTEM_URI, Host
 
 # libvirt's QEMU runs as libvirt-qemu under a daemon and must traverse every parent of
@@ -134,7 +134,12 @@ def driver(host_config: Config, libvirt_host: Host) -> Iterator[LibvirtDriver]:
 @pytest.fixture(scope="session")
 def test_image_id(driver: LibvirtDriver, test_image: Path) -> str:
     """The test guest, added once to the session's image service."""
-    return driver.images.add(test_image, name="minidriver-test-guest", disk_format="qcow2").id
+    return driver.images.add(
+        test_image,
+        name="minidriver-test-guest",
+        disk_format="qcow2",
+        properties=testimage.IMAGE_PROPERTIES,
+    ).id
 
 
 @pytest.fixture

@@ -147,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.connect:
             conf = conf.with_libvirt(connection_uri=args.connect)
         drv = LibvirtDriver(conf)
-        image_id = drv.images.add(image, name="load", disk_format="qcow2").id
+        image_id = drv.images.add(
+            image, name="load", disk_format="qcow2", properties=testimage.IMAGE_PROPERTIES
+        ).id
         cycles = Cycles(drv, image_id)
         samples: list[dict[str, int]] = []
         per_cycle = max(1, args.threads)

@@ -105,7 +105,13 @@ class RbdBench:
         self.file_image_id = self._add(path, "file")
 
     def _add(self, path: Path, store: str) -> str:
-        image = self.drv.images.add(path, name=f"bench-{store}", disk_format="qcow2", store=store)
+        image = self.drv.images.add(
+            path,
+            name=f"bench-{store}",
+            disk_format="qcow2",
+            store=store,
+            properties=testimage.IMAGE_PROPERTIES,
+        )
         self.image_ids.append(image.id)
         return image.id
 

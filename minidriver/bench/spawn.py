@@ -136,7 +136,10 @@ class Bench:
         self._keep: list[str] = []  # instances kept until the end (the floor's template)
         self.test_image = testimage.build(log=lambda msg: log(f"test image: {msg}"))
         self.test_image_id = self.drv.images.add(
-            self.test_image, name="bench", disk_format="qcow2"
+            self.test_image,
+            name="bench",
+            disk_format="qcow2",
+            properties=testimage.IMAGE_PROPERTIES,
         ).id
 
     # -- helpers

@@ -88,6 +88,7 @@ class TemplateBench:
                 # 2 CPUs); no_timer_check skips it, as cloud images for VMs often do.
                 "os_command_line": f"{built.cmdline} no_timer_check",
                 "hw_qemu_guest_agent": "yes",
+                "os_type": "linux",
             },
         ).id
         self.drv.keypairs.create("bench")

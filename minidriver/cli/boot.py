@@ -273,8 +273,14 @@ def cmd_demo(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
         (i for i in drv.images.list() if i.name == TEST_IMAGE_NAME and i.status == "active"), None
     )
     digest = hashlib.sha512(path.read_bytes()).hexdigest()
-    if image is None or image.os_hash_value != digest:
-        image = drv.images.add(path, name=TEST_IMAGE_NAME, disk_format="qcow2")
+    if (
+        image is None
+        or image.os_hash_value != digest
+        or dict(image.properties) != testimage.IMAGE_PROPERTIES
+    ):
+        image = drv.images.add(
+            path, name=TEST_IMAGE_NAME, disk_format="qcow2", properties=testimage.IMAGE_PROPERTIES
+        )
         out.say(f"added image {image.name} {image.id}")
     choice = drv.host.virt_type
     out.say(f"host: {drv.host.uri}, virt_type {choice.virt_type} ({choice.reason})")

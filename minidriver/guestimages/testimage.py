@@ -70,6 +70,8 @@ BUILDER_VERSION = "1"
 ISO_BUILDER_VERSION = "1"
 
 IMAGE_NAME = "minidriver-test-guest.qcow2"
+# Its Glance properties: a Linux guest (Nova then formats its ephemeral disk ext4).
+IMAGE_PROPERTIES = {"os_type": "linux"}
 ISO_NAME = "minidriver-test-guest.iso"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"

@@ -393,11 +393,16 @@ class _Session:
         self._by_path: dict[Path, str] = {}
 
     def image_ref(self, image: str | os.PathLike[str]) -> str:
-        """An image id in the store: a file is added once per session, keyed by path."""
+        """An image id in the store: a file is added once per session, keyed by path;
+        the project's test guest (``minidriver_test_image``) as the Linux it is."""
         if isinstance(image, os.PathLike) or os.path.isfile(image):
             path = Path(image).resolve()
             if path not in self._by_path:
-                added = self.driver.images.add(path, name=path.name)
+                from minidriver.guestimages import testimage  # noqa: PLC0415 - as the fixture
+
+                test_guest = path.name in (testimage.IMAGE_NAME, testimage.ISO_NAME)
+                properties = testimage.IMAGE_PROPERTIES if test_guest else None
+                added = self.driver.images.add(path, name=path.name, properties=properties)
                 self._by_path[path] = added.id
             return self._by_path[path]
         return self.driver.images.get(image).id

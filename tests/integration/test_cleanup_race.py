@@ -84,7 +84,7 @@ def test_cleanup_never_removes_what_a_concurrent_boot_made(
 ) -> None:
     uri = libvirt_host.uri
     rc, _, err = run(cli(state, uri, "image", "add", str(test_image), "--name", "g",
-                         "--disk-format", "qcow2"))  # fmt: skip
+                         "--disk-format", "qcow2", "--property", "os_type=linux"))  # fmt: skip
     assert rc == 0, err
     with Database(state / "minidriver.db") as db:
         state_id = db.state_id

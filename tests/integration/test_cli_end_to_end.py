@@ -83,8 +83,10 @@ def test_image_boot_manage_delete(
     cli_state: Path, host_config: Config, test_image: Path, http_root: str
 ) -> None:
     cli = Cli(cli_state, host_config.libvirt.connection_uri)
-    local = cli.json("image", "add", str(test_image), "--name", "local", "--disk-format", "qcow2")
-    remote = cli.json("image", "add", f"{http_root}/{test_image.name}", "--name", "remote")
+    local = cli.json("image", "add", str(test_image), "--name", "local", "--disk-format", "qcow2",
+                     "--property", "os_type=linux")  # fmt: skip
+    remote = cli.json("image", "add", f"{http_root}/{test_image.name}", "--name", "remote",
+                      "--property", "os_type=linux")  # fmt: skip
     assert remote["disk_format"] == "qcow2"
     assert remote["os_hash_value"] == local["os_hash_value"]
     listed = cli.json("image", "list")

@@ -62,6 +62,7 @@ def cloud_driver(
             "kernel_id": kernel.id,
             "ramdisk_id": ramdisk.id,
             "os_command_line": cloud_image.cmdline,
+            "os_type": "linux",
         },
     )
     yield drv

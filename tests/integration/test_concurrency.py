@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from minidriver.driver import LibvirtDriver, base_filename
+from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
 
 pytestmark = pytest.mark.integration
 
 
 def test_eight_spawns_of_an_uncached_image(driver: LibvirtDriver, test_image: Path) -> None:
-    image = driver.images.add(test_image, name="concurrent", disk_format="qcow2")
+    image = driver.images.add(test_image, name="concurrent", disk_format="qcow2", properties=LINUX)
     assert not (driver.conf.base_dir / base_filename(image.id)).exists()
     processes = [] if driver.host.is_embedded else list(range(4))
     threads = 8 - len(processes)

@@ -77,7 +77,8 @@ def test_kill_9_then_cleanup_then_boot(
     point: str, state: Path, host_config: Config, test_image: Path
 ) -> None:
     uri = host_config.libvirt.connection_uri
-    run_json(minidriver(state, uri, "--json", "image", "add", str(test_image), "--name", "g"))
+    run_json(minidriver(state, uri, "--json", "image", "add", str(test_image), "--name", "g",
+                        "--property", "os_type=linux"))  # fmt: skip
     boot_args = minidriver(state, uri, "boot", "--image", "g", "--flavor", "t1.nano")
     kill_at(CHILD, point, state / "marker", boot_args)
 

@@ -206,7 +206,8 @@ def test_a_soft_stop_and_the_ignore_power_button_mode(test_image: Path, ignore: 
     meta = ["--meta", f"{testimage.META_IGNORE_POWER_BUTTON}=1"] if ignore else []
     try:
         run_json(minidriver(state, uri, "--json", "image", "add", str(test_image), "--name",
-                            "g", "--disk-format", "qcow2"))  # fmt: skip
+                            "g", "--disk-format", "qcow2",
+                            "--property", "os_type=linux"))  # fmt: skip
         run_json(minidriver(state, uri, "--json", "boot", "--image", "g", "--flavor", "t1.nano",
                             "--name", "vm", "--config-drive", *meta, "--wait-for", READY,
                             "--timeout", "180"))  # fmt: skip

@@ -58,7 +58,10 @@ def test_the_guest_iso_boots_from_its_cdrom(
     def cli_json(*args: str) -> Any:
         return json.loads(minidriver(cli_state, uri, "--json", *args))
 
-    added = cli_json("image", "add", str(test_iso), "--name", "guest-iso", "--disk-format", "iso")
+    added = cli_json(
+        "image", "add", str(test_iso), "--name", "guest-iso", "--disk-format", "iso",
+        "--property", "os_type=linux",
+    )  # fmt: skip
     assert added["disk_format"] == "iso"
     boot = cli_json(
         "boot", "--image", "guest-iso", "--flavor", "t1.nano", "--name", "from-iso",
@@ -75,7 +78,7 @@ def test_the_guest_iso_boots_from_its_cdrom(
     assert f"minidriver-guest: config-drive uuid={boot['uuid']} hostname=from-iso" in console
     defined = etree.parse(Path(boot["instance_dir"]) / "libvirt.xml").getroot()
     assert defined.xpath("os/boot/@dev") == ["cdrom"]
-    assert defined.xpath("devices/disk[@device='cdrom']/target/@dev") == ["hda", "hdd"]
+    assert defined.xpath("devices/disk[@device='cdrom']/target/@dev") == ["hda", "hdb"]
 
     # The second boot starts from the cached ISO, checked again as an ISO.
     again = cli_json(

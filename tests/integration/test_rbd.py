@@ -31,6 +31,7 @@ from minidriver.cleanup import cleanup
 from minidriver.config import Config
 from minidriver.driver import LibvirtDriver, SpawnError
 from minidriver.explain import explain
+from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
 from minidriver.images.store import Image
 from minidriver.objects import GiB, MiB
 from minidriver.vmtemplate import TemplateError, Templates
@@ -114,7 +115,9 @@ def test_boot_from_an_rbd_image_is_a_clone_of_its_snapshot(
     instances: list[str],
     wait_console: Callable[..., Any],
 ) -> None:
-    image = rbd_drv.images.add(test_image, name="rbd-clone", disk_format="qcow2", store="rbd")
+    image = rbd_drv.images.add(
+        test_image, name="rbd-clone", disk_format="qcow2", store="rbd", properties=LINUX
+    )
     images.append(image)
     rbd = rbd_drv.rbd_driver()
     fsid = rbd.get_fsid()
@@ -159,7 +162,7 @@ def test_boot_from_a_file_image_fetches_and_imports(
     instances: list[str],
     wait_console: Callable[..., Any],
 ) -> None:
-    image = rbd_drv.images.add(test_image, name="rbd-import", disk_format="qcow2")
+    image = rbd_drv.images.add(test_image, name="rbd-import", disk_format="qcow2", properties=LINUX)
     images.append(image)
     inst = rbd_drv.spawn(name="rbd-import", image=image.id, flavor="t1.nano")
     instances.append(inst.uuid)
@@ -185,7 +188,9 @@ def test_direct_snapshot_boots_with_the_next_boot_count(
     instances: list[str],
     wait_console: Callable[..., Any],
 ) -> None:
-    image = rbd_drv.images.add(test_image, name="rbd-src", disk_format="qcow2", store="rbd")
+    image = rbd_drv.images.add(
+        test_image, name="rbd-src", disk_format="qcow2", store="rbd", properties=LINUX
+    )
     images.append(image)
     inst = rbd_drv.spawn(name="rbd-src", image=image.id, flavor="t1.nano")
     instances.append(inst.uuid)
@@ -222,7 +227,9 @@ def test_unprotected_image_snapshot_falls_back_to_import(
     wait_console: Callable[..., Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    image = rbd_drv.images.add(test_image, name="rbd-unprot", disk_format="qcow2", store="rbd")
+    image = rbd_drv.images.add(
+        test_image, name="rbd-unprot", disk_format="qcow2", store="rbd", properties=LINUX
+    )
     images.append(image)
     with rbd_drv.rbd_driver("images").image(image.id) as rbd_image:
         rbd_image.unprotect_snap("snap")
@@ -240,7 +247,9 @@ def test_unprotected_image_snapshot_falls_back_to_import(
 
 def add_rbd_image(drv: LibvirtDriver, test_image: Path, images: list[Image], name: str) -> Image:
     """The test guest added with --store rbd; deleted after the test (``images``)."""
-    image = drv.images.add(test_image, name=name, disk_format="qcow2", store="rbd")
+    image = drv.images.add(
+        test_image, name=name, disk_format="qcow2", store="rbd", properties=LINUX
+    )
     images.append(image)
     return image
 
@@ -525,7 +534,8 @@ def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
     def ours(*prefixes: str) -> list[str]:
         return [n for n in rbd_ls(ceph_conf, pool) if n.startswith(prefixes)]
 
-    image = run_json(md("--json", "image", "add", str(test_image), "--name", "g", "--store", "rbd"))
+    image = run_json(md("--json", "image", "add", str(test_image), "--name", "g", "--store", "rbd",
+                            "--property", "os_type=linux"))  # fmt: skip
     boot = ["boot", "--image", "g", "--flavor", "t1.nano", "--timeout", "180", "--config-drive"]
     src = run_json(md("--json", *boot, "--name", "src", "--wait-for", READY))
 
@@ -640,7 +650,8 @@ def test_cli_host_check_and_image_add_store_rbd(
     assert check["ceph"]["health"].startswith("HEALTH_")
     assert (check["ceph"]["pool"], check["ceph"]["images_pool"]) == ("rbd", "images")
 
-    argv = ["image", "add", str(test_image), "--name", "cli-rbd", "--store", "rbd", *state]
+    argv = ["image", "add", str(test_image), "--name", "cli-rbd", "--store", "rbd",
+            "--property", "os_type=linux", *state]  # fmt: skip
     assert cli.main(argv, host=rbd_drv.host) == 0
     added = json.loads(capsys.readouterr().out)
     assert added["locations"][0]["url"] == f"rbd://{fsid}/images/{added['id']}/snap"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from minidriver.driver import LibvirtDriver
+from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
 from minidriver.images import qemu_img
 from minidriver.objects import GiB, MiB
 
@@ -32,7 +33,9 @@ def test_spawn_t1_nano_then_warm_spawn_then_destroy(
     driver: LibvirtDriver, test_image: Path, wait_console: Callable[..., Any]
 ) -> None:
     # An image of its own (a new id, so a new base): cold whatever ran before.
-    test_image_id = driver.images.add(test_image, name="cold", disk_format="qcow2").id
+    test_image_id = driver.images.add(
+        test_image, name="cold", disk_format="qcow2", properties=LINUX
+    ).id
     conf = driver.conf
     base = conf.base_dir / sha1(test_image_id)
     first = driver.spawn(name="vm-cold", image=test_image_id, flavor="t1.nano")

@@ -53,7 +53,8 @@ def test_ssh_into_a_debian_guest_booted_with_a_key_pair(
     minidriver(cli_state, "image", "add", str(cloud_image.image), "--name", "debian",
                "--disk-format", "qcow2", "--property", "kernel_id=vmlinuz",
                "--property", "ramdisk_id=initrd",
-               "--property", f"os_command_line={cloud_image.cmdline}")  # fmt: skip
+               "--property", f"os_command_line={cloud_image.cmdline}",
+               "--property", "os_type=linux")  # fmt: skip
     minidriver(cli_state, "keypair", "create", "k")
     booted = json.loads(
         minidriver(

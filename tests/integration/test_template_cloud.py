@@ -81,7 +81,7 @@ def test_clones_of_a_debian_template_answer_ssh_with_their_own_files_and_clock(
     doc(state, "image", "add", str(cloud_image.image), "--name", "deb", "--disk-format", "qcow2",
         "--property", "kernel_id=k-deb", "--property", "ramdisk_id=r-deb",
         "--property", f"os_command_line={cloud_image.cmdline}",
-        "--property", "hw_qemu_guest_agent=yes")  # fmt: skip
+        "--property", "hw_qemu_guest_agent=yes", "--property", "os_type=linux")  # fmt: skip
     booted = doc(state, "boot", "--image", "deb", "--flavor", "tpl.test", "--name", "deb-src",
                  "--key-name", "k", "--config-drive", "--wait-ssh",
                  "--timeout", str(BOOT_TIMEOUT))  # fmt: skip

@@ -183,7 +183,8 @@ def test_kill_9_in_template_create_and_in_boot_template_then_cleanup(
     def md(*args: str) -> list[str]:
         return minidriver(state, uri, *args)
 
-    run_json(md("--json", "image", "add", str(test_image), "--name", "g"))
+    run_json(md("--json", "image", "add", str(test_image), "--name", "g",
+                "--property", "os_type=linux"))  # fmt: skip
     boot = ["boot", "--image", "g", "--flavor", "t1.nano", "--timeout", "180"]
     run_json(md("--json", *boot, "--name", "src", "--wait-for", READY))
 

@@ -133,7 +133,7 @@ def test_concurrent_boots_of_two_state_dirs_get_distinct_ports_freed_by_delete(
     # embedded driver takes a root per state dir, so it works there too).
     uri = driver.host.uri.split("?")[0]
     cli(other_state_dir, uri, "image", "add", str(test_image), "--name", "g",
-        "--disk-format", "qcow2")  # fmt: skip
+        "--disk-format", "qcow2", "--property", "os_type=linux")  # fmt: skip
 
     def by_thread(i: int) -> str:
         return driver.spawn(f"net-{i}", test_image_id, "t1.nano").uuid

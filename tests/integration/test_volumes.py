@@ -27,6 +27,7 @@ from test_rbd import ceph_conf, closed_port  # noqa: F401 - the cluster fixture
 
 from minidriver import block_device, guest, rbd_utils
 from minidriver.driver import LibvirtDriver, base_filename
+from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
 from minidriver.objects import GiB
 from minidriver.volume.api import VolumeError, VolumeRecord
 from minidriver.volume.pool import StoragePoolDriver, StoragePoolUnavailable
@@ -413,7 +414,11 @@ def test_a_volume_from_an_image_in_ceph_is_a_clone_of_its_snapshot(
     ceph_conf: str,  # noqa: F811
 ) -> None:
     image = vdrv.images.add(
-        test_image, name=f"vol-clone-{uuid.uuid4().hex[:8]}", disk_format="qcow2", store="rbd"
+        test_image,
+        name=f"vol-clone-{uuid.uuid4().hex[:8]}",
+        disk_format="qcow2",
+        store="rbd",
+        properties=LINUX,
     )
     try:
         volume = new_volume(vdrv, made, "rbd", image=image.id)

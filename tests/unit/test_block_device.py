@@ -229,7 +229,7 @@ def test_a_root_volume_replaces_the_root_disk() -> None:
         (f"volume-{VOLUME_ID}", "vda", 1),
         ("disk.local", "vdb", None),
         ("disk.swap", "vdc", None),
-        ("disk.config", "hdd", None),
+        ("disk.config", "hda", None),
     ]
     assert "disk" not in disk_info
     assert blockinfo.get_boot_order(disk_info) == ("hd",)

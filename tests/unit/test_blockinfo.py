@@ -48,7 +48,7 @@ def layout(info: object) -> list[tuple[str, str, str, str, int | None]]:
                 ("disk", "virtio", "vda", "disk", 1),
                 ("disk.local", "virtio", "vdb", "disk", None),
                 ("disk.swap", "virtio", "vdc", "disk", None),
-                ("disk.config", "ide", "hdd", "cdrom", None),
+                ("disk.config", "ide", "hda", "cdrom", None),
             ],
         ),
         (
@@ -75,14 +75,14 @@ def layout(info: object) -> list[tuple[str, str, str, str, int | None]]:
             TINY,
             image(hw_disk_bus="ide", hw_cdrom_bus="ide"),
             "iso9660",
-            [("disk", "ide", "hda", "disk", 1), ("disk.config", "ide", "hdd", "cdrom", None)],
+            [("disk", "ide", "hda", "disk", 1), ("disk.config", "ide", "hdb", "cdrom", None)],
         ),
         (TINY, image("iso"), None, [("disk", "ide", "hda", "cdrom", 1)]),
         (
             TINY,
             image(hw_cdrom_bus="scsi"),
             "iso9660",
-            [("disk", "virtio", "vda", "disk", 1), ("disk.config", "scsi", "sdz", "cdrom", None)],
+            [("disk", "virtio", "vda", "disk", 1), ("disk.config", "scsi", "sda", "cdrom", None)],
         ),
     ],
 )
@@ -98,7 +98,9 @@ def test_q35_puts_cdroms_on_sata() -> None:
     info = get_disk_info("kvm", TINY, image(), machine_type="q35", config_drive_format="iso9660")
     assert info.cdrom_bus is DiskBus.SATA
     assert info["disk.config"].type is DeviceType.CDROM
-    assert info["disk.config"].dev == "sdz"
+    assert (
+        info["disk.config"].dev == "sda"
+    )  # the next free device, as Nova gives it (was the last, sdz)
 
 
 @pytest.mark.parametrize(

@@ -207,10 +207,11 @@ def cli(
 
 @pytest.fixture
 def image_id(cli: Cli, source_image: Path) -> str:
-    """The source image, added through the command as ``cirros``."""
+    """The source image, added through the command as ``cirros`` (a Linux: os_type)."""
     added: dict[str, Any] = cli.json(
-        "image", "add", str(source_image), "--name", "cirros", "--disk-format", "qcow2"
-    )
+        "image", "add", str(source_image), "--name", "cirros", "--disk-format", "qcow2",
+        "--property", "os_type=linux",
+    )  # fmt: skip
     image: str = added["id"]
     return image
 

@@ -61,6 +61,10 @@ def sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+# cirros is a Linux: added with os_type=linux, its ephemeral disk is ext4, as in Nova.
+LINUX = {"os_type": "linux"}
+
+
 def ephemeral_base_name(size_gb: int, fs_type: str = "ext4") -> str:
     return f"ephemeral_{size_gb}_{hashlib.md5(fs_type.encode()).hexdigest()[:7]}"
 
@@ -162,7 +166,7 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def image_id(drv: LibvirtDriver, source_image: Path) -> str:
-    return drv.images.add(source_image, name="cirros", disk_format="qcow2").id
+    return drv.images.add(source_image, name="cirros", disk_format="qcow2", properties=LINUX).id
 
 
 def conn_of(drv: LibvirtDriver) -> Any:
@@ -296,7 +300,7 @@ def test_resized_base_copies_make_the_older_chain(
     conf: Config, make_driver: Callable[[Config], LibvirtDriver], source_image: Path
 ) -> None:
     drv = make_driver(conf.with_libvirt(resized_base_copies=True))
-    image = drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    image = drv.images.add(source_image, name="cirros", disk_format="qcow2", properties=LINUX)
     inst = drv.spawn("old-chain", "cirros", "t1.nano")
 
     base = root_base(drv, image.id)
@@ -338,7 +342,7 @@ def test_flat_disks_are_raw_copies(
             conf, default=dataclasses.replace(conf.default, use_cow_images=False)
         )
     drv = make_driver(conf)
-    drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    drv.images.add(source_image, name="cirros", disk_format="qcow2", properties=LINUX)
     inst = drv.spawn("flat", "cirros", "t1.nano")
 
     instance_dir = drv.conf.instances_path / inst.uuid
@@ -470,7 +474,7 @@ def test_keep_on_timeout_keeps_everything_until_destroy(
     mocker: MockerFixture,
 ) -> None:
     drv = make_driver(conf.with_libvirt(wait_interval=0.1))
-    image = drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    image = drv.images.add(source_image, name="cirros", disk_format="qcow2", properties=LINUX)
     mocker.patch.object(drv.host, "launch", side_effect=start_paused)
 
     with pytest.raises(InstanceBuildTimeout) as exc_info:
@@ -839,7 +843,7 @@ def test_config_drive_is_made_after_define_and_listed_last(
     disks = xml.findall("devices/disk")
     assert disks[-1].get("device") == "cdrom"
     assert disks[-1].find("source").get("file") == str(drive)  # type: ignore[union-attr]
-    assert disks[-1].find("target").get("dev") == "hdd"  # type: ignore[union-attr]
+    assert disks[-1].find("target").get("dev") == "hda"  # type: ignore[union-attr]
     assert inst.timings["config_drive"] > 0
     assert drv.get_disks(inst.uuid)["disk.config"].format == "raw"
     drv.destroy(inst.uuid)

@@ -14,7 +14,7 @@ from conftest import TEST_DRIVER_NODE
 from lxml import etree
 from pytest_mock import MockerFixture
 
-from minidriver import blockinfo, guest
+from minidriver import blockinfo, guest, guestos
 from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DEFAULT_FLAVORS, Flavor, ImageMeta, Instance
 
@@ -78,7 +78,44 @@ CASES: dict[str, Case] = {
     "iso-root-config-drive": (NANO, {}, "qemu", "iso9660", None, None),
     # Nova's image property: the QEMU guest agent's virtio-serial channel.
     "guest-agent": (NANO, {"hw_qemu_guest_agent": "yes"}, "qemu", None, USER_VIF, None),
+    # A kernel image without os_command_line: Nova's consoles, and no_timer_check
+    # under qemu only.
+    "kernel-cmdline-qemu": (
+        NANO,
+        {"kernel_id": "aki", "ramdisk_id": "ari"},
+        "qemu",
+        None,
+        None,
+        None,
+    ),
+    "kernel-cmdline-kvm": (NANO, {"kernel_id": "aki"}, "kvm", None, None, None),
+    # Nova's SMBIOS sysinfo without a serial entry (sysinfo_serial = none).
+    "sysinfo-serial-none": (NANO, {}, "qemu", None, None, None),
+    # The buses, machine type and NIC model from the image's properties; the config
+    # drive on the next free device of its bus.
+    "image-q35-sata-e1000": (
+        NANO,
+        {
+            "hw_machine_type": "q35",
+            "hw_disk_bus": "sata",
+            "hw_cdrom_bus": "sata",
+            "hw_vif_model": "e1000",
+        },
+        "qemu",
+        "iso9660",
+        USER_VIF,
+        None,
+    ),
+    "image-ide-disks-config-drive": (
+        NANO,
+        {"hw_disk_bus": "ide", "hw_vif_model": "rtl8139"},
+        "kvm",
+        "iso9660",
+        VIF(NetworkMode.NETWORK, MAC, "labnet"),
+        None,
+    ),
 }
+SYSINFO_SERIAL = {"sysinfo-serial-none": "none"}
 # The image's disk_format where it is not qcow2.
 DISK_FORMATS = {"iso-root": "iso", "iso-root-config-drive": "iso"}
 # The test driver's node, with the libvirt network the network mode names.
@@ -99,6 +136,7 @@ def render(
     display_name: str = "web-1",
     disk_format: str = "qcow2",
     cache_dir: Path | None = None,
+    sysinfo_serial: str = "unique",
 ) -> str:
     image = ImageMeta(id="c036d689-0336-4fcd-a8e0-4aed4dd5e420", name="x", disk_format=disk_format)
     image = ImageMeta(**{**image.__dict__, "properties": props})
@@ -110,8 +148,13 @@ def render(
         image_ref=image.id,
         virt_type=virt_type,
         created_at="2026-11-22T00:00:00+00:00",
+        kernel_id=props.get("kernel_id", ""),
+        ramdisk_id=props.get("ramdisk_id", ""),
     )
-    disk_info = blockinfo.get_disk_info(virt_type, flavor, image, config_drive_format=config_drive)
+    machine_type = image.machine_type("pc")
+    disk_info = blockinfo.get_disk_info(
+        virt_type, flavor, image, machine_type=machine_type, config_drive_format=config_drive
+    )
     network_disks = {"disk": rbd_root} if isinstance(rbd_root, guest.NetworkSource) else rbd_root
     formats = {m.name: ("raw" if m.name == "disk.config" else "qcow2") for m in disk_info}
     for name in network_disks or {}:
@@ -121,9 +164,10 @@ def render(
         disk_info,
         formats,
         instance_dir=INSTANCE_DIR,
-        machine_type="pc",
+        machine_type=machine_type,
         cpu_mode="",
         state_id="0b5a3c44-2a41-4ad4-9a39-5a1f2f0c0d77",
+        sysinfo_serial=sysinfo_serial,
         cache="none",
         vif=vif,
         network_disks=network_disks,
@@ -133,6 +177,14 @@ def render(
     return guest.to_xml(config, cache_dir=cache_dir)
 
 
+def render_case(case: str) -> str:
+    return render(
+        *CASES[case],
+        disk_format=DISK_FORMATS.get(case, "qcow2"),
+        sysinfo_serial=SYSINFO_SERIAL.get(case, "unique"),
+    )
+
+
 def canonical(text: str) -> bytes:
     parser = etree.XMLParser(remove_blank_text=True)
     return etree.tostring(etree.fromstring(text.encode(), parser), method="c14n")
@@ -140,7 +192,7 @@ def canonical(text: str) -> bytes:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_xml(case: str, request: pytest.FixtureRequest) -> None:
-    xml = render(*CASES[case], disk_format=DISK_FORMATS.get(case, "qcow2"))
+    xml = render_case(case)
     golden = DATA / f"domain-{case}.xml"
     if request.config.getoption("--regenerate-golden"):
         golden.write_text(xml)
@@ -153,8 +205,8 @@ def test_xml_defines_and_starts_on_the_test_driver(case: str, tmp_path: Path) ->
     node.write_text(NODE_WITH_NETWORK)
     test_driver = libvirt.open(f"test://{node}")
     try:
-        xml = render(*CASES[case], disk_format=DISK_FORMATS.get(case, "qcow2"))
-        _define_start_undefine(test_driver, xml)
+        vif_model = CASES[case][1].get("hw_vif_model", "virtio")
+        _define_start_undefine(test_driver, render_case(case), vif_model)
     finally:
         test_driver.close()
 
@@ -162,7 +214,7 @@ def test_xml_defines_and_starts_on_the_test_driver(case: str, tmp_path: Path) ->
 def libvirt_disk_order(targets: list[tuple[str | None, str | None]]) -> list[str | None]:
     """The order libvirt keeps disks in (its virDomainDiskInsert): each disk goes right
     after the last one on its bus with a lower name, so a bus's disks stay together in
-    name order (an ISO root hda pulls the config drive hdd in front of the vd disks)."""
+    name order (an ISO root hda pulls the config drive hdb in front of the vd disks)."""
     order: list[tuple[str | None, str | None]] = []
     for dev, bus in targets:
         at = len(order)
@@ -176,7 +228,9 @@ def libvirt_disk_order(targets: list[tuple[str | None, str | None]]) -> list[str
     return [dev for dev, _bus in order]
 
 
-def _define_start_undefine(test_driver: libvirt.virConnect, xml: str) -> None:
+def _define_start_undefine(
+    test_driver: libvirt.virConnect, xml: str, vif_model: str = "virtio"
+) -> None:
     dom = test_driver.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
     dom.create()
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
@@ -188,7 +242,7 @@ def _define_start_undefine(test_driver: libvirt.virConnect, xml: str) -> None:
     for path in ("devices/interface/@type", "devices/interface/mac/@address"):
         assert described.xpath(path) == rendered.xpath(path)
     nics = len(rendered.findall("devices/interface"))
-    assert described.xpath("devices/interface/model/@type") == ["virtio"] * nics
+    assert described.xpath("devices/interface/model/@type") == [vif_model] * nics
     dom.destroy()
     dom.undefine()
     assert test_driver.listAllDomains() == []
@@ -309,7 +363,7 @@ def test_an_iso_root_is_a_cdrom_the_bios_boots_first() -> None:
     tree = etree.fromstring(render(*CASES["iso-root-config-drive"], disk_format="iso").encode())
     assert tree.xpath("os/boot/@dev") == ["cdrom"]
     cdrom = "devices/disk[@device='cdrom']"
-    assert tree.xpath(f"{cdrom}/target/@dev") == ["hda", "hdd"]
+    assert tree.xpath(f"{cdrom}/target/@dev") == ["hda", "hdb"]
     assert tree.xpath(f"{cdrom}/source/@file") == [
         f"{INSTANCE_DIR}/disk",
         f"{INSTANCE_DIR}/disk.config",
@@ -326,7 +380,7 @@ def test_a_disk_image_boots_hd_and_a_kernel_image_no_device() -> None:
     instance = Instance(INSTANCE_DIR.name, "instance-2a", "k", NANO, image.id, kernel_id="aki")
     disk_info = blockinfo.get_disk_info("qemu", NANO, image)
     # QEMU loads the kernel itself: the BIOS boots nothing.
-    assert guest.get_guest_os(instance, disk_info, INSTANCE_DIR).boot_devs == ()
+    assert guestos.get_guest_os(instance, disk_info, INSTANCE_DIR).boot_devs == ()
 
 
 def test_the_compiled_template_is_kept_private_and_loaded_by_the_next_process(

@@ -54,7 +54,7 @@ HOUR = 3600
 SHA_A = hashlib.sha1(b"image-a").hexdigest()
 SHA_B = hashlib.sha1(b"image-b").hexdigest()
 SHA_C = hashlib.sha1(b"image-c").hexdigest()
-EPHEMERAL = ephemeral_filename(1)  # ephemeral_1_<md5("ext4")[:7]>
+EPHEMERAL = ephemeral_filename(1, "ext4")  # ephemeral_1_<md5("ext4")[:7]>
 SWAP = swap_filename(64)
 
 UUID_1 = "11111111-1111-4111-8111-111111111111"

@@ -78,7 +78,7 @@ def test_an_iso_root_is_a_cdrom_the_bios_boots_first(drv: LibvirtDriver, iso: Pa
         "hda": ("cdrom", os.fspath(instance_dir / "disk")),
         "vda": ("disk", os.fspath(instance_dir / "disk.local")),
         "vdb": ("disk", os.fspath(instance_dir / "disk.swap")),
-        "hdd": ("cdrom", os.fspath(instance_dir / "disk.config")),
+        "hdb": ("cdrom", os.fspath(instance_dir / "disk.config")),
     }
     # The root is an overlay on the ISO cached as it is: nothing converted it.
     base = drv.conf.base_dir / base_filename(image.id)

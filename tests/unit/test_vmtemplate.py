@@ -319,23 +319,31 @@ def test_template_list_and_show(
     assert "clones        " + inst.uuid in capsys.readouterr().out
 
 
-def test_clone_xml_gives_the_guest_agent_socket_the_clones_uuid(tmp_path: Path) -> None:
-    golden = Path(__file__).parent.parent / "data" / "domain-guest-agent.xml"
-    xml = golden.read_text()
-    source_uuid = "7d1e4a52-9f64-4d8e-a0b4-1f1a5c3e2b10"
-    new = clone_xml(
+GOLDEN_AGENT = Path(__file__).parent.parent / "data" / "domain-guest-agent.xml"
+GOLDEN_UUID = "7d1e4a52-9f64-4d8e-a0b4-1f1a5c3e2b10"
+CLONE_UUID = "11111111-2222-3333-4444-555555555555"
+
+
+def clone_of_golden(xml: str, tmp_path: Path) -> str:
+    """``clone_xml`` of a golden file's domain, as clone c1 (CLONE_UUID)."""
+    return clone_xml(
         xml,
         name="instance-00000042",
-        uuid="11111111-2222-3333-4444-555555555555",
+        uuid=CLONE_UUID,
         display_name="c1",
         created_at="",
-        source_dir=f"/var/lib/minidriver/instances/{source_uuid}",
-        source_uuid=source_uuid,
+        source_dir=f"/var/lib/minidriver/instances/{GOLDEN_UUID}",
+        source_uuid=GOLDEN_UUID,
         clone_dir=tmp_path,
         template_dir=tmp_path,
         overlaid=["disk", "disk.local", "disk.swap"],
         forward_port=10999,
     )
+
+
+def test_clone_xml_gives_the_guest_agent_socket_the_clones_uuid(tmp_path: Path) -> None:
+    source_uuid = GOLDEN_UUID
+    new = clone_of_golden(GOLDEN_AGENT.read_text(), tmp_path)
     root = etree.fromstring(new.encode())
     [channel] = root.iterfind("devices/channel")
     assert channel.xpath("string(target/@name)") == "org.qemu.guest_agent.0"
@@ -343,6 +351,34 @@ def test_clone_xml_gives_the_guest_agent_socket_the_clones_uuid(tmp_path: Path) 
         "/var/lib/libvirt/qemu/11111111-2222-3333-4444-555555555555.qga.sock"
     )
     assert source_uuid not in new
+
+
+def smbios(xml: str) -> dict[str, str]:
+    tree = etree.fromstring(xml.encode())
+    return {e.get("name", ""): e.text or "" for e in tree.iterfind("sysinfo/system/entry")}
+
+
+def test_libvirt_refuses_a_sysinfo_uuid_not_the_domains_and_a_clone_has_its_own(
+    test_driver: libvirt.virConnect, tmp_path: Path
+) -> None:
+    xml = GOLDEN_AGENT.read_text()
+    stale = xml.replace(f"<uuid>{GOLDEN_UUID}</uuid>", f"<uuid>{CLONE_UUID}</uuid>")
+    with pytest.raises(libvirt.libvirtError):
+        test_driver.defineXML(stale)
+    clone = clone_of_golden(xml, tmp_path)
+    assert smbios(clone)["uuid"] == CLONE_UUID
+    assert smbios(clone)["serial"] == CLONE_UUID
+    domain = test_driver.defineXML(clone)
+    assert domain.UUIDString() == CLONE_UUID
+    domain.undefine()
+
+
+def test_a_clone_of_a_template_made_before_sysinfo_still_has_none(tmp_path: Path) -> None:
+    tree = etree.fromstring(GOLDEN_AGENT.read_bytes())
+    for element in tree.findall("sysinfo"):
+        tree.remove(element)
+    clone = clone_of_golden(etree.tostring(tree, encoding="unicode"), tmp_path)
+    assert smbios(clone) == {}
 
 
 def agent_error(code: int) -> libvirt.libvirtError:

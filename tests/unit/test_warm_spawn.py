@@ -209,6 +209,6 @@ def test_a_disk_that_fails_beside_the_others_leaves_nothing_of_the_instance(
     assert sorted(p.name for p in drv.conf.instances_path.iterdir()) == ["_base", "locks"]
     # The root and ephemeral bases made beside it stay cached; no half-made swap base.
     assert sorted(p.name for p in drv.conf.base_dir.iterdir()) == sorted(
-        [base_of(drv, drv.images.get("data").id).name, imagebackend.ephemeral_filename(1)]
+        [base_of(drv, drv.images.get("data").id).name, imagebackend.ephemeral_filename(1, "vfat")]
     )
     assert list(drv.conf.locks_dir.iterdir()) == []
