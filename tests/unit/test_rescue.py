@@ -3,6 +3,7 @@ database: the rescue definition's disks, the kept definition, the wrong states."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,29 @@ def test_delete_of_a_rescued_instance_removes_everything(
     drv.destroy(inst.uuid)
     assert drv.host.get_domain(inst.uuid) is None
     assert not Path(inst.instance_dir).exists()
+
+
+@pytest.mark.parametrize("operation", ["rescue", "resize", "shelve"])
+def test_rbd_state_dirs_are_refused_before_anything_changes(
+    drv: LibvirtDriver,
+    conf: Config,
+    empty_qcow2_id: str,
+    make_driver: Callable[[Config], LibvirtDriver],
+    operation: str,
+) -> None:
+    """Not built for images_type = rbd yet: one clear refusal, nothing changed."""
+    from minidriver import resize, shelve
+
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
+    xml = domain_xml(drv, inst.uuid)
+    rbd = make_driver(conf.with_libvirt(images_type="rbd"))
+    calls: dict[str, Callable[[], object]] = {
+        "rescue": lambda: rescue.rescue(rbd, inst.uuid),
+        "resize": lambda: resize.resize(rbd, inst.uuid, "m1.small"),
+        "shelve": lambda: shelve.shelve(rbd, inst.uuid),
+    }
+    with pytest.raises(MinidriverError, match="images_type = rbd is not supported"):
+        calls[operation]()
+    assert domain_xml(drv, inst.uuid) == xml
+    assert drv.db.get_instance(inst.uuid).vm_state == "active"
+    assert drv.get_info(inst.uuid).state == "running"
