@@ -9,6 +9,7 @@ import pytest
 from tests_helpers_ops import run
 
 from minidriver import shelve
+from minidriver.cli import main
 from minidriver.config import Config
 from minidriver.driver import LibvirtDriver
 from minidriver.exception import ImageNotFound, MinidriverError
@@ -60,6 +61,9 @@ def test_commands_wrong_states_cleanup_and_delete(
         image_id,
     )
     assert shown["disks"] == {}
+    capsys.readouterr()
+    assert main(["--state-dir", str(conf.state_path), "show", "vm"], host=drv.host) == 0
+    assert "shelved_offloaded" in capsys.readouterr().out
     for argv in (("shelve", "vm"), ("rescue", "vm"), ("resize", "vm", "--flavor", "m1.small")):
         code, failed = run(drv, conf, capsys, *argv)
         assert code == 1 and "vm_state is shelved_offloaded" in failed["error"], (argv, failed)
