@@ -120,6 +120,7 @@ def get_disk_info(
     machine_type: str = "pc",
     config_drive_format: str | None = None,
     block_device_info: BlockDeviceInfo | None = None,
+    rescue: bool = False,
 ) -> DiskInfo:
     """Where each disk of a new instance goes, in Nova's order.
 
@@ -131,6 +132,10 @@ def get_disk_info(
     With a root volume in ``block_device_info`` (boot from volume) the root is that
     volume, a disk at ``root_device_name`` (default: the first free), and there is
     no ``disk``.
+
+    ``rescue``: Nova's legacy rescue mapping (``_get_rescue_disk_mapping``): the
+    rescue disk ``disk.rescue`` first (it boots), the instance's root ``disk`` after
+    it, and the config drive as ``disk.config.rescue``; no ephemeral, swap or volume.
     """
     if virt_type not in ("kvm", "qemu"):
         raise UnsupportedHardware(f"virt_type {virt_type!r} is not supported")
@@ -147,6 +152,14 @@ def get_disk_info(
         dev = find_disk_dev_for_disk_bus(mapping, bus)
         mapping.append(DiskMapping(name, bus, dev, dtype, boot_index))
 
+    if rescue:
+        add("disk.rescue", disk_bus, DeviceType.DISK, boot_index=1)
+        add("disk", disk_bus, DeviceType.DISK)
+        if config_drive_format == "iso9660":
+            add("disk.config.rescue", cdrom_bus, DeviceType.CDROM)
+        elif config_drive_format == "vfat":
+            add("disk.config.rescue", disk_bus, DeviceType.DISK)
+        return DiskInfo(disk_bus=disk_bus, cdrom_bus=cdrom_bus, mapping=tuple(mapping))
     root_bdm = block_device_info.root_bdm if block_device_info else None
     if root_bdm is not None:
         assert block_device_info is not None

@@ -7,7 +7,9 @@ for this state dir only (domains are recognised by their metadata's state id):
 - DB records whose domain is gone: their instance dir and record removed;
 - instances still recorded as ``building`` with no spawn at work on them (a spawn
   killed half-way): domain, instance dir and record removed;
-- instance dirs with neither record nor domain: removed;
+- instance dirs with neither record nor domain: removed; a resize's
+  ``<uuid>_resize`` dir is kept while its instance has a record, and a shelved
+  instance (no domain, no dir) is left alone;
 - stale ``.part``/``.converted`` files in ``_base`` and lock files nobody holds;
 - forwarded-port reservations of this state dir whose instance is gone;
 - images an ``image add`` left ``saving`` when it died, with their partial files;
@@ -42,6 +44,8 @@ from minidriver.disk_info_file import read_disk_info
 from minidriver.driver import LibvirtDriver, instance_lock_name
 from minidriver.exception import ImageNotFound, InstanceNotFound
 from minidriver.images.store import ImageStatus, add_lock_name
+from minidriver.resize import RESIZE_SUFFIX
+from minidriver.vm_states import VMState
 
 PARTIAL_SUFFIXES = (".part", ".converted")
 # Entries of instances_path that are not instance dirs.
@@ -107,12 +111,18 @@ class _Pass:
             return record is not None and domain is not None and record.name == domain.name()
 
         found = [u for u in ours if not matched(u)]
-        found += [u for u, r in records.items() if not matched(u) or r.state == "building"]
+        found += [
+            u
+            for u, r in records.items()
+            if (not matched(u) and not _shelved(r)) or r.state == "building"
+        ]
         if self.conf.instances_path.is_dir():
             for entry in sorted(self.conf.instances_path.iterdir()):
                 name = entry.name
                 if not entry.is_dir() or entry.is_symlink() or name in NOT_INSTANCES:
                     continue
+                if name.endswith(RESIZE_SUFFIX) and name.removesuffix(RESIZE_SUFFIX) in records:
+                    continue  # a resize waiting for confirm or revert keeps its old disks
                 if entry != self.conf.base_dir and name not in records and name not in ours:
                     found.append(name)
         return list(dict.fromkeys(found))
@@ -207,6 +217,8 @@ class _Pass:
             healthy = domain is not None and record.name == domain.name()
             if healthy and record.state != "building":
                 return
+            if domain is None and _shelved(record):
+                return  # offloaded: no domain, no dir, by design
             self.report.records.append(instance_uuid)
         elif domain is None and not directory.is_dir():
             return  # deleted since it was listed
@@ -317,6 +329,10 @@ class _Pass:
             self.report.ports.append(reservation.port)
             if not self.report.dry_run:
                 self.drv.ports.release(reservation.port, reservation.instance_uuid)
+
+
+def _shelved(record: InstanceRecord) -> bool:
+    return record.vm_state == VMState.SHELVED_OFFLOADED
 
 
 def cleanup(drv: LibvirtDriver, *, dry_run: bool = False) -> CleanupReport:

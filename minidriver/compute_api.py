@@ -76,10 +76,12 @@ def build_request(
     network: str | None = None,
     key_name: str | None = None,
     boot_from_volume: bool = False,
+    instance_uuid: str | None = None,
 ) -> BuildRequest:
     """Check a request (``LibvirtDriver.spawn``'s arguments) and resolve its flavor,
     images, NIC (a MAC no instance of this state dir has), key pair and config drive
-    data; any refusal comes before anything is written."""
+    data; any refusal comes before anything is written. ``instance_uuid``: the uuid
+    to build under (an unshelve's); a new one by default."""
     validate_display_name(name)
     flavor_obj = get_flavor(conf, flavor)
     store_image = images.get(image)
@@ -91,7 +93,7 @@ def build_request(
         root_on_volume=boot_from_volume,
     )
     kernel, ramdisk = handle_kernel_and_ramdisk(images, image_meta)
-    instance_uuid = str(uuidlib.uuid4())
+    instance_uuid = instance_uuid or str(uuidlib.uuid4())
     requested = NetworkRequest.parse(network, conf.libvirt)
     vif = None
     if requested.mode is not NetworkMode.NONE:

@@ -243,6 +243,17 @@ def _schema_6(conn: sqlite3.Connection) -> None:
     )
 
 
+def _schema_7(conn: sqlite3.Connection) -> None:
+    """Resize and shelve (issue 22): the flavor a resize left (Nova's
+    ``instance.old_flavor``) until it is confirmed or reverted, and the image a shelve
+    took (Nova's ``system_metadata['shelved_image_id']``) until the unshelve, and
+    whether it has a config drive (Nova's ``instance.config_drive``), which an
+    unshelve builds again; rows made before say 0."""
+    conn.execute("ALTER TABLE instances ADD COLUMN old_flavor TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE instances ADD COLUMN shelved_image_id TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE instances ADD COLUMN config_drive INTEGER NOT NULL DEFAULT 0")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
@@ -253,6 +264,7 @@ MIGRATIONS: Final[Sequence[Migration]] = (
     _schema_4,
     _schema_5,
     _schema_6,
+    _schema_7,
 )
 
 
@@ -277,6 +289,9 @@ class InstanceRecord:
     key_name: str | None = None  # the key pair booted with (boot --key-name)
     vm_state: str = "building"  # Nova's vm_state (minidriver.vm_states.VMState)
     template_id: str = ""  # the template a clone was restored from; '' when booted
+    old_flavor: str = ""  # resized: the flavor a revert goes back to; '' otherwise
+    shelved_image_id: str = ""  # shelved: the image its unshelve boots; '' otherwise
+    config_drive: int = 0  # 1: booted with a config drive
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""

@@ -231,6 +231,7 @@ class LibvirtDriver:
         key_name: str | None = None,
         boot_volume: str | None = None,
         volume_size: int | None = None,
+        instance_uuid: str | None = None,
     ) -> Instance:
         """Boot ``image`` with ``flavor`` as a new instance displayed as ``name``.
 
@@ -238,7 +239,8 @@ class LibvirtDriver:
         whatever is given) boots from that volume: Nova's boot from volume, the root
         on it, no ``disk`` and no fetch for the root. ``volume_size`` (GB) makes a
         volume from ``image`` first and boots from it (Nova's source=image,
-        dest=volume); a failed boot deletes that volume again.
+        dest=volume); a failed boot deletes that volume again. ``instance_uuid``: the
+        uuid to spawn under (an unshelve keeps its instance's); a new one by default.
 
         ``timeout`` (default ``instance_build_timeout``) bounds the whole spawn, from
         now until RUNNING; ``wait=False`` returns once the domain is started.
@@ -273,6 +275,7 @@ class LibvirtDriver:
                 network=network,
                 key_name=key_name,
                 boot_from_volume=root_volume is not None,
+                instance_uuid=instance_uuid,
             )
             instance = self._spawn_instance(
                 request,
@@ -365,7 +368,9 @@ class LibvirtDriver:
         with contextlib.ExitStack() as session, contextlib.ExitStack() as undo:
             step = "record"
             try:
-                self.db.create_instance(_record(instance, vif, key_name))
+                self.db.create_instance(
+                    _record(instance, vif, key_name, config_drive=config_drive is not None)
+                )
                 undo.callback(self.db.delete_instance, instance.uuid)
 
                 if vif is not None and vif.mode is NetworkMode.USER:
@@ -781,6 +786,11 @@ class LibvirtDriver:
             # unreachable cluster stops here, with the record kept for another try.
             imagebackend.cleanup_rbd(self.conf, record.uuid, disks)
             shutil.rmtree(instance_dir, ignore_errors=True)
+            # A resize's old dir and a shelve's image (issue 22) go with it.
+            shutil.rmtree(f"{instance_dir}_resize", ignore_errors=True)
+            if record.shelved_image_id:
+                with contextlib.suppress(ImageNotFound):
+                    self.images.delete(record.shelved_image_id)
             # Its volumes outlive it, available again, unless the root goes with it.
             attachments = self.block_devices.forget_instance(record.uuid)
             if record.forward_port is not None:
@@ -1111,7 +1121,9 @@ def spawned_disks(
     return made
 
 
-def _record(instance: Instance, vif: VIF | None, key_name: str | None) -> InstanceRecord:
+def _record(
+    instance: Instance, vif: VIF | None, key_name: str | None, *, config_drive: bool = False
+) -> InstanceRecord:
     return InstanceRecord(
         uuid=instance.uuid,
         name=instance.name,
@@ -1127,4 +1139,5 @@ def _record(instance: Instance, vif: VIF | None, key_name: str | None) -> Instan
         network_source=vif.source if vif else "",
         mac_address=vif.mac_address if vif else None,
         key_name=key_name,
+        config_drive=int(config_drive),
     )

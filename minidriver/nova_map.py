@@ -192,6 +192,58 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "starts the managed save; Nova defines its existing XML again first",
     ),
     NovaStep(
+        "rescue",
+        "rescue disk first, root second",
+        f"{_DRIVER}:rescue; nova/virt/libvirt/blockinfo.py:_get_rescue_disk_mapping",
+        "rescue.rescue",
+        "legacy rescue only (no hw_rescue_* stable device rescue, no rescue kernel, ramdisk"
+        " or password); disk.config.rescue is a copy of disk.config (Nova builds it again)",
+    ),
+    NovaStep(
+        "unrescue",
+        "the kept unrescue.xml defined and started",
+        f"{_DRIVER}:unrescue",
+        "rescue.unrescue",
+    ),
+    NovaStep(
+        "resize",
+        "power off, <dir>_resize, disks for the new flavor",
+        f"{_DRIVER}:migrate_disk_and_power_off, finish_migration",
+        "resize.resize",
+        "this host only; the root copied with its backing file and grown by qemu-img resize"
+        " (Nova: copied, then grown by _create_image); a new ephemeral disk (Nova copies it)",
+    ),
+    NovaStep(
+        "resize",
+        "confirm: <dir>_resize removed",
+        f"{_DRIVER}:confirm_migration, _cleanup_resize",
+        "resize.confirm_resize",
+    ),
+    NovaStep(
+        "resize",
+        "revert: <dir>_resize back, the old definition",
+        f"{_DRIVER}:finish_revert_migration",
+        "resize.revert_resize",
+        "defines the definition the domain had (Nova makes the XML again from the old"
+        " flavor); started when the resized guest runs (Nova: when it ran before)",
+    ),
+    NovaStep(
+        "shelve",
+        "power off, snapshot, offload",
+        "nova/compute/manager.py:_shelve_instance, _shelve_offload_instance",
+        "shelve.shelve",
+        "always offloaded at once (Nova's default shelved_offload_time = 0); the forwarded"
+        " port freed",
+    ),
+    NovaStep(
+        "unshelve",
+        "spawn from the shelve image, the image deleted",
+        "nova/compute/manager.py:_unshelve_instance",
+        "shelve.unshelve",
+        "a new domain name, MAC and port (Nova keeps name and ports); the config drive"
+        " built again from the record, without boot-time user data, metadata or hostname",
+    ),
+    NovaStep(
         "attach",
         "a volume into the guest",
         f"{_DRIVER}:attach_volume",

@@ -52,6 +52,13 @@ COMMANDS = {
     "snapshot": "instances",
     "suspend": "suspend",
     "resume": "suspend",
+    "rescue": "operations",
+    "unrescue": "operations",
+    "resize": "operations",
+    "resize-confirm": "operations",
+    "resize-revert": "operations",
+    "shelve": "operations",
+    "unshelve": "operations",
     "template": "vmtemplate",
     "ssh": "guestaccess",
     "keypair": "guestaccess",
@@ -92,7 +99,7 @@ def run_command(
             gc.freeze()
             gc.enable()
     command: Callable[[LibvirtDriver, argparse.Namespace, Output], int]
-    command = getattr(module, f"cmd_{args.command}")
+    command = getattr(module, f"cmd_{args.command.replace('-', '_')}")
     return command(LibvirtDriver(conf, host=host), args, out)
 
 

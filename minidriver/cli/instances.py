@@ -40,6 +40,9 @@ def instance_dict(drv: LibvirtDriver, uuid: str) -> dict[str, Any]:
         "state": (state := drv.get_info(uuid).state),
         "vm_state": vm_states.synced(record.vm_state, state),
         "flavor": record.flavor,
+        # A resize's flavor before it, until confirmed or reverted; a shelve's image.
+        "old_flavor": record.old_flavor or None,
+        "shelved_image_id": record.shelved_image_id or None,
         "image": record.image_id,
         "virt_type": drv.host.virt_type.virt_type,
         "instance_dir": record.instance_dir,

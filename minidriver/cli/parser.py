@@ -185,6 +185,28 @@ def _console_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     )
 
 
+def _operation_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Rescue, resize and shelve (issue 22)."""
+    p = command("rescue", "boot an instance from a rescue disk, its root attached second")
+    p.add_argument("instance")
+    p.add_argument("--image", help="the rescue image (default: the instance's own)")
+    command("unrescue", "boot a rescued instance from its own root again").add_argument("instance")
+    p = command("resize", "give an instance another flavor (confirm or revert after)")
+    p.add_argument("instance")
+    p.add_argument("--flavor", required=True)
+    p.add_argument("--timeout", type=float, default=60, metavar="SECONDS", help="clean shutdown")
+    command("resize-confirm", "keep a resize: its old disks removed").add_argument("instance")
+    command("resize-revert", "undo a resize: the old disks and flavor back").add_argument(
+        "instance"
+    )
+    p = command("shelve", "snapshot an instance, then remove its domain and disks")
+    p.add_argument("instance")
+    p.add_argument("--timeout", type=float, default=60, metavar="SECONDS", help="clean shutdown")
+    p = command("unshelve", "boot a shelved instance again from its shelve image")
+    p.add_argument("instance")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="the boot's deadline")
+
+
 def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     command("list", "list this state dir's instances")
     command("show", "show an instance and its image chain").add_argument("instance")
@@ -210,6 +232,7 @@ def _instance_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         "instance"
     )
     command("resume", "start a suspended instance from its saved memory").add_argument("instance")
+    _operation_commands(command)
     p = command("reboot", "reboot an instance (ACPI; --hard: stop and start)")
     p.add_argument("instance")
     p.add_argument("--hard", action="store_true")
