@@ -68,6 +68,10 @@ class DefaultOptions:
     image_size_cap: int = 1024**4  # Glance's name: the largest image `image add` takes
     force_config_drive: bool = False
     config_drive_format: str = "iso9660"
+    # Seconds a spawn waits, its guest paused, for its VIF to be plugged (Nova's
+    # network-vif-plugged; see vif.py); 0: no wait, no pause. Fatal: the spawn fails.
+    vif_plugging_timeout: int = 300
+    vif_plugging_is_fatal: bool = True
     # The login `minidriver ssh` uses (Debian cloud images' cloud-init default user).
     ssh_user: str = "debian"
 
@@ -212,6 +216,10 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ),
     ("DEFAULT", "force_config_drive"): OptionOrigin("Nova", _NOVA_DRIVE),
     ("DEFAULT", "config_drive_format"): OptionOrigin("Nova", _NOVA_DRIVE),
+    ("DEFAULT", "vif_plugging_timeout"): OptionOrigin(
+        "Nova", _NOVA_CONF, "the event stood in for by the VIF's host end found up (vif.py)"
+    ),
+    ("DEFAULT", "vif_plugging_is_fatal"): OptionOrigin("Nova", _NOVA_CONF),
     ("DEFAULT", "ssh_user"): OptionOrigin("ours", ""),
     ("libvirt", "connection_uri"): OptionOrigin(
         "Nova",

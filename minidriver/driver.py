@@ -73,6 +73,7 @@ from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
 from minidriver.serial_console import SerialConsole
 from minidriver.steps import Step, StepListener, StepTimer
+from minidriver.vif import launch_with_network, plug_vifs
 from minidriver.vm_states import VMState
 from minidriver.volume.api import Attachment, VolumeAPI, VolumeRecord
 
@@ -397,6 +398,8 @@ class LibvirtDriver:
                 # console.log, ours, in the instance dir create_image made.
                 (instance_dir / "console.log").touch(mode=PRIVATE_FILE)
 
+                plug_vifs(self.host, vif, timer)  # its failure names its own step
+
                 step = "define"
                 with timer.step(Step.DEFINE):
                     domain = self._define(
@@ -419,9 +422,9 @@ class LibvirtDriver:
                     with timer.step(Step.CONFIG_DRIVE):
                         self._create_configdrive(instance_dir, config_drive, disks)
 
+                # Paused while it waits for its VIF, when one is expected (vif.py).
                 step = "start"
-                with timer.step(Step.START):
-                    self.host.launch(domain)
+                launch_with_network(self.host, domain, vif, self.conf, timer)
 
                 step = "wait_for_running"
                 if deadline is not None:
@@ -435,7 +438,7 @@ class LibvirtDriver:
                     self.db.update_instance(instance.uuid, state="error", vm_state=VMState.ERROR)
                 raise
             except Exception as exc:
-                raise SpawnError(step, exc, instance) from exc
+                raise SpawnError(getattr(exc, "step", step), exc, instance) from exc
             undo.pop_all()
         self._spawned_disks[instance.uuid] = spawned_disks(disks, disk_info, instance_dir)
         return domain

@@ -40,6 +40,7 @@ from minidriver.network import VIF, NetworkMode, NetworkRequest, generate_mac_ad
 from minidriver.objects import GiB, Instance, MiB
 from minidriver.rbd_utils import RbdLocation
 from minidriver.steps import StepTimer
+from minidriver.vif import VIF_PLUGGED, get_neutron_events
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Plan:
     flavor: str
     files: list[PlannedFile] = field(default_factory=list)
     xml: str = ""
+    launch: list[str] = field(default_factory=list)  # the VIF plugged, the start, the wait
 
     def add(
         self,
@@ -105,7 +107,13 @@ class Plan:
                 entry["nova"] = step.nova if step else None
                 entry["differs"] = step.differs if step else None
             files.append(entry)
-        return {"image": self.image_id, "flavor": self.flavor, "files": files, "xml": self.xml}
+        return {
+            "image": self.image_id,
+            "flavor": self.flavor,
+            "files": files,
+            "launch": self.launch,
+            "xml": self.xml,
+        }
 
 
 def explain(
@@ -191,6 +199,8 @@ def explain(
         add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
     add_local_disks(plan, drv, instance_dir, rbd_paths)
 
+    vif = planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt))
+    plan.launch = launch_steps(drv, vif)
     config = guest.get_guest_config(
         instance,
         disk_info,
@@ -202,7 +212,7 @@ def explain(
         cache="none",
         network_disks=network_disks,
         os_command_line=meta.os_command_line,
-        vif=planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt)),
+        vif=vif,
         image_properties=meta.properties,
         agent_socket_dir=drv.host.agent_socket_dir(),
         volumes=volumes,
@@ -218,6 +228,37 @@ def planned_vif(drv: LibvirtDriver, request: NetworkRequest) -> VIF | None:
         return None
     port = drv.ports.first_free() if request.mode is NetworkMode.USER else None
     return VIF(request.mode, generate_mac_address(), request.source, port)
+
+
+def launch_steps(drv: LibvirtDriver, vif: VIF | None) -> list[str]:
+    """After the define: what plugging the VIF checks, and whether the start pauses to
+    wait for ``network-vif-plugged`` (vif.py) and on what."""
+    options = drv.conf.default
+    if vif is not None and vif.mode.needs_source:
+        plug = f"plug_vifs: {vif.mode} {vif.source} must be active on the host"
+    else:
+        plug = "plug_vifs: nothing to find up (user mode's port is reserved before)"
+    events = get_neutron_events(
+        vif,
+        drv.host.virt_type.virt_type,
+        options.vif_plugging_timeout,
+        drv.host.get_connection().getType(),
+    )
+    if not events or vif is None:
+        return [plug, "start: not paused, no network-vif-plugged expected"]
+    if vif.mode is NetworkMode.USER:
+        sign = f"QEMU listening on 127.0.0.1:{vif.forward_port}"
+    else:
+        sign = "the tap device libvirt makes, on the host"
+    then = "the boot fails" if options.vif_plugging_is_fatal else "a warning, and the boot goes on"
+    return [
+        plug,
+        "start: paused",
+        f"vif_plugged: wait up to vif_plugging_timeout = {options.vif_plugging_timeout} s"
+        f" for {VIF_PLUGGED} of VIF {vif.vif_id} ({sign}); none: {then}"
+        f" (vif_plugging_is_fatal = {str(options.vif_plugging_is_fatal).lower()})",
+        "resume",
+    ]
 
 
 def add_boot_file(

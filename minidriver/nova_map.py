@@ -122,8 +122,17 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "define and start",
         f"{_DRIVER}:_create_guest_with_network, _create_guest;"
         " nova/virt/libvirt/guest.py:Guest.create, Guest.launch",
-        "host.Host.define, post-XML hook, host.Host.launch",
-        "no wait for network-vif-plugged (no Neutron)",
+        "host.Host.define, post-XML hook, vif.launch_with_network",
+    ),
+    NovaStep(
+        "spawn",
+        "plug the VIF, wait for it paused",
+        f"{_DRIVER}:_create_guest_with_network, _get_neutron_events, plug_vifs;"
+        " nova/virt/libvirt/vif.py:LibvirtGenericVIFDriver.plug",
+        "vif.plug_vifs, vif.launch_with_network",
+        "no Neutron: plugged is the network or bridge found active, and the event the"
+        " VIF's host end found (QEMU on the forwarded port, the tap); no pause under"
+        " libvirt's test driver",
     ),
     NovaStep(
         "spawn",

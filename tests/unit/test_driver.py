@@ -50,6 +50,8 @@ PATTERN = 0xAB
 TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive", "kernel_ramdisk", "clone", "import"}
 # ... and those of a clone restored from a template (boot --template)
 TIMING_KEYS |= {"save_copy", "restore", "set_time"}
+# ... and the VIF plugged, and the paused wait for it (vif.py)
+TIMING_KEYS |= {"plug_vifs", "vif_plugged"}
 # The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
 NANO_DISKS = {"disk": 1 * GiB, "disk.local": 1 * GiB, "disk.swap": 64 * MiB}
 
@@ -436,7 +438,7 @@ def test_failed_start_undefines_the_domain(
     assert_spawn_left_nothing(drv, exc_info.value, warm_cache)
 
 
-def start_paused(domain: Any) -> None:
+def start_paused(domain: Any, *, pause: bool = False) -> None:
     # The test driver refuses VIR_DOMAIN_START_PAUSED; start and suspend instead.
     domain.create()
     domain.suspend()
@@ -508,7 +510,7 @@ def test_keep_on_timeout_keeps_everything_until_destroy(
 def test_domain_that_stops_while_booting_fails_at_once(
     drv: LibvirtDriver, warm_cache: dict[Path, BaseState], mocker: MockerFixture
 ) -> None:
-    def start_and_crash(domain: Any) -> None:
+    def start_and_crash(domain: Any, *, pause: bool = False) -> None:
         domain.create()
         domain.destroy()
 
