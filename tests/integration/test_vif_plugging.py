@@ -59,7 +59,9 @@ def test_the_guest_waits_paused_for_its_port_then_runs(
         assert watch.started[Step.WAIT][0] == libvirt.VIR_DOMAIN_RUNNING
         assert {"plug_vifs", "vif_plugged"} <= inst.timings.keys()
         assert driver.get_info(inst.uuid).state == "running"
-        wait_console(Path(inst.instance_dir) / "console.log", r"^minidriver-guest: ready")
+        wait_console(
+            Path(inst.instance_dir) / "console.log", r"^minidriver-guest: ready", timeout=300
+        )
     finally:
         driver.destroy(inst.uuid)
 
@@ -121,7 +123,9 @@ def test_a_timeout_not_fatal_is_logged_and_the_guest_runs(
         assert any("vif_plugging_is_fatal = false" in m for m in caplog.messages)
         assert inst.timings["vif_plugged"] >= 1
         assert drv.get_info(inst.uuid).state == "running"
-        wait_console(Path(inst.instance_dir) / "console.log", r"^minidriver-guest: ready")
+        wait_console(
+            Path(inst.instance_dir) / "console.log", r"^minidriver-guest: ready", timeout=300
+        )
     finally:
         drv.destroy(inst.uuid)
 
