@@ -593,6 +593,7 @@ class LibvirtDriver:
                     ephemeral_filename(flavor.ephemeral_gb),
                     flavor.ephemeral_gb * GiB,
                     Step.EPHEMERAL,
+                    generated=True,
                 )
             )
         if "disk.swap" in disk_info:
@@ -604,6 +605,7 @@ class LibvirtDriver:
                     swap_filename(flavor.swap),
                     flavor.swap * 1024 * 1024,
                     Step.SWAP,
+                    generated=True,
                 )
             )
         if rbd is not None and "disk.config" in disk_info:

@@ -23,6 +23,7 @@ from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.imagebackend import (
     EPHEMERAL_FS,
     EPHEMERAL_LABEL,
+    Flat,
     Qcow2,
     Rbd,
     backend_class,
@@ -153,6 +154,8 @@ def explain(
     backend = local_backend_class(conf)
     disk_info = drv.get_disk_info(instance, meta, config_drive=False, root_volume=volume)
     formats = {m.name: backend.driver_format for m in disk_info}
+    if backend is Flat and "disk" in formats and not conf.default.force_raw_images:
+        formats["disk"] = qemu_img.qemu_format(image.disk_format)  # copied as it is
     rbd_paths: dict[str, str] = {}
     network_disks: dict[str, guest.NetworkSource] = {}
     clone = None
@@ -382,6 +385,7 @@ def add_root_files(
             backing=backing,
             backing_fmt=base_fmt,
             size=root_size,
+            preallocate=preallocate_cmds(drv, instance_dir / "disk", root_size),
         )
 
 
@@ -407,6 +411,23 @@ def add_local_disks(
         swap = base_dir / swap_filename(flavor.swap)
         local.append(("disk.swap", swap, flavor.swap * MiB, mkswap_cmd, "swap", nova_map.SWAP))
     for name, base, size, format_cmd, kind, step in local:
+        if backend.generates_in_place and name not in rbd_paths:
+            # Nova's Flat: made in the instance dir, no base.
+            target = instance_dir / name
+            temp = target.with_name(target.name + ".part")
+            plan.add(
+                target,
+                "raw",
+                size,
+                [
+                    qemu_img.create_cmd(temp, "raw", size),
+                    format_cmd(temp),
+                    *preallocate_cmds(drv, target, size),
+                ],
+                f"{kind}, made in place (no base), renamed from {temp.name}",
+                step=step,
+            )
+            continue
         temp = base.with_name(base.name + ".part")
         plan.add(
             base,
@@ -433,6 +454,7 @@ def add_local_disks(
                 backing=base,
                 backing_fmt="raw",
                 size=size,
+                preallocate=preallocate_cmds(drv, instance_dir / name, size),
             )
 
 
@@ -467,19 +489,35 @@ def rbd_commands(first: list[str], size: int | None) -> tuple[tuple[str, ...], .
     return tuple(tuple(c) for c in cmds)
 
 
+def preallocate_cmds(drv: LibvirtDriver, path: Path, size: int | None) -> list[list[str]]:
+    """``preallocate_images = space``: the fallocate a disk of ``size`` gets."""
+    if size and drv.conf.default.preallocate_images == "space":
+        return [["fallocate", "-n", "-l", str(size), str(path)]]
+    return []
+
+
 def add_disk(
-    plan: Plan, path: Path, *, cow: bool, backing: Path, backing_fmt: str, size: int | None
+    plan: Plan,
+    path: Path,
+    *,
+    cow: bool,
+    backing: Path,
+    backing_fmt: str,
+    size: int | None,
+    preallocate: list[list[str]],
 ) -> None:
     if cow:
         cmds = [qemu_img.create_cow_image_cmd(backing, backing_fmt, path, size)]
         note = f"overlay on {backing.parent.name}/{backing.name}"
         fmt = "qcow2"
     else:
+        # Nova's Flat: copied as it is (a qcow2 base stays qcow2), then grown.
         cmds = [copy_sparse_cmd(backing, path)]
         if size is not None:
-            cmds.append(qemu_img.resize_cmd(path, "raw", size))
+            cmds.append(qemu_img.resize_cmd(path, backing_fmt, size))
         note = f"a full copy of {backing.parent.name}/{backing.name}"
-        fmt = "raw"
+        fmt = backing_fmt
+    cmds += preallocate
     plan.files.append(
         PlannedFile(
             path=str(path),
