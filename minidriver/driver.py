@@ -1033,7 +1033,14 @@ class LibvirtDriver:
         if rbd_root is not None:
             rbd = self.rbd_driver(parse_rbd_path(rbd_root)[0])
             root = Rbd(self.conf, StepTimer(), driver=rbd, instance_uuid=record.uuid)
-            return snapshot.direct(self.images, root, name=name, record=record, parent=parent)
+            return snapshot.direct(
+                self.images,
+                root,
+                self.conf.instances_path,
+                name=name,
+                record=record,
+                parent=parent,
+            )
         disk = instance_dir / "disk"
         disk_format = disks.get(os.fspath(disk))
         if any(a.boot_index == 0 for a in self.volumes.attachments_of(record.uuid)):

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from minidriver import guest, rbd_utils
 from minidriver.config import Config
-from minidriver.exception import MinidriverError
+from minidriver.exception import ImageUnacceptable, MinidriverError
 from minidriver.fileutils import (
     PRIVATE_UMASK,
     TRAVERSE_ONLY_DIR,
@@ -449,21 +449,31 @@ class Rbd(Image):
     def details(self) -> DiskDetails:
         return rbd_disk_details(self.driver, self.rbd_name)
 
+    def parent_pool(self, fsid: str, image_location: rbd_utils.RbdLocation | None) -> str:
+        """Nova's ``_get_parent_pool``: the pool of the disk's own parent (a clone's),
+        else of the image's location in this cluster; ImageUnacceptable when neither
+        (the snapshot is then a standard one)."""
+        parent = self.driver.parent_info(self.rbd_name)
+        if parent is not None:
+            return parent[0].pool
+        if image_location is not None and image_location.fsid == fsid:
+            return image_location.pool
+        raise ImageUnacceptable(
+            f"cannot determine the parent storage pool for {self.rbd_name}: it is no"
+            " clone and its image has no location in this cluster",
+            hint="the snapshot is taken as a standard one into the image store",
+        )
+
     def direct_snapshot(
         self, snapshot_name: str, image_id: str, parent: rbd_utils.RbdLocation | None
     ) -> rbd_utils.RbdLocation:
         """Nova's ``direct_snapshot``: an RBD snapshot of the disk, cloned as
-        ``image_id`` into the pool of ``parent`` (the image the instance was booted
-        from) when that is in this cluster, else into Glance's ``rbd_store_pool``
-        (ours: Nova's ``_get_parent_pool`` asks the disk's own parent first, then the
-        image's locations, and failing both Nova takes a standard snapshot);
-        flattened (it must outlive this disk), with its own protected ``snap``. The
-        disk's temporary snapshot goes in every outcome."""
+        ``image_id`` into the parent pool (``parent_pool``; ``parent`` is the image's
+        location), flattened (it must outlive this disk), with its own protected
+        ``snap``. The disk's temporary snapshot goes in every outcome."""
         driver = self.driver
         fsid = driver.get_fsid()
-        dest_pool = self.conf.glance_store.rbd_store_pool
-        if parent is not None and parent.fsid == fsid:
-            dest_pool = parent.pool  # Nova's _get_parent_pool, by the image's location
+        dest_pool = self.parent_pool(fsid, parent)
         source = rbd_utils.RbdLocation(fsid, driver.pool, self.rbd_name, snapshot_name)
         driver.create_snap(self.rbd_name, snapshot_name, protect=True)
         try:
@@ -477,6 +487,23 @@ class Rbd(Image):
         finally:
             driver.remove_snap(self.rbd_name, snapshot_name, unprotect=True)
         return rbd_utils.RbdLocation(fsid, dest_pool, image_id, rbd_utils.IMAGE_SNAPSHOT)
+
+    def snapshot_extract(self, target: Path, snapshot_name: str) -> None:
+        """Nova's ``Rbd.snapshot_extract`` for a standard snapshot: the disk's data as
+        a raw file. Read from an RBD snapshot of the disk (crash-consistent, so a
+        running guest goes on; ours: Nova saves the guest's memory and stops it
+        first), removed afterwards."""
+        driver = self.driver
+        driver.create_snap(self.rbd_name, snapshot_name)
+        try:
+            location = rbd_utils.RbdLocation(
+                driver.get_fsid(), driver.pool, self.rbd_name, snapshot_name
+            )
+            with driver.open_location(location) as reader, open(target, "wb") as out:
+                while chunk := reader.read(4 * MiB):
+                    out.write(chunk)
+        finally:
+            driver.remove_snap(self.rbd_name, snapshot_name)
 
 
 def cache_image(

@@ -182,9 +182,10 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     NovaStep(
         "snapshot",
         "root disk to a new image",
-        f"{_DRIVER}:snapshot, _live_snapshot; {_BACKEND}:Rbd.direct_snapshot",
-        "driver.LibvirtDriver.snapshot, snapshot.py",
-        "into the local image store",
+        f"{_DRIVER}:snapshot, _live_snapshot; {_BACKEND}:Rbd.direct_snapshot, Rbd._get_parent_pool",
+        "driver.LibvirtDriver.snapshot, snapshot.py, imagebackend.Rbd.parent_pool",
+        "into the local image store; an RBD root's standard snapshot (no parent pool) read"
+        " from an RBD snapshot of it, the guest running on (Nova saves and stops it)",
     ),
     NovaStep(
         "suspend",
