@@ -71,6 +71,10 @@ class DefaultOptions:
     # The filesystem of ephemeral disks; empty: by the image's os_type (linux: ext4,
     # else vfat), as Nova chooses it.
     default_ephemeral_format: str = ""
+    # Seconds a spawn waits, its guest paused, for its VIF to be plugged (Nova's
+    # network-vif-plugged; see vif.py); 0: no wait, no pause. Fatal: the spawn fails.
+    vif_plugging_timeout: int = 300
+    vif_plugging_is_fatal: bool = True
     # The login `minidriver ssh` uses (Debian cloud images' cloud-init default user).
     ssh_user: str = "debian"
 
@@ -222,6 +226,10 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ("DEFAULT", "default_ephemeral_format"): OptionOrigin(
         "Nova", _NOVA_CONF, "no ntfs here (vfat instead, Nova's own default)"
     ),
+    ("DEFAULT", "vif_plugging_timeout"): OptionOrigin(
+        "Nova", _NOVA_CONF, "the event stood in for by the VIF's host end found up (vif.py)"
+    ),
+    ("DEFAULT", "vif_plugging_is_fatal"): OptionOrigin("Nova", _NOVA_CONF),
     ("DEFAULT", "ssh_user"): OptionOrigin("ours", ""),
     ("libvirt", "connection_uri"): OptionOrigin(
         "Nova",

@@ -73,6 +73,7 @@ from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
 from minidriver.serial_console import SerialConsole
 from minidriver.steps import Step, StepListener, StepTimer
+from minidriver.vif import launch_with_network, plug_vifs
 from minidriver.vm_states import VMState
 from minidriver.volume.api import Attachment, VolumeAPI, VolumeRecord
 
@@ -402,6 +403,8 @@ class LibvirtDriver:
                 # console.log, ours, in the instance dir create_image made.
                 (instance_dir / "console.log").touch(mode=PRIVATE_FILE)
 
+                plug_vifs(self.host, vif, timer)  # its failure names its own step
+
                 step = "define"
                 with timer.step(Step.DEFINE):
                     domain = self._define(
@@ -424,9 +427,9 @@ class LibvirtDriver:
                     with timer.step(Step.CONFIG_DRIVE):
                         self._create_configdrive(instance_dir, config_drive, disks)
 
+                # Paused while it waits for its VIF, when one is expected (vif.py).
                 step = "start"
-                with timer.step(Step.START):
-                    self.host.launch(domain)
+                launch_with_network(self.host, domain, vif, self.conf, timer)
 
                 step = "wait_for_running"
                 if deadline is not None:
@@ -440,7 +443,7 @@ class LibvirtDriver:
                     self.db.update_instance(instance.uuid, state="error", vm_state=VMState.ERROR)
                 raise
             except Exception as exc:
-                raise SpawnError(step, exc, instance) from exc
+                raise SpawnError(getattr(exc, "step", step), exc, instance) from exc
             undo.pop_all()
         self._spawned_disks[instance.uuid] = spawned_disks(disks, disk_info, instance_dir)
         return domain
@@ -598,6 +601,7 @@ class LibvirtDriver:
                     ephemeral_filename(flavor.ephemeral_gb, fs_type),
                     flavor.ephemeral_gb * GiB,
                     Step.EPHEMERAL,
+                    generated=True,
                 )
             )
         if "disk.swap" in disk_info:
@@ -609,6 +613,7 @@ class LibvirtDriver:
                     swap_filename(flavor.swap),
                     flavor.swap * 1024 * 1024,
                     Step.SWAP,
+                    generated=True,
                 )
             )
         if rbd is not None and "disk.config" in disk_info:
@@ -1042,7 +1047,14 @@ class LibvirtDriver:
         if rbd_root is not None:
             rbd = self.rbd_driver(parse_rbd_path(rbd_root)[0])
             root = Rbd(self.conf, StepTimer(), driver=rbd, instance_uuid=record.uuid)
-            return snapshot.direct(self.images, root, name=name, record=record, parent=parent)
+            return snapshot.direct(
+                self.images,
+                root,
+                self.conf.instances_path,
+                name=name,
+                record=record,
+                parent=parent,
+            )
         disk = instance_dir / "disk"
         disk_format = disks.get(os.fspath(disk))
         if any(a.boot_index == 0 for a in self.volumes.attachments_of(record.uuid)):

@@ -22,6 +22,7 @@ from minidriver import compute_api, guest, nova_map
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.imagebackend import (
     EPHEMERAL_LABEL,
+    Flat,
     Qcow2,
     Rbd,
     backend_class,
@@ -40,6 +41,7 @@ from minidriver.network import VIF, NetworkMode, NetworkRequest, generate_mac_ad
 from minidriver.objects import GiB, Instance, MiB
 from minidriver.rbd_utils import RbdLocation
 from minidriver.steps import StepTimer
+from minidriver.vif import VIF_PLUGGED, get_neutron_events
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Plan:
     flavor: str
     files: list[PlannedFile] = field(default_factory=list)
     xml: str = ""
+    launch: list[str] = field(default_factory=list)  # the VIF plugged, the start, the wait
 
     def add(
         self,
@@ -105,7 +108,13 @@ class Plan:
                 entry["nova"] = step.nova if step else None
                 entry["differs"] = step.differs if step else None
             files.append(entry)
-        return {"image": self.image_id, "flavor": self.flavor, "files": files, "xml": self.xml}
+        return {
+            "image": self.image_id,
+            "flavor": self.flavor,
+            "files": files,
+            "launch": self.launch,
+            "xml": self.xml,
+        }
 
 
 def explain(
@@ -145,6 +154,8 @@ def explain(
     backend = local_backend_class(conf)
     disk_info = drv.get_disk_info(instance, meta, config_drive=False, root_volume=volume)
     formats = {m.name: backend.driver_format for m in disk_info}
+    if backend is Flat and "disk" in formats and not conf.default.force_raw_images:
+        formats["disk"] = qemu_img.qemu_format(image.disk_format)  # copied as it is
     rbd_paths: dict[str, str] = {}
     network_disks: dict[str, guest.NetworkSource] = {}
     clone = None
@@ -191,6 +202,8 @@ def explain(
         add_root_files(plan, drv, image, instance_dir, clone=clone, rbd_root=rbd_root)
     add_local_disks(plan, drv, instance_dir, rbd_paths, meta.os_type)
 
+    vif = planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt))
+    plan.launch = launch_steps(drv, vif)
     config = guest.get_guest_config(
         instance,
         disk_info,
@@ -203,7 +216,7 @@ def explain(
         cache="none",
         network_disks=network_disks,
         os_command_line=meta.os_command_line,
-        vif=planned_vif(drv, NetworkRequest.parse(network, drv.conf.libvirt)),
+        vif=vif,
         image_properties=meta.properties,
         agent_socket_dir=drv.host.agent_socket_dir(),
         volumes=volumes,
@@ -219,6 +232,37 @@ def planned_vif(drv: LibvirtDriver, request: NetworkRequest) -> VIF | None:
         return None
     port = drv.ports.first_free() if request.mode is NetworkMode.USER else None
     return VIF(request.mode, generate_mac_address(), request.source, port)
+
+
+def launch_steps(drv: LibvirtDriver, vif: VIF | None) -> list[str]:
+    """After the define: what plugging the VIF checks, and whether the start pauses to
+    wait for ``network-vif-plugged`` (vif.py) and on what."""
+    options = drv.conf.default
+    if vif is not None and vif.mode.needs_source:
+        plug = f"plug_vifs: {vif.mode} {vif.source} must be active on the host"
+    else:
+        plug = "plug_vifs: nothing to find up (user mode's port is reserved before)"
+    events = get_neutron_events(
+        vif,
+        drv.host.virt_type.virt_type,
+        options.vif_plugging_timeout,
+        drv.host.get_connection().getType(),
+    )
+    if not events or vif is None:
+        return [plug, "start: not paused, no network-vif-plugged expected"]
+    if vif.mode is NetworkMode.USER:
+        sign = f"QEMU listening on 127.0.0.1:{vif.forward_port}"
+    else:
+        sign = "the tap device libvirt makes, on the host"
+    then = "the boot fails" if options.vif_plugging_is_fatal else "a warning, and the boot goes on"
+    return [
+        plug,
+        "start: paused",
+        f"vif_plugged: wait up to vif_plugging_timeout = {options.vif_plugging_timeout} s"
+        f" for {VIF_PLUGGED} of VIF {vif.vif_id} ({sign}); none: {then}"
+        f" (vif_plugging_is_fatal = {str(options.vif_plugging_is_fatal).lower()})",
+        "resume",
+    ]
 
 
 def add_boot_file(
@@ -342,6 +386,7 @@ def add_root_files(
             backing=backing,
             backing_fmt=base_fmt,
             size=root_size,
+            preallocate=preallocate_cmds(drv, instance_dir / "disk", root_size),
         )
 
 
@@ -373,6 +418,23 @@ def add_local_disks(
         swap = base_dir / swap_filename(flavor.swap)
         local.append(("disk.swap", swap, flavor.swap * MiB, mkswap_cmd, "swap", nova_map.SWAP))
     for name, base, size, format_cmd, kind, step in local:
+        if backend.generates_in_place and name not in rbd_paths:
+            # Nova's Flat: made in the instance dir, no base.
+            target = instance_dir / name
+            temp = target.with_name(target.name + ".part")
+            plan.add(
+                target,
+                "raw",
+                size,
+                [
+                    qemu_img.create_cmd(temp, "raw", size),
+                    format_cmd(temp),
+                    *preallocate_cmds(drv, target, size),
+                ],
+                f"{kind}, made in place (no base), renamed from {temp.name}",
+                step=step,
+            )
+            continue
         temp = base.with_name(base.name + ".part")
         plan.add(
             base,
@@ -399,6 +461,7 @@ def add_local_disks(
                 backing=base,
                 backing_fmt="raw",
                 size=size,
+                preallocate=preallocate_cmds(drv, instance_dir / name, size),
             )
 
 
@@ -433,19 +496,35 @@ def rbd_commands(first: list[str], size: int | None) -> tuple[tuple[str, ...], .
     return tuple(tuple(c) for c in cmds)
 
 
+def preallocate_cmds(drv: LibvirtDriver, path: Path, size: int | None) -> list[list[str]]:
+    """``preallocate_images = space``: the fallocate a disk of ``size`` gets."""
+    if size and drv.conf.default.preallocate_images == "space":
+        return [["fallocate", "-n", "-l", str(size), str(path)]]
+    return []
+
+
 def add_disk(
-    plan: Plan, path: Path, *, cow: bool, backing: Path, backing_fmt: str, size: int | None
+    plan: Plan,
+    path: Path,
+    *,
+    cow: bool,
+    backing: Path,
+    backing_fmt: str,
+    size: int | None,
+    preallocate: list[list[str]],
 ) -> None:
     if cow:
         cmds = [qemu_img.create_cow_image_cmd(backing, backing_fmt, path, size)]
         note = f"overlay on {backing.parent.name}/{backing.name}"
         fmt = "qcow2"
     else:
+        # Nova's Flat: copied as it is (a qcow2 base stays qcow2), then grown.
         cmds = [copy_sparse_cmd(backing, path)]
         if size is not None:
-            cmds.append(qemu_img.resize_cmd(path, "raw", size))
+            cmds.append(qemu_img.resize_cmd(path, backing_fmt, size))
         note = f"a full copy of {backing.parent.name}/{backing.name}"
-        fmt = "raw"
+        fmt = backing_fmt
+    cmds += preallocate
     plan.files.append(
         PlannedFile(
             path=str(path),

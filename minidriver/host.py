@@ -421,8 +421,10 @@ class Host:
         """Define a persistent domain, validating the XML against libvirt's schema."""
         return self.get_connection().defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
 
-    def launch(self, domain: libvirt.virDomain) -> None:
-        domain.create()
+    def launch(self, domain: libvirt.virDomain, *, pause: bool = False) -> None:
+        """Start the domain; ``pause``: its vCPUs stopped until ``resume`` (Nova's
+        ``Guest.launch(pause=True)``, while a spawn waits for its VIF)."""
+        domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if pause else 0)
 
     @staticmethod
     def undefine(domain: libvirt.virDomain) -> None:

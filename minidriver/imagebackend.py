@@ -7,7 +7,8 @@ How an instance disk is made from a cached base file, how it is described (``sho
 ``fetch_func``: a download, an ephemeral mkfs or a mkswap) or re-checks the cached one
 (``images.fetch.BaseRecheck``, for an image's base), then ``create_image`` makes the instance's file
 from it: a qcow2 overlay (``Qcow2``) or a full copy (``Flat``, for ``images_type =
-raw/flat`` or ``use_cow_images = false``).
+raw/flat`` or ``use_cow_images = false``; Flat makes ephemeral and swap disks in place,
+with no base, as Nova's does).
 
 ``Rbd`` (``images_type = rbd``) keeps every disk in Ceph as ``<instance uuid>_<name>``.
 The root: a copy-on-write clone of the image's protected snapshot when the image is in
@@ -18,8 +19,8 @@ the flavor's size. Ephemeral and swap: their formatted ``_base`` file imported (
 ``import_file``. Their network source (``libvirt_info``), details, the root's direct
 snapshot and the removal of an instance's RBD disks are the backend's work, as in Nova.
 
-About 690 lines, over the ~600 the layout aims at: the three backends and the helpers
-they share (sizes, copies, the disk reports) are one room.
+About 750 lines, over the ~600 the layout aims at: the three backends and the helpers
+they share (sizes, copies, preallocation, the disk reports) are one room.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from minidriver import guest, rbd_utils
 from minidriver.config import Config
-from minidriver.exception import MinidriverError
+from minidriver.exception import ImageUnacceptable, MinidriverError
 from minidriver.fileutils import (
     PRIVATE_UMASK,
     TRAVERSE_ONLY_DIR,
@@ -96,6 +97,9 @@ class Image(abc.ABC):
     """One disk of an instance (``path``), made from a base file in ``_base``."""
 
     driver_format: str
+    # Whether a disk made from nothing (an ephemeral's mkfs, a mkswap) is made where it
+    # lives, with no base in _base: Nova's Flat does so.
+    generates_in_place = False
 
     def __init__(self, conf: Config, path: Path, timer: StepTimer) -> None:
         self.conf = conf
@@ -126,6 +130,7 @@ class Image(abc.ABC):
         *,
         recheck: BaseRecheck | None = None,
         base_ready: Callable[[], None] | None = None,
+        generated: bool = False,
     ) -> bool:
         """Create the base (once, under its lock) and the instance disk from it.
 
@@ -136,8 +141,11 @@ class Image(abc.ABC):
         checks a base that was already there again, under the lock (the one the
         fetch made was checked in full); its virtual size serves the size check.
         ``base_ready`` is called once the base passed every check, before the disk
-        is made on it.
+        is made on it. ``generated``: ``fetch_func`` makes the disk from nothing (no
+        image), and a backend that ``generates_in_place`` runs it on ``path`` itself.
         """
+        if generated and self.generates_in_place:
+            return self._generate(fetch_func, size, step)
         make_dir(self.base_dir, TRAVERSE_ONLY_DIR)
         base = self.base_dir / filename
         whole = self.timer.step(step) if step else contextlib.nullcontext()
@@ -166,6 +174,25 @@ class Image(abc.ABC):
                     self.create_image(base, size, timed=step is None)
                 self.made = True
         return hit
+
+    def _generate(self, fetch_func: FetchFunc, size: int | None, step: Step | None) -> bool:
+        """Nova's ``Flat.create_image`` when generating: the disk made in the instance
+        dir, no base, no base lock (the file is this instance's alone)."""
+        with self.timer.step(step) if step else contextlib.nullcontext():
+            if not self.exists():
+                with self.removed_on_error():
+                    self.base_format = fetch_func(self.path)
+                    self.virtual_size = size
+                    self.preallocate(size)
+                self.made = True
+        return False
+
+    def preallocate(self, size: int | None) -> None:
+        """Nova's ``preallocate_images = space``: the disk's ``size`` bytes reserved
+        up front (``fallocate -n``: its data untouched), where the file system can."""
+        wanted = size and self.conf.default.preallocate_images == "space"
+        if wanted and can_fallocate(os.fspath(self.path.parent)):
+            run(["fallocate", "-n", "-l", str(size), os.fspath(self.path)])
 
     def details(self) -> DiskDetails:
         """The disk as ``show`` reports it. One this object made is described from
@@ -255,8 +282,7 @@ class Qcow2(Image):
             self.commands.append(
                 qemu_img.create_cow_image(backing, self.base_format, self.path, size)
             )
-            if self.conf.default.preallocate_images == "space":
-                run(["fallocate", "-n", "-l", str(size or os.path.getsize(backing)), self.path])
+            self.preallocate(size)
 
     def _resized_base(self, base: Path, size: int, timed: bool) -> Path:
         """The seeds' older chain: ``_base/<sha1>_<GB>``, a full raw copy, resized."""
@@ -274,20 +300,29 @@ class Qcow2(Image):
 
 
 class Flat(Image):
-    """A full raw copy of the base, grown to size (no backing file)."""
+    """A full copy of the base, grown to size (no backing file), in the base's format:
+    raw, or the image's own (qcow2) when ``force_raw_images`` is off, as Nova's Flat
+    copies it (``copy_image``) and then reads its format. Ephemeral and swap disks are
+    made in place, with no base."""
 
     driver_format = "raw"
+    generates_in_place = True
 
     def create_image(self, base: Path, size: int | None, *, timed: bool) -> None:
+        # A kernel or ramdisk (aki, ari) is copied as it is, and given as raw.
+        fmt = "raw" if self.base_format in UNINSPECTED else self.base_format
+        base_size = self.base_virtual_size
+        if base_size is None:
+            base_size = file_virtual_size(base, fmt, self.limits)
         with self._step(Step.OVERLAY, timed):
-            # A kernel or ramdisk (aki, ari) is copied as it is, like a raw disk.
-            if self.base_format in ("raw", *UNINSPECTED):
-                self.commands.append(copy_sparse(base, self.path))
-            else:
-                self.commands.append(qemu_img.convert(base, self.base_format, self.path, "raw"))
-        if size is not None and size > os.path.getsize(self.path):
+            self.commands.append(copy_sparse(base, self.path))
+        self.driver_format = fmt
+        self.virtual_size = base_size
+        if size is not None and size > base_size:
             with self._step(Step.RESIZE, timed):
-                self.commands.append(qemu_img.resize(self.path, "raw", size))
+                self.commands.append(qemu_img.resize(self.path, fmt, size))
+            self.virtual_size = size
+        self.preallocate(size)
 
 
 class Rbd(Image):
@@ -336,6 +371,7 @@ class Rbd(Image):
         *,
         recheck: BaseRecheck | None = None,
         base_ready: Callable[[], None] | None = None,
+        generated: bool = False,
     ) -> bool:
         """Clone when the image allows it (no base in ``_base`` at all; returns False:
         no cached base was used), else the usual base, then an import."""
@@ -348,6 +384,7 @@ class Rbd(Image):
                 base_format,
                 recheck=recheck,
                 base_ready=base_ready,
+                generated=generated,
             )
         with self.removed_on_error():
             with self.timer.step(Step.CLONE):
@@ -412,21 +449,31 @@ class Rbd(Image):
     def details(self) -> DiskDetails:
         return rbd_disk_details(self.driver, self.rbd_name)
 
+    def parent_pool(self, fsid: str, image_location: rbd_utils.RbdLocation | None) -> str:
+        """Nova's ``_get_parent_pool``: the pool of the disk's own parent (a clone's),
+        else of the image's location in this cluster; ImageUnacceptable when neither
+        (the snapshot is then a standard one)."""
+        parent = self.driver.parent_info(self.rbd_name)
+        if parent is not None:
+            return parent[0].pool
+        if image_location is not None and image_location.fsid == fsid:
+            return image_location.pool
+        raise ImageUnacceptable(
+            f"cannot determine the parent storage pool for {self.rbd_name}: it is no"
+            " clone and its image has no location in this cluster",
+            hint="the snapshot is taken as a standard one into the image store",
+        )
+
     def direct_snapshot(
         self, snapshot_name: str, image_id: str, parent: rbd_utils.RbdLocation | None
     ) -> rbd_utils.RbdLocation:
         """Nova's ``direct_snapshot``: an RBD snapshot of the disk, cloned as
-        ``image_id`` into the pool of ``parent`` (the image the instance was booted
-        from) when that is in this cluster, else into Glance's ``rbd_store_pool``
-        (ours: Nova's ``_get_parent_pool`` asks the disk's own parent first, then the
-        image's locations, and failing both Nova takes a standard snapshot);
-        flattened (it must outlive this disk), with its own protected ``snap``. The
-        disk's temporary snapshot goes in every outcome."""
+        ``image_id`` into the parent pool (``parent_pool``; ``parent`` is the image's
+        location), flattened (it must outlive this disk), with its own protected
+        ``snap``. The disk's temporary snapshot goes in every outcome."""
         driver = self.driver
         fsid = driver.get_fsid()
-        dest_pool = self.conf.glance_store.rbd_store_pool
-        if parent is not None and parent.fsid == fsid:
-            dest_pool = parent.pool  # Nova's _get_parent_pool, by the image's location
+        dest_pool = self.parent_pool(fsid, parent)
         source = rbd_utils.RbdLocation(fsid, driver.pool, self.rbd_name, snapshot_name)
         driver.create_snap(self.rbd_name, snapshot_name, protect=True)
         try:
@@ -440,6 +487,23 @@ class Rbd(Image):
         finally:
             driver.remove_snap(self.rbd_name, snapshot_name, unprotect=True)
         return rbd_utils.RbdLocation(fsid, dest_pool, image_id, rbd_utils.IMAGE_SNAPSHOT)
+
+    def snapshot_extract(self, target: Path, snapshot_name: str) -> None:
+        """Nova's ``Rbd.snapshot_extract`` for a standard snapshot: the disk's data as
+        a raw file. Read from an RBD snapshot of the disk (crash-consistent, so a
+        running guest goes on; ours: Nova saves the guest's memory and stops it
+        first), removed afterwards."""
+        driver = self.driver
+        driver.create_snap(self.rbd_name, snapshot_name)
+        try:
+            location = rbd_utils.RbdLocation(
+                driver.get_fsid(), driver.pool, self.rbd_name, snapshot_name
+            )
+            with driver.open_location(location) as reader, open(target, "wb") as out:
+                while chunk := reader.read(4 * MiB):
+                    out.write(chunk)
+        finally:
+            driver.remove_snap(self.rbd_name, snapshot_name)
 
 
 def cache_image(
@@ -606,6 +670,22 @@ def file_virtual_size(
     if fmt == "raw":
         return raw_virtual_size(os.path.getsize(path))
     return qemu_img.info(path, fmt, limits).virtual_size
+
+
+@functools.cache
+def can_fallocate(directory: str) -> bool:
+    """Nova's ``_can_fallocate``: whether fallocate(1) works in ``directory`` (asked
+    once per directory here, once per backend class in Nova); a warning when not."""
+    test_file = os.path.join(directory, ".fallocate_test")
+    try:
+        run(["fallocate", "-l", "1", test_file])
+    except MinidriverError:
+        LOG.warning("cannot preallocate disks in %s: fallocate fails there", directory)
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(test_file)
+    return True
 
 
 def get_ephemeral_fs(os_type: str, default_ephemeral_format: str = "") -> str:

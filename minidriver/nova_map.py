@@ -122,8 +122,17 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         "define and start",
         f"{_DRIVER}:_create_guest_with_network, _create_guest;"
         " nova/virt/libvirt/guest.py:Guest.create, Guest.launch",
-        "host.Host.define, post-XML hook, host.Host.launch",
-        "no wait for network-vif-plugged (no Neutron)",
+        "host.Host.define, post-XML hook, vif.launch_with_network",
+    ),
+    NovaStep(
+        "spawn",
+        "plug the VIF, wait for it paused",
+        f"{_DRIVER}:_create_guest_with_network, _get_neutron_events, plug_vifs;"
+        " nova/virt/libvirt/vif.py:LibvirtGenericVIFDriver.plug",
+        "vif.plug_vifs, vif.launch_with_network",
+        "no Neutron: plugged is the network or bridge found active, and the event the"
+        " VIF's host end found (QEMU on the forwarded port, the tap); no pause under"
+        " libvirt's test driver",
     ),
     NovaStep(
         "spawn",
@@ -173,9 +182,10 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     NovaStep(
         "snapshot",
         "root disk to a new image",
-        f"{_DRIVER}:snapshot, _live_snapshot; {_BACKEND}:Rbd.direct_snapshot",
-        "driver.LibvirtDriver.snapshot, snapshot.py",
-        "into the local image store",
+        f"{_DRIVER}:snapshot, _live_snapshot; {_BACKEND}:Rbd.direct_snapshot, Rbd._get_parent_pool",
+        "driver.LibvirtDriver.snapshot, snapshot.py, imagebackend.Rbd.parent_pool",
+        "into the local image store; an RBD root's standard snapshot (no parent pool) read"
+        " from an RBD snapshot of it, the guest running on (Nova saves and stops it)",
     ),
     NovaStep(
         "suspend",

@@ -13,6 +13,7 @@ gets Nova's direct snapshot instead (``imagebackend.Rbd.direct_snapshot``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -20,13 +21,13 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 from lxml import etree
 
 from minidriver import rbd_utils
-from minidriver.exception import MinidriverError
+from minidriver.exception import ImageUnacceptable, MinidriverError
 from minidriver.fileutils import TRAVERSE_ONLY_DIR, make_dir
 from minidriver.images import qemu_img
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from minidriver.imagebackend import Rbd
     from minidriver.images.store import Image as StoreImage
     from minidriver.images.store import ImageService
+
+LOG = logging.getLogger(__name__)
 
 BLOCK_JOB_TIMEOUT = 600  # seconds for the block copy to catch up with the disk
 POLL_INTERVAL = 0.1
@@ -143,6 +146,16 @@ def snapshot_properties(record: InstanceRecord, parent: StoreImage | None) -> di
     return properties
 
 
+def snapshot_fields(record: InstanceRecord, parent: StoreImage | None) -> dict[str, Any]:
+    """What a snapshot's image record takes from its instance and the image it was
+    booted from: Nova's minimums and properties."""
+    return {
+        "min_disk": parent.min_disk if parent else 0,
+        "min_ram": parent.min_ram if parent else 0,
+        "properties": snapshot_properties(record, parent),
+    }
+
+
 def to_image(
     images: ImageService,
     domain: libvirt.virDomain,
@@ -167,37 +180,65 @@ def to_image(
             out,
             name=name,
             disk_format="qcow2",
-            min_disk=parent.min_disk if parent else 0,
-            min_ram=parent.min_ram if parent else 0,
-            properties=snapshot_properties(record, parent),
+            **snapshot_fields(record, parent),
+        )
+
+
+def standard(
+    images: ImageService,
+    root: Rbd,
+    instances_path: Path,
+    *,
+    name: str,
+    record: InstanceRecord,
+    parent: StoreImage | None,
+) -> StoreImage:
+    """Nova's standard snapshot of an RBD root disk, when no direct one can be made:
+    its data extracted, converted to a qcow2 image in the store."""
+    with work_dir(instances_path) as work:
+        raw = work / "snapshot.raw"
+        root.snapshot_extract(raw, uuidlib.uuid4().hex)
+        out = work / "snapshot.qcow2"
+        qemu_img.convert(raw, "raw", out, "qcow2")
+        raw.unlink()
+        return images.add(
+            out,
+            name=name,
+            disk_format="qcow2",
+            **snapshot_fields(record, parent),
         )
 
 
 def direct(
     images: ImageService,
     root: Rbd,
+    instances_path: Path,
     *,
     name: str,
     record: InstanceRecord,
     parent: StoreImage | None,
 ) -> StoreImage:
     """Nova's direct snapshot of an RBD root disk, running or not (an RBD snapshot is
-    crash-consistent): a flattened clone in Ceph, recorded in the store by its rbd
-    location; removed again if the store refuses it."""
+    crash-consistent): a flattened clone in Ceph in the parent pool (the disk's
+    parent's, else the image's), recorded in the store by its rbd location; removed
+    again if the store refuses it. Without a parent pool, a standard snapshot, as Nova
+    falls back to on ImageUnacceptable."""
     rbd = root.driver
     image_id = str(uuidlib.uuid4())
     with rbd.connected():
         origin = parent.rbd_location if parent else None
-        location = root.direct_snapshot(uuidlib.uuid4().hex, image_id, origin)
+        try:
+            location = root.direct_snapshot(uuidlib.uuid4().hex, image_id, origin)
+        except ImageUnacceptable as exc:
+            LOG.warning("Performing standard snapshot because direct snapshot failed: %s", exc)
+            return standard(images, root, instances_path, name=name, record=record, parent=parent)
         try:
             return images.add_location(
                 image_id,
                 name=name,
                 url=location.url,
                 size=rbd.size(image_id, location.pool),
-                min_disk=parent.min_disk if parent else 0,
-                min_ram=parent.min_ram if parent else 0,
-                properties=snapshot_properties(record, parent),
+                **snapshot_fields(record, parent),
             )
         except BaseException:
             rbd_utils.remove_quietly(rbd, image_id, location.pool)

@@ -31,6 +31,8 @@ class Step(enum.StrEnum):
     SAVE_COPY = "save_copy"  # boot --template: the clone's copy of the saved memory
     RESTORE = "restore"  # boot --template: libvirt's restore of that copy
     SET_TIME = "set_time"  # after a restore: the guest's clock, through its agent
+    PLUG_VIFS = "plug_vifs"  # the VIF's network or bridge found up (vif.plug_vifs)
+    VIF_PLUGGED = "vif_plugged"  # paused, waiting for network-vif-plugged (vif.py)
 
 
 # (step, seconds, finished): called when a step starts (finished False) and ends.

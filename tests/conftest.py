@@ -172,6 +172,11 @@ TEST_DRIVER_NODE = """\
     <mhz>2000</mhz><model>x86_64</model>
   </cpu>
   <memory>4194304</memory>
+  <!-- A host bridge, found up by vif.plug_vifs when a test boots with bridge:br0. -->
+  <interface type="bridge" name="br0"><start mode="onboot"/>
+    <bridge stp="off"><interface type="ethernet" name="eth0">
+      <mac address="aa:bb:cc:00:00:01"/></interface></bridge>
+  </interface>
 </node>
 """
 

@@ -241,6 +241,8 @@ def cmd_explain(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
         lambda: (
             "the chain of files a boot would make:\n"
             + plan_text(plan, nova=args.nova)
+            + "\n\nthen, once the domain is defined:\n"
+            + "\n".join(f"  {line}" for line in plan.launch)
             + "\n\nthe domain XML (name and uuid are given at boot):\n"
             + plan.xml.rstrip("\n")
             + nova

@@ -32,6 +32,7 @@ from minidriver.config import Config
 from minidriver.driver import LibvirtDriver, SpawnError
 from minidriver.explain import explain
 from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
+from minidriver.images import qemu_img
 from minidriver.images.store import Image
 from minidriver.objects import GiB, MiB
 from minidriver.vmtemplate import TemplateError, Templates
@@ -217,6 +218,61 @@ def test_direct_snapshot_boots_with_the_next_boot_count(
     for instance_uuid in (child.uuid, inst.uuid):
         rbd_drv.destroy(instance_uuid)
         assert_nothing_left(rbd_drv, instance_uuid)
+
+
+def test_snapshot_of_an_imported_disk_goes_to_its_images_pool(
+    rbd_drv: LibvirtDriver, test_image: Path, images: list[Image], instances: list[str]
+) -> None:
+    """No parent clone (the image's snapshot is not protected, so the disk was
+    imported): Nova's _get_parent_pool takes the pool of the image's location."""
+    image = add_rbd_image(rbd_drv, test_image, images, "rbd-imported")
+    with rbd_drv.rbd_driver("images").image(image.id) as rbd_image:
+        rbd_image.unprotect_snap("snap")
+    inst = rbd_drv.spawn(name="rbd-imported", image=image.id, flavor="t1.nano")
+    instances.append(inst.uuid)
+    rbd = rbd_drv.rbd_driver()
+    assert rbd.parent_info(f"{inst.uuid}_disk") is None
+
+    snap = rbd_drv.snapshot(inst.uuid, "rbd-imported-snap")
+    images.append(snap)
+    assert [loc["url"] for loc in snap.locations] == [
+        f"rbd://{rbd.get_fsid()}/images/{snap.id}/snap"
+    ]
+
+
+def test_snapshot_without_a_parent_pool_is_a_standard_one(
+    rbd_drv: LibvirtDriver,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file image imported into the pool: the disk has no parent and the image no
+    location in the cluster. Nova then takes a standard snapshot: an image file."""
+    image = rbd_drv.images.add(test_image, name="rbd-file-src", disk_format="qcow2")
+    images.append(image)
+    inst = rbd_drv.spawn(name="rbd-file-src", image=image.id, flavor="t1.nano")
+    instances.append(inst.uuid)
+    wait_console(console_log(rbd_drv, inst.uuid), r"^minidriver-guest: boot-count 1", timeout=300)
+    wait_console(console_log(rbd_drv, inst.uuid), READY, timeout=300)
+    pool_before = sorted(rbd_drv.rbd_driver("images").list_images())
+
+    with caplog.at_level(logging.WARNING, logger="minidriver.snapshot"):
+        snap = rbd_drv.snapshot(inst.uuid, "rbd-standard")
+    images.append(snap)
+    assert "Performing standard snapshot" in caplog.text
+    assert "cannot determine the parent storage pool" in caplog.text
+    assert snap.rbd_location is None and snap.disk_format == "qcow2"
+    assert qemu_img.info(snap.path, "qcow2").virtual_size == GiB
+    assert sorted(rbd_drv.rbd_driver("images").list_images()) == pool_before
+    with rbd_drv.rbd_driver().image(f"{inst.uuid}_disk") as disk:
+        assert list(disk.list_snaps()) == []  # the extract's snapshot is gone
+    assert rbd_drv.get_info(inst.uuid).state == "running"
+
+    child = rbd_drv.spawn(name="rbd-file-child", image=snap.id, flavor="t1.nano")
+    instances.append(child.uuid)
+    wait_console(console_log(rbd_drv, child.uuid), r"^minidriver-guest: boot-count 2", timeout=300)
 
 
 def test_unprotected_image_snapshot_falls_back_to_import(

@@ -140,3 +140,58 @@ def test_config_drive_reaches_the_guest(
             assert "minidriver-guest: disk vdd 67108864 vfat" in lines, lines
     finally:
         drv.destroy(inst.uuid)
+
+
+@pytest.mark.parametrize(
+    ("force_raw_images", "preallocate_images"), [(True, "none"), (False, "space")]
+)
+def test_flat_disks_boot_with_ephemeral_and_swap_made_in_place(
+    driver: LibvirtDriver,
+    test_image_id: str,
+    wait_console: Callable[..., Any],
+    force_raw_images: bool,
+    preallocate_images: str,
+) -> None:
+    """use_cow_images = false: Nova's Flat. The root a full copy (the qcow2 base as it
+    is without force_raw_images), ephemeral and swap made in the instance dir."""
+    conf = driver.conf
+    conf = dataclasses.replace(
+        conf,
+        default=dataclasses.replace(
+            conf.default,
+            use_cow_images=False,
+            force_raw_images=force_raw_images,
+            preallocate_images=preallocate_images,
+        ),
+    )
+    # An image of its own: its base in the format this case asks for.
+    image_id = driver.images.add(
+        driver.images.get(test_image_id).path, name="flat", disk_format="qcow2", properties=LINUX
+    ).id
+    drv = LibvirtDriver(conf, host=driver.host)
+    bases_before = {p.name for p in conf.base_dir.glob("*")}
+    inst = drv.spawn(name="vm-flat", image=image_id, flavor="t1.nano")
+    try:
+        instance_dir = Path(inst.instance_dir)
+        # Generous: TCG on a machine shared by several test runs.
+        wait_console(instance_dir / "console.log", r"^minidriver-guest: ready", timeout=300)
+        lines = guest_lines(instance_dir)
+        for expected in (
+            "minidriver-guest: disk vda 1073741824 root",
+            "minidriver-guest: disk vdb 1073741824 ext4",
+            "minidriver-guest: disk vdc 67108864 swap",
+        ):
+            assert expected in lines, lines
+        root_format = "raw" if force_raw_images else "qcow2"
+        root = qemu_img.info(instance_dir / "disk", root_format)
+        assert (root.format, root.backing_file, root.virtual_size) == (root_format, None, GiB)
+        for name in ("disk.local", "disk.swap"):
+            assert qemu_img.info(instance_dir / name, "raw").backing_file is None
+        # Only the image's base is new in _base: no ephemeral_ or swap_ base.
+        assert {p.name for p in conf.base_dir.glob("*")} - bases_before == {sha1(image_id)}
+        if preallocate_images == "space":
+            assert (instance_dir / "disk.local").stat().st_blocks * 512 >= GiB
+        disk_info = json.loads((instance_dir / "disk.info").read_text())
+        assert disk_info[os.fspath(instance_dir / "disk")] == root_format
+    finally:
+        drv.destroy(inst.uuid)

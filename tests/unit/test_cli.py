@@ -835,7 +835,7 @@ def test_a_caller_of_main_keeps_its_garbage_collector(images: World) -> None:
 # -- 3: deadlines ----------------------------------------------------------------------
 
 
-def start_paused(domain: libvirt.virDomain) -> None:
+def start_paused(domain: libvirt.virDomain, *, pause: bool = False) -> None:
     # The test driver refuses VIR_DOMAIN_START_PAUSED; start and suspend instead.
     domain.create()
     domain.suspend()

@@ -37,7 +37,11 @@ SSHD = "/usr/sbin/sshd"
 NODE_WITH_NETWORK = TEST_DRIVER_NODE.replace(
     "</node>",
     "  <network><name>labnet</name><bridge name='virbr-md'/>"
-    "<ip address='192.0.2.1' netmask='255.255.255.0'/></network>\n</node>",
+    "<ip address='192.0.2.1' netmask='255.255.255.0'/></network>\n"
+    # The host's bridge that bridge:br-lab boots plug into (vif.plug_vifs finds it up).
+    "  <interface type='bridge' name='br-lab'><start mode='onboot'/>"
+    "<bridge stp='off'><interface type='ethernet' name='eth9'>"
+    "<mac address='aa:bb:cc:00:00:09'/></interface></bridge></interface>\n</node>",
 )
 
 
@@ -160,6 +164,23 @@ def test_bad_network_boots_leave_nothing(
     result = cli.run("boot", "--image", "g", "--flavor", "t1.nano", *argv)
     assert result.code == code, result
     assert message in result.err
+    assert "hint:" in result.err
+    assert cli.instances() == [] and cli.domains() == []
+
+
+@pytest.mark.parametrize(
+    ("network", "message"),
+    [
+        ("network:nosuchnet", "network nosuchnet is not active"),
+        ("bridge:br-none", "bridge br-none is not active"),
+    ],
+)
+def test_a_vif_that_cannot_be_plugged_fails_the_boot_and_leaves_nothing(
+    cli: Cli, network: str, message: str
+) -> None:
+    result = cli.run("boot", "--image", "g", "--flavor", "t1.nano", "--network", network)
+    assert result.code == 1, result
+    assert f"failed at plug_vifs: cannot plug the VIF: {message}" in result.err
     assert "hint:" in result.err
     assert cli.instances() == [] and cli.domains() == []
 
@@ -416,3 +437,21 @@ def test_wait_ssh_on_a_guest_that_stops_fails_and_leaves_nothing(cli: Cli) -> No
     assert result.code == 1, result
     assert "the guest stopped before its SSH server answered" in result.err
     assert cli.instances() == [] and cli.domains() == []
+
+
+@pytest.mark.parametrize(
+    ("network", "plug"),
+    [
+        ("user", "plug_vifs: nothing to find up (user mode's port is reserved before)"),
+        ("network:labnet", "plug_vifs: network labnet must be active on the host"),
+        ("bridge:br-lab", "plug_vifs: bridge br-lab must be active on the host"),
+    ],
+)
+def test_dry_run_says_what_plugging_checks_and_that_the_test_driver_does_not_pause(
+    cli: Cli, network: str, plug: str
+) -> None:
+    plan = cli.json("boot", "--image", "g", "--flavor", "t1.nano", "--dry-run",
+                    "--network", network)  # fmt: skip
+    assert plan["launch"] == [plug, "start: not paused, no network-vif-plugged expected"]
+    text = cli.ok("explain", "--image", "g", "--flavor", "t1.nano").out
+    assert "then, once the domain is defined:\n  plug_vifs: nothing to find up" in text

@@ -25,7 +25,7 @@ from conftest import img_info
 from lxml import etree
 from pytest_mock import MockerFixture
 
-from minidriver import process
+from minidriver import explain, process
 from minidriver.config import Config, load_config
 from minidriver.db import InstanceRecord
 from minidriver.driver import InstanceBuildTimeout, LibvirtDriver, SpawnError
@@ -50,6 +50,8 @@ PATTERN = 0xAB
 TIMING_KEYS = CONTRACT_TIMING_KEYS | {"config_drive", "kernel_ramdisk", "clone", "import"}
 # ... and those of a clone restored from a template (boot --template)
 TIMING_KEYS |= {"save_copy", "restore", "set_time"}
+# ... and the VIF plugged, and the paused wait for it (vif.py)
+TIMING_KEYS |= {"plug_vifs", "vif_plugged"}
 # The disks of a t1.nano (root 1 GB, ephemeral 1 GB, swap 64 MB) and their sizes.
 NANO_DISKS = {"disk": 1 * GiB, "disk.local": 1 * GiB, "disk.swap": 64 * MiB}
 
@@ -358,6 +360,105 @@ def test_flat_disks_are_raw_copies(
     defined = conn_of(drv).lookupByName(inst.name).XMLDesc(0)
     assert domain_disks(defined) == [(os.fspath(instance_dir / n), "raw") for n in NANO_DISKS]
     assert drv.get_info(inst.uuid).state == "running"
+    # Nova's Flat makes ephemeral and swap in the instance dir: no base for them.
+    assert sorted(p.name for p in drv.conf.base_dir.iterdir()) == [sha1(inst.image_ref)]
+    assert fs_type(instance_dir / "disk.local") == "ext4"
+    assert fs_type(instance_dir / "disk.swap") == "swap"
+
+
+def fs_type(path: Path) -> str:
+    """What blkid finds on a disk file (the filesystem or swap a guest would see)."""
+    proc = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", path],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return proc.stdout.strip()
+
+
+def flat_conf(conf: Config, **default: Any) -> Config:
+    """``use_cow_images = false`` (unless ``default`` says otherwise) and ``default``."""
+    return dataclasses.replace(
+        conf, default=dataclasses.replace(conf.default, **({"use_cow_images": False} | default))
+    )
+
+
+def test_flat_copies_a_qcow2_base_as_it_is_without_force_raw_images(
+    conf: Config, make_driver: Callable[[Config], LibvirtDriver], source_image: Path
+) -> None:
+    drv = make_driver(flat_conf(conf, force_raw_images=False))
+    image_id = drv.images.add(source_image, name="cirros", disk_format="qcow2").id
+    inst = drv.spawn("flat-qcow2", "cirros", "t1.nano")
+
+    instance_dir = Path(inst.instance_dir)
+    base = root_base(drv, image_id)
+    assert img_info(base)["format"] == "qcow2"
+    disk = img_info(instance_dir / "disk")
+    assert disk["format"] == "qcow2"
+    assert disk["virtual-size"] == 1 * GiB  # grown from the image's 64 MiB
+    assert "backing-filename" not in disk
+    assert reads_pattern(instance_dir / "disk", "qcow2")
+    assert timings_ran(inst.timings, "overlay", "resize")
+    disk_info = json.loads((instance_dir / "disk.info").read_text())
+    assert disk_info[os.fspath(instance_dir / "disk")] == "qcow2"
+    defined = conn_of(drv).lookupByName(inst.name).XMLDesc(0)
+    assert domain_disks(defined)[0] == (os.fspath(instance_dir / "disk"), "qcow2")
+    shown = drv.get_disks(inst.uuid)["disk"]
+    assert (shown.format, shown.virtual_size, shown.backing_file) == ("qcow2", 1 * GiB, None)
+
+
+def timings_ran(timings: dict[str, float], *steps: str) -> bool:
+    return all(timings[s] > 0 for s in steps)
+
+
+@pytest.mark.parametrize("use_cow_images", [False, True])
+def test_preallocate_images_space_allocates_each_disk(
+    conf: Config,
+    make_driver: Callable[[Config], LibvirtDriver],
+    source_image: Path,
+    use_cow_images: bool,
+) -> None:
+    drv = make_driver(flat_conf(conf, preallocate_images="space", use_cow_images=use_cow_images))
+    drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    inst = drv.spawn("prealloc", "cirros", "t1.nano")
+
+    for name, size in NANO_DISKS.items():
+        allocated = (Path(inst.instance_dir) / name).stat().st_blocks * 512
+        assert allocated >= size, name
+
+
+def test_explain_plans_the_flat_disks_spawn_makes(
+    conf: Config, make_driver: Callable[[Config], LibvirtDriver], source_image: Path
+) -> None:
+    drv = make_driver(flat_conf(conf, force_raw_images=False, preallocate_images="space"))
+    image_id = drv.images.add(source_image, name="cirros", disk_format="qcow2").id
+    plan = explain.explain(drv, image_id, "t1.nano")
+    planned = {Path(f.path).name: f for f in plan.files if Path(f.path).name.startswith("disk")}
+    assert {n: f.format for n, f in planned.items()} == {
+        "disk": "qcow2",
+        "disk.local": "raw",
+        "disk.swap": "raw",
+    }
+    for name, size in NANO_DISKS.items():
+        assert list(planned[name].commands[-1])[:4] == ["fallocate", "-n", "-l", str(size)]
+    assert not any(Path(f.path).name.startswith(("ephemeral_", "swap_")) for f in plan.files)
+    assert domain_disks(plan.xml)[0][1] == "qcow2"
+
+    inst = drv.spawn("flat", image_id, "t1.nano")
+    made = {n: img_info(Path(inst.instance_dir) / n)["format"] for n in NANO_DISKS}
+    assert made == {n: f.format for n, f in planned.items()}
+
+
+def test_without_preallocation_a_flat_disk_stays_sparse(
+    conf: Config, make_driver: Callable[[Config], LibvirtDriver], source_image: Path
+) -> None:
+    drv = make_driver(flat_conf(conf))
+    drv.images.add(source_image, name="cirros", disk_format="qcow2")
+    inst = drv.spawn("sparse", "cirros", "t1.nano")
+
+    allocated = (Path(inst.instance_dir) / "disk.local").stat().st_blocks * 512
+    assert allocated < 256 * MiB
 
 
 # -- 5: faults -------------------------------------------------------------------
@@ -440,7 +541,7 @@ def test_failed_start_undefines_the_domain(
     assert_spawn_left_nothing(drv, exc_info.value, warm_cache)
 
 
-def start_paused(domain: Any) -> None:
+def start_paused(domain: Any, *, pause: bool = False) -> None:
     # The test driver refuses VIR_DOMAIN_START_PAUSED; start and suspend instead.
     domain.create()
     domain.suspend()
@@ -512,7 +613,7 @@ def test_keep_on_timeout_keeps_everything_until_destroy(
 def test_domain_that_stops_while_booting_fails_at_once(
     drv: LibvirtDriver, warm_cache: dict[Path, BaseState], mocker: MockerFixture
 ) -> None:
-    def start_and_crash(domain: Any) -> None:
+    def start_and_crash(domain: Any, *, pause: bool = False) -> None:
         domain.create()
         domain.destroy()
 
