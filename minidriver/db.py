@@ -23,6 +23,7 @@ migration is never edited.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import sqlite3
 import threading
 import uuid
@@ -243,6 +244,13 @@ def _schema_6(conn: sqlite3.Connection) -> None:
     )
 
 
+def _schema_7(conn: sqlite3.Connection) -> None:
+    """Several hosts (issue 20): the host each instance runs on, Nova's
+    ``instance.host``. Rows made before have '' here, and ``Database`` gives them the
+    name of the host that opens the database to migrate it: the only one there was."""
+    conn.execute("ALTER TABLE instances ADD COLUMN host TEXT NOT NULL DEFAULT ''")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
@@ -253,6 +261,7 @@ MIGRATIONS: Final[Sequence[Migration]] = (
     _schema_4,
     _schema_5,
     _schema_6,
+    _schema_7,
 )
 
 
@@ -277,6 +286,12 @@ class InstanceRecord:
     key_name: str | None = None  # the key pair booted with (boot --key-name)
     vm_state: str = "building"  # Nova's vm_state (minidriver.vm_states.VMState)
     template_id: str = ""  # the template a clone was restored from; '' when booted
+    host: str = ""  # Nova's instance.host: the [DEFAULT] host of the host it runs on
+
+    def runs_on(self, host: str) -> bool:
+        """Whether it runs on ``host``; a record made without a host ('') runs on the
+        host of whoever reads it (one host was all there was)."""
+        return self.host in ("", host)
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""
@@ -312,8 +327,11 @@ class Database:
     that ends leaves nothing open behind it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, host: str | None = None) -> None:
         self.path = path
+        # This host's name ([DEFAULT] host): the host of instances recorded before
+        # instances recorded theirs (schema 7).
+        self.host = socket.gethostname() if host is None else host
         self._local = _PerThread()
         self._idle: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
@@ -427,6 +445,8 @@ class Database:
                 return  # another process did it while we waited
             for migration in MIGRATIONS[version:]:
                 migration(conn)
+                if migration is _schema_7:
+                    conn.execute("UPDATE instances SET host = ? WHERE host = ''", (self.host,))
             # PRAGMA takes no parameters; the value is our own integer.
             conn.execute(f"PRAGMA user_version = {len(MIGRATIONS):d}")
 

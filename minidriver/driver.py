@@ -151,7 +151,7 @@ class LibvirtDriver:
     ) -> None:
         self.conf = conf
         self.host = host or Host(conf)
-        self.db = Database(conf.database_path)
+        self.db = Database(conf.database_path, host=conf.default.host)
         self.images = ImageService(
             self.db,
             conf.images_path,
@@ -365,7 +365,7 @@ class LibvirtDriver:
         with contextlib.ExitStack() as session, contextlib.ExitStack() as undo:
             step = "record"
             try:
-                self.db.create_instance(_record(instance, vif, key_name))
+                self.db.create_instance(_record(instance, vif, key_name, self.conf.default.host))
                 undo.callback(self.db.delete_instance, instance.uuid)
 
                 if vif is not None and vif.mode is NetworkMode.USER:
@@ -1075,9 +1075,11 @@ class LibvirtDriver:
         )
 
     def list_instances(self) -> list[InstanceRecord]:
-        """This state dir's instances, with the state libvirt reports now."""
+        """This state dir's instances on this host, with the state libvirt reports now."""
         out = []
         for record in self.db.list_instances():
+            if not record.runs_on(self.conf.default.host):
+                continue
             domain = self.host.get_domain(record.uuid)
             state = self.host.domain_state(domain) if domain else "nostate"
             vm_state = vm_states.synced(record.vm_state, state)
@@ -1103,7 +1105,7 @@ def spawned_disks(
     return made
 
 
-def _record(instance: Instance, vif: VIF | None, key_name: str | None) -> InstanceRecord:
+def _record(instance: Instance, vif: VIF | None, key_name: str | None, host: str) -> InstanceRecord:
     return InstanceRecord(
         uuid=instance.uuid,
         name=instance.name,
@@ -1119,4 +1121,5 @@ def _record(instance: Instance, vif: VIF | None, key_name: str | None) -> Instan
         network_source=vif.source if vif else "",
         mac_address=vif.mac_address if vif else None,
         key_name=key_name,
+        host=host,
     )

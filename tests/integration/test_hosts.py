@@ -1,0 +1,158 @@
+"""Several hosts (issue 20), on the daemon and a second host of scripts/dev-host: the
+test guest booted on the other host by name (its file disks in the instances_path both
+hosts see), placed by the scheduler without one, listed with its host; a file-backed
+boot refused on a host that does not see the instances_path (--private-instances).
+
+Daemon only: the embedded driver cannot be another host's peer (README). Every host a
+test starts has a name of its own and is stopped and purged after the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from minidriver import console
+
+pytestmark = [pytest.mark.integration, pytest.mark.connection("daemon")]
+
+REPO = Path(__file__).resolve().parents[2]
+DEV_HOST = REPO / "scripts" / "dev-host"
+READY = r"^minidriver-guest: ready"
+# A boot under TCG on a machine shared with other work: generous.
+BOOT_TIMEOUT = 300
+
+
+def dev_host(*args: str) -> str:
+    proc = subprocess.run(
+        [os.fspath(DEV_HOST), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+
+
+@pytest.fixture(scope="module")
+def state() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="mdhosts-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hosts(state: Path) -> Iterator[dict[str, str]]:
+    """A dev host that shares the instances path, and one that does not."""
+    tag = uuid.uuid4().hex[:6]
+    shared, private = f"h2-{tag}", f"hp-{tag}"
+    try:
+        uris = {
+            shared: dev_host("start", shared),
+            private: dev_host("start", private, f"--private-instances={state / 'instances'}"),
+        }
+        (state / "minidriver.conf").write_text(
+            "[DEFAULT]\nhost = here\n"
+            + "".join(f"[host:{n}]\nconnection_uri = {u}\n" for n, u in uris.items())
+        )
+        yield {"shared": shared, "private": private, **uris}
+    finally:
+        for name in (shared, private):
+            subprocess.run([os.fspath(DEV_HOST), "stop", "--purge", name], check=False)
+
+
+def md(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "minidriver", "--state-dir", str(state),
+           "--config", str(state / "minidriver.conf"), "--connect", "qemu:///system",
+           *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if check:
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def md_json(state: Path, *args: str) -> Any:
+    return json.loads(md(state, "--json", *args).stdout)
+
+
+def domain_on(uri: str, instance_uuid: str) -> bool:
+    conn = libvirt.open(uri)
+    try:
+        conn.lookupByUUIDString(instance_uuid)
+        return True
+    except libvirt.libvirtError as exc:
+        assert exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+        return False
+    finally:
+        conn.close()
+
+
+def test_boot_on_a_host_by_name_and_by_the_scheduler(
+    state: Path, hosts: dict[str, str], test_image: Path
+) -> None:
+    h2 = hosts["shared"]
+    md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
+    try:
+        vm1 = md_json(
+            state, "boot", "--image", "guest", "--flavor", "t1.nano", "--name", "vm1",
+            "--host", h2, "--wait-for", READY, "--timeout", str(BOOT_TIMEOUT),
+        )  # fmt: skip
+        assert vm1["host"] == h2
+        assert domain_on(hosts[h2], vm1["uuid"])
+        assert not domain_on("qemu:///system", vm1["uuid"])
+        log = Path(vm1["instance_dir"]) / "console.log"
+        assert console.read_console(log).count("minidriver-guest: boot-count 1") == 1
+        shown = md_json(state, "show", "vm1")
+        assert (shown["host"], shown["state"]) == (h2, "running")
+
+        # Without --host: this host has the most free RAM (h2 runs vm1's 128 MiB).
+        vm2 = md_json(state, "boot", "--image", "guest", "--flavor", "t1.nano", "--name", "vm2",
+                      "--no-wait")  # fmt: skip
+        assert vm2["host"] == "here"
+        assert domain_on("qemu:///system", vm2["uuid"])
+
+        listed = {i["display_name"]: (i["host"], i["state"]) for i in md_json(state, "list")}
+        assert listed == {"vm1": (h2, "running"), "vm2": ("here", "running")}
+        by_name = {h["name"]: h for h in md_json(state, "host", "list")}
+        assert by_name[h2]["uri"] == hosts[h2]
+        assert (by_name[h2]["instances"], by_name[h2]["running"]) == (1, 1)
+        assert (by_name["here"]["instances"], by_name["here"]["running"]) == (1, 1)
+        assert by_name[h2]["host_uuid"] != by_name["here"]["host_uuid"]
+        assert by_name[h2]["free_ram_mb"] == by_name[h2]["memory_mb"] - 128
+
+        # stop and start act on the instance's own host.
+        md(state, "stop", "vm1", "--force")
+        assert md_json(state, "show", "vm1")["state"] == "shutoff"
+        md(state, "start", "vm1")
+        assert md_json(state, "show", "vm1")["state"] == "running"
+    finally:
+        md(state, "delete", "--all", check=False)
+    assert not domain_on(hosts[h2], vm1["uuid"])
+    assert md_json(state, "list") == []
+
+
+def test_a_host_without_the_instances_path_is_refused(
+    state: Path, hosts: dict[str, str], test_image: Path
+) -> None:
+    hp = hosts["private"]
+    md(state, "image", "add", str(test_image), "--name", "guest2", "--disk-format", "qcow2")
+    refused = md(state, "boot", "--image", "guest2", "--flavor", "t1.nano", "--host", hp,
+                 check=False)  # fmt: skip
+    assert refused.returncode == 1
+    assert f"host {hp} does not see {state / 'instances'}" in refused.stderr
+    assert "images_type = rbd" in refused.stderr
+    assert md_json(state, "list") == []
+    conn = libvirt.open(hosts[hp])
+    try:
+        assert conn.listAllDomains() == []
+    finally:
+        conn.close()
