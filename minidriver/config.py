@@ -115,6 +115,9 @@ class LibvirtOptions:
     # and how many times the detach is asked before a clear error.
     device_detach_timeout: int = 20
     device_detach_attempts: int = 8
+    # Nova's: seconds per GiB of guest RAM (at least 2 GiB) a live migration may take
+    # before it is aborted, the guest left on the source; 0: no limit.
+    live_migration_completion_timeout: int = 800
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,7 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ("libvirt", "rbd_connect_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "device_detach_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "device_detach_attempts"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "live_migration_completion_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("image_cache", "subdirectory_name"): OptionOrigin("Nova", _NOVA_CACHE),
     ("image_cache", "remove_unused_base_images"): OptionOrigin("Nova", _NOVA_CACHE),
     ("image_cache", "remove_unused_original_minimum_age_seconds"): OptionOrigin(
@@ -333,26 +337,34 @@ class Config:
     # The other hosts ([host:NAME]), in the file's order.
     hosts: Mapping[str, HostOptions] = field(default_factory=dict)
     source: str | None = None  # the file it was read from, if any
+    # The settings as read, when these are another host's (for_host).
+    home: Config | None = None
 
     @property
     def host_names(self) -> tuple[str, ...]:
-        """Every host, this one ([DEFAULT] host) first, then the file's order."""
-        return (self.default.host, *self.hosts)
+        """Every host, this one ([DEFAULT] host as read) first, then the file's order."""
+        base = self.home or self
+        return (base.default.host, *base.hosts)
 
     def for_host(self, name: str) -> Config:
         """The settings as the driver on host ``name`` sees them: its name as
         ``[DEFAULT] host``, its URI as ``[libvirt] connection_uri``."""
+        base = self.home or self
         if name == self.default.host:
             return self
+        if name == base.default.host:
+            return base
         try:
-            uri = self.hosts[name].connection_uri
+            uri = base.hosts[name].connection_uri
         except KeyError:
             raise ConfigError(
                 f"no host {name!r} in the configuration",
                 hint=f"hosts: {', '.join(self.host_names)} ([host:NAME] sections add others)",
             ) from None
-        default = dataclasses.replace(self.default, host=name)
-        return dataclasses.replace(self, default=default).with_libvirt(connection_uri=uri)
+        default = dataclasses.replace(base.default, host=name)
+        return dataclasses.replace(base, default=default, home=base).with_libvirt(
+            connection_uri=uri
+        )
 
     @property
     def state_path(self) -> Path:

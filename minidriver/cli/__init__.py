@@ -61,6 +61,7 @@ COMMANDS = {
     "host": "host",
     "cleanup": "host",
     "volume": "volumes",
+    "live-migrate": "hosts",
 }
 
 
@@ -92,7 +93,7 @@ def run_command(
             gc.freeze()
             gc.enable()
     command: Callable[[LibvirtDriver, argparse.Namespace, Output], int]
-    command = getattr(module, f"cmd_{args.command}")
+    command = getattr(module, f"cmd_{args.command.replace('-', '_')}")
     drv = LibvirtDriver(conf, host=host)
     if conf.hosts:
         from minidriver.cli.hosts import driver_for_instance  # noqa: PLC0415 - several hosts

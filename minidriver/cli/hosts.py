@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,47 @@ def cmd_host_list(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
     ]
     header = ("host", "uri", "host_uuid", "free_ram", "running/instances", "")
     out.result(data, lambda: format_table(header, rows))
+    return EXIT_OK
+
+
+def cmd_live_migrate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    """Nova's live migration of a running instance: ``--host``, else the scheduler's
+    choice among the other hosts."""
+    from minidriver import migration, scheduler  # noqa: PLC0415 - live-migrate only
+
+    record = drv.db.find_instance(args.instance)
+    src = driver_on(drv, record.host)
+    name = args.host
+    if name is None:
+        records = drv.db.list_instances()
+        flavor = drv.get_flavor(record.flavor)
+        states = [
+            scheduler.host_state(n, order, driver_on(drv, n).host, records, drv.conf.flavors)
+            for order, n in enumerate(drv.conf.host_names)
+            if n != record.host
+        ]
+        name = scheduler.select_destination(states, flavor, "").name
+    dest = driver_on(drv, name)
+    out.say(f"live-migrating {record.display_name} from host {record.host} to host {name}")
+    shown = [float("-inf")]
+
+    def progress(p: migration.Progress) -> None:
+        if p.elapsed - shown[0] >= 2:  # a line every 2 s is enough to see it move
+            shown[0] = p.elapsed
+            out.say(p.line())
+
+    started = time.monotonic()
+    moved = migration.live_migrate(src, dest, record.uuid, progress=progress)
+    seconds = time.monotonic() - started
+    data = {
+        "uuid": moved.uuid,
+        "source": record.host,
+        "host": moved.host,
+        "forward_port": moved.forward_port,
+        "seconds": round(seconds, 3),
+    }
+    port = f", SSH now forwarded from 127.0.0.1:{moved.forward_port}" if moved.forward_port else ""
+    out.result(data, f"{moved.display_name} runs on host {moved.host} ({seconds:.1f} s){port}")
     return EXIT_OK
 
 

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("check", "can this host start a VM? libvirt, QEMU, virt_type, disk", host)
     command("list", "every configured host: URI, host UUID, free memory, instances", host)
+    p = command("live-migrate", "move a running instance to another host, live")
+    p.add_argument("instance")
+    p.add_argument("--host", metavar="NAME", help="the destination (default: the scheduler's)")
 
     image = command("image", "the local image service").add_subparsers(
         dest="image_command", metavar="SUBCOMMAND", required=True

@@ -156,3 +156,94 @@ def test_a_host_without_the_instances_path_is_refused(
         assert conn.listAllDomains() == []
     finally:
         conn.close()
+
+
+def test_live_migration_with_files_there_and_back(
+    state: Path, hosts: dict[str, str], test_image: Path
+) -> None:
+    """The test guest moves live from the second host here and back (the scheduler's
+    choice: the first host in the configuration of two equal ones), its forwarded
+    port changing with each move, never rebooting; a move to the host without the
+    instances path is refused; its power button, pressed last, powers it off on the
+    host it is on."""
+    h2, hp = hosts["shared"], hosts["private"]
+    md(state, "image", "add", str(test_image), "--name", "guest3", "--disk-format", "qcow2")
+    try:
+        vm = md_json(
+            state, "boot", "--image", "guest3", "--flavor", "t1.nano", "--name", "mover",
+            "--host", h2, "--wait-for", READY, "--timeout", str(BOOT_TIMEOUT),
+        )  # fmt: skip
+        first_port = vm["network"]["forward_port"]
+        moved = md_json(state, "live-migrate", "mover", "--host", "here")
+        assert (moved["source"], moved["host"]) == (h2, "here")
+        assert moved["forward_port"] not in (None, first_port)
+        assert domain_on("qemu:///system", vm["uuid"])
+        assert not domain_on(hosts[h2], vm["uuid"])
+        shown = md_json(state, "show", "mover")
+        assert (shown["host"], shown["state"]) == ("here", "running")
+        assert shown["network"]["forward_port"] == moved["forward_port"]
+
+        back = md_json(state, "live-migrate", "mover")
+        assert (back["source"], back["host"]) == ("here", h2)
+        assert domain_on(hosts[h2], vm["uuid"])
+        assert not domain_on("qemu:///system", vm["uuid"])
+
+        refused = md(state, "live-migrate", "mover", "--host", hp, check=False)
+        assert refused.returncode == 1
+        assert f"host {hp} does not see" in refused.stderr
+        assert md_json(state, "show", "mover")["host"] == h2
+
+        log = Path(vm["instance_dir"]) / "console.log"
+        assert console.read_console(log).count("minidriver-guest: boot-count") == 1
+        md(state, "stop", "mover", "--timeout", "120")
+        console.wait_for_console(log, r"power-button, powering off", timeout=60)
+        shown = md_json(state, "show", "mover")
+        assert (shown["host"], shown["state"]) == (h2, "shutoff")
+    finally:
+        md(state, "delete", "--all", check=False)
+
+
+def ports_of(instance_uuid: str) -> list[int]:
+    """The forwarded ports reserved for the instance (root's reservations, /run)."""
+    found = []
+    for entry in Path("/run/minidriver/ports").iterdir():
+        if entry.name.isdigit() and json.loads(entry.read_text())["instance_uuid"] == instance_uuid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_an_aborted_live_migration_leaves_everything_as_it_was(
+    state: Path, hosts: dict[str, str], test_image: Path
+) -> None:
+    """live_migration_completion_timeout = 1 (2 s for the guest's 128 MiB: Nova counts
+    2 GiB at least) on the guest rewriting 32 MiB of its memory without pause: the
+    move is aborted, the guest runs on the source, nothing is on the target, the record
+    and the reservations are as before."""
+    h2 = hosts["shared"]
+    conf = state / "minidriver.conf"
+    md(state, "image", "add", str(test_image), "--name", "guest4", "--disk-format", "qcow2")
+    try:
+        vm = md_json(
+            state, "boot", "--image", "guest4", "--flavor", "t1.nano", "--name", "busy",
+            "--config-drive", "--meta", "minidriver_guest_dirty_memory_mb=32",
+            "--wait-for", "minidriver-guest: mode dirty-memory 32", "--timeout", str(BOOT_TIMEOUT),
+        )  # fmt: skip
+        assert vm["host"] == "here"
+        before = md_json(state, "show", "busy")
+        assert ports_of(vm["uuid"]) == [before["network"]["forward_port"]]
+        original = conf.read_text()
+        conf.write_text(original + "[libvirt]\nlive_migration_completion_timeout = 1\n")
+        try:
+            aborted = md(state, "live-migrate", "busy", "--host", h2, check=False)
+        finally:
+            conf.write_text(original)
+        assert aborted.returncode == 1, aborted.stdout + aborted.stderr
+        assert "live migration aborted" in aborted.stderr
+        after = md_json(state, "show", "busy")
+        assert (after["host"], after["state"]) == ("here", "running")
+        assert after["network"] == before["network"]
+        assert domain_on("qemu:///system", vm["uuid"])
+        assert not domain_on(hosts[h2], vm["uuid"])
+        assert ports_of(vm["uuid"]) == [before["network"]["forward_port"]]
+    finally:
+        md(state, "delete", "--all", check=False)

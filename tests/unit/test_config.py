@@ -131,6 +131,10 @@ def test_hosts(tmp_path: Path) -> None:
     assert three.libvirt.connection_uri == "qemu+unix:///system?socket=/x/sock"
     assert three.state_path == conf.state_path
     assert conf.for_host("one") is conf
+    # From another host's settings, every host is still reachable by name.
+    assert three.for_host("one") is conf
+    assert three.for_host("two").libvirt.connection_uri == "test:///default"
+    assert three.host_names == conf.host_names
     with pytest.raises(ConfigError, match="no host 'four'"):
         conf.for_host("four")
 
