@@ -1,6 +1,7 @@
-"""Live migration between hosts (nova/virt/libvirt/driver.py ``live_migration``,
+"""Moves between hosts: live migration (nova/virt/libvirt/driver.py ``live_migration``,
 ``_live_migration_operation`` and ``_live_migration_monitor``; nova/virt/libvirt/
-migration.py).
+migration.py) and evacuation (nova/compute/manager.py ``rebuild_instance`` with
+``recreate``, ``_destroy_evacuated_instances``), at the end.
 
 Nova's steps, with one driver per host as in Nova (the source's and the
 destination's, on one state dir):
@@ -274,3 +275,87 @@ def _no_domain_left(dest: LibvirtDriver, record: InstanceRecord) -> None:
             LOG.error(
                 "%s: a running domain is left on host %s", record.uuid, dest.conf.default.host
             )
+
+
+# -- evacuation ------------------------------------------------------------------------
+
+
+class EvacuateError(MinidriverError):
+    """An evacuation refused or failed; the record still names the down host."""
+
+
+def host_answers(drv: LibvirtDriver) -> bool:
+    """Whether the host of ``drv`` answers (its libvirt opens and replies)."""
+    try:
+        drv.host.get_connection().getLibVersion()
+    except (MinidriverError, libvirt.libvirtError):
+        return False
+    return True
+
+
+def evacuate(
+    src: LibvirtDriver, dest: LibvirtDriver, instance_uuid: str, *, timeout: float
+) -> InstanceRecord:
+    """Nova's evacuate: the instance of a host that is down rebuilt on ``dest`` from
+    the same shared disks (Nova's ``rebuild_instance`` with ``recreate``: the domain
+    defined again from its XML, libvirt.xml, and started; nothing copied). Refused
+    while the source answers: two hosts would run one guest on one set of disks."""
+    with external_lock(src.conf.locks_dir, instance_lock_name(instance_uuid)):
+        record = src.db.get_instance(instance_uuid)
+        if host_answers(src):
+            raise EvacuateError(
+                f"host {record.host} answers: evacuate is for an instance whose host is down",
+                hint="live-migrate it instead (it keeps running), or stop that host first",
+            )
+        check_can_live_migrate_destination(src, dest, record)
+        xml = (Path(record.instance_dir) / "libvirt.xml").read_text()
+        port = record.forward_port
+        with contextlib.ExitStack() as undo:
+            if record.network_mode == NetworkMode.USER and port is not None:
+                # The down host's QEMU is gone with it: its port is likely free again.
+                port = src.ports.reserve(
+                    state_path=src.conf.state_path,
+                    state_id=src.db.state_id,
+                    instance_uuid=record.uuid,
+                    prefer=record.forward_port,
+                )
+                if port != record.forward_port:
+                    undo.callback(src.ports.release, port, record.uuid)
+                xml = guest.with_forward_port(xml, port)
+            domain = dest.host.define(xml)
+            undo.callback(dest.host.undefine, domain)
+            dest.host.launch(domain)
+            state = dest.host.wait_for_state(
+                domain, "running", timeout, interval=dest.conf.libvirt.wait_interval
+            )
+            if state != "running":
+                raise EvacuateError(
+                    f"{record.display_name} did not start on host {dest.conf.default.host}"
+                    f" within {timeout:g} s (it is {state})"
+                )
+            src.db.update_instance(instance_uuid, host=dest.conf.default.host, forward_port=port)
+            undo.pop_all()
+        (Path(record.instance_dir) / "libvirt.xml").write_text(xml)
+        return src.db.get_instance(instance_uuid)
+
+
+def destroy_evacuated_instances(drv: LibvirtDriver) -> list[str]:
+    """Nova's ``_destroy_evacuated_instances``, when a host comes back: the
+    definitions of this state dir's instances that now run elsewhere (evacuated while
+    the host was down), removed from it; their disks, which the instance still uses
+    elsewhere, kept. A running one is left alone: it may be a live migration's
+    destination at work. Returns the domain names removed."""
+    here = drv.conf.default.host
+    removed = []
+    for instance_uuid, domain in drv.host.owned_domains(drv.db.state_id).items():
+        try:
+            record = drv.db.get_instance(instance_uuid)
+        except MinidriverError:
+            continue  # no record: cleanup's business
+        if record.runs_on(here) or domain.isActive():
+            continue
+        name = domain.name()
+        LOG.warning("%s was evacuated from host %s: removing its definition", record.uuid, here)
+        drv.host.undefine(domain)
+        removed.append(name)
+    return removed

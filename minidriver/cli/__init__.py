@@ -62,6 +62,7 @@ COMMANDS = {
     "cleanup": "host",
     "volume": "volumes",
     "live-migrate": "hosts",
+    "evacuate": "hosts",
 }
 
 

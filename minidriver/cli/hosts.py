@@ -58,10 +58,15 @@ def instances_everywhere(drv: LibvirtDriver) -> list[tuple[LibvirtDriver, Instan
 
 
 def cmd_host_list(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
-    from minidriver import scheduler  # noqa: PLC0415 - only where hosts are weighed
+    from minidriver import migration, scheduler  # noqa: PLC0415 - host list only
 
+    drivers = {name: driver_on(drv, name) for name in drv.conf.host_names}
+    for name, host_drv in drivers.items():
+        if migration.host_answers(host_drv):
+            for domain in migration.destroy_evacuated_instances(host_drv):
+                out.say(f"host {name}: removed {domain}, evacuated from it while it was down")
     records = drv.db.list_instances()
-    hosts = {name: driver_on(drv, name).host for name in drv.conf.host_names}
+    hosts = {name: d.host for name, d in drivers.items()}
     states = scheduler.host_states(drv.conf, records, hosts)
     data: list[dict[str, Any]] = []
     for state in states:
@@ -123,6 +128,24 @@ def cmd_live_migrate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) 
     }
     port = f", SSH now forwarded from 127.0.0.1:{moved.forward_port}" if moved.forward_port else ""
     out.result(data, f"{moved.display_name} runs on host {moved.host} ({seconds:.1f} s){port}")
+    return EXIT_OK
+
+
+def cmd_evacuate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    """Nova's evacuate: the instance of a host that is down, rebuilt on ``--host``."""
+    from minidriver import migration  # noqa: PLC0415 - evacuate only
+
+    record = drv.db.find_instance(args.instance)
+    src, dest = driver_on(drv, record.host), driver_on(drv, args.host)
+    timeout = args.timeout or drv.conf.default.instance_build_timeout
+    moved = migration.evacuate(src, dest, record.uuid, timeout=timeout)
+    data = {
+        "uuid": moved.uuid,
+        "source": record.host,
+        "host": moved.host,
+        "forward_port": moved.forward_port,
+    }
+    out.result(data, f"{moved.display_name} rebuilt on host {moved.host} from its disks")
     return EXIT_OK
 
 

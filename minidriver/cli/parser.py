@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("live-migrate", "move a running instance to another host, live")
     p.add_argument("instance")
     p.add_argument("--host", metavar="NAME", help="the destination (default: the scheduler's)")
+    p = command("evacuate", "rebuild an instance of a host that is down on another host")
+    p.add_argument("instance")
+    p.add_argument("--host", metavar="NAME", required=True, help="the host to rebuild it on")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="bound on its start")
 
     image = command("image", "the local image service").add_subparsers(
         dest="image_command", metavar="SUBCOMMAND", required=True

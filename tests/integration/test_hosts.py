@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -245,5 +246,46 @@ def test_an_aborted_live_migration_leaves_everything_as_it_was(
         assert domain_on("qemu:///system", vm["uuid"])
         assert not domain_on(hosts[h2], vm["uuid"])
         assert ports_of(vm["uuid"]) == [before["network"]["forward_port"]]
+    finally:
+        md(state, "delete", "--all", check=False)
+
+
+def test_evacuate_from_a_host_that_is_down(
+    state: Path, hosts: dict[str, str], test_image: Path
+) -> None:
+    """Refused while the second host answers; after its power loss the instance shows
+    unknown, and evacuate rebuilds it here from the same disks; when the host comes
+    back, its stale definition is removed."""
+    h2 = hosts["shared"]
+    md(state, "image", "add", str(test_image), "--name", "guest5", "--disk-format", "qcow2")
+    try:
+        vm = md_json(
+            state, "boot", "--image", "guest5", "--flavor", "t1.nano", "--name", "evac",
+            "--host", h2, "--wait-for", READY, "--timeout", str(BOOT_TIMEOUT),
+        )  # fmt: skip
+        refused = md(state, "evacuate", "evac", "--host", "here", check=False)
+        assert refused.returncode == 1
+        assert f"host {h2} answers" in refused.stderr
+
+        dev_host("stop", h2)  # a power loss: its QEMU killed
+        listed = {i["display_name"]: (i["host"], i["state"]) for i in md_json(state, "list")}
+        assert listed == {"evac": (h2, "unknown")}
+        moved = md_json(state, "evacuate", "evac", "--host", "here")
+        assert (moved["source"], moved["host"]) == (h2, "here")
+        shown = md_json(state, "show", "evac")
+        assert (shown["host"], shown["state"]) == ("here", "running")
+        # Booted again from its disks: a second boot in the same console log. Its count
+        # may repeat: a power loss drops what the guest wrote and never flushed (its
+        # boot record, in QEMU's qcow2 cache), as a real one would.
+        log = Path(vm["instance_dir"]) / "console.log"
+        booted_twice = re.compile(r"boot-count \d+.*boot-count \d+.*ready", re.S)
+        console.wait_for_console(log, booted_twice, timeout=BOOT_TIMEOUT)
+
+        assert dev_host("start", h2) == hosts[h2]
+        assert domain_on(hosts[h2], vm["uuid"])  # the stale definition, shut off
+        came_back = md(state, "host", "list")
+        assert "evacuated from it while it was down" in came_back.stdout
+        assert not domain_on(hosts[h2], vm["uuid"])
+        assert domain_on("qemu:///system", vm["uuid"])
     finally:
         md(state, "delete", "--all", check=False)
