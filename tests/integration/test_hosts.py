@@ -23,6 +23,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from test_rbd import ceph_conf  # noqa: F401 - the cluster fixture
 
 from minidriver import console
 
@@ -85,6 +86,12 @@ def md_json(state: Path, *args: str) -> Any:
     return json.loads(md(state, "--json", *args).stdout)
 
 
+def boot_ready(state: Path, image: str, name: str, host: str) -> Any:
+    """``boot`` of a t1.nano on ``host``, waited for to its ready line; its JSON."""
+    return md_json(state, "boot", "--image", image, "--flavor", "t1.nano", "--name", name,
+                   "--host", host, "--wait-for", READY, "--timeout", str(BOOT_TIMEOUT))  # fmt: skip
+
+
 def domain_on(uri: str, instance_uuid: str) -> bool:
     conn = libvirt.open(uri)
     try:
@@ -103,10 +110,7 @@ def test_boot_on_a_host_by_name_and_by_the_scheduler(
     h2 = hosts["shared"]
     md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
     try:
-        vm1 = md_json(
-            state, "boot", "--image", "guest", "--flavor", "t1.nano", "--name", "vm1",
-            "--host", h2, "--wait-for", READY, "--timeout", str(BOOT_TIMEOUT),
-        )  # fmt: skip
+        vm1 = boot_ready(state, "guest", "vm1", h2)
         assert vm1["host"] == h2
         assert domain_on(hosts[h2], vm1["uuid"])
         assert not domain_on("qemu:///system", vm1["uuid"])
@@ -170,10 +174,7 @@ def test_live_migration_with_files_there_and_back(
     h2, hp = hosts["shared"], hosts["private"]
     md(state, "image", "add", str(test_image), "--name", "guest3", "--disk-format", "qcow2")
     try:
-        vm = md_json(
-            state, "boot", "--image", "guest3", "--flavor", "t1.nano", "--name", "mover",
-            "--host", h2, "--wait-for", READY, "--timeout", str(BOOT_TIMEOUT),
-        )  # fmt: skip
+        vm = boot_ready(state, "guest3", "mover", h2)
         first_port = vm["network"]["forward_port"]
         moved = md_json(state, "live-migrate", "mover", "--host", "here")
         assert (moved["source"], moved["host"]) == (h2, "here")
@@ -259,10 +260,7 @@ def test_evacuate_from_a_host_that_is_down(
     h2 = hosts["shared"]
     md(state, "image", "add", str(test_image), "--name", "guest5", "--disk-format", "qcow2")
     try:
-        vm = md_json(
-            state, "boot", "--image", "guest5", "--flavor", "t1.nano", "--name", "evac",
-            "--host", h2, "--wait-for", READY, "--timeout", str(BOOT_TIMEOUT),
-        )  # fmt: skip
+        vm = boot_ready(state, "guest5", "evac", h2)
         refused = md(state, "evacuate", "evac", "--host", "here", check=False)
         assert refused.returncode == 1
         assert f"host {h2} answers" in refused.stderr
@@ -289,3 +287,47 @@ def test_evacuate_from_a_host_that_is_down(
         assert domain_on("qemu:///system", vm["uuid"])
     finally:
         md(state, "delete", "--all", check=False)
+
+
+def test_rbd_live_migration_there_and_back_and_evacuation(
+    hosts: dict[str, str],
+    test_image: Path,
+    ceph_conf: str,  # noqa: F811
+) -> None:
+    """images_type = rbd (every disk in Ceph: no shared-storage check, no UNSAFE): the
+    test guest booted on the second host moves here and back live, never rebooting,
+    and its power button powers it off there; another, evacuated from the second host
+    after its power loss, runs here, and its stale definition goes when that host is
+    back."""
+    h2 = hosts["shared"]
+    state = Path(tempfile.mkdtemp(prefix="mdhosts-rbd-", dir="/var/tmp"))
+    state.chmod(0o755)
+    (state / "minidriver.conf").write_text(
+        "[DEFAULT]\nhost = here\n"
+        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
+        f"[host:{h2}]\nconnection_uri = {hosts[h2]}\n"
+    )
+    try:
+        md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
+        vm = boot_ready(state, "guest", "ceph1", h2)
+        assert md_json(state, "live-migrate", "ceph1", "--host", "here")["host"] == "here"
+        assert domain_on("qemu:///system", vm["uuid"])
+        assert md_json(state, "live-migrate", "ceph1", "--host", h2)["host"] == h2
+        assert domain_on(hosts[h2], vm["uuid"])
+        log = Path(vm["instance_dir"]) / "console.log"
+        assert console.read_console(log).count("minidriver-guest: boot-count") == 1
+        md(state, "stop", "ceph1", "--timeout", "120")
+        console.wait_for_console(log, r"power-button, powering off", timeout=60)
+        assert md_json(state, "show", "ceph1")["state"] == "shutoff"
+
+        other = boot_ready(state, "guest", "ceph2", h2)
+        dev_host("stop", h2)
+        assert md_json(state, "evacuate", "ceph2", "--host", "here")["host"] == "here"
+        assert md_json(state, "show", "ceph2")["state"] == "running"
+        assert dev_host("start", h2) == hosts[h2]
+        md(state, "host", "list")
+        assert not domain_on(hosts[h2], other["uuid"])
+        assert domain_on(hosts[h2], vm["uuid"])  # ceph1 still lives there, stopped
+    finally:
+        md(state, "delete", "--all", check=False)
+        shutil.rmtree(state, ignore_errors=True)
