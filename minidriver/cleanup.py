@@ -103,7 +103,10 @@ class _Pass:
         """Instances that looked unfinished when listed: a domain without a matching
         record, a record without its domain or still ``building``, a dir without
         either. Listed before any is judged, in that order (the report's)."""
-        records = {r.uuid: r for r in self.drv.db.list_instances()}
+        everywhere = {r.uuid: r for r in self.drv.db.list_instances()}
+        # Another host's instances are that host's to judge (their domains are there);
+        # their dirs, in an instances_path the hosts share, are no strays here.
+        records = {u: r for u, r in everywhere.items() if r.runs_on(self.conf.default.host)}
         ours = self.drv.owned_domains()
 
         def matched(instance_uuid: str) -> bool:
@@ -121,9 +124,9 @@ class _Pass:
                 name = entry.name
                 if not entry.is_dir() or entry.is_symlink() or name in NOT_INSTANCES:
                     continue
-                if name.endswith(RESIZE_SUFFIX) and name.removesuffix(RESIZE_SUFFIX) in records:
+                if name.endswith(RESIZE_SUFFIX) and name.removesuffix(RESIZE_SUFFIX) in everywhere:
                     continue  # a resize waiting for confirm or revert keeps its old disks
-                if entry != self.conf.base_dir and name not in records and name not in ours:
+                if entry != self.conf.base_dir and name not in everywhere and name not in ours:
                     found.append(name)
         return list(dict.fromkeys(found))
 
@@ -208,6 +211,9 @@ class _Pass:
         A spawn records its final state before it lets go of the lock, so a record
         still ``building`` here is one whose spawn died; it goes like an orphan."""
         record = self.record(instance_uuid)
+        if record is not None and not record.runs_on(self.conf.default.host):
+            self.report.skipped.append(f"{instance_uuid}: it runs on host {record.host}")
+            return  # moved there since it was listed
         domain = self.owned_domain(instance_uuid)
         if record is not None and record.instance_dir:
             directory = Path(record.instance_dir)

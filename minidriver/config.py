@@ -13,6 +13,7 @@ import configparser
 import dataclasses
 import hashlib
 import os
+import socket
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -77,6 +78,9 @@ class DefaultOptions:
     vif_plugging_is_fatal: bool = True
     # The login `minidriver ssh` uses (Debian cloud images' cloud-init default user).
     ssh_user: str = "debian"
+    # Nova's name of this host: the libvirt of [libvirt] connection_uri. Instances
+    # record the host they run on; [host:NAME] sections name the others.
+    host: str = field(default_factory=socket.gethostname)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ class LibvirtOptions:
     # and how many times the detach is asked before a clear error.
     device_detach_timeout: int = 20
     device_detach_attempts: int = 8
+    # Nova's: seconds per GiB of guest RAM (at least 2 GiB) a live migration may take
+    # before it is aborted, the guest left on the source; 0: no limit.
+    live_migration_completion_timeout: int = 800
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,21 @@ class VolumeOptions:
     storage_pool: str = ""
     storage_pool_path: str = "$state_path/volumes"
 
+
+@dataclass(frozen=True)
+class HostOptions:
+    """``[host:NAME]``: another libvirt host this state dir runs instances on.
+
+    Every other setting (paths, images_type, the Ceph cluster) is this file's: the
+    hosts share the state dir, and the disks they can all reach (Ceph, or an
+    instances_path every host sees at the same path).
+    """
+
+    connection_uri: str = ""
+
+
+# Sections named [host:NAME]; in ORIGINS under this key.
+HOST_SECTION = "host:NAME"
 
 CHOICES: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("DEFAULT", "preallocate_images"): ("none", "space"),
@@ -231,6 +253,7 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ),
     ("DEFAULT", "vif_plugging_is_fatal"): OptionOrigin("Nova", _NOVA_CONF),
     ("DEFAULT", "ssh_user"): OptionOrigin("ours", ""),
+    ("DEFAULT", "host"): OptionOrigin("Nova", "nova/conf/netconf.py"),
     ("libvirt", "connection_uri"): OptionOrigin(
         "Nova",
         _NOVA_LIBVIRT,
@@ -283,6 +306,7 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ("libvirt", "rbd_connect_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "device_detach_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "device_detach_attempts"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "live_migration_completion_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("image_cache", "subdirectory_name"): OptionOrigin("Nova", _NOVA_CACHE),
     ("image_cache", "remove_unused_base_images"): OptionOrigin("Nova", _NOVA_CACHE),
     ("image_cache", "remove_unused_original_minimum_age_seconds"): OptionOrigin(
@@ -303,6 +327,12 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ),
     ("volume", "storage_pool"): OptionOrigin("ours", ""),
     ("volume", "storage_pool_path"): OptionOrigin("ours", ""),
+    (HOST_SECTION, "connection_uri"): OptionOrigin(
+        "ours",
+        "",
+        "Nova runs a nova-compute beside each host's libvirt ([libvirt] connection_uri"
+        " of each); here one state dir reaches the other hosts' libvirt by their URIs",
+    ),
 }
 
 
@@ -325,7 +355,37 @@ class Config:
     glance_store: GlanceStoreOptions = field(default_factory=GlanceStoreOptions)
     volume: VolumeOptions = field(default_factory=VolumeOptions)
     flavors: Mapping[str, Flavor] = field(default_factory=lambda: dict(DEFAULT_FLAVORS))
+    # The other hosts ([host:NAME]), in the file's order.
+    hosts: Mapping[str, HostOptions] = field(default_factory=dict)
     source: str | None = None  # the file it was read from, if any
+    # The settings as read, when these are another host's (for_host).
+    home: Config | None = None
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        """Every host, this one ([DEFAULT] host as read) first, then the file's order."""
+        base = self.home or self
+        return (base.default.host, *base.hosts)
+
+    def for_host(self, name: str) -> Config:
+        """The settings as the driver on host ``name`` sees them: its name as
+        ``[DEFAULT] host``, its URI as ``[libvirt] connection_uri``."""
+        base = self.home or self
+        if name == self.default.host:
+            return self
+        if name == base.default.host:
+            return base
+        try:
+            uri = base.hosts[name].connection_uri
+        except KeyError:
+            raise ConfigError(
+                f"no host {name!r} in the configuration",
+                hint=f"hosts: {', '.join(self.host_names)} ([host:NAME] sections add others)",
+            ) from None
+        default = dataclasses.replace(base.default, host=name)
+        return dataclasses.replace(base, default=default, home=base).with_libvirt(
+            connection_uri=uri
+        )
 
     @property
     def state_path(self) -> Path:
@@ -462,6 +522,28 @@ def _flavor(parser: configparser.RawConfigParser, section: str) -> Flavor:
         raise ConfigError(str(exc)) from None
 
 
+def _hosts(parser: configparser.RawConfigParser, this_host: str) -> dict[str, HostOptions]:
+    hosts = {}
+    for section in parser.sections():
+        if not section.startswith("host:"):
+            continue
+        name = section.split(":", 1)[1].strip()
+        opts: HostOptions = _section(parser, section, HostOptions)
+        if not name or name == this_host:
+            raise ConfigError(
+                f"[{section}] names {'no host' if not name else 'this host'}",
+                hint="this host is [DEFAULT] host with [libvirt] connection_uri;"
+                " [host:NAME] sections name the others",
+            )
+        if not opts.connection_uri:
+            raise ConfigError(
+                f"[{section}] misses connection_uri",
+                hint="the libvirt URI of that host, e.g. what scripts/dev-host start prints",
+            )
+        hosts[name] = opts
+    return hosts
+
+
 def _check_rbd(opts: LibvirtOptions) -> None:
     """QEMU authenticates as ``rbd_user`` with the key in libvirt's secret: a secret
     without a user names nobody, and a secret uuid must be one."""
@@ -513,11 +595,11 @@ def load_config(
             raise ConfigError(f"config file {source} is not valid INI: {exc}") from None
 
     for section in parser.sections():
-        if section not in SECTIONS and not section.startswith("flavor:"):
+        if section not in SECTIONS and not section.startswith(("flavor:", "host:")):
             raise ConfigError(
                 f"unknown section [{section}] in {source}",
                 hint="sections: [DEFAULT], [libvirt], [image_cache], [glance_store], [volume],"
-                " [flavor:NAME]",
+                " [flavor:NAME], [host:NAME]",
             )
     default: DefaultOptions = _section(parser, "DEFAULT", DefaultOptions)
     libvirt_opts = (
@@ -571,5 +653,6 @@ def load_config(
         glance_store=glance_store,
         volume=volume,
         flavors=flavors,
+        hosts=_hosts(parser, default.host),
         source=source,
     )

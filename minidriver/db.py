@@ -23,6 +23,7 @@ migration is never edited.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import sqlite3
 import threading
 import uuid
@@ -254,6 +255,13 @@ def _schema_7(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE instances ADD COLUMN config_drive INTEGER NOT NULL DEFAULT 0")
 
 
+def _schema_8(conn: sqlite3.Connection) -> None:
+    """Several hosts (issue 20): the host each instance runs on, Nova's
+    ``instance.host``. Rows made before have '' here, and ``Database`` gives them the
+    name of the host that opens the database to migrate it: the only one there was."""
+    conn.execute("ALTER TABLE instances ADD COLUMN host TEXT NOT NULL DEFAULT ''")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
@@ -265,6 +273,7 @@ MIGRATIONS: Final[Sequence[Migration]] = (
     _schema_5,
     _schema_6,
     _schema_7,
+    _schema_8,
 )
 
 
@@ -292,6 +301,12 @@ class InstanceRecord:
     old_flavor: str = ""  # resized: the flavor a revert goes back to; '' otherwise
     shelved_image_id: str = ""  # shelved: the image its unshelve boots; '' otherwise
     config_drive: int = 0  # 1: booted with a config drive
+    host: str = ""  # Nova's instance.host: the [DEFAULT] host of the host it runs on
+
+    def runs_on(self, host: str) -> bool:
+        """Whether it runs on ``host``; a record made without a host ('') runs on the
+        host of whoever reads it (one host was all there was)."""
+        return self.host in ("", host)
 
     def describe(self) -> str:
         """``uuid (display name, domain name)``, for messages listing several."""
@@ -327,8 +342,11 @@ class Database:
     that ends leaves nothing open behind it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, host: str | None = None) -> None:
         self.path = path
+        # This host's name ([DEFAULT] host): the host of instances recorded before
+        # instances recorded theirs (schema 7).
+        self.host = socket.gethostname() if host is None else host
         self._local = _PerThread()
         self._idle: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
@@ -442,6 +460,8 @@ class Database:
                 return  # another process did it while we waited
             for migration in MIGRATIONS[version:]:
                 migration(conn)
+                if migration is _schema_8:
+                    conn.execute("UPDATE instances SET host = ? WHERE host = ''", (self.host,))
             # PRAGMA takes no parameters; the value is our own integer.
             conn.execute(f"PRAGMA user_version = {len(MIGRATIONS):d}")
 

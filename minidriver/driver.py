@@ -152,7 +152,7 @@ class LibvirtDriver:
     ) -> None:
         self.conf = conf
         self.host = host or Host(conf)
-        self.db = Database(conf.database_path)
+        self.db = Database(conf.database_path, host=conf.default.host)
         self.images = ImageService(
             self.db,
             conf.images_path,
@@ -370,7 +370,13 @@ class LibvirtDriver:
             step = "record"
             try:
                 self.db.create_instance(
-                    _record(instance, vif, key_name, config_drive=config_drive is not None)
+                    _record(
+                        instance,
+                        vif,
+                        key_name,
+                        self.conf.default.host,
+                        config_drive=config_drive is not None,
+                    )
                 )
                 undo.callback(self.db.delete_instance, instance.uuid)
 
@@ -1105,9 +1111,11 @@ class LibvirtDriver:
         )
 
     def list_instances(self) -> list[InstanceRecord]:
-        """This state dir's instances, with the state libvirt reports now."""
+        """This state dir's instances on this host, with the state libvirt reports now."""
         out = []
         for record in self.db.list_instances():
+            if not record.runs_on(self.conf.default.host):
+                continue
             domain = self.host.get_domain(record.uuid)
             state = self.host.domain_state(domain) if domain else "nostate"
             vm_state = vm_states.synced(record.vm_state, state)
@@ -1134,7 +1142,12 @@ def spawned_disks(
 
 
 def _record(
-    instance: Instance, vif: VIF | None, key_name: str | None, *, config_drive: bool = False
+    instance: Instance,
+    vif: VIF | None,
+    key_name: str | None,
+    host: str,
+    *,
+    config_drive: bool = False,
 ) -> InstanceRecord:
     return InstanceRecord(
         uuid=instance.uuid,
@@ -1152,4 +1165,5 @@ def _record(
         mac_address=vif.mac_address if vif else None,
         key_name=key_name,
         config_drive=int(config_drive),
+        host=host,
     )

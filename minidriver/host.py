@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+from lxml import etree
 
 from minidriver import guest
 from minidriver.config import Config
@@ -394,6 +395,27 @@ class Host:
                 path.mkdir(mode=0o755, parents=True, exist_ok=True)
             return path
         return None
+
+    def host_uuid(self) -> str:
+        """The host UUID libvirt reports (libvirtd.conf's host_uuid, else the SMBIOS')."""
+        caps = etree.fromstring(self.get_connection().getCapabilities())
+        return str(caps.findtext("host/uuid") or "")
+
+    def supported_virt_types(self) -> frozenset[str]:
+        """The domain types (qemu, kvm) this libvirt offers for hvm guests: Nova's
+        ``supported_instances`` hypervisor types, from the capabilities."""
+        caps = etree.fromstring(self.get_connection().getCapabilities())
+        return frozenset(
+            str(domain.get("type"))
+            for guest_el in caps.iterfind("guest")
+            if guest_el.findtext("os_type") == "hvm"
+            for domain in guest_el.iterfind("arch/domain")
+        )
+
+    def memory_mb(self) -> tuple[int, int]:
+        """(the host's memory, what the kernel has free now), in MiB."""
+        conn = self.get_connection()
+        return int(conn.getInfo()[1]), int(conn.getFreeMemory()) // 1024**2
 
     def check_instances_path(self, qemu_conf: Path = QEMU_CONF) -> None:
         """Fail early, with the fix, when QEMU could not open our disk files."""

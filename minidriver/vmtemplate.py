@@ -524,7 +524,7 @@ class Templates:
         with contextlib.ExitStack() as undo:
             step = "record"
             try:
-                drv.db.create_instance(_clone_record(instance, tpl))
+                drv.db.create_instance(_clone_record(instance, tpl, drv.conf.default.host))
                 undo.callback(drv.db.delete_instance, instance.uuid)
                 port = None
                 if tpl.network_mode == NetworkMode.USER:
@@ -640,7 +640,7 @@ class Templates:
         return port
 
 
-def _clone_record(instance: Instance, tpl: TemplateRecord) -> InstanceRecord:
+def _clone_record(instance: Instance, tpl: TemplateRecord, host: str) -> InstanceRecord:
     return InstanceRecord(
         uuid=instance.uuid,
         name=instance.name,
@@ -657,6 +657,7 @@ def _clone_record(instance: Instance, tpl: TemplateRecord) -> InstanceRecord:
         key_name=tpl.key_name,
         vm_state=VMState.BUILDING,
         template_id=tpl.id,
+        host=host,
     )
 
 

@@ -497,9 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         action="append",
-        choices=(*SCENARIOS, "template"),
+        choices=(*SCENARIOS, "template", "migration"),
         help="run only this scenario (repeatable); template (the Debian guest booted and"
-        " cloned, minutes under TCG) runs only when named, and alone",
+        " cloned, minutes under TCG) and migration (live migrations to and from a"
+        " scripts/dev-host host, as root) run only when named, and alone",
     )
     parser.add_argument(
         "--work-dir",
@@ -541,6 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from minidriver.bench import template  # noqa: PLC0415 - a scenario of its own
 
         return template.run_from_args(args)
+    if args.only and "migration" in args.only:
+        if set(args.only) != {"migration"}:
+            parser.error("--only migration runs alone")
+        from minidriver.bench import livemigration  # noqa: PLC0415 - a scenario of its own
+
+        return livemigration.run_from_args(args)
     chosen = [s for s in SCENARIOS if not args.only or s in args.only]
     work_dir = args.work_dir or testimage.default_output_dir() / "bench"
     wall_start = time.monotonic()

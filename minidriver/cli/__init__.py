@@ -68,6 +68,8 @@ COMMANDS = {
     "host": "host",
     "cleanup": "host",
     "volume": "volumes",
+    "live-migrate": "hosts",
+    "evacuate": "hosts",
 }
 
 
@@ -100,7 +102,12 @@ def run_command(
             gc.enable()
     command: Callable[[LibvirtDriver, argparse.Namespace, Output], int]
     command = getattr(module, f"cmd_{args.command.replace('-', '_')}")
-    return command(LibvirtDriver(conf, host=host), args, out)
+    drv = LibvirtDriver(conf, host=host)
+    if conf.hosts:
+        from minidriver.cli.hosts import driver_for_instance  # noqa: PLC0415 - several hosts
+
+        drv = driver_for_instance(drv, args)
+    return command(drv, args, out)
 
 
 def main(argv: Sequence[str] | None = None, *, host: Host | None = None) -> int:

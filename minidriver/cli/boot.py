@@ -64,6 +64,10 @@ def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
             )
         return EXIT_OK
     started = time.monotonic()
+    if len(drv.conf.host_names) > 1 or args.host is not None:
+        from minidriver.cli.hosts import place  # noqa: PLC0415 - with several hosts only
+
+        drv = place(drv, args, out, image_to_boot(drv, args).properties)
     inst = boot_instance(drv, args, out)
     ssh_ready = None
     if args.wait_ssh:

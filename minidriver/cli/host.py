@@ -17,6 +17,10 @@ from minidriver.exception import MinidriverError
 
 
 def cmd_host(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    if args.host_command == "list":
+        from minidriver.cli.hosts import cmd_host_list  # noqa: PLC0415 - host list only
+
+        return cmd_host_list(drv, args, out)
     conn = drv.host.get_connection()
     choice = drv.host.virt_type
     path = drv.conf.instances_path

@@ -31,20 +31,23 @@ from minidriver.guest import CUSTOM_ARGV_TAINT
 from minidriver.network import NetworkMode
 
 
-def instance_dict(drv: LibvirtDriver, uuid: str) -> dict[str, Any]:
+def instance_dict(drv: LibvirtDriver, uuid: str, *, state: str | None = None) -> dict[str, Any]:
+    """What show and list say of an instance (``drv``: its host's driver); ``state``
+    when already known (``unknown``: its host does not answer)."""
     record = drv.db.get_instance(uuid)
     return {
         "uuid": record.uuid,
         "name": record.name,
         "display_name": record.display_name,
-        "state": (state := drv.get_info(uuid).state),
+        "host": record.host,
+        "state": (state := state or drv.get_info(uuid).state),
         "vm_state": vm_states.synced(record.vm_state, state),
         "flavor": record.flavor,
         # A resize's flavor before it, until confirmed or reverted; a shelve's image.
         "old_flavor": record.old_flavor or None,
         "shelved_image_id": record.shelved_image_id or None,
         "image": record.image_id,
-        "virt_type": drv.host.virt_type.virt_type,
+        "virt_type": drv.host.virt_type.virt_type if state != "unknown" else None,
         "instance_dir": record.instance_dir,
         "created_at": record.created_at,
         "disks": {name: asdict(d) for name, d in drv.get_disks(uuid).items()},
@@ -144,6 +147,7 @@ def show_text(data: dict[str, Any], base_dir: Path) -> str:
             "uuid",
             "name",
             "display_name",
+            "host",
             "state",
             "vm_state",
             "flavor",
@@ -182,11 +186,20 @@ def network_rows(data: dict[str, Any]) -> list[tuple[str, object]]:
 
 
 def cmd_list(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
-    records = drv.list_instances()
-    rows = [(r.uuid, r.name, r.display_name, r.state, r.vm_state, r.flavor) for r in records]
+    if drv.conf.hosts:
+        from minidriver.cli.hosts import instances_everywhere  # noqa: PLC0415 - several hosts
+
+        found = instances_everywhere(drv)
+    else:
+        found = [(drv, r) for r in drv.list_instances()]
+    rows = [
+        (r.uuid, r.name, r.display_name, r.host, r.state, r.vm_state, r.flavor) for _, r in found
+    ]
     out.result(
-        [instance_dict(drv, r.uuid) for r in records],
-        lambda: format_table(("uuid", "name", "display_name", "state", "vm_state", "flavor"), rows),
+        [instance_dict(d, r.uuid, state=r.state) for d, r in found],
+        lambda: format_table(
+            ("uuid", "name", "display_name", "host", "state", "vm_state", "flavor"), rows
+        ),
     )
     return EXIT_OK
 
@@ -240,7 +253,12 @@ def cmd_delete(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int
     for ref in refs:
         try:
             record = drv.db.find_instance(ref)
-            drv.destroy(record.uuid, delete_volume=args.delete_volume)
+            on_host = drv
+            if drv.conf.hosts:
+                from minidriver.cli.hosts import driver_on  # noqa: PLC0415 - several hosts
+
+                on_host = driver_on(drv, record.host)
+            on_host.destroy(record.uuid, delete_volume=args.delete_volume)
             deleted.append(record.uuid)
             out.say(f"deleted {record.display_name} ({record.uuid})")
         except MinidriverError as exc:

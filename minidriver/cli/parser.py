@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="host_command", metavar="SUBCOMMAND", required=True
     )
     command("check", "can this host start a VM? libvirt, QEMU, virt_type, disk", host)
+    command("list", "every configured host: URI, host UUID, free memory, instances", host)
+    p = command("live-migrate", "move a running instance to another host, live")
+    p.add_argument("instance")
+    p.add_argument("--host", metavar="NAME", help="the destination (default: the scheduler's)")
+    p = command("evacuate", "rebuild an instance of a host that is down on another host")
+    p.add_argument("instance")
+    p.add_argument("--host", metavar="NAME", required=True, help="the host to rebuild it on")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="bound on its start")
 
     image = command("image", "the local image service").add_subparsers(
         dest="image_command", metavar="SUBCOMMAND", required=True
@@ -123,6 +131,9 @@ def _boot_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--flavor", help="required unless --template")
     p.add_argument("--template", metavar="NAME", help="restore a clone of this template")
     p.add_argument("--name", help="display name (default: the image's name)")
+    p.add_argument(
+        "--host", metavar="NAME", help="the host to boot on (default: the scheduler's choice)"
+    )
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="bound on the whole boot")
     p.add_argument("--wait-for", metavar="REGEX", help="wait until the console matches")
     p.add_argument("--keep-on-timeout", action="store_true", help="keep it when time runs out")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from dataclasses import fields
 from pathlib import Path
 
@@ -99,12 +100,43 @@ def test_environment_and_argument_precedence(tmp_path: Path) -> None:
         ("[libvirt]\nforward_port_min = 80\n", "not a port range"),
         ("[libvirt]\nforward_port_min = 3000\nforward_port_max = 2999\n", "not a port range"),
         ("[libvirt]\nforward_port_max = 70000\n", "not a port range"),
+        ("[host:h2]\n", "[host:h2] misses connection_uri"),
+        ("[host:h2]\nuri = qemu:///system\n", "unknown option [host:h2] uri"),
+        ("[DEFAULT]\nhost = a\n[host:a]\nconnection_uri = test:///default\n", "this host"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text), state_dir=tmp_path, environ={})
     assert message in str(err.value)
+
+
+def test_hosts(tmp_path: Path) -> None:
+    """[DEFAULT] host names this host (Nova's option, the hostname by default);
+    [host:NAME] sections the others, in the file's order; for_host gives the settings
+    of the driver on that host."""
+    conf = load_config(None, state_dir=tmp_path, environ={})
+    assert conf.default.host == socket.gethostname()
+    assert conf.host_names == (socket.gethostname(),)
+    path = write(
+        tmp_path,
+        "[DEFAULT]\nhost = one\n[libvirt]\nconnection_uri = test:///default\n"
+        "[host:three]\nconnection_uri = qemu+unix:///system?socket=/x/sock\n"
+        "[host:two]\nconnection_uri = test:///default\n",
+    )
+    conf = load_config(path, state_dir=tmp_path, environ={})
+    assert conf.host_names == ("one", "three", "two")
+    three = conf.for_host("three")
+    assert three.default.host == "three"
+    assert three.libvirt.connection_uri == "qemu+unix:///system?socket=/x/sock"
+    assert three.state_path == conf.state_path
+    assert conf.for_host("one") is conf
+    # From another host's settings, every host is still reachable by name.
+    assert three.for_host("one") is conf
+    assert three.for_host("two").libvirt.connection_uri == "test:///default"
+    assert three.host_names == conf.host_names
+    with pytest.raises(ConfigError, match="no host 'four'"):
+        conf.for_host("four")
 
 
 def test_network_options(tmp_path: Path) -> None:
@@ -197,6 +229,7 @@ def test_every_option_says_whose_it_is() -> None:
     """Each option of every section is Nova's, Glance's, glance_store's, Cinder's or
     ours, with where it differs; no stale entry for an option that is gone."""
     options = {(section, f.name) for section, cls in config.SECTIONS.items() for f in fields(cls)}
+    options |= {(config.HOST_SECTION, f.name) for f in fields(config.HostOptions)}
     assert set(config.ORIGINS) == options
     owners = {o.owner for o in config.ORIGINS.values()}
     assert owners <= {"Nova", "Glance", "glance_store", "Cinder", "ours"}

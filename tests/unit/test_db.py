@@ -87,7 +87,7 @@ def test_a_second_migration_is_an_append(tmp_path: Path, monkeypatch: pytest.Mon
 
     def schema_2(conn: sqlite3.Connection) -> None:
         runs.append(1)
-        conn.execute("ALTER TABLE instances ADD COLUMN host TEXT NOT NULL DEFAULT 'here'")
+        conn.execute("ALTER TABLE instances ADD COLUMN zone TEXT NOT NULL DEFAULT 'here'")
 
     monkeypatch.setattr(db_module, "MIGRATIONS", (*MIGRATIONS, schema_2))
     for _ in range(2):
@@ -95,7 +95,7 @@ def test_a_second_migration_is_an_append(tmp_path: Path, monkeypatch: pytest.Mon
             assert database.schema_version == len(MIGRATIONS) + 1
             assert database.state_id == state_id
             assert [r.display_name for r in database.list_instances()] == ["old"]
-            assert database.query("SELECT host FROM instances")[0][0] == "here"
+            assert database.query("SELECT zone FROM instances")[0][0] == "here"
     assert runs == [1]
 
 
@@ -418,3 +418,31 @@ def test_threads_that_end_leave_no_connection_open(tmp_path: Path) -> None:
         # grown. One connection kept per thread grew by 16 each round.
         assert after_round[1:] == [after_round[1]] * 4, after_round
     assert fds_open_on(path) == 0
+
+
+def test_schema_8_puts_old_instances_on_the_host_that_migrates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several hosts: instances recorded before hosts were get the name of the host
+    whose minidriver opens the database first ([DEFAULT] host), the only one then;
+    new records keep the host they name."""
+    path = tmp_path / "minidriver.db"
+    # The schemas before the hosts' one, wherever it stands in the list.
+    before = MIGRATIONS[: MIGRATIONS.index(db_module._schema_8)]
+    monkeypatch.setattr(db_module, "MIGRATIONS", before)
+    with Database(path) as database, database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO instances (uuid, name, display_name, flavor, image_id, state,"
+            " created_at, instance_dir) VALUES ('u1', 'instance-1', 'old', 't1.nano', 'i',"
+            " 'running', '', '/x')"
+        )
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS)
+    with Database(path, host="lab-1") as database:
+        assert database.schema_version == len(MIGRATIONS)
+        [old] = database.list_instances()
+        assert old.host == "lab-1"
+        new = dataclasses.replace(record(str(uuid.uuid4()), "new", 2), host="lab-2")
+        database.create_instance(new)
+        assert database.get_instance(new.uuid).host == "lab-2"
+    with Database(path, host="lab-3") as database:
+        assert sorted(r.host for r in database.list_instances()) == ["lab-1", "lab-2"]
