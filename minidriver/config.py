@@ -127,6 +127,8 @@ class LibvirtOptions:
     # Nova's: seconds per GiB of guest RAM (at least 2 GiB) a live migration may take
     # before it is aborted, the guest left on the source; 0: no limit.
     live_migration_completion_timeout: int = 800
+    # Nova's: MiB/s a live migration may use; 0: QEMU's own choice (unlimited here).
+    live_migration_bandwidth: int = 0
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ("libvirt", "device_detach_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "device_detach_attempts"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "live_migration_completion_timeout"): OptionOrigin("Nova", _NOVA_LIBVIRT),
+    ("libvirt", "live_migration_bandwidth"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("image_cache", "subdirectory_name"): OptionOrigin("Nova", _NOVA_CACHE),
     ("image_cache", "remove_unused_base_images"): OptionOrigin("Nova", _NOVA_CACHE),
     ("image_cache", "remove_unused_original_minimum_age_seconds"): OptionOrigin(

@@ -157,6 +157,7 @@ def live_migrate(
                 xml=xml,
                 persistent=persistent,
                 shared_block=src.uses_rbd,
+                bandwidth=src.conf.libvirt.live_migration_bandwidth,
                 timeout=timeout,
                 progress=progress,
                 interval=interval,
@@ -202,6 +203,7 @@ def _live_migration_operation(
     xml: str,
     persistent: str,
     shared_block: bool,
+    bandwidth: int,
     timeout: float,
     progress: Callable[[Progress], None],
     interval: float,
@@ -209,12 +211,14 @@ def _live_migration_operation(
 ) -> None:
     """migrateToURI3 in a thread of its own (it returns when the move ends), watched
     from here: progress, and the abort at the completion timeout."""
-    params = {
+    params: dict[str, str | int] = {
         libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{MIGRATION_ADDRESS}",
         libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: MIGRATION_ADDRESS,
         libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
         libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent,
     }
+    if bandwidth:  # MiB/s (Nova's live_migration_bandwidth)
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth
     flags = LIVE_MIGRATION_FLAGS | (0 if shared_block else libvirt.VIR_MIGRATE_UNSAFE)
     target = peer_uri(dest.host.uri)
     failure: list[libvirt.libvirtError] = []

@@ -218,9 +218,9 @@ def test_an_aborted_live_migration_leaves_everything_as_it_was(
     state: Path, hosts: dict[str, str], test_image: Path
 ) -> None:
     """live_migration_completion_timeout = 1 (2 s for the guest's 128 MiB: Nova counts
-    2 GiB at least) on the guest rewriting 32 MiB of its memory without pause: the
-    move is aborted, the guest runs on the source, nothing is on the target, the record
-    and the reservations are as before."""
+    2 GiB at least) and live_migration_bandwidth = 8 (MiB/s) on the guest rewriting
+    32 MiB of its memory without pause: the move is aborted, the guest runs on the
+    source, nothing is on the target, the record and the reservations are as before."""
     h2 = hosts["shared"]
     conf = state / "minidriver.conf"
     md(state, "image", "add", str(test_image), "--name", "guest4", "--disk-format", "qcow2")
@@ -234,7 +234,12 @@ def test_an_aborted_live_migration_leaves_everything_as_it_was(
         before = md_json(state, "show", "busy")
         assert ports_of(vm["uuid"]) == [before["network"]["forward_port"]]
         original = conf.read_text()
-        conf.write_text(original + "[libvirt]\nlive_migration_completion_timeout = 1\n")
+        # 8 MiB/s: the guest's 128 MiB cannot move within 2 s, however slowly this
+        # loaded machine lets the guest rewrite its memory.
+        conf.write_text(
+            original + "[libvirt]\nlive_migration_completion_timeout = 1\n"
+            "live_migration_bandwidth = 8\n"
+        )
         try:
             aborted = md(state, "live-migrate", "busy", "--host", h2, check=False)
         finally:
