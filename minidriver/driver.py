@@ -40,6 +40,7 @@ from minidriver import (
     rbd_utils,
     vm_states,
 )
+from minidriver.backing import cache_local_or_swap
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.disk_info_file import read_disk_info, write_disk_info
@@ -47,20 +48,14 @@ from minidriver.exception import ImageNotFound, MinidriverError
 from minidriver.fileutils import PRIVATE_FILE, TRAVERSE_ONLY_DIR, write_private
 from minidriver.host import Host
 from minidriver.imagebackend import (
-    EPHEMERAL_FS,
-    EPHEMERAL_LABEL,
     DiskDetails,
     Flat,
     Image,
     Rbd,
     base_filename,
-    create_ephemeral,
-    create_swap,
-    ephemeral_filename,
     is_rbd_path,
     local_backend_class,
     parse_rbd_path,
-    swap_filename,
 )
 from minidriver.images import fetch, qemu_img
 from minidriver.images.store import Image as StoreImage
@@ -572,33 +567,10 @@ class LibvirtDriver(PowerOperations):
 
         disks: dict[str, Image] = {}
         others: list[Callable[[], bool]] = []
-        if "disk.local" in disk_info:
-            disks["disk.local"] = disk("disk.local")
-            others.append(
-                partial(
-                    disks["disk.local"].cache,
-                    partial(
-                        create_ephemeral,
-                        size_gb=flavor.ephemeral_gb,
-                        fs_type=EPHEMERAL_FS,
-                        label=EPHEMERAL_LABEL,
-                    ),
-                    ephemeral_filename(flavor.ephemeral_gb),
-                    flavor.ephemeral_gb * GiB,
-                    Step.EPHEMERAL,
-                )
-            )
-        if "disk.swap" in disk_info:
-            disks["disk.swap"] = disk("disk.swap")
-            others.append(
-                partial(
-                    disks["disk.swap"].cache,
-                    partial(create_swap, swap_mb=flavor.swap),
-                    swap_filename(flavor.swap),
-                    flavor.swap * 1024 * 1024,
-                    Step.SWAP,
-                )
-            )
+        for name in ("disk.local", "disk.swap"):
+            if name in disk_info:
+                disks[name] = disk(name)
+                others.append(partial(cache_local_or_swap, disks[name], name, flavor))
         if rbd is not None and "disk.config" in disk_info:
             disks["disk.config"] = disk("disk.config")
         # The ephemeral and swap disks are made beside the root's own disk, each under

@@ -15,22 +15,22 @@ from typing import TYPE_CHECKING
 
 import libvirt
 
-from minidriver import guest, guestagent
+from minidriver import backing, guest, guestagent
 from minidriver.exception import MinidriverError
 from minidriver.network import NetworkMode
+from minidriver.objects import Flavor, Instance
+from minidriver.steps import StepTimer
 from minidriver.vm_states import VMState
 
 if TYPE_CHECKING:
+    from minidriver import rbd_utils
     from minidriver.config import Config
-    from minidriver.db import Database
+    from minidriver.db import Database, InstanceRecord
     from minidriver.host import Host
+    from minidriver.images.store import ImageService
     from minidriver.ports import PortReservations
 
 LOG = logging.getLogger(__name__)
-
-# Nova's [libvirt] wait_soft_reboot_seconds (its default): how long a soft reboot waits
-# for the guest to shut down before it reboots it hard.
-WAIT_SOFT_REBOOT_SECONDS = 120
 
 
 class PowerOperations:
@@ -43,8 +43,15 @@ class PowerOperations:
     clock: Callable[[], float]
 
     if TYPE_CHECKING:
+        images: ImageService
 
         def _domain_of(self, instance_uuid: str) -> libvirt.virDomain: ...
+        def get_flavor(self, name: str) -> Flavor: ...
+        def rbd_driver(self, pool: str | None = None) -> rbd_utils.RBDDriver: ...
+        def instance_disks(
+            self, instance_dir: Path, instance_uuid: str
+        ) -> dict[str, str] | None: ...
+        def create_kernel_ramdisk(self, instance: Instance, *, timer: StepTimer) -> None: ...
 
     def _clean_shutdown(self, domain: libvirt.virDomain, timeout: float) -> bool:
         """Nova's ``_clean_shutdown``: the guest asked to shut down (ACPI), then waited
@@ -79,20 +86,70 @@ class PowerOperations:
         return clean
 
     def power_on(self, instance_uuid: str) -> None:
-        """Start a stopped instance: its existing definition (Nova's ``power_on`` is a
-        ``_hard_reboot``: new XML, missing disks re-created). A suspended one is
-        resumed: libvirt's start of a domain with a managed save image restores that
-        image (its memory is kept), and its clock is set as ``resume`` sets it."""
+        """Nova's ``power_on``, which is its ``_hard_reboot`` (see there). A suspended
+        instance is resumed instead: libvirt's start of a domain with a managed save
+        image restores that image (its memory is kept), and its clock is set as
+        ``resume`` sets it."""
         domain = self._domain_of(instance_uuid)
-        restored = False
-        if not domain.isActive():
-            restored = domain.hasManagedSaveImage(0) == 1
-            domain = self._reserve_forward_port_again(instance_uuid, domain)
-            self.host.launch(domain)
+        if domain.isActive():
+            self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
+            return
+        if domain.hasManagedSaveImage(0) != 1:
+            self._hard_reboot(instance_uuid, domain)
+            return
+        domain = self._reserve_forward_port_again(instance_uuid, domain)
+        self.host.launch(domain)
         self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
         # As Nova's resume does: the guest's clock stood still while it was saved.
-        if restored and guestagent.has_agent_channel(domain.XMLDesc(0)):
+        if guestagent.has_agent_channel(domain.XMLDesc(0)):
             guestagent.sync_guest_time(domain)
+
+    def _hard_reboot(self, instance_uuid: str, domain: libvirt.virDomain) -> None:
+        """Nova's ``_hard_reboot``: the domain stopped, the disks and backing files it
+        needs made again where missing (``backing``: Nova's
+        ``_create_images_and_backing``; a ``_base`` file the cache manager removed is
+        fetched again through the cache, with its checks and lock), the domain
+        launched, waited for until RUNNING.
+
+        Where we differ: Nova undefines the domain and defines the XML it generates
+        again; we keep the definition (its XML regenerated only for a forwarded port
+        that is taken now, see ``_reserve_forward_port_again``).
+        """
+        record = self.db.get_instance(instance_uuid)
+        if domain.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()  # it may have stopped just now
+        disks = self.instance_disks(Path(record.instance_dir), record.uuid) or {}
+        made = backing.create_images_and_backing(
+            self.conf,
+            self.images,
+            record,
+            self.get_flavor(record.flavor),
+            disks,
+            rbd_driver=self.rbd_driver,
+        )
+        if record.kernel_id:
+            self.create_kernel_ramdisk(_instance(record, self), timer=StepTimer())
+        if made:
+            LOG.warning("%s: made again before its start: %s", record.display_name, ", ".join(made))
+        domain = self._reserve_forward_port_again(instance_uuid, domain)
+        self.host.launch(domain)
+        timeout = self.conf.default.instance_build_timeout
+        state = self.host.wait_for_state(
+            domain,
+            "running",
+            timeout,
+            interval=self.conf.libvirt.wait_interval,
+            clock=self.clock,
+            stop_on=("shutoff", "crashed"),
+        )
+        if state != "running":
+            self.db.update_instance(instance_uuid, state=state)
+            raise MinidriverError(
+                f"instance {record.display_name} is {state}, not running,"
+                f" {timeout:g} s after its start"
+            )
+        self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
 
     def suspend(self, instance_uuid: str) -> None:
         """Nova's ``suspend``: the guest's memory saved by libvirt's managed save, the
@@ -170,35 +227,36 @@ class PowerOperations:
         )
         return domain
 
-    def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
+    def reboot(self, instance_uuid: str, *, hard: bool = False) -> str:
         """Soft, as Nova's ``_soft_reboot``: the guest is asked to shut down (ACPI),
-        waited for up to ``WAIT_SOFT_REBOOT_SECONDS``, and started again by this
-        process; a guest that does not stop in time is rebooted hard. Hard: the domain is
-        stopped and its existing definition started again; Nova's ``_hard_reboot``
-        also regenerates the XML and re-creates missing disks and backing files
-        (``_create_images_and_backing``), which minidriver does not do yet.
+        waited for up to ``[libvirt] wait_soft_reboot_seconds``, and launched again by
+        this process; a guest that does not stop in time is rebooted hard, as Nova's
+        ``reboot`` falls back. Hard: ``_hard_reboot``. Returns the reboot done:
+        "soft" or "hard".
 
-        A stopped instance is started (its port reserved again, as ``power_on``
-        does). A suspended one has no guest to ask: a soft reboot is refused, as
-        Nova's API refuses it (``vm_states.ALLOW_SOFT_REBOOT`` is active only); a hard
-        one boots it afresh, its saved memory discarded, as Nova's ``_hard_reboot``
-        discards it (its ``destroy`` undefines the domain with its managed save),
-        where a plain start would restore it.
+        A stopped instance is rebooted hard (Nova's ``_soft_reboot`` finds no running
+        guest to ask and fails, and its ``reboot`` falls back to ``_hard_reboot``).
+        A suspended one has no guest to ask: a soft reboot is refused, as Nova's API
+        refuses it (``vm_states.ALLOW_SOFT_REBOOT`` is active only); a hard one boots
+        it afresh, its saved memory discarded, as Nova's ``_hard_reboot`` discards it
+        (its ``destroy`` undefines the domain with its managed save), where a plain
+        start would restore it.
         """
         domain = self._domain_of(instance_uuid)
         if domain.isActive() and not hard:
-            # Nova's _soft_reboot: the guest asked to shut down, waited for, then launched
-            # by us; a hard reboot when it does not stop in time. Not libvirt's reboot:
-            # its restart needs a libvirt alive when the guest stops, and on the embedded
-            # driver that is this process, gone by then.
-            stopped = self._clean_shutdown(domain, WAIT_SOFT_REBOOT_SECONDS)
-            if not stopped:
-                LOG.warning(
-                    "%s did not shut down within %d s: rebooting it hard",
-                    domain.name(),
-                    WAIT_SOFT_REBOOT_SECONDS,
-                )
-        if domain.hasManagedSaveImage(0):
+            # Not libvirt's reboot: its restart needs a libvirt alive when the guest
+            # stops, and on the embedded driver that is this process, gone by then.
+            wait = self.conf.libvirt.wait_soft_reboot_seconds
+            if self._clean_shutdown(domain, wait):
+                self.host.launch(domain)
+                self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
+                return "soft"
+            LOG.warning(
+                "%s: soft reboot timed out after %d s: hard reboot",
+                self.db.get_instance(instance_uuid).display_name,
+                wait,
+            )
+        elif domain.hasManagedSaveImage(0):
             if not hard:
                 name = self.db.get_instance(instance_uuid).display_name
                 raise MinidriverError(
@@ -207,10 +265,19 @@ class PowerOperations:
                     f" `minidriver reboot --hard {name}` (its saved memory is discarded)",
                 )
             domain.managedSaveRemove(0)
-        if domain.isActive():
-            with contextlib.suppress(libvirt.libvirtError):
-                domain.destroy()  # it may have stopped just now
-        else:
-            domain = self._reserve_forward_port_again(instance_uuid, domain)
-        self.host.launch(domain)
-        self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
+        self._hard_reboot(instance_uuid, domain)
+        return "hard"
+
+
+def _instance(record: InstanceRecord, driver: PowerOperations) -> Instance:
+    """The recorded instance as the spawn's steps take it."""
+    return Instance(
+        uuid=record.uuid,
+        name=record.name,
+        display_name=record.display_name,
+        flavor=driver.get_flavor(record.flavor),
+        image_ref=record.image_id,
+        instance_dir=record.instance_dir,
+        kernel_id=record.kernel_id,
+        ramdisk_id=record.ramdisk_id,
+    )
