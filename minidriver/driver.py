@@ -162,6 +162,7 @@ class LibvirtDriver(PowerOperations):
         # What this driver's spawns made, by instance uuid: get_disks describes those
         # disks from it (and os.stat) instead of running qemu-img on each.
         self._spawned_disks: dict[str, dict[str, Callable[[], DiskDetails]]] = {}
+        self._init_power_sync()
 
     @functools.cached_property
     def volumes(self) -> VolumeAPI:

@@ -8,14 +8,16 @@ driver's module holds spawn and its steps; every public method is the driver's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import libvirt
 
-from minidriver import backing, guest, guestagent
+from minidriver import backing, guest, guestagent, power_sync
 from minidriver.exception import MinidriverError
 from minidriver.network import NetworkMode
 from minidriver.objects import Flavor, Instance
@@ -31,6 +33,40 @@ if TYPE_CHECKING:
     from minidriver.ports import PortReservations
 
 LOG = logging.getLogger(__name__)
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+# The instances a power operation of this process is changing, whichever driver or
+# host runs it: their lifecycle events meanwhile are the operation's own, and it
+# records the outcome (Nova's sync skips an instance with a task state).
+_POWER_TASKS: set[str] = set()
+_POWER_TASKS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def power_task(instance_uuid: str) -> Iterator[None]:
+    """Marks ``instance_uuid`` as changing under a power operation of this process."""
+    with _POWER_TASKS_LOCK:
+        mine = instance_uuid not in _POWER_TASKS
+        _POWER_TASKS.add(instance_uuid)
+    try:
+        yield
+    finally:
+        if mine:
+            with _POWER_TASKS_LOCK:
+                _POWER_TASKS.discard(instance_uuid)
+
+
+def _power_task(method: _Method) -> _Method:
+    """The operation (its first argument the instance's uuid) run as a power task."""
+
+    @functools.wraps(method)
+    def run(self: PowerOperations, instance_uuid: str, *args: Any, **kwargs: Any) -> Any:
+        with power_task(instance_uuid):
+            return method(self, instance_uuid, *args, **kwargs)
+
+    return cast(_Method, run)
 
 
 class PowerOperations:
@@ -52,6 +88,30 @@ class PowerOperations:
             self, instance_dir: Path, instance_uuid: str
         ) -> dict[str, str] | None: ...
         def create_kernel_ramdisk(self, instance: Instance, *, timer: StepTimer) -> None: ...
+        def wait_for_running(
+            self, instance: Instance, domain: libvirt.virDomain, timeout: float | None = None
+        ) -> None: ...
+
+    def _init_power_sync(self) -> None:
+        """Lifecycle events keep this state dir's records in step while the driver
+        lives (``power_sync``); the instances a power operation is changing are left
+        to that operation (``power_task``)."""
+        self.host.add_lifecycle_listener(self._handle_lifecycle_event)
+
+    def sync_power_states(self) -> list[str]:
+        """Nova's ``_sync_power_states``: every record brought in step with libvirt's
+        power state; the uuids of those changed."""
+        return power_sync.sync_power_states(self.db, self.host)
+
+    def _handle_lifecycle_event(self, instance_uuid: str, event: int, _detail: int) -> None:
+        with _POWER_TASKS_LOCK:
+            if instance_uuid in _POWER_TASKS:
+                return
+        try:
+            power_sync.handle_lifecycle_event(self.db, self.host, instance_uuid, event)
+        except Exception:
+            # In libvirt's event loop thread: nothing above it to report to.
+            LOG.exception("lifecycle event of %s not recorded", instance_uuid)
 
     def _clean_shutdown(self, domain: libvirt.virDomain, timeout: float) -> bool:
         """Nova's ``_clean_shutdown``: the guest asked to shut down (ACPI), then waited
@@ -66,6 +126,7 @@ class PowerOperations:
         )
         return reached == "shutoff"
 
+    @_power_task
     def power_off(self, instance_uuid: str, *, timeout: float = 60, force: bool = False) -> bool:
         """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``
         (Nova's ``shutdown_timeout``, 60 s; Nova also repeats the request every
@@ -85,6 +146,7 @@ class PowerOperations:
         self.db.update_instance(instance_uuid, state="shutoff", vm_state=VMState.STOPPED)
         return clean
 
+    @_power_task
     def power_on(self, instance_uuid: str) -> None:
         """Nova's ``power_on``, which is its ``_hard_reboot`` (see there). A suspended
         instance is resumed instead: libvirt's start of a domain with a managed save
@@ -128,29 +190,17 @@ class PowerOperations:
             disks,
             rbd_driver=self.rbd_driver,
         )
+        instance = _instance(record, self)
         if record.kernel_id:
-            self.create_kernel_ramdisk(_instance(record, self), timer=StepTimer())
+            self.create_kernel_ramdisk(instance, timer=StepTimer())
         if made:
             LOG.warning("%s: made again before its start: %s", record.display_name, ", ".join(made))
         domain = self._reserve_forward_port_again(instance_uuid, domain)
         self.host.launch(domain)
-        timeout = self.conf.default.instance_build_timeout
-        state = self.host.wait_for_state(
-            domain,
-            "running",
-            timeout,
-            interval=self.conf.libvirt.wait_interval,
-            clock=self.clock,
-            stop_on=("shutoff", "crashed"),
-        )
-        if state != "running":
-            self.db.update_instance(instance_uuid, state=state)
-            raise MinidriverError(
-                f"instance {record.display_name} is {state}, not running,"
-                f" {timeout:g} s after its start"
-            )
+        self.wait_for_running(instance, domain)  # as Nova's _hard_reboot waits
         self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
 
+    @_power_task
     def suspend(self, instance_uuid: str) -> None:
         """Nova's ``suspend``: the guest's memory saved by libvirt's managed save, the
         domain stopped (power state shutoff), vm_state suspended."""
@@ -165,6 +215,7 @@ class PowerOperations:
         domain.managedSave(0)
         self.db.update_instance(instance_uuid, state="shutoff", vm_state=VMState.SUSPENDED)
 
+    @_power_task
     def resume(self, instance_uuid: str) -> None:
         """Nova's ``resume``: the domain started again from its managed save image."""
         record = self.db.get_instance(instance_uuid)
@@ -227,6 +278,7 @@ class PowerOperations:
         )
         return domain
 
+    @_power_task
     def reboot(self, instance_uuid: str, *, hard: bool = False) -> str:
         """Soft, as Nova's ``_soft_reboot``: the guest is asked to shut down (ACPI),
         waited for up to ``[libvirt] wait_soft_reboot_seconds``, and launched again by

@@ -62,6 +62,13 @@ COMMANDS = {
     "cleanup": "host",
     "volume": "volumes",
 }
+# The commands that read or act on instances: each brings the records' power state in
+# step with libvirt first (Nova's _sync_power_states; see power_sync). `boot` and
+# `cleanup` are left out: a new instance has no stale record, and cleanup reconciles.
+SYNCS_POWER_STATES = frozenset(
+    {"list", "show", "console", "delete", "stop", "start", "reboot", "snapshot", "suspend",
+     "resume", "template", "ssh", "volume"}
+)  # fmt: skip
 
 
 def run_command(
@@ -93,7 +100,10 @@ def run_command(
             gc.enable()
     command: Callable[[LibvirtDriver, argparse.Namespace, Output], int]
     command = getattr(module, f"cmd_{args.command}")
-    return command(LibvirtDriver(conf, host=host), args, out)
+    drv = LibvirtDriver(conf, host=host)
+    if args.command in SYNCS_POWER_STATES:
+        drv.sync_power_states()
+    return command(drv, args, out)
 
 
 def main(argv: Sequence[str] | None = None, *, host: Host | None = None) -> int:
