@@ -1,15 +1,17 @@
 """An instance's missing disks and backing files made again before a hard reboot
 (``_create_images_and_backing`` of nova/virt/libvirt/driver.py).
 
-Nova walks the disks of the guest's config and, for each one with a backing file, calls
-the backend's ``cache`` as a spawn does: a base removed meanwhile (by the cache manager)
-is fetched or made again, and a missing overlay is created on it. Here the disks are
-the ones ``disk.info`` records, and only what is the image's is rebuilt from the image:
-a template clone's disks back onto the template's frozen layer, which nothing here can
-make again (refused with the file named); a boot-from-volume root is the volume (it is
-not in ``disk.info``); an RBD disk lives in Ceph, checked there, its ephemeral or swap
-made again only when missing (as Nova's ``Rbd`` backend's ``cache`` would), its root
-never.
+Nova walks the file and block disks of the guest's config and, for each one with a
+backing file, calls the backend's ``cache`` as a spawn does: a base removed meanwhile
+(by the cache manager) is fetched or made again, and a missing overlay is created on
+it. Here the disks are the ones ``disk.info`` records, and only what is the image's is
+rebuilt from the image: a template clone's disks back onto the template's frozen layer,
+which nothing here can make again (refused with the file named); a boot-from-volume
+root is the volume (it is not in ``disk.info``); a missing config drive is refused, its
+data not being kept (Nova creates an empty disk in place of a missing disk without a
+backing file). RBD disks are ours: Nova's ``_get_instance_disk_info_from_config`` leaves
+network disks out; here each is checked in Ceph, a missing ephemeral or swap made
+again there through the ``Rbd`` backend as a spawn makes it, a missing root refused.
 """
 
 from __future__ import annotations

@@ -659,8 +659,9 @@ def test_a_start_makes_a_missing_rbd_swap_again_and_never_the_root(
     instances: list[str],
     wait_console: Callable[..., Any],
 ) -> None:
-    """As Nova's Rbd backend: an ephemeral or swap disk missing from the pool is made
-    there again; the root is the instance's own data, never made again from the image."""
+    """An ephemeral or swap disk missing from the pool is made there again (ours: Nova's
+    hard reboot leaves network disks out); the root is the instance's own data, never
+    made again from the image."""
     image = add_rbd_image(rbd_drv, test_image, images, "rbd-restart")
     inst = rbd_drv.spawn(name="rbd-restart", image=image.id, flavor="t1.nano")
     instances.append(inst.uuid)
