@@ -62,12 +62,14 @@ COMMANDS = {
     "cleanup": "host",
     "volume": "volumes",
 }
-# The commands that read or act on instances: each brings the records' power state in
-# step with libvirt first (Nova's _sync_power_states; see power_sync). `boot` and
+# The commands that read or act on instances, and talk to libvirt anyway: each brings
+# the records' power state in step with libvirt first (Nova's _sync_power_states; see
+# power_sync). `console` reads the log file alone: the embedded libvirt allows one
+# process at a time, and `console --follow` runs beside other commands. `boot` and
 # `cleanup` are left out: a new instance has no stale record, and cleanup reconciles.
 SYNCS_POWER_STATES = frozenset(
-    {"list", "show", "console", "delete", "stop", "start", "reboot", "snapshot", "suspend",
-     "resume", "template", "ssh", "volume"}
+    {"list", "show", "delete", "stop", "start", "reboot", "snapshot", "suspend", "resume",
+     "ssh"}
 )  # fmt: skip
 
 
