@@ -95,6 +95,9 @@ class LibvirtOptions:
     sysinfo_serial: str = "unique"
     images_type: str = "default"
     wait_interval: float = 0.5
+    # Nova's: how long a soft reboot waits for the guest to shut down before it falls
+    # back to a hard reboot.
+    wait_soft_reboot_seconds: int = 120
     resized_base_copies: bool = False
     # Limits of every `qemu-img info` on an image (Nova's QEMU_IMG_LIMITS; 0: none).
     images_cpu_time_limit: int = 30  # seconds of CPU
@@ -285,6 +288,7 @@ ORIGINS: Mapping[tuple[str, str], OptionOrigin] = {
     ("libvirt", "wait_interval"): OptionOrigin(
         "ours", "", "Nova's spawn waits at a fixed 0.5 s, in code"
     ),
+    ("libvirt", "wait_soft_reboot_seconds"): OptionOrigin("Nova", _NOVA_LIBVIRT),
     ("libvirt", "resized_base_copies"): OptionOrigin(
         "ours",
         "",

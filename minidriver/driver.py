@@ -1,4 +1,4 @@
-"""LibvirtDriver (nova/virt/libvirt/driver.py): spawn, destroy, power, snapshot.
+"""LibvirtDriver (nova/virt/libvirt/driver.py): spawn, destroy, snapshot.
 
 ``spawn`` is Nova's: ``get_disk_info``, ``create_image``, the console log, ``to_xml``,
 define, the post-XML hook, launch, ``wait_for_running``. Everything a spawn creates
@@ -35,12 +35,12 @@ from minidriver import (
     compute_api,
     configdrive,
     guest,
-    guestagent,
     imagebackend,
     objects,
     rbd_utils,
     vm_states,
 )
+from minidriver.backing import cache_local_or_swap
 from minidriver.config import Config
 from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.disk_info_file import read_disk_info, write_disk_info
@@ -48,20 +48,15 @@ from minidriver.exception import ImageNotFound, MinidriverError
 from minidriver.fileutils import PRIVATE_FILE, TRAVERSE_ONLY_DIR, write_private
 from minidriver.host import Host
 from minidriver.imagebackend import (
-    EPHEMERAL_LABEL,
     DiskDetails,
     Flat,
     Image,
     Rbd,
     base_filename,
-    create_ephemeral,
-    create_swap,
-    ephemeral_filename,
     get_ephemeral_fs,
     is_rbd_path,
     local_backend_class,
     parse_rbd_path,
-    swap_filename,
 )
 from minidriver.images import fetch, qemu_img
 from minidriver.images.store import Image as StoreImage
@@ -71,6 +66,7 @@ from minidriver.lockutils import external_lock, instance_lock_name
 from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
+from minidriver.power import PowerOperations
 from minidriver.serial_console import SerialConsole
 from minidriver.steps import Step, StepListener, StepTimer
 from minidriver.vif import launch_with_network, plug_vifs
@@ -81,10 +77,6 @@ if TYPE_CHECKING:
     from minidriver import imagecache
 
 LOG = logging.getLogger(__name__)
-
-# Nova's [libvirt] wait_soft_reboot_seconds (its default): how long a soft reboot waits
-# for the guest to shut down before it reboots it hard.
-WAIT_SOFT_REBOOT_SECONDS = 120
 
 # Imported from here by the API's users (DiskDetails is what get_disks returns).
 __all__ = [
@@ -127,15 +119,15 @@ class InstanceInfo:
 DEFINE_ATTEMPTS = 5  # names taken by other state dirs in a row before giving up
 
 
-class LibvirtDriver:
+class LibvirtDriver(PowerOperations):
     """Nova's ``LibvirtDriver`` for one host and one state dir.
 
-    Its methods are Nova's steps (spawn and its parts, destroy, the power operations,
-    suspend and resume, snapshot, get_info, get_disks); what a step needs of the
+    Its methods are Nova's steps (spawn and its parts, destroy, snapshot, get_info,
+    get_disks; the power operations, suspend and resume from ``power``); what a step needs of the
     request, the disks or libvirt is asked of ``compute_api``, ``imagebackend`` and
     ``host``.
 
-    Bigger than the ~400-line guide (about 970 lines), and so the module (about 1,090):
+    Bigger than the ~400-line guide (about 800 lines), and so the module (about 950):
     spawn and its steps (``spawn``, ``_spawn``, ``_define``, ``create_image``,
     ``create_kernel_ramdisk``, ``to_xml``, ``wait_for_running``: some 450 lines with
     the boot from volume's) are Nova's driver methods and the backbone the design
@@ -172,6 +164,7 @@ class LibvirtDriver:
         # What this driver's spawns made, by instance uuid: get_disks describes those
         # disks from it (and os.stat) instead of running qemu-img on each.
         self._spawned_disks: dict[str, dict[str, Callable[[], DiskDetails]]] = {}
+        self._init_power_sync()
 
     @functools.cached_property
     def volumes(self) -> VolumeAPI:
@@ -590,38 +583,15 @@ class LibvirtDriver:
 
         disks: dict[str, Image] = {}
         others: list[Callable[[], bool]] = []
-        if "disk.local" in disk_info:
-            disks["disk.local"] = disk("disk.local")
-            fs_type = get_ephemeral_fs(
-                image.properties.get("os_type", ""), self.conf.default.default_ephemeral_format
-            )
-            others.append(
-                partial(
-                    disks["disk.local"].cache,
-                    partial(
-                        create_ephemeral,
-                        size_gb=flavor.ephemeral_gb,
-                        fs_type=fs_type,
-                        label=EPHEMERAL_LABEL,
-                    ),
-                    ephemeral_filename(flavor.ephemeral_gb, fs_type),
-                    flavor.ephemeral_gb * GiB,
-                    Step.EPHEMERAL,
-                    generated=True,
+        fs_type = get_ephemeral_fs(
+            image.properties.get("os_type", ""), self.conf.default.default_ephemeral_format
+        )
+        for name in ("disk.local", "disk.swap"):
+            if name in disk_info:
+                disks[name] = disk(name)
+                others.append(
+                    partial(cache_local_or_swap, disks[name], name, flavor, fs_type=fs_type)
                 )
-            )
-        if "disk.swap" in disk_info:
-            disks["disk.swap"] = disk("disk.swap")
-            others.append(
-                partial(
-                    disks["disk.swap"].cache,
-                    partial(create_swap, swap_mb=flavor.swap),
-                    swap_filename(flavor.swap),
-                    flavor.swap * 1024 * 1024,
-                    Step.SWAP,
-                    generated=True,
-                )
-            )
         if rbd is not None and "disk.config" in disk_info:
             disks["disk.config"] = disk("disk.config")
         # The ephemeral and swap disks are made beside the root's own disk, each under
@@ -861,175 +831,6 @@ class LibvirtDriver:
         """The running instance's serial console, open for reading and writing
         (``serial_console.py``); ``force`` takes it from another client."""
         return SerialConsole.open(self._domain_of(instance_uuid), force=force, clock=self.clock)
-
-    def _clean_shutdown(self, domain: libvirt.virDomain, timeout: float) -> bool:
-        """Nova's ``_clean_shutdown``: the guest asked to shut down (ACPI), then waited
-        for up to ``timeout`` seconds; True when it stopped."""
-        domain.shutdown()
-        reached = self.host.wait_for_state(
-            domain,
-            "shutoff",
-            timeout,
-            interval=self.conf.libvirt.wait_interval,
-            clock=self.clock,
-        )
-        return reached == "shutoff"
-
-    def power_off(self, instance_uuid: str, *, timeout: float = 60, force: bool = False) -> bool:
-        """Nova's ``power_off``: an ACPI shutdown, then a hard stop after ``timeout``
-        (Nova's ``shutdown_timeout``, 60 s; Nova also repeats the request every
-        ``shutdown_retry_interval``, which we do not).
-
-        Returns True when the guest shut down cleanly (False: it was stopped hard).
-        """
-        domain = self._domain_of(instance_uuid)
-        self._refuse_if_suspended(instance_uuid, "stop")
-        clean = False
-        if domain.isActive():
-            if not force:
-                clean = self._clean_shutdown(domain, timeout)
-            if not clean:
-                with contextlib.suppress(libvirt.libvirtError):
-                    domain.destroy()  # it may have stopped just now
-        self.db.update_instance(instance_uuid, state="shutoff", vm_state=VMState.STOPPED)
-        return clean
-
-    def power_on(self, instance_uuid: str) -> None:
-        """Start a stopped instance: its existing definition (Nova's ``power_on`` is a
-        ``_hard_reboot``: new XML, missing disks re-created). A suspended one is
-        resumed: libvirt's start of a domain with a managed save image restores that
-        image (its memory is kept), and its clock is set as ``resume`` sets it."""
-        domain = self._domain_of(instance_uuid)
-        restored = False
-        if not domain.isActive():
-            restored = domain.hasManagedSaveImage(0) == 1
-            domain = self._reserve_forward_port_again(instance_uuid, domain)
-            self.host.launch(domain)
-        self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
-        # As Nova's resume does: the guest's clock stood still while it was saved.
-        if restored and guestagent.has_agent_channel(domain.XMLDesc(0)):
-            guestagent.sync_guest_time(domain)
-
-    def suspend(self, instance_uuid: str) -> None:
-        """Nova's ``suspend``: the guest's memory saved by libvirt's managed save, the
-        domain stopped (power state shutoff), vm_state suspended."""
-        domain = self._domain_of(instance_uuid)
-        if not domain.isActive():
-            record = self.db.get_instance(instance_uuid)
-            raise MinidriverError(
-                f"instance {record.display_name} is not running; only a running one"
-                " can be suspended",
-                hint=f"start it first: minidriver start {record.display_name}",
-            )
-        domain.managedSave(0)
-        self.db.update_instance(instance_uuid, state="shutoff", vm_state=VMState.SUSPENDED)
-
-    def resume(self, instance_uuid: str) -> None:
-        """Nova's ``resume``: the domain started again from its managed save image."""
-        record = self.db.get_instance(instance_uuid)
-        domain = self._domain_of(instance_uuid)
-        if domain.isActive() or not domain.hasManagedSaveImage(0):
-            raise MinidriverError(
-                f"instance {record.display_name} is not suspended"
-                f" ({self.host.domain_state(domain)}, vm_state {record.vm_state})",
-                hint="only a suspended instance resumes",
-            )
-        self.power_on(instance_uuid)  # restores the saved memory, sets the clock
-
-    def _refuse_if_suspended(self, instance_uuid: str, what: str) -> None:
-        record = self.db.get_instance(instance_uuid)
-        if record.vm_state == VMState.SUSPENDED:
-            raise MinidriverError(
-                f"instance {record.display_name} is suspended: {what} would lose its saved memory",
-                hint=f"resume it first (minidriver resume {record.display_name}), or delete it",
-            )
-
-    def _reserve_forward_port_again(
-        self, instance_uuid: str, domain: libvirt.virDomain
-    ) -> libvirt.virDomain:
-        """The port a stopped or suspended instance forwards, reserved again: the
-        reservations live under /run, which a reboot empties, and a program may listen
-        on the port meanwhile, so another instance or program may hold it now. Then
-        another port is reserved and the domain defined again with it; a suspended
-        one's saved memory too, whose XML, not the definition, is what its start
-        restores (QEMU would fail on the old port)."""
-        record = self.db.get_instance(instance_uuid)
-        old = record.forward_port
-        if record.network_mode != NetworkMode.USER or old is None:
-            return domain
-        port = self.ports.reserve(
-            state_path=self.conf.state_path,
-            state_id=self.db.state_id,
-            instance_uuid=instance_uuid,
-            prefer=old,
-        )
-        if port == old:
-            return domain
-        with contextlib.ExitStack() as undo:
-            undo.callback(self.ports.release, port, instance_uuid)
-            if domain.hasManagedSaveImage(0):
-                secure = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE
-                saved = domain.managedSaveGetXMLDesc(secure)
-                domain.managedSaveDefineXML(guest.with_forward_port(saved, port), 0)
-                undo.callback(domain.managedSaveDefineXML, saved, 0)
-            xml = guest.with_forward_port(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), port)
-            domain = self.host.define(xml)
-            self.db.update_instance(instance_uuid, forward_port=port)
-            undo.pop_all()
-        (Path(record.instance_dir) / "libvirt.xml").write_text(xml)
-        self.ports.release(old, instance_uuid)  # if it is still ours (a listener took it)
-        LOG.warning(
-            "%s: port %d is taken; its SSH is forwarded from 127.0.0.1:%d now",
-            record.display_name,
-            old,
-            port,
-        )
-        return domain
-
-    def reboot(self, instance_uuid: str, *, hard: bool = False) -> None:
-        """Soft, as Nova's ``_soft_reboot``: the guest is asked to shut down (ACPI),
-        waited for up to ``WAIT_SOFT_REBOOT_SECONDS``, and started again by this
-        process; a guest that does not stop in time is rebooted hard. Hard: the domain is
-        stopped and its existing definition started again; Nova's ``_hard_reboot``
-        also regenerates the XML and re-creates missing disks and backing files
-        (``_create_images_and_backing``), which minidriver does not do yet.
-
-        A stopped instance is started (its port reserved again, as ``power_on``
-        does). A suspended one has no guest to ask: a soft reboot is refused, as
-        Nova's API refuses it (``vm_states.ALLOW_SOFT_REBOOT`` is active only); a hard
-        one boots it afresh, its saved memory discarded, as Nova's ``_hard_reboot``
-        discards it (its ``destroy`` undefines the domain with its managed save),
-        where a plain start would restore it.
-        """
-        domain = self._domain_of(instance_uuid)
-        if domain.isActive() and not hard:
-            # Nova's _soft_reboot: the guest asked to shut down, waited for, then launched
-            # by us; a hard reboot when it does not stop in time. Not libvirt's reboot:
-            # its restart needs a libvirt alive when the guest stops, and on the embedded
-            # driver that is this process, gone by then.
-            stopped = self._clean_shutdown(domain, WAIT_SOFT_REBOOT_SECONDS)
-            if not stopped:
-                LOG.warning(
-                    "%s did not shut down within %d s: rebooting it hard",
-                    domain.name(),
-                    WAIT_SOFT_REBOOT_SECONDS,
-                )
-        if domain.hasManagedSaveImage(0):
-            if not hard:
-                name = self.db.get_instance(instance_uuid).display_name
-                raise MinidriverError(
-                    f"instance {name} is suspended: no guest runs to reboot",
-                    hint=f"resume it (minidriver resume {name}), or boot it afresh with"
-                    f" `minidriver reboot --hard {name}` (its saved memory is discarded)",
-                )
-            domain.managedSaveRemove(0)
-        if domain.isActive():
-            with contextlib.suppress(libvirt.libvirtError):
-                domain.destroy()  # it may have stopped just now
-        else:
-            domain = self._reserve_forward_port_again(instance_uuid, domain)
-        self.host.launch(domain)
-        self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
 
     # -- snapshots ------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ DAEMON_SOCKET = Path("/run/libvirt/libvirt-sock")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 # libvirt's domain states, named as users see them (lower case, libvirt's words).
+LifecycleListener = Callable[[str, int, int], None]
+
 POWER_STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
     libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -242,6 +245,9 @@ class Host:
         self._waiters: dict[str, list[threading.Event]] = {}
         # Callers' threads change the waiters while the event loop's thread reads them.
         self._waiters_lock = threading.Lock()
+        # Called on every lifecycle event (uuid, event, detail); weak: a driver that
+        # is gone stops listening.
+        self._listeners: list[weakref.WeakMethod[LifecycleListener]] = []
         self._virt_type: VirtTypeChoice | None = None
 
     # -- connection -----------------------------------------------------------
@@ -559,13 +565,24 @@ class Host:
     # -- lifecycle events -------------------------------------------------------
 
     def _lifecycle_event(
-        self, _conn: Any, domain: libvirt.virDomain, _event: int, _detail: int, _opaque: Any
+        self, _conn: Any, domain: libvirt.virDomain, event: int, detail: int, _opaque: Any
     ) -> None:
         domain_uuid = domain.UUIDString()
         with self._waiters_lock:
             waiters = tuple(self._waiters.get(domain_uuid, ()))
+            self._listeners = [ref for ref in self._listeners if ref() is not None]
+            listeners = [ref() for ref in self._listeners]
         for waiter in waiters:
             waiter.set()
+        for listener in listeners:
+            if listener is not None:
+                listener(domain_uuid, event, detail)
+
+    def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
+        """Call the bound method ``listener(domain uuid, event, detail)`` on every
+        lifecycle event, in the event loop's thread, while its object lives."""
+        with self._waiters_lock:
+            self._listeners.append(weakref.WeakMethod(listener))
 
     @contextlib.contextmanager
     def lifecycle_waiter(self, domain_uuid: str) -> Iterator[threading.Event]:

@@ -19,6 +19,7 @@ from minidriver.exception import ImageNotFound, MinidriverError
 from minidriver.lockutils import external_lock, instance_lock_name
 from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DiskInfo, Flavor, ImageMeta, Instance
+from minidriver.power import power_task
 
 if TYPE_CHECKING:
     from minidriver.driver import LibvirtDriver
@@ -66,8 +67,13 @@ def refuse_unsupported(drv: LibvirtDriver, record: InstanceRecord, what: str) ->
 
 @contextlib.contextmanager
 def locked(drv: LibvirtDriver, instance_uuid: str) -> Iterator[InstanceRecord]:
-    """The instance's lock held; its record as read under it."""
-    with external_lock(drv.conf.locks_dir, instance_lock_name(instance_uuid)):
+    """The instance's lock held, and its lifecycle events left alone while the
+    operation stops and starts its domain (power.power_task); its record as read under
+    the lock."""
+    with (
+        external_lock(drv.conf.locks_dir, instance_lock_name(instance_uuid)),
+        power_task(instance_uuid),
+    ):
         yield drv.db.get_instance(instance_uuid)
 
 

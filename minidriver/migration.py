@@ -50,6 +50,7 @@ from minidriver.exception import MinidriverError
 from minidriver.host import SYSTEM_URI
 from minidriver.lockutils import external_lock, instance_lock_name
 from minidriver.network import NetworkMode
+from minidriver.power import power_task
 
 LOG = logging.getLogger(__name__)
 
@@ -135,7 +136,10 @@ def live_migrate(
     clock: Callable[[], float] = time.monotonic,
 ) -> InstanceRecord:
     """Move the running instance from ``src``'s host to ``dest``'s; its new record."""
-    with external_lock(src.conf.locks_dir, instance_lock_name(instance_uuid)):
+    with (
+        external_lock(src.conf.locks_dir, instance_lock_name(instance_uuid)),
+        power_task(instance_uuid),
+    ):
         record = src.db.get_instance(instance_uuid)
         domain = src.host.owned_domain(instance_uuid, src.db.state_id)
         if domain is None or src.host.domain_state(domain) != "running":
@@ -304,7 +308,10 @@ def evacuate(
     the same shared disks (Nova's ``rebuild_instance`` with ``recreate``: the domain
     defined again from its XML, libvirt.xml, and started; nothing copied). Refused
     while the source answers: two hosts would run one guest on one set of disks."""
-    with external_lock(src.conf.locks_dir, instance_lock_name(instance_uuid)):
+    with (
+        external_lock(src.conf.locks_dir, instance_lock_name(instance_uuid)),
+        power_task(instance_uuid),
+    ):
         record = src.db.get_instance(instance_uuid)
         if host_answers(src):
             raise EvacuateError(

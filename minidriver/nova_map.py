@@ -167,17 +167,27 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     NovaStep(
         "power",
         "start",
-        f"{_DRIVER}:power_on (_hard_reboot)",
-        "driver.LibvirtDriver.power_on",
-        "starts the existing definition: no new XML, missing disks not re-created",
+        f"{_DRIVER}:power_on (_hard_reboot, _create_images_and_backing)",
+        "driver.LibvirtDriver.power_on, power.py, backing.py",
+        "a hard reboot, missing disks and bases made again; the definition kept (Nova"
+        " defines new XML); a suspended instance's start restores its saved memory",
     ),
     NovaStep(
         "power",
         "reboot",
-        f"{_DRIVER}:reboot, _soft_reboot, _hard_reboot",
-        "driver.LibvirtDriver.reboot",
-        "soft: as Nova, falling back to hard after 120 s (a constant here, Nova's option);"
-        " hard: the definition restarted",
+        f"{_DRIVER}:reboot, _soft_reboot, _hard_reboot, _create_images_and_backing",
+        "driver.LibvirtDriver.reboot, power.py, backing.py",
+        "soft: as Nova, hard after wait_soft_reboot_seconds; hard: missing disks and"
+        " bases made again, the definition kept (Nova defines new XML)",
+    ),
+    NovaStep(
+        "power",
+        "power state sync",
+        "nova/compute/manager.py:_sync_power_states, _sync_instance_power_state,"
+        " handle_lifecycle_event",
+        "power_sync.py",
+        "at the start of each command on instances and on lifecycle events, not"
+        " periodically; records only, never stops a guest Nova would stop",
     ),
     NovaStep(
         "snapshot",

@@ -27,7 +27,7 @@ def synced(vm_state: str, power_state: str) -> str:
 
     An active instance whose guest shut itself down is stopped: Nova's
     ``_sync_instance_power_state`` stops such an instance on its next pass; here the
-    view says so at once and the record is left as it is.
+    view says so at once, and ``power_sync`` records it.
     """
     if vm_state == VMState.ACTIVE and power_state in ("shutoff", "crashed"):
         return VMState.STOPPED

@@ -71,6 +71,17 @@ COMMANDS = {
     "live-migrate": "hosts",
     "evacuate": "hosts",
 }
+# The commands that read or act on instances, and talk to libvirt anyway: each brings
+# the records' power state in step with libvirt first (Nova's _sync_power_states; see
+# power_sync). `console` reads the log file alone: the embedded libvirt allows one
+# process at a time, and `console --follow` runs beside other commands. `boot` and
+# `cleanup` are left out: a new instance has no stale record, and cleanup reconciles;
+# so is `evacuate`, whose instance's host is down.
+SYNCS_POWER_STATES = frozenset(
+    {"list", "show", "delete", "stop", "start", "reboot", "snapshot", "suspend", "resume",
+     "ssh", "rescue", "unrescue", "resize", "resize-confirm", "resize-revert", "shelve",
+     "unshelve", "live-migrate"}
+)  # fmt: skip
 
 
 def run_command(
@@ -107,6 +118,8 @@ def run_command(
         from minidriver.cli.hosts import driver_for_instance  # noqa: PLC0415 - several hosts
 
         drv = driver_for_instance(drv, args)
+    if args.command in SYNCS_POWER_STATES:
+        drv.sync_power_states()
     return command(drv, args, out)
 
 

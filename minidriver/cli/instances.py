@@ -294,12 +294,13 @@ def cmd_start(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_reboot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
     record = drv.db.find_instance(args.instance)
-    drv.reboot(record.uuid, hard=args.hard)
+    done = drv.reboot(record.uuid, hard=args.hard)
     state = drv.get_info(record.uuid).state
     kind = "hard" if args.hard else "soft"
+    fallback = " (the soft one timed out: rebooted hard)" if done != kind else ""
     out.result(
-        {"uuid": record.uuid, "state": state, "reboot": kind},
-        f"{record.display_name}: {kind} reboot requested, {state}",
+        {"uuid": record.uuid, "state": state, "reboot": kind, "done": done},
+        f"{record.display_name}: {kind} reboot requested, {state}{fallback}",
     )
     return EXIT_OK
 

@@ -30,6 +30,7 @@ from minidriver import cli, rbd_utils
 from minidriver.cleanup import cleanup
 from minidriver.config import Config
 from minidriver.driver import LibvirtDriver, SpawnError
+from minidriver.exception import MinidriverError
 from minidriver.explain import explain
 from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
 from minidriver.images import qemu_img
@@ -720,3 +721,36 @@ def test_cli_host_check_and_image_add_store_rbd(
     check = json.loads(capsys.readouterr().out)
     assert check["ceph"]["pool"] == "nowhere (missing)"
     assert any("'nowhere' does not exist" in p for p in check["problems"])
+
+
+def test_a_start_makes_a_missing_rbd_swap_again_and_never_the_root(
+    rbd_drv: LibvirtDriver,
+    test_image: Path,
+    images: list[Image],
+    instances: list[str],
+    wait_console: Callable[..., Any],
+) -> None:
+    """An ephemeral or swap disk missing from the pool is made there again (ours: Nova's
+    hard reboot leaves network disks out); the root is the instance's own data, never
+    made again from the image."""
+    image = add_rbd_image(rbd_drv, test_image, images, "rbd-restart")
+    inst = rbd_drv.spawn(name="rbd-restart", image=image.id, flavor="t1.nano")
+    instances.append(inst.uuid)
+    log = console_log(rbd_drv, inst.uuid)
+    wait_console(log, READY)
+    pool = rbd_drv.conf.libvirt.images_rbd_pool
+    rbd = rbd_drv.rbd_driver(pool)
+
+    rbd_drv.power_off(inst.uuid, force=True)
+    rbd.remove_image(f"{inst.uuid}_disk.swap")
+    rbd_drv.power_on(inst.uuid)
+    assert f"{inst.uuid}_disk.swap" in in_pool(rbd_drv, pool, inst.uuid)
+    wait_console(log, r"^minidriver-guest: boot-count 2")
+    second_boot = log.read_text(errors="replace").rsplit("minidriver-guest: up", 1)[1]
+    assert "minidriver-guest: disk vdc 67108864 swap" in second_boot  # the new swap disk
+
+    rbd_drv.power_off(inst.uuid, force=True)
+    rbd.remove_image(f"{inst.uuid}_disk")
+    with pytest.raises(MinidriverError, match=rf"its RBD disk {pool}/{inst.uuid}_disk is gone"):
+        rbd_drv.power_on(inst.uuid)
+    assert f"{inst.uuid}_disk" not in in_pool(rbd_drv, pool, inst.uuid)

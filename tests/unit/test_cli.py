@@ -775,7 +775,9 @@ CASES = [
     on_instances(
         "reboot --hard web --json",
         0,
-        equal(lambda w: {"uuid": w.subs["web"], "state": "running", "reboot": "hard"}),
+        equal(
+            lambda w: {"uuid": w.subs["web"], "state": "running", "reboot": "hard", "done": "hard"}
+        ),
     ),
     on_instances("reboot nope --hard", 1, err_has("no instance matches 'nope'")),
     case("reboot --hard", 2, err_has("required: instance")),

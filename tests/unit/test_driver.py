@@ -631,9 +631,9 @@ def test_enospc_on_the_ephemeral_base(
     drv: LibvirtDriver, warm_cache: dict[Path, BaseState], mocker: MockerFixture
 ) -> None:
     injected = OSError(errno.ENOSPC, "No space left on device")
-    # The name driver.create_image looks up when it builds the ephemeral's fetch_func
-    # (it imports create_ephemeral from imagebackend into its own namespace).
-    create = mocker.patch("minidriver.driver.create_ephemeral", side_effect=injected)
+    # The name backing.cache_local_or_swap looks up when it builds the ephemeral's
+    # fetch_func (it imports create_ephemeral from imagebackend into its own namespace).
+    create = mocker.patch("minidriver.backing.create_ephemeral", side_effect=injected)
 
     with pytest.raises(SpawnError) as exc_info:
         drv.spawn("full-disk", "cirros", "t1.nano")
