@@ -136,6 +136,7 @@ class PowerOperations:
 
         Returns True when the guest shut down cleanly (False: it was stopped hard).
         """
+        self._refuse_in_operation(instance_uuid, "stopped")
         domain = self._domain_of(instance_uuid)
         self._refuse_if_suspended(instance_uuid, "stop")
         clean = False
@@ -154,6 +155,7 @@ class PowerOperations:
         instance is resumed instead: libvirt's start of a domain with a managed save
         image restores that image (its memory is kept), and its clock is set as
         ``resume`` sets it."""
+        self._refuse_in_operation(instance_uuid, "started")
         domain = self._domain_of(instance_uuid)
         if domain.isActive():
             self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
@@ -206,6 +208,7 @@ class PowerOperations:
     def suspend(self, instance_uuid: str) -> None:
         """Nova's ``suspend``: the guest's memory saved by libvirt's managed save, the
         domain stopped (power state shutoff), vm_state suspended."""
+        self._refuse_in_operation(instance_uuid, "suspended")
         domain = self._domain_of(instance_uuid)
         if not domain.isActive():
             record = self.db.get_instance(instance_uuid)
@@ -229,6 +232,24 @@ class PowerOperations:
                 hint="only a suspended instance resumes",
             )
         self.power_on(instance_uuid)  # restores the saved memory, sets the clock
+
+    def _refuse_in_operation(self, instance_uuid: str, what: str) -> None:
+        """A rescued, resized or shelved instance is not stopped, started, rebooted or
+        suspended until that operation ends, as Nova's API allows these in other
+        vm_states only (its ``check_instance_state``): the domain stands for the
+        operation, and a power operation would record the instance active or stopped."""
+        record = self.db.get_instance(instance_uuid)
+        ends = {
+            VMState.RESCUED: "unrescue it first: minidriver unrescue",
+            VMState.RESIZED: "confirm or revert the resize first: minidriver resize-confirm"
+            " or resize-revert",
+            VMState.SHELVED_OFFLOADED: "unshelve it first: minidriver unshelve",
+        }
+        if record.vm_state in ends:
+            raise MinidriverError(
+                f"instance {record.display_name} is {record.vm_state}: it cannot be {what}",
+                hint=f"{ends[VMState(record.vm_state)]} {record.display_name}",
+            )
 
     def _refuse_if_suspended(self, instance_uuid: str, what: str) -> None:
         record = self.db.get_instance(instance_uuid)
@@ -296,6 +317,7 @@ class PowerOperations:
         (its ``destroy`` undefines the domain with its managed save), where a plain
         start would restore it.
         """
+        self._refuse_in_operation(instance_uuid, "rebooted")
         domain = self._domain_of(instance_uuid)
         if domain.isActive() and not hard:
             # Not libvirt's reboot: its restart needs a libvirt alive when the guest
