@@ -331,3 +331,74 @@ def test_rbd_live_migration_there_and_back_and_evacuation(
     finally:
         md(state, "delete", "--all", check=False)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def booted(count: int) -> str:
+    """The console's boot-count line ``count``, then the guest's ready line."""
+    return rf"^minidriver-guest: boot-count {count}\r?\n(?:.*\n)*?minidriver-guest: ready"
+
+
+def test_rbd_cold_migration_confirmed_then_another_reverted(
+    hosts: dict[str, str],
+    test_image: Path,
+    ceph_conf: str,  # noqa: F811
+) -> None:
+    """images_type = rbd: the test guest cold-migrated to the second host (the
+    scheduler's choice: never the source) boots there once more and stays after the
+    confirm, nothing of it left here; a second migration, back here, reverted: on the
+    second host again, booted once more, nothing of it left here."""
+    h2 = hosts["shared"]
+    state = Path(tempfile.mkdtemp(prefix="mdhosts-cold-", dir="/var/tmp"))
+    state.chmod(0o755)
+    (state / "minidriver.conf").write_text(
+        "[DEFAULT]\nhost = here\n"
+        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
+        f"[host:{h2}]\nconnection_uri = {hosts[h2]}\n"
+    )
+    try:
+        md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
+        vm = boot_ready(state, "guest", "cold1", "here")
+        log = Path(vm["instance_dir"]) / "console.log"
+        first_port = vm["network"]["forward_port"]
+
+        moved = md_json(state, "migrate", "cold1", "--timeout", "120")
+        assert (moved["source"], moved["host"], moved["vm_state"]) == ("here", h2, "resized")
+        assert moved["forward_port"] not in (None, first_port)
+        assert domain_on(hosts[h2], vm["uuid"])
+        assert not domain_on("qemu:///system", vm["uuid"])
+        console.wait_for_console(log, booted(2), timeout=BOOT_TIMEOUT)
+        shown = md_json(state, "show", "cold1")
+        assert (shown["host"], shown["source_host"], shown["state"]) == (h2, "here", "running")
+        # Not again before a decision.
+        again = md(state, "migrate", "cold1", "--host", "here", check=False)
+        assert again.returncode == 1
+        assert "vm_state is resized" in again.stderr
+
+        confirmed = md_json(state, "resize-confirm", "cold1")
+        assert (confirmed["host"], confirmed["source"], confirmed["vm_state"]) == (
+            h2,
+            None,
+            "active",
+        )
+        shown = md_json(state, "show", "cold1")
+        assert (shown["host"], shown["source_host"], shown["state"]) == (h2, None, "running")
+        assert not domain_on("qemu:///system", vm["uuid"])
+        assert console.read_console(log).count("minidriver-guest: boot-count") == 2
+
+        # Back here, then reverted: on the second host again.
+        back = md_json(state, "migrate", "cold1", "--host", "here", "--timeout", "120")
+        assert (back["source"], back["host"]) == (h2, "here")
+        assert domain_on("qemu:///system", vm["uuid"])
+        assert not domain_on(hosts[h2], vm["uuid"])
+        console.wait_for_console(log, booted(3), timeout=BOOT_TIMEOUT)
+        reverted = md_json(state, "resize-revert", "cold1")
+        assert (reverted["host"], reverted["source"], reverted["vm_state"]) == (h2, None, "active")
+        assert domain_on(hosts[h2], vm["uuid"])
+        assert not domain_on("qemu:///system", vm["uuid"])
+        console.wait_for_console(log, booted(4), timeout=BOOT_TIMEOUT)
+        shown = md_json(state, "show", "cold1")
+        assert (shown["host"], shown["state"], shown["vm_state"]) == (h2, "running", "active")
+        assert console.read_console(log).count("minidriver-guest: boot-count") == 4
+    finally:
+        md(state, "delete", "--all", check=False)
+        shutil.rmtree(state, ignore_errors=True)
