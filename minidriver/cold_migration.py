@@ -99,10 +99,7 @@ def migrate(
             src.power_off(record.uuid, timeout=timeout)
         with contextlib.ExitStack() as undo:
             undo.callback(_define_again, src, record, original, start=was_running)
-            port = reserve_new_port(src, record, undo)
-            xml = original
-            if port is not None and port != record.forward_port:
-                xml = guest.with_forward_port(original, port)
+            xml, port = _with_new_port(src, record, original, undo)
             src.host.undefine(domain)
             # finish_migration
             moved = dest.host.define(xml)
@@ -171,10 +168,7 @@ def revert_migration(dest: LibvirtDriver, src: LibvirtDriver, instance_uuid: str
             domain.destroy()
         with contextlib.ExitStack() as undo:
             undo.callback(_define_again, dest, record, current, start=running)
-            port = reserve_new_port(src, record, undo)
-            xml = current
-            if port is not None and port != record.forward_port:
-                xml = guest.with_forward_port(current, port)
+            xml, port = _with_new_port(src, record, current, undo)
             back = src.host.define(xml)
             undo.callback(src.host.undefine, back)
             dest.host.undefine(domain)
@@ -201,6 +195,17 @@ def _check_migrated(record: InstanceRecord, what: str) -> None:
             f"instance {record.display_name} was resized on its host, not migrated",
             hint="confirm or revert it as a resize: minidriver resize-confirm|resize-revert",
         )
+
+
+def _with_new_port(
+    drv: LibvirtDriver, record: InstanceRecord, xml: str, undo: contextlib.ExitStack
+) -> tuple[str, int | None]:
+    """``xml`` for the host the instance moves to, and its port there: a user-mode
+    NIC's newly reserved (freed by ``undo``), else the one it has."""
+    port = reserve_new_port(drv, record, undo)
+    if port is not None and port != record.forward_port:
+        xml = guest.with_forward_port(xml, port)
+    return xml, port
 
 
 def _moved(drv: LibvirtDriver, record: InstanceRecord, xml: str, port: int | None) -> None:

@@ -159,7 +159,7 @@ def cmd_migrate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> in
         driver_on(drv, record.host), driver_on(drv, name), record.uuid, timeout=args.timeout
     )
     seconds = time.monotonic() - started
-    data = {**_moved(moved), "seconds": round(seconds, 3)}
+    data = {**_migration_data(moved), "seconds": round(seconds, 3)}
     out.result(
         data,
         f"{moved.display_name} runs on host {moved.host} ({seconds:.1f} s); keep it there with"
@@ -183,13 +183,13 @@ def finish_migration(
     after = drv.db.get_instance(record.uuid)
     done = f"back on host {after.host}" if revert else f"kept on host {after.host}"
     out.result(
-        _moved(after),
+        _migration_data(after),
         f"{after.display_name}: migration {'reverted' if revert else 'confirmed'}, {done}",
     )
     return EXIT_OK
 
 
-def _moved(record: InstanceRecord) -> dict[str, Any]:
+def _migration_data(record: InstanceRecord) -> dict[str, Any]:
     return {
         "uuid": record.uuid,
         "name": record.display_name,

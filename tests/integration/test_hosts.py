@@ -205,6 +205,51 @@ def test_live_migration_with_files_there_and_back(
         md(state, "delete", "--all", check=False)
 
 
+def test_cold_migration_of_a_stopped_instance_with_files(
+    state: Path, hosts: dict[str, str], test_image: Path
+) -> None:
+    """File disks in the instances_path both hosts see: a stopped instance migrates to
+    the second host, defined there and not started, and its revert brings it back
+    here, still stopped; to the host without the instances path it is refused, and
+    nothing changes."""
+    h2, hp = hosts["shared"], hosts["private"]
+    md(state, "image", "add", str(test_image), "--name", "guest6", "--disk-format", "qcow2")
+    try:
+        vm = md_json(state, "boot", "--image", "guest6", "--flavor", "t1.nano", "--name",
+                     "cold", "--host", "here", "--no-wait")  # fmt: skip
+        md(state, "stop", "cold", "--force")
+        before = md_json(state, "show", "cold")
+        refused = md(state, "migrate", "cold", "--host", hp, check=False)
+        assert refused.returncode == 1
+        assert f"host {hp} does not see {state / 'instances'}" in refused.stderr
+        assert md_json(state, "show", "cold") == before
+        assert not domain_on(hosts[hp], vm["uuid"])
+
+        moved = md_json(state, "migrate", "cold", "--host", h2)
+        assert (moved["host"], moved["source"], moved["state"]) == (h2, "here", "shutoff")
+        assert domain_on(hosts[h2], vm["uuid"])
+        assert not domain_on("qemu:///system", vm["uuid"])
+        shown = md_json(state, "show", "cold")
+        assert (shown["vm_state"], shown["state"], shown["source_host"]) == (
+            "resized",
+            "shutoff",
+            "here",
+        )
+
+        back = md_json(state, "resize-revert", "cold")
+        assert (back["host"], back["source"], back["vm_state"]) == ("here", None, "stopped")
+        assert domain_on("qemu:///system", vm["uuid"])
+        assert not domain_on(hosts[h2], vm["uuid"])
+        shown = md_json(state, "show", "cold")
+        assert (shown["host"], shown["state"], shown["disks"]) == (
+            "here",
+            "shutoff",
+            before["disks"],
+        )
+    finally:
+        md(state, "delete", "--all", check=False)
+
+
 def ports_of(instance_uuid: str) -> list[int]:
     """The forwarded ports reserved for the instance (root's reservations, /run)."""
     found = []
@@ -289,6 +334,21 @@ def test_evacuate_from_a_host_that_is_down(
         md(state, "delete", "--all", check=False)
 
 
+def rbd_state(hosts: dict[str, str], ceph_conf: str, test_image: Path) -> Path:  # noqa: F811
+    """A state dir of its own with images_type = rbd on ``ceph_conf``'s cluster, this
+    host and the second one configured, the test guest added as ``guest``."""
+    h2 = hosts["shared"]
+    state = Path(tempfile.mkdtemp(prefix="mdhosts-rbd-", dir="/var/tmp"))
+    state.chmod(0o755)
+    (state / "minidriver.conf").write_text(
+        "[DEFAULT]\nhost = here\n"
+        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
+        f"[host:{h2}]\nconnection_uri = {hosts[h2]}\n"
+    )
+    md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
+    return state
+
+
 def test_rbd_live_migration_there_and_back_and_evacuation(
     hosts: dict[str, str],
     test_image: Path,
@@ -300,15 +360,8 @@ def test_rbd_live_migration_there_and_back_and_evacuation(
     after its power loss, runs here, and its stale definition goes when that host is
     back."""
     h2 = hosts["shared"]
-    state = Path(tempfile.mkdtemp(prefix="mdhosts-rbd-", dir="/var/tmp"))
-    state.chmod(0o755)
-    (state / "minidriver.conf").write_text(
-        "[DEFAULT]\nhost = here\n"
-        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
-        f"[host:{h2}]\nconnection_uri = {hosts[h2]}\n"
-    )
+    state = rbd_state(hosts, ceph_conf, test_image)
     try:
-        md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
         vm = boot_ready(state, "guest", "ceph1", h2)
         assert md_json(state, "live-migrate", "ceph1", "--host", "here")["host"] == "here"
         assert domain_on("qemu:///system", vm["uuid"])
@@ -348,15 +401,8 @@ def test_rbd_cold_migration_confirmed_then_another_reverted(
     confirm, nothing of it left here; a second migration, back here, reverted: on the
     second host again, booted once more, nothing of it left here."""
     h2 = hosts["shared"]
-    state = Path(tempfile.mkdtemp(prefix="mdhosts-cold-", dir="/var/tmp"))
-    state.chmod(0o755)
-    (state / "minidriver.conf").write_text(
-        "[DEFAULT]\nhost = here\n"
-        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
-        f"[host:{h2}]\nconnection_uri = {hosts[h2]}\n"
-    )
+    state = rbd_state(hosts, ceph_conf, test_image)
     try:
-        md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
         vm = boot_ready(state, "guest", "cold1", "here")
         log = Path(vm["instance_dir"]) / "console.log"
         first_port = vm["network"]["forward_port"]
