@@ -262,6 +262,13 @@ def _schema_8(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE instances ADD COLUMN host TEXT NOT NULL DEFAULT ''")
 
 
+def _schema_9(conn: sqlite3.Connection) -> None:
+    """Cold migration (issue 20): the host a pending migration left, Nova's
+    ``migration.source_compute``, until it is confirmed or reverted; '' for none, and
+    for a resize, which stays on its host."""
+    conn.execute("ALTER TABLE instances ADD COLUMN source_host TEXT NOT NULL DEFAULT ''")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
@@ -274,6 +281,7 @@ MIGRATIONS: Final[Sequence[Migration]] = (
     _schema_6,
     _schema_7,
     _schema_8,
+    _schema_9,
 )
 
 
@@ -302,6 +310,7 @@ class InstanceRecord:
     shelved_image_id: str = ""  # shelved: the image its unshelve boots; '' otherwise
     config_drive: int = 0  # 1: booted with a config drive
     host: str = ""  # Nova's instance.host: the [DEFAULT] host of the host it runs on
+    source_host: str = ""  # resized by a migrate: the host it left; '' otherwise
 
     def runs_on(self, host: str) -> bool:
         """Whether it runs on ``host``; a record made without a host ('') runs on the

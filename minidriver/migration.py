@@ -105,21 +105,27 @@ def completion_timeout(per_gib: int, memory_mb: int) -> float:
 
 
 def check_can_live_migrate_destination(
-    src: LibvirtDriver, dest: LibvirtDriver, record: InstanceRecord
+    src: LibvirtDriver,
+    dest: LibvirtDriver,
+    record: InstanceRecord,
+    *,
+    command: str = "live-migrate",
+    error: type[MinidriverError] = LiveMigrationError,
 ) -> None:
     """Nova's destination check: the host answers, has the memory (its filters), and,
-    with file disks, sees the instance's files."""
+    with file disks, sees the instance's files. ``command`` and ``error``: those of
+    the move asking (a cold migration asks too)."""
     name = dest.conf.default.host
     if name == record.host:
-        raise LiveMigrationError(
+        raise error(
             f"{record.display_name} already runs on host {name}",
-            hint="name another host: live-migrate INSTANCE --host NAME",
+            hint=f"name another host: {command} INSTANCE --host NAME",
         )
     flavor = src.get_flavor(record.flavor)
     state = scheduler.host_state(name, 0, dest.host, src.db.list_instances(), src.conf.flavors)
     refused = scheduler.rejection(state, flavor, "")
     if refused is not None:
-        raise LiveMigrationError(f"host {name} cannot take {record.display_name}: {refused}")
+        raise error(f"host {name} cannot take {record.display_name}: {refused}")
     if not src.uses_rbd:
         shared_storage.check_shared_instances_path(
             record.host, src.conf.instances_path, name, dest.host
@@ -191,13 +197,24 @@ def _pre_live_migration(
         | libvirt.VIR_DOMAIN_XML_SECURE
         | libvirt.VIR_DOMAIN_XML_INACTIVE
     )
-    if record.network_mode != NetworkMode.USER or record.forward_port is None:
+    port = reserve_new_port(src, record, undo)
+    if port == record.forward_port or port is None:
         return xml, persistent, record.forward_port
-    port = src.ports.reserve(
-        state_path=src.conf.state_path, state_id=src.db.state_id, instance_uuid=record.uuid
-    )
-    undo.callback(src.ports.release, port, record.uuid)
     return guest.with_forward_port(xml, port), guest.with_forward_port(persistent, port), port
+
+
+def reserve_new_port(
+    drv: LibvirtDriver, record: InstanceRecord, undo: contextlib.ExitStack
+) -> int | None:
+    """For a user-mode NIC, a newly reserved port for the host the instance moves to
+    (freed by ``undo``); otherwise its port as it is (None for none)."""
+    if record.network_mode != NetworkMode.USER or record.forward_port is None:
+        return record.forward_port
+    port = drv.ports.reserve(
+        state_path=drv.conf.state_path, state_id=drv.db.state_id, instance_uuid=record.uuid
+    )
+    undo.callback(drv.ports.release, port, record.uuid)
+    return port
 
 
 def _live_migration_operation(

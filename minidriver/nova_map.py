@@ -248,6 +248,34 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
         " flavor); started when the resized guest runs (Nova: when it ran before)",
     ),
     NovaStep(
+        "migrate",
+        "power off and undefine here; define and start there, disks where they are",
+        f"{_DRIVER}:migrate_disk_and_power_off, finish_migration, _is_path_shared_with;"
+        " nova/compute/manager.py:prep_resize, resize_instance, finish_resize",
+        "cold_migration.migrate",
+        "shared storage only (every disk in Ceph, or the shared-storage check); nothing"
+        " copied; the source's domain undefined at once (Nova: at the confirm); a new"
+        " forwarded port for a user-mode NIC; no resize snapshot of an RBD root",
+    ),
+    NovaStep(
+        "migrate",
+        "confirm: the source's leftovers removed",
+        f"{_DRIVER}:confirm_migration, _cleanup_resize; nova/compute/manager.py:confirm_resize",
+        "cold_migration.confirm_migration (resize-confirm)",
+        "the source's domain is undefined by migrate already; a definition of it still"
+        " there is removed",
+    ),
+    NovaStep(
+        "migrate",
+        "revert: stopped and undefined there, defined and started here again",
+        f"{_DRIVER}:finish_revert_migration; nova/compute/manager.py:revert_resize,"
+        " finish_revert_resize",
+        "cold_migration.revert_migration (resize-revert)",
+        "defines the definition the domain has (Nova makes the XML again); no RBD rollback:"
+        " the disks keep what the guest wrote there; started when the migrated guest runs"
+        " (Nova: when it ran before)",
+    ),
+    NovaStep(
         "shelve",
         "power off, snapshot, offload",
         "nova/compute/manager.py:_shelve_instance, _shelve_offload_instance",

@@ -69,6 +69,7 @@ COMMANDS = {
     "cleanup": "host",
     "volume": "volumes",
     "live-migrate": "hosts",
+    "migrate": "hosts",
     "evacuate": "hosts",
 }
 # The commands that read or act on instances, and talk to libvirt anyway: each brings

@@ -93,20 +93,11 @@ def cmd_host_list(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> 
 def cmd_live_migrate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
     """Nova's live migration of a running instance: ``--host``, else the scheduler's
     choice among the other hosts."""
-    from minidriver import migration, scheduler  # noqa: PLC0415 - live-migrate only
+    from minidriver import migration  # noqa: PLC0415 - live-migrate only
 
     record = drv.db.find_instance(args.instance)
     src = driver_on(drv, record.host)
-    name = args.host
-    if name is None:
-        records = drv.db.list_instances()
-        flavor = drv.get_flavor(record.flavor)
-        states = [
-            scheduler.host_state(n, order, driver_on(drv, n).host, records, drv.conf.flavors)
-            for order, n in enumerate(drv.conf.host_names)
-            if n != record.host
-        ]
-        name = scheduler.select_destination(states, flavor, "").name
+    name = destination(drv, record, args.host)
     dest = driver_on(drv, name)
     out.say(f"live-migrating {record.display_name} from host {record.host} to host {name}")
     shown = [float("-inf")]
@@ -129,6 +120,86 @@ def cmd_live_migrate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) 
     port = f", SSH now forwarded from 127.0.0.1:{moved.forward_port}" if moved.forward_port else ""
     out.result(data, f"{moved.display_name} runs on host {moved.host} ({seconds:.1f} s){port}")
     return EXIT_OK
+
+
+def destination(drv: LibvirtDriver, record: InstanceRecord, name: str | None) -> str:
+    """Where a move of ``record`` goes: host ``name``, else the scheduler's choice among
+    the hosts it does not run on."""
+    from minidriver import scheduler  # noqa: PLC0415 - moves only
+
+    if name is not None:
+        return name
+    others = [n for n in drv.conf.host_names if n != record.host]
+    if not others:
+        raise scheduler.NoValidHost(
+            f"no other host to move {record.display_name} to",
+            hint="add one to the configuration: [host:NAME] connection_uri = URI"
+            " (scripts/dev-host starts one on this machine)",
+        )
+    records = drv.db.list_instances()
+    flavor = drv.get_flavor(record.flavor)
+    states = [
+        scheduler.host_state(n, order, driver_on(drv, n).host, records, drv.conf.flavors)
+        for order, n in enumerate(drv.conf.host_names)
+        if n != record.host
+    ]
+    return scheduler.select_destination(states, flavor, "").name
+
+
+def cmd_migrate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    """Nova's cold migration: powered off here, defined and started there, vm_state
+    ``resized`` until ``resize-confirm`` or ``resize-revert``."""
+    from minidriver import cold_migration  # noqa: PLC0415 - migrate only
+
+    record = drv.db.find_instance(args.instance)
+    name = destination(drv, record, args.host)
+    out.say(f"migrating {record.display_name} from host {record.host} to host {name}")
+    started = time.monotonic()
+    moved = cold_migration.migrate(
+        driver_on(drv, record.host), driver_on(drv, name), record.uuid, timeout=args.timeout
+    )
+    seconds = time.monotonic() - started
+    data = {**_migration_data(moved), "seconds": round(seconds, 3)}
+    out.result(
+        data,
+        f"{moved.display_name} runs on host {moved.host} ({seconds:.1f} s); keep it there with"
+        f" `minidriver resize-confirm {moved.display_name}`, send it back with"
+        f" `minidriver resize-revert {moved.display_name}`",
+    )
+    return EXIT_OK
+
+
+def finish_migration(
+    drv: LibvirtDriver, record: InstanceRecord, out: Output, *, revert: bool
+) -> int:
+    """``resize-confirm`` and ``resize-revert`` of an instance a ``migrate`` moved."""
+    from minidriver import cold_migration  # noqa: PLC0415 - migrations only
+
+    dest, src = driver_on(drv, record.host), driver_on(drv, record.source_host)
+    if revert:
+        cold_migration.revert_migration(dest, src, record.uuid)
+    else:
+        cold_migration.confirm_migration(dest, src, record.uuid)
+    after = drv.db.get_instance(record.uuid)
+    done = f"back on host {after.host}" if revert else f"kept on host {after.host}"
+    out.result(
+        _migration_data(after),
+        f"{after.display_name}: migration {'reverted' if revert else 'confirmed'}, {done}",
+    )
+    return EXIT_OK
+
+
+def _migration_data(record: InstanceRecord) -> dict[str, Any]:
+    return {
+        "uuid": record.uuid,
+        "name": record.display_name,
+        "host": record.host,
+        "source": record.source_host or None,
+        "state": record.state,
+        "vm_state": record.vm_state,
+        "flavor": record.flavor,
+        "forward_port": record.forward_port,
+    }
 
 
 def cmd_evacuate(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:

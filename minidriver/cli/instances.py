@@ -40,6 +40,8 @@ def instance_dict(drv: LibvirtDriver, uuid: str, *, state: str | None = None) ->
         "name": record.name,
         "display_name": record.display_name,
         "host": record.host,
+        # A migrate's source host, until confirmed or reverted (Nova's source_compute).
+        "source_host": record.source_host or None,
         "state": (state := state or drv.get_info(uuid).state),
         "vm_state": vm_states.synced(record.vm_state, state),
         "flavor": record.flavor,

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("live-migrate", "move a running instance to another host, live")
     p.add_argument("instance")
     p.add_argument("--host", metavar="NAME", help="the destination (default: the scheduler's)")
+    p = command(
+        "migrate", "move an instance to another host, powered off (confirm or revert after)"
+    )
+    p.add_argument("instance")
+    p.add_argument("--host", metavar="NAME", help="the destination (default: the scheduler's)")
+    p.add_argument("--timeout", type=float, default=60, metavar="SECONDS", help="clean shutdown")
     p = command("evacuate", "rebuild an instance of a host that is down on another host")
     p.add_argument("instance")
     p.add_argument("--host", metavar="NAME", required=True, help="the host to rebuild it on")

@@ -205,6 +205,51 @@ def test_live_migration_with_files_there_and_back(
         md(state, "delete", "--all", check=False)
 
 
+def test_cold_migration_of_a_stopped_instance_with_files(
+    state: Path, hosts: dict[str, str], test_image: Path
+) -> None:
+    """File disks in the instances_path both hosts see: a stopped instance migrates to
+    the second host, defined there and not started, and its revert brings it back
+    here, still stopped; to the host without the instances path it is refused, and
+    nothing changes."""
+    h2, hp = hosts["shared"], hosts["private"]
+    md(state, "image", "add", str(test_image), "--name", "guest6", "--disk-format", "qcow2")
+    try:
+        vm = md_json(state, "boot", "--image", "guest6", "--flavor", "t1.nano", "--name",
+                     "cold", "--host", "here", "--no-wait")  # fmt: skip
+        md(state, "stop", "cold", "--force")
+        before = md_json(state, "show", "cold")
+        refused = md(state, "migrate", "cold", "--host", hp, check=False)
+        assert refused.returncode == 1
+        assert f"host {hp} does not see {state / 'instances'}" in refused.stderr
+        assert md_json(state, "show", "cold") == before
+        assert not domain_on(hosts[hp], vm["uuid"])
+
+        moved = md_json(state, "migrate", "cold", "--host", h2)
+        assert (moved["host"], moved["source"], moved["state"]) == (h2, "here", "shutoff")
+        assert domain_on(hosts[h2], vm["uuid"])
+        assert not domain_on("qemu:///system", vm["uuid"])
+        shown = md_json(state, "show", "cold")
+        assert (shown["vm_state"], shown["state"], shown["source_host"]) == (
+            "resized",
+            "shutoff",
+            "here",
+        )
+
+        back = md_json(state, "resize-revert", "cold")
+        assert (back["host"], back["source"], back["vm_state"]) == ("here", None, "stopped")
+        assert domain_on("qemu:///system", vm["uuid"])
+        assert not domain_on(hosts[h2], vm["uuid"])
+        shown = md_json(state, "show", "cold")
+        assert (shown["host"], shown["state"], shown["disks"]) == (
+            "here",
+            "shutoff",
+            before["disks"],
+        )
+    finally:
+        md(state, "delete", "--all", check=False)
+
+
 def ports_of(instance_uuid: str) -> list[int]:
     """The forwarded ports reserved for the instance (root's reservations, /run)."""
     found = []
@@ -294,6 +339,21 @@ def test_evacuate_from_a_host_that_is_down(
         md(state, "delete", "--all", check=False)
 
 
+def rbd_state(hosts: dict[str, str], ceph_conf: str, test_image: Path) -> Path:  # noqa: F811
+    """A state dir of its own with images_type = rbd on ``ceph_conf``'s cluster, this
+    host and the second one configured, the test guest added as ``guest``."""
+    h2 = hosts["shared"]
+    state = Path(tempfile.mkdtemp(prefix="mdhosts-rbd-", dir="/var/tmp"))
+    state.chmod(0o755)
+    (state / "minidriver.conf").write_text(
+        "[DEFAULT]\nhost = here\n"
+        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
+        f"[host:{h2}]\nconnection_uri = {hosts[h2]}\n"
+    )
+    md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
+    return state
+
+
 def test_rbd_live_migration_there_and_back_and_evacuation(
     hosts: dict[str, str],
     test_image: Path,
@@ -305,15 +365,8 @@ def test_rbd_live_migration_there_and_back_and_evacuation(
     after its power loss, runs here, and its stale definition goes when that host is
     back."""
     h2 = hosts["shared"]
-    state = Path(tempfile.mkdtemp(prefix="mdhosts-rbd-", dir="/var/tmp"))
-    state.chmod(0o755)
-    (state / "minidriver.conf").write_text(
-        "[DEFAULT]\nhost = here\n"
-        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
-        f"[host:{h2}]\nconnection_uri = {hosts[h2]}\n"
-    )
+    state = rbd_state(hosts, ceph_conf, test_image)
     try:
-        md(state, "image", "add", str(test_image), "--name", "guest", "--disk-format", "qcow2")
         vm = boot_ready(state, "guest", "ceph1", h2)
         assert md_json(state, "live-migrate", "ceph1", "--host", "here")["host"] == "here"
         assert domain_on("qemu:///system", vm["uuid"])
@@ -333,6 +386,70 @@ def test_rbd_live_migration_there_and_back_and_evacuation(
         md(state, "host", "list")
         assert not domain_on(hosts[h2], other["uuid"])
         assert domain_on(hosts[h2], vm["uuid"])  # ceph1 still lives there, stopped
+    finally:
+        md(state, "delete", "--all", check=False)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def booted(count: int) -> str:
+    """The console's boot-count line ``count``, then the guest's ready line."""
+    return rf"^minidriver-guest: boot-count {count}\r?\n(?:.*\n)*?minidriver-guest: ready"
+
+
+def test_rbd_cold_migration_confirmed_then_another_reverted(
+    hosts: dict[str, str],
+    test_image: Path,
+    ceph_conf: str,  # noqa: F811
+) -> None:
+    """images_type = rbd: the test guest cold-migrated to the second host (the
+    scheduler's choice: never the source) boots there once more and stays after the
+    confirm, nothing of it left here; a second migration, back here, reverted: on the
+    second host again, booted once more, nothing of it left here."""
+    h2 = hosts["shared"]
+    state = rbd_state(hosts, ceph_conf, test_image)
+    try:
+        vm = boot_ready(state, "guest", "cold1", "here")
+        log = Path(vm["instance_dir"]) / "console.log"
+        first_port = vm["network"]["forward_port"]
+
+        moved = md_json(state, "migrate", "cold1", "--timeout", "120")
+        assert (moved["source"], moved["host"], moved["vm_state"]) == ("here", h2, "resized")
+        assert moved["forward_port"] not in (None, first_port)
+        assert domain_on(hosts[h2], vm["uuid"])
+        assert not domain_on("qemu:///system", vm["uuid"])
+        console.wait_for_console(log, booted(2), timeout=BOOT_TIMEOUT)
+        shown = md_json(state, "show", "cold1")
+        assert (shown["host"], shown["source_host"], shown["state"]) == (h2, "here", "running")
+        # Not again before a decision.
+        again = md(state, "migrate", "cold1", "--host", "here", check=False)
+        assert again.returncode == 1
+        assert "vm_state is resized" in again.stderr
+
+        confirmed = md_json(state, "resize-confirm", "cold1")
+        assert (confirmed["host"], confirmed["source"], confirmed["vm_state"]) == (
+            h2,
+            None,
+            "active",
+        )
+        shown = md_json(state, "show", "cold1")
+        assert (shown["host"], shown["source_host"], shown["state"]) == (h2, None, "running")
+        assert not domain_on("qemu:///system", vm["uuid"])
+        assert console.read_console(log).count("minidriver-guest: boot-count") == 2
+
+        # Back here, then reverted: on the second host again.
+        back = md_json(state, "migrate", "cold1", "--host", "here", "--timeout", "120")
+        assert (back["source"], back["host"]) == (h2, "here")
+        assert domain_on("qemu:///system", vm["uuid"])
+        assert not domain_on(hosts[h2], vm["uuid"])
+        console.wait_for_console(log, booted(3), timeout=BOOT_TIMEOUT)
+        reverted = md_json(state, "resize-revert", "cold1")
+        assert (reverted["host"], reverted["source"], reverted["vm_state"]) == (h2, None, "active")
+        assert domain_on(hosts[h2], vm["uuid"])
+        assert not domain_on("qemu:///system", vm["uuid"])
+        console.wait_for_console(log, booted(4), timeout=BOOT_TIMEOUT)
+        shown = md_json(state, "show", "cold1")
+        assert (shown["host"], shown["state"], shown["vm_state"]) == (h2, "running", "active")
+        assert console.read_console(log).count("minidriver-guest: boot-count") == 4
     finally:
         md(state, "delete", "--all", check=False)
         shutil.rmtree(state, ignore_errors=True)

@@ -446,3 +446,26 @@ def test_schema_8_puts_old_instances_on_the_host_that_migrates(
         assert database.get_instance(new.uuid).host == "lab-2"
     with Database(path, host="lab-3") as database:
         assert sorted(r.host for r in database.list_instances()) == ["lab-1", "lab-2"]
+
+
+def test_schema_9_gives_old_instances_no_pending_migration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cold migration: rows made before have no source host (a resize stays on its
+    host); a migrate's record keeps the one it names."""
+    path = tmp_path / "minidriver.db"
+    before = MIGRATIONS[: MIGRATIONS.index(db_module._schema_9)]
+    monkeypatch.setattr(db_module, "MIGRATIONS", before)
+    with Database(path) as database, database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO instances (uuid, name, display_name, flavor, image_id, state,"
+            " created_at, instance_dir, vm_state, old_flavor) VALUES ('u1', 'instance-1',"
+            " 'old', 't1.small', 'i', 'running', '', '/x', 'resized', 't1.nano')"
+        )
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS)
+    with Database(path, host="lab-1") as database:
+        assert database.schema_version == len(MIGRATIONS)
+        [old] = database.list_instances()
+        assert (old.vm_state, old.source_host) == ("resized", "")
+        database.update_instance("u1", host="lab-2", source_host="lab-1")
+        assert database.get_instance("u1").source_host == "lab-1"
