@@ -19,7 +19,7 @@ the flavor's size. Ephemeral and swap: their formatted ``_base`` file imported (
 ``import_file``. Their network source (``libvirt_info``), details, the root's direct
 snapshot and the removal of an instance's RBD disks are the backend's work, as in Nova.
 
-About 750 lines, over the ~600 the layout aims at: the three backends and the helpers
+About 800 lines, over the ~600 the layout aims at: the three backends and the helpers
 they share (sizes, copies, preallocation, the disk reports) are one room.
 """
 
