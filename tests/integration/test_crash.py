@@ -47,7 +47,7 @@ def half_convert(source, source_fmt, dest, dest_fmt, **kw):
 patches = {
     "fetch": mock.patch.object(fetch, "download", half_download),
     "convert": mock.patch.object(qemu_img, "convert", half_convert),
-    "define": mock.patch("minidriver.host.Host.launch", lambda self, d: stall()),
+    "define": mock.patch("minidriver.host.Host.launch", lambda self, d, **kw: stall()),
     "start": mock.patch(
         "minidriver.driver.LibvirtDriver.wait_for_running", lambda *a, **k: stall()
     ),
