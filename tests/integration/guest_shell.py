@@ -34,7 +34,9 @@ def run(console: SerialConsole, command: str, timeout: float = 60) -> Result:
         f"printf 'mdbegin-%s\\n' {token}; {command}; printf '\\nmdend-%s-{token}\\n' $?"
     )
     try:
-        console.read_until(rf"^mdbegin-{token}\n", timeout)
+        # After the prompt when the line was typed ahead of it (the shell still busy
+        # with the previous one): the echo comes first, then the prompt, then this.
+        console.read_until(rf"(?:^|{re.escape(PROMPT)})mdbegin-{token}\n", timeout)
         end = console.read_until(rf"^mdend-(\d+)-{token}\n", timeout)
         console.read_until(rf"^{re.escape(PROMPT)}", timeout)
     except (SerialConsoleTimeout, ConsoleClosed) as exc:
