@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -32,6 +33,13 @@ from minidriver.config import Config, load_config
 from minidriver.driver import LibvirtDriver
 from minidriver.guestimages import cloudimage, testimage
 from minidriver.host import EMBED_URI, SYSTEM_URI, Host
+
+# A run started with SIGINT ignored (a background job of a non-interactive shell, as a
+# CI runner may start it) passes the ignore on to every child, and the tests that
+# interrupt a child (the plugin's, console --follow's) would see SIGINT ignored there:
+# Python's own default is restored, for this process and so for its children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # libvirt's QEMU runs as libvirt-qemu under a daemon and must traverse every parent of
 # the state dir; pytest's own temp dirs are 0700, so integration state lives here.
