@@ -108,4 +108,10 @@ def handle_lifecycle_event(
     domain = host.get_domain(instance_uuid)
     if domain is None:
         return False
-    return sync_instance_power_state(db, record, host.domain_state(domain))
+    try:
+        state = host.domain_state(domain)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return False  # undefined since the lookup: a delete's stop, then its undefine
+    return sync_instance_power_state(db, record, state)

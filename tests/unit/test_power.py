@@ -14,6 +14,7 @@ import libvirt
 import pytest
 from pytest_mock import MockerFixture
 
+from minidriver import power_sync
 from minidriver.cli import main
 from minidriver.config import Config
 from minidriver.driver import LibvirtDriver, base_filename
@@ -159,3 +160,26 @@ def test_a_building_instance_is_left_to_its_spawn(drv: LibvirtDriver, empty_qcow
         stop_behind_minidrivers_back(drv, inst.name)
         assert drv.sync_power_states() == []
     assert drv.db.get_instance(inst.uuid).vm_state == "building"
+
+
+def test_an_event_of_a_domain_undefined_meanwhile_is_dropped_quietly(
+    drv: LibvirtDriver, empty_qcow2_id: str, mocker: MockerFixture
+) -> None:
+    """A delete stops the domain, then undefines it: the stop's event can be handled
+    once the domain is gone, its lookup done just before. Nothing to record, and no
+    traceback on the command's stderr."""
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
+    stale = drv.host.get_domain(inst.uuid)
+    assert stale is not None
+    stale.destroy()
+    stale.undefine()
+    mocker.patch.object(drv.host, "get_domain", return_value=stale)  # the lookup's race
+
+    assert not power_sync.handle_lifecycle_event(
+        drv.db,
+        drv.host,
+        drv.conf.default.host,
+        inst.uuid,
+        libvirt.VIR_DOMAIN_EVENT_STOPPED,
+    )
+    assert drv.db.get_instance(inst.uuid).vm_state == "active"
