@@ -64,28 +64,30 @@ def cmd_resize(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int
 
 
 def cmd_resize_confirm(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
-    from minidriver import resize  # noqa: PLC0415 - loaded by its command only
-
-    record = drv.db.find_instance(args.instance)
-    if record.source_host:  # a migrate's, not a resize's
-        from minidriver.cli.hosts import finish_migration  # noqa: PLC0415 - migrations only
-
-        return finish_migration(drv, record, out, revert=False)
-    return _operate(
-        drv, args, out, lambda u: resize.confirm_resize(drv, u), "{name}: resize confirmed"
-    )
+    return _finish_resize(drv, args, out, revert=False)
 
 
 def cmd_resize_revert(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
+    return _finish_resize(drv, args, out, revert=True)
+
+
+def _finish_resize(
+    drv: LibvirtDriver, args: argparse.Namespace, out: Output, *, revert: bool
+) -> int:
+    """Confirm or revert what left the instance ``resized``: a resize, or a migrate."""
     from minidriver import resize  # noqa: PLC0415 - loaded by its command only
 
     record = drv.db.find_instance(args.instance)
     if record.source_host:  # a migrate's, not a resize's
         from minidriver.cli.hosts import finish_migration  # noqa: PLC0415 - migrations only
 
-        return finish_migration(drv, record, out, revert=True)
+        return finish_migration(drv, record, out, revert=revert)
+    if revert:
+        return _operate(
+            drv, args, out, lambda u: resize.revert_resize(drv, u), "{name}: resize reverted"
+        )
     return _operate(
-        drv, args, out, lambda u: resize.revert_resize(drv, u), "{name}: resize reverted"
+        drv, args, out, lambda u: resize.confirm_resize(drv, u), "{name}: resize confirmed"
     )
 
 
