@@ -9,12 +9,12 @@ never reaches libvirt.
 from __future__ import annotations
 
 import errno
-import functools
 import mmap
 import os
 import platform
+import threading
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -425,8 +425,21 @@ def get_guest_config(
     )
 
 
-@functools.cache
+# One environment per cache dir, made once even when a spawn's loader thread and its
+# own thread ask at once (see load_template).
+_ENVIRONMENTS: dict[Path | None, jinja2.Environment] = {}
+_ENVIRONMENTS_LOCK = threading.Lock()
+
+
 def _environment(cache_dir: Path | None = None) -> jinja2.Environment:
+    with _ENVIRONMENTS_LOCK:
+        environment = _ENVIRONMENTS.get(cache_dir)
+        if environment is None:
+            environment = _ENVIRONMENTS[cache_dir] = _make_environment(cache_dir)
+    return environment
+
+
+def _make_environment(cache_dir: Path | None) -> jinja2.Environment:
     """Jinja's environment; with ``cache_dir``, templates compiled once are kept there.
 
     Compiling domain.xml.j2 costs each ``minidriver boot`` 10 to 20 ms (scripts/bench's
@@ -487,6 +500,19 @@ def get_all_disks(domain_xml: str) -> dict[str, str]:
         if path:
             disks[path] = driver.get("type", "raw") if driver is not None else "raw"
     return disks
+
+
+# domain.xml.j2 and the macro it imports (which Jinja loads at the render).
+DOMAIN_TEMPLATES = ("domain.xml.j2", "disk.xml.j2")
+
+
+def load_templates(templates: Iterable[str], *, cache_dir: Path | None = None) -> None:
+    """Jinja imported and ``templates`` loaded (from ``cache_dir`` once compiled), ahead
+    of their render: a spawn loads the domain's while its disks are made (see
+    ``driver.loading_xml_template``)."""
+    environment = _environment(cache_dir)
+    for template in templates:
+        environment.get_template(template)
 
 
 def render_xml(template: str, *, cache_dir: Path | None = None, **values: object) -> str:

@@ -383,6 +383,22 @@ def test_a_disk_image_boots_hd_and_a_kernel_image_no_device() -> None:
     assert guestos.get_guest_os(instance, disk_info, INSTANCE_DIR).boot_devs == ()
 
 
+def test_a_template_loaded_ahead_is_not_compiled_again_at_its_render(
+    tmp_path: Path, mocker: MockerFixture
+) -> None:
+    """What a spawn's loader thread does while the disks are made is what the render
+    then uses."""
+    guest._ENVIRONMENTS.clear()  # as in a new process
+    compiled = mocker.spy(jinja2.Environment, "compile")
+    guest.load_templates(guest.DOMAIN_TEMPLATES, cache_dir=tmp_path / "jinja_cache")
+    loaded = compiled.call_count
+
+    render(DEFAULT_FLAVORS["t1.nano"], {}, "qemu", None, cache_dir=tmp_path / "jinja_cache")
+
+    assert loaded == 2  # domain.xml.j2 and the disk macro it imports
+    assert compiled.call_count == loaded
+
+
 def test_the_compiled_template_is_kept_private_and_loaded_by_the_next_process(
     tmp_path: Path, mocker: MockerFixture
 ) -> None:
@@ -390,7 +406,7 @@ def test_the_compiled_template_is_kept_private_and_loaded_by_the_next_process(
     flavor = DEFAULT_FLAVORS["t1.nano"]
     compiled = mocker.spy(jinja2.Environment, "compile")
 
-    guest._environment.cache_clear()  # as in a new process
+    guest._ENVIRONMENTS.clear()  # as in a new process
     first = render(flavor, {}, "qemu", None, cache_dir=cache_dir)
     # domain.xml.j2 and the disk macro it imports (disk.xml.j2), each compiled once.
     assert compiled.call_count == 2
@@ -399,7 +415,7 @@ def test_the_compiled_template_is_kept_private_and_loaded_by_the_next_process(
     assert len(kept) == 2
     assert {p.stat().st_mode & 0o777 for p in kept} == {0o600}
 
-    guest._environment.cache_clear()
+    guest._ENVIRONMENTS.clear()
     second = render(flavor, {}, "qemu", None, cache_dir=cache_dir)
 
     assert compiled.call_count == 2  # both loaded, not compiled again
