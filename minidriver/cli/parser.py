@@ -8,8 +8,9 @@ this module.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from minidriver import __version__
 from minidriver.exception import MinidriverError
@@ -26,7 +27,46 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument("--debug", action="store_true", help="debug log, tracebacks", **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The global options that take a value: what follows one is no command's name.
+_VALUED_OPTIONS = ("--config", "--state-dir", "--connect")
+
+
+class _NotBuilt:
+    """What a command that is not built is made of: every argparse call on it does
+    nothing and returns it again, so each command's code reads the same whether its
+    command is built or not."""
+
+    def __getattr__(self, _name: str) -> Callable[..., _NotBuilt]:
+        return lambda *_args, **_kw: self
+
+
+def named_command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is no option or option value;
+    None if there is none."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+        valued = any(option.startswith(word) for option in _VALUED_OPTIONS)
+        if valued and word.startswith("--") and len(word) > 2:
+            next(words, None)  # its value (argparse takes unambiguous abbreviations)
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, that command's alone (see parse_args).
+
+    ``only`` a word that names no command builds the whole command line."""
+    names: list[str] = []
+    parser = _build(only, names)
+    return parser if only is None or only in names else _build(None, names)
+
+
+def _build(only: str | None, names: list[str]) -> argparse.ArgumentParser:
+    """The command line, with ``only`` or every command built; each command's name,
+    built or not, appended to ``names``."""
     parser = argparse.ArgumentParser(
         prog="minidriver",
         description="Boot VMs the way Nova's libvirt driver does, on one host.",
@@ -38,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, parent: Any = sub, **kw: Any) -> argparse.ArgumentParser:
+        if parent is sub:
+            names.append(name)
+        if isinstance(parent, _NotBuilt) or (parent is sub and only not in (None, name)):
+            return cast(argparse.ArgumentParser, _NotBuilt())
         p: argparse.ArgumentParser = parent.add_parser(
             name, help=help_text, description=help_text, parents=[common], **kw
         )
@@ -295,8 +339,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """argparse, but ``ssh INSTANCE [options] -- COMMAND...`` keeps the command whole:
     argparse cannot give a ``*`` positional what follows ``--`` once options came
     between the two."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    # Only the command named is built: the others would cost every run ~7 ms of
+    # argparse (scripts/bench's machine), mostly its gettext lookups.
+    parser = build_parser(named_command(words))
+    args, extra = parser.parse_known_args(words)
     if extra and args.command == "ssh" and extra[0] == "--" and not args.remote_command:
         args.remote_command = extra[1:]
     elif extra:
