@@ -1,6 +1,7 @@
 """What rescue, resize and shelve share: the vm_state check of nova/compute/api.py's
 ``check_instance_state`` and the instance and its XML rebuilt from its record
-(Nova keeps ``objects.Instance`` in its database; we keep ``InstanceRecord``).
+(Nova keeps ``objects.Instance`` in its database; we keep ``InstanceRecord``;
+``instance_of`` and ``vif_of`` live in ``instance_xml``, which a hard reboot uses).
 
 Each operation runs under the instance's lock, as a spawn and a delete do, so
 ``cleanup`` never judges an instance half-way through one.
@@ -17,7 +18,7 @@ from minidriver import compute_api
 from minidriver.db import InstanceRecord
 from minidriver.exception import ImageNotFound, MinidriverError
 from minidriver.lockutils import external_lock, instance_lock_name
-from minidriver.network import VIF, NetworkMode
+from minidriver.network import VIF
 from minidriver.objects import DiskInfo, Flavor, ImageMeta, Instance
 from minidriver.power import power_task
 
@@ -75,35 +76,6 @@ def locked(drv: LibvirtDriver, instance_uuid: str) -> Iterator[InstanceRecord]:
         power_task(instance_uuid),
     ):
         yield drv.db.get_instance(instance_uuid)
-
-
-def instance_of(drv: LibvirtDriver, record: InstanceRecord, flavor: Flavor) -> Instance:
-    """The instance a record describes, with ``flavor``."""
-    return Instance(
-        uuid=record.uuid,
-        name=record.name,
-        display_name=record.display_name,
-        flavor=flavor,
-        image_ref=record.image_id,
-        virt_type=drv.host.virt_type.virt_type,
-        state=record.state,
-        created_at=record.created_at,
-        instance_dir=record.instance_dir or str(drv.instance_dir(record.uuid)),
-        kernel_id=record.kernel_id,
-        ramdisk_id=record.ramdisk_id,
-    )
-
-
-def vif_of(record: InstanceRecord) -> VIF | None:
-    """The instance's NIC as recorded (its MAC and forwarded port kept)."""
-    if record.network_mode == NetworkMode.NONE or not record.mac_address:
-        return None
-    return VIF(
-        NetworkMode(record.network_mode),
-        record.mac_address,
-        record.network_source,
-        record.forward_port,
-    )
 
 
 def image_meta_of(drv: LibvirtDriver, record: InstanceRecord, what: str) -> ImageMeta:
