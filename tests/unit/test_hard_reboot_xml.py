@@ -261,3 +261,31 @@ def test_disks_that_do_not_match_the_mapping_keep_the_definition_and_say_so(
 
     assert canonical(rebooted) == canonical(spawned)
     assert "are not the ones its flavor and image map" in caplog.text
+
+
+def test_a_kernel_image_keeps_its_kernel_ramdisk_and_command_line(
+    drv: LibvirtDriver, reconfigured: LibvirtDriver, empty_qcow2: Path, tmp_path: Path
+) -> None:
+    files = {}
+    for name, fill in (("vmlinuz", b"k"), ("initrd.img", b"r")):
+        files[name] = tmp_path / name
+        files[name].write_bytes(fill * 4096)
+    kernel = drv.images.add(files["vmlinuz"], name="vmlinuz", disk_format="aki")
+    ramdisk = drv.images.add(files["initrd.img"], name="initrd", disk_format="ari")
+    properties = {
+        "kernel_id": kernel.id,
+        "ramdisk_id": ramdisk.id,
+        "os_command_line": "root=/dev/vda ro console=ttyS0",
+    }
+    disk = drv.images.add(empty_qcow2, name="cloud", disk_format="qcow2", properties=properties)
+    inst = drv.spawn("vm", disk.id, "t1.nano")
+    drv.images.delete(disk.id)  # its os_command_line is in the kept copy
+
+    spawned, rebooted = hard_reboot(drv, reconfigured, inst.uuid)
+
+    assert canonical(rebooted) == canonical(without_serial(spawned))
+    boot = etree.fromstring(rebooted.encode()).find("os")
+    assert boot is not None
+    assert boot.findtext("kernel") == str(Path(inst.instance_dir) / "kernel")
+    assert boot.findtext("initrd") == str(Path(inst.instance_dir) / "ramdisk")
+    assert boot.findtext("cmdline") == "root=/dev/vda ro console=ttyS0"
