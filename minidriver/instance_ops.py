@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from minidriver import compute_api
 from minidriver.db import InstanceRecord
-from minidriver.exception import ImageNotFound, MinidriverError
+from minidriver.exception import MinidriverError
+from minidriver.instance_xml import kept_image_meta
 from minidriver.lockutils import external_lock, instance_lock_name
 from minidriver.network import VIF
 from minidriver.objects import DiskInfo, Flavor, ImageMeta, Instance
@@ -79,17 +80,18 @@ def locked(drv: LibvirtDriver, instance_uuid: str) -> Iterator[InstanceRecord]:
 
 
 def image_meta_of(drv: LibvirtDriver, record: InstanceRecord, what: str) -> ImageMeta:
-    """The instance's image's metadata (Nova keeps it in the instance's system
-    metadata; we read it from the store, so a deleted image is a clear refusal)."""
-    try:
-        return drv.images.get(record.image_id).to_image_meta()
-    except ImageNotFound as exc:
+    """The instance's image's metadata as kept at its boot (Nova's
+    ``instance.image_meta``, ``instance_xml.kept_image_meta``); a clear refusal for a
+    record made before copies were kept whose image is gone from the store."""
+    image_meta = kept_image_meta(drv, record)
+    if image_meta is None:
         raise MinidriverError(
             f"cannot {what} instance {record.display_name}: its image {record.image_id}"
-            " is no longer in the image store",
-            hint="minidriver keeps no copy of an image's metadata; snapshot the instance"
-            " and boot the snapshot instead",
-        ) from exc
+            " is no longer in the image store, and it was booted before minidriver kept"
+            " a copy of an image's metadata",
+            hint="snapshot the instance and boot the snapshot instead",
+        )
+    return image_meta
 
 
 def get_flavor(drv: LibvirtDriver, name: str) -> Flavor:
