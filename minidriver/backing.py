@@ -41,7 +41,7 @@ from minidriver.imagebackend import (
 )
 from minidriver.images import qemu_img
 from minidriver.images.store import ImageService
-from minidriver.objects import Flavor, GiB
+from minidriver.objects import Flavor, GiB, ImageMeta
 from minidriver.steps import Step, StepTimer
 
 
@@ -181,11 +181,15 @@ def cache_local_or_swap(disk: Image, name: str, flavor: Flavor, *, fs_type: str)
 
 def ephemeral_fs_of(conf: Config, images: ImageService, record: InstanceRecord) -> str:
     """The filesystem of the instance's ephemeral disk, as its spawn chose it: by its
-    image's os_type (an image deleted since: as for an image without one)."""
-    try:
-        os_type = images.get(record.image_id).properties.get("os_type", "")
-    except ImageNotFound:
-        os_type = ""
+    image's os_type in the metadata kept at its boot (a record made before: the image
+    store's; an image deleted since: as for an image without one)."""
+    if record.image_meta:
+        os_type = ImageMeta.from_json(record.image_meta).os_type
+    else:
+        try:
+            os_type = images.get(record.image_id).properties.get("os_type", "")
+        except ImageNotFound:
+            os_type = ""
     return get_ephemeral_fs(os_type, conf.default.default_ephemeral_format)
 
 

@@ -131,7 +131,9 @@ def get_disk_info(
     disks, ``hdb`` behind an ISO root), ``vfat`` a disk.
     With a root volume in ``block_device_info`` (boot from volume) the root is that
     volume, a disk at ``root_device_name`` (default: the first free), and there is
-    no ``disk``.
+    no ``disk``. Its other volumes (attached ones, as a hard reboot maps them) come
+    after the swap disk, at their devices, and before the config drive, as Nova's
+    ``_get_disk_mapping`` places them.
 
     ``rescue``: Nova's legacy rescue mapping (``_get_rescue_disk_mapping``): the
     rescue disk ``disk.rescue`` first (it boots), the instance's root ``disk`` after
@@ -174,6 +176,7 @@ def get_disk_info(
         add("disk.local", disk_bus, DeviceType.DISK)
     if flavor.swap > 0:
         add("disk.swap", disk_bus, DeviceType.DISK)
+    _add_attached_volumes(mapping, block_device_info or BlockDeviceInfo())
     if config_drive_format == "iso9660":
         add("disk.config", cdrom_bus, DeviceType.CDROM)
     elif config_drive_format == "vfat":
@@ -181,6 +184,14 @@ def get_disk_info(
     elif config_drive_format is not None:
         raise UnsupportedHardware(f"config drive format {config_drive_format!r} is unknown")
     return DiskInfo(disk_bus=disk_bus, cdrom_bus=cdrom_bus, mapping=tuple(mapping))
+
+
+def _add_attached_volumes(mapping: list[DiskMapping], block_device_info: BlockDeviceInfo) -> None:
+    """Each volume but the root at its device (virtio, as attach puts it)."""
+    for bdm in block_device_info.block_device_mapping:
+        if bdm is not block_device_info.root_bdm:
+            dev = get_volume_device((m.dev for m in mapping), DiskBus.VIRTIO, bdm.mount_device)
+            mapping.append(DiskMapping(bdm.disk_name, DiskBus.VIRTIO, dev, DeviceType.DISK))
 
 
 def get_boot_order(disk_info: DiskInfo) -> tuple[str, ...]:

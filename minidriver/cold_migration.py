@@ -49,7 +49,8 @@ from minidriver.block_device import require_domain
 from minidriver.db import InstanceRecord
 from minidriver.driver import LibvirtDriver
 from minidriver.exception import MinidriverError
-from minidriver.instance_ops import check_instance_state, get_flavor, instance_of, locked
+from minidriver.instance_ops import check_instance_state, get_flavor, locked
+from minidriver.instance_xml import instance_of
 from minidriver.migration import check_can_live_migrate_destination, host_answers, reserve_new_port
 from minidriver.vm_states import VMState
 

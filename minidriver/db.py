@@ -269,6 +269,16 @@ def _schema_9(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE instances ADD COLUMN source_host TEXT NOT NULL DEFAULT ''")
 
 
+def _schema_10(conn: sqlite3.Connection) -> None:
+    """The metadata of the image an instance booted (``objects.ImageMeta`` as JSON),
+    kept with it as Nova keeps ``instance.image_meta`` in its system metadata: a hard
+    reboot generates the domain XML from it, even once the image is deleted. A
+    template keeps its source instance's for its clones. Rows made before have ''
+    (their image's metadata is read from the image store)."""
+    conn.execute("ALTER TABLE instances ADD COLUMN image_meta TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE templates ADD COLUMN image_meta TEXT NOT NULL DEFAULT ''")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[n] upgrades schema version n to n + 1. Append only.
@@ -282,6 +292,7 @@ MIGRATIONS: Final[Sequence[Migration]] = (
     _schema_7,
     _schema_8,
     _schema_9,
+    _schema_10,
 )
 
 
@@ -311,6 +322,7 @@ class InstanceRecord:
     config_drive: int = 0  # 1: booted with a config drive
     host: str = ""  # Nova's instance.host: the [DEFAULT] host of the host it runs on
     source_host: str = ""  # resized by a migrate: the host it left; '' otherwise
+    image_meta: str = ""  # its image's metadata at boot (ImageMeta.to_json); '' before schema 10
 
     def runs_on(self, host: str) -> bool:
         """Whether it runs on ``host``; a record made without a host ('') runs on the

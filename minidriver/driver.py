@@ -397,6 +397,7 @@ class LibvirtDriver(PowerOperations):
                         key_name,
                         self.conf.default.host,
                         config_drive=config_drive is not None,
+                        image_meta=image_meta,
                     )
                 )
                 undo.callback(self.db.delete_instance, instance.uuid)
@@ -704,6 +705,7 @@ class LibvirtDriver(PowerOperations):
         vif: VIF | None = None,
         network_disks: Mapping[str, guest.NetworkSource] | None = None,
         volumes: Mapping[str, guest.GuestVolume] | None = None,
+        file_paths: Mapping[str, str] | None = None,
     ) -> str:
         config = guest.get_guest_config(
             instance,
@@ -720,6 +722,7 @@ class LibvirtDriver(PowerOperations):
             image_properties=image_meta.properties,
             agent_socket_dir=self.host.agent_socket_dir(create=True),
             volumes=volumes,
+            file_paths=file_paths,
         )
         return guest.to_xml(config, cache_dir=self.conf.template_cache_path)
 
@@ -974,6 +977,7 @@ def _record(
     host: str,
     *,
     config_drive: bool = False,
+    image_meta: ImageMeta | None = None,
 ) -> InstanceRecord:
     return InstanceRecord(
         uuid=instance.uuid,
@@ -992,4 +996,5 @@ def _record(
         key_name=key_name,
         config_drive=int(config_drive),
         host=host,
+        image_meta=image_meta.to_json() if image_meta else "",
     )

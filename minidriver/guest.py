@@ -236,12 +236,14 @@ NETWORK_DISK_CACHE = "writeback"
 
 @dataclass(frozen=True)
 class GuestVolume:
-    """A volume among the disks of a new domain (a root volume): its file or its
-    network source, and its id as the disk's serial."""
+    """A volume among the disks of a new domain (a root volume, or an attached one
+    when a hard reboot generates the XML again): its file or its network source, its
+    id as the disk's serial, and the PCI slot its attach gave it (None: libvirt's)."""
 
     path: str
     network: NetworkSource | None
     serial: str
+    pci_address: PciAddress | None = None
 
 
 def get_guest_disks(
@@ -252,11 +254,14 @@ def get_guest_disks(
     network_disks: Mapping[str, NetworkSource] | None = None,
     *,
     volumes: Mapping[str, GuestVolume] | None = None,
+    file_paths: Mapping[str, str] | None = None,
 ) -> tuple[GuestDisk, ...]:
     """Every disk of ``disk_info``; those named in ``network_disks`` are network disks,
-    those in ``volumes`` volumes."""
+    those in ``volumes`` volumes, those in ``file_paths`` files outside
+    ``instance_dir`` (a template clone's shared config drive)."""
     network_disks = network_disks or {}
     volumes = volumes or {}
+    file_paths = file_paths or {}
     disks = []
     for m in disk_info:
         volume = volumes.get(m.name)
@@ -270,7 +275,8 @@ def get_guest_disks(
                     bus=m.bus.value,
                     cache=cache,
                     serial=volume.serial,
-                    pci_address=None,  # at boot libvirt's own slots stay below the NIC's
+                    # A root volume's None: at boot libvirt's own slots stay below the NIC's.
+                    pci_address=volume.pci_address,
                 )
             )
             continue
@@ -280,7 +286,7 @@ def get_guest_disks(
                 source_path=(
                     f"{network.protocol}:{network.name}"
                     if network
-                    else os.fspath(instance_dir / m.name)
+                    else file_paths.get(m.name) or os.fspath(instance_dir / m.name)
                 ),
                 driver_type=disk_formats[m.name],
                 device=m.type,
@@ -379,9 +385,11 @@ def get_guest_config(
     image_properties: Mapping[str, str] | None = None,
     agent_socket_dir: Path | None = None,
     volumes: Mapping[str, GuestVolume] | None = None,
+    file_paths: Mapping[str, str] | None = None,
 ) -> GuestConfig:
     """Every decision about the domain, made here in Python. ``network_disks``: the
-    disks (by disk_info name) that live in Ceph rather than in ``instance_dir``.
+    disks (by disk_info name) that live in Ceph rather than in ``instance_dir``;
+    ``file_paths``: the files (disks, ``kernel``, ``ramdisk``) that live elsewhere.
     ``image_properties`` with ``hw_qemu_guest_agent=yes``: the agent's channel, its
     socket in ``agent_socket_dir`` (None: where libvirt puts it). An x86 guest gets
     Nova's SMBIOS sysinfo; under kvm, Nova's timers."""
@@ -404,6 +412,7 @@ def get_guest_config(
             cache or disk_cachemode(instance_dir),
             network_disks,
             volumes=volumes,
+            file_paths=file_paths,
         ),
         console_log=os.fspath(instance_dir / "console.log"),
         metadata=GuestMetadata(
@@ -414,7 +423,7 @@ def get_guest_config(
             flavor=instance.flavor,
             image_id=instance.image_ref,
         ),
-        os=get_guest_os(instance, disk_info, instance_dir, os_command_line),
+        os=get_guest_os(instance, disk_info, instance_dir, os_command_line, file_paths),
         interfaces=get_guest_interfaces(vif, vif_model),
         channels=get_guest_channels(instance, image_properties or {}, agent_socket_dir),
         sysinfo=get_guest_sysinfo(instance.uuid, sysinfo_serial) if x86 else None,

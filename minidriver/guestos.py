@@ -9,6 +9,7 @@ Decisions only; guest.py puts them into the ``GuestConfig`` the template lays ou
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +53,26 @@ KVM_TIMERS = (
 
 
 def get_guest_os(
-    instance: Instance, disk_info: DiskInfo, instance_dir: Path, os_command_line: str = ""
+    instance: Instance,
+    disk_info: DiskInfo,
+    instance_dir: Path,
+    os_command_line: str = "",
+    file_paths: Mapping[str, str] | None = None,
 ) -> GuestOS:
     """``<os>`` as Nova lays it out: with a kernel image, the copies of the kernel and
     ramdisk in the instance dir and ``root=/dev/<root disk>`` with Nova's consoles
     (``_set_guest_for_inst_kernel``), unless the image gives its own
     ``os_command_line``; otherwise the BIOS boots in ``blockinfo.get_boot_order``'s
-    order (an ISO image's root: ``cdrom``)."""
+    order (an ISO image's root: ``cdrom``). ``file_paths``: a kernel or ramdisk kept
+    elsewhere (a template clone's, in its template's dir)."""
     if not instance.kernel_id:
         return GuestOS(boot_devs=blockinfo.get_boot_order(disk_info))
+    paths = file_paths or {}
     return GuestOS(
-        kernel=os.fspath(instance_dir / "kernel"),
-        initrd=os.fspath(instance_dir / "ramdisk") if instance.ramdisk_id else None,
+        kernel=paths.get("kernel") or os.fspath(instance_dir / "kernel"),
+        initrd=(paths.get("ramdisk") or os.fspath(instance_dir / "ramdisk"))
+        if instance.ramdisk_id
+        else None,
         cmdline=os_command_line or kernel_cmdline(instance.virt_type, disk_info.root.dev),
         boot_devs=(),
     )

@@ -1,6 +1,7 @@
 """What rescue, resize and shelve share: the vm_state check of nova/compute/api.py's
 ``check_instance_state`` and the instance and its XML rebuilt from its record
-(Nova keeps ``objects.Instance`` in its database; we keep ``InstanceRecord``).
+(Nova keeps ``objects.Instance`` in its database; we keep ``InstanceRecord``;
+``instance_of`` and ``vif_of`` live in ``instance_xml``, which a hard reboot uses).
 
 Each operation runs under the instance's lock, as a spawn and a delete do, so
 ``cleanup`` never judges an instance half-way through one.
@@ -15,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from minidriver import compute_api
 from minidriver.db import InstanceRecord
-from minidriver.exception import ImageNotFound, MinidriverError
+from minidriver.exception import MinidriverError
+from minidriver.instance_xml import kept_image_meta
 from minidriver.lockutils import external_lock, instance_lock_name
-from minidriver.network import VIF, NetworkMode
+from minidriver.network import VIF
 from minidriver.objects import DiskInfo, Flavor, ImageMeta, Instance
 from minidriver.power import power_task
 
@@ -77,47 +79,19 @@ def locked(drv: LibvirtDriver, instance_uuid: str) -> Iterator[InstanceRecord]:
         yield drv.db.get_instance(instance_uuid)
 
 
-def instance_of(drv: LibvirtDriver, record: InstanceRecord, flavor: Flavor) -> Instance:
-    """The instance a record describes, with ``flavor``."""
-    return Instance(
-        uuid=record.uuid,
-        name=record.name,
-        display_name=record.display_name,
-        flavor=flavor,
-        image_ref=record.image_id,
-        virt_type=drv.host.virt_type.virt_type,
-        state=record.state,
-        created_at=record.created_at,
-        instance_dir=record.instance_dir or str(drv.instance_dir(record.uuid)),
-        kernel_id=record.kernel_id,
-        ramdisk_id=record.ramdisk_id,
-    )
-
-
-def vif_of(record: InstanceRecord) -> VIF | None:
-    """The instance's NIC as recorded (its MAC and forwarded port kept)."""
-    if record.network_mode == NetworkMode.NONE or not record.mac_address:
-        return None
-    return VIF(
-        NetworkMode(record.network_mode),
-        record.mac_address,
-        record.network_source,
-        record.forward_port,
-    )
-
-
 def image_meta_of(drv: LibvirtDriver, record: InstanceRecord, what: str) -> ImageMeta:
-    """The instance's image's metadata (Nova keeps it in the instance's system
-    metadata; we read it from the store, so a deleted image is a clear refusal)."""
-    try:
-        return drv.images.get(record.image_id).to_image_meta()
-    except ImageNotFound as exc:
+    """The instance's image's metadata as kept at its boot (Nova's
+    ``instance.image_meta``, ``instance_xml.kept_image_meta``); a clear refusal for a
+    record made before copies were kept whose image is gone from the store."""
+    image_meta = kept_image_meta(drv, record)
+    if image_meta is None:
         raise MinidriverError(
             f"cannot {what} instance {record.display_name}: its image {record.image_id}"
-            " is no longer in the image store",
-            hint="minidriver keeps no copy of an image's metadata; snapshot the instance"
-            " and boot the snapshot instead",
-        ) from exc
+            " is no longer in the image store, and it was booted before minidriver kept"
+            " a copy of an image's metadata",
+            hint="snapshot the instance and boot the snapshot instead",
+        )
+    return image_meta
 
 
 def get_flavor(drv: LibvirtDriver, name: str) -> Flavor:

@@ -167,18 +167,21 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     NovaStep(
         "power",
         "start",
-        f"{_DRIVER}:power_on (_hard_reboot, _create_images_and_backing)",
-        "driver.LibvirtDriver.power_on, power.py, backing.py",
-        "a hard reboot, missing disks and bases made again; the definition kept (Nova"
-        " defines new XML); a suspended instance's start restores its saved memory",
+        f"{_DRIVER}:power_on (_hard_reboot, _get_guest_xml, _create_images_and_backing)",
+        "driver.LibvirtDriver.power_on, power.py, instance_xml.py, backing.py",
+        "a hard reboot: the XML generated again from the record and the image metadata"
+        " kept at boot, missing disks and bases made again; defined over the stopped"
+        " domain (Nova undefines it first); a record that cannot be generated faithfully"
+        " keeps its definition, with a warning; a suspended instance's start restores"
+        " its saved memory",
     ),
     NovaStep(
         "power",
         "reboot",
-        f"{_DRIVER}:reboot, _soft_reboot, _hard_reboot, _create_images_and_backing",
-        "driver.LibvirtDriver.reboot, power.py, backing.py",
-        "soft: as Nova, hard after wait_soft_reboot_seconds; hard: missing disks and"
-        " bases made again, the definition kept (Nova defines new XML)",
+        f"{_DRIVER}:reboot, _soft_reboot, _hard_reboot, _get_guest_xml, _create_images_and_backing",
+        "driver.LibvirtDriver.reboot, power.py, instance_xml.py, backing.py",
+        "soft: as Nova, hard after wait_soft_reboot_seconds; hard: as start (the XML"
+        " generated again, missing disks and bases made again)",
     ),
     NovaStep(
         "power",

@@ -7,6 +7,7 @@ reader sees in one place what blockinfo decides and the template lays out.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -90,6 +91,14 @@ class ImageMeta:
         """The image's ``hw_machine_type``, else the host's ``[libvirt] hw_machine_type``
         (Nova's ``libvirt_utils.get_machine_type``)."""
         return self.properties.get("hw_machine_type") or default
+
+    def to_json(self) -> str:
+        """The copy an instance keeps (Nova's ``image_*`` system metadata)."""
+        return json.dumps({**self.__dict__, "properties": dict(self.properties)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageMeta:
+        return cls(**json.loads(text))
 
 
 class DiskBus(enum.StrEnum):

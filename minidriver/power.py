@@ -17,17 +17,20 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import libvirt
 
-from minidriver import backing, guest, guestagent, power_sync
+from minidriver import backing, guest, guestagent, instance_xml, power_sync
 from minidriver.exception import MinidriverError
+from minidriver.fileutils import write_private
 from minidriver.network import NetworkMode
 from minidriver.objects import Flavor, Instance
 from minidriver.steps import StepTimer
+from minidriver.vif import launch_with_network, plug_vifs
 from minidriver.vm_states import VMState
 
 if TYPE_CHECKING:
     from minidriver import rbd_utils
     from minidriver.config import Config
-    from minidriver.db import Database, InstanceRecord
+    from minidriver.db import Database
+    from minidriver.driver import LibvirtDriver
     from minidriver.host import Host
     from minidriver.images.store import ImageService
     from minidriver.ports import PortReservations
@@ -171,20 +174,31 @@ class PowerOperations:
             guestagent.sync_guest_time(domain)
 
     def _hard_reboot(self, instance_uuid: str, domain: libvirt.virDomain) -> None:
-        """Nova's ``_hard_reboot``: the domain stopped, the disks and backing files it
-        needs made again where missing (``backing``: Nova's
+        """Nova's ``_hard_reboot``: the domain stopped; its XML generated again from the
+        record through spawn's ``to_xml`` (``instance_xml``: the image's metadata kept
+        at boot, the disks it has, its volumes, today's options); the disks and backing
+        files it needs made again where missing (``backing``: Nova's
         ``_create_images_and_backing``; a ``_base`` file the cache manager removed is
-        fetched again through the cache, with its checks and lock), the domain
-        launched, waited for until RUNNING.
+        fetched again through the cache, with its checks and lock); the VIF plugged,
+        the XML defined over the domain (same uuid and name) and written to
+        ``libvirt.xml``, the domain launched (Nova's ``_create_guest_with_network``,
+        with ``vifs_already_plugged`` as Nova's hard reboot passes it: no pause, no
+        wait for ``network-vif-plugged``), waited for until RUNNING.
 
-        Where we differ: Nova undefines the domain and defines the XML it generates
-        again; we keep the definition (its XML regenerated only for a forwarded port
-        that is taken now, see ``_reserve_forward_port_again``).
+        Where we differ: Nova undefines the domain (its ``destroy``) and defines the
+        new XML; we define it over the stopped domain, which libvirt replaces whole.
+        What ``instance_xml`` cannot generate faithfully keeps its definition (a
+        warning says why), its forwarded port moved if another holds it now
+        (``_reserve_forward_port_again``).
         """
-        record = self.db.get_instance(instance_uuid)
         if domain.isActive():
             with contextlib.suppress(libvirt.libvirtError):
                 domain.destroy()  # it may have stopped just now
+        domain = self._reserve_forward_port_again(instance_uuid, domain)
+        record = self.db.get_instance(instance_uuid)  # with the port reserved now
+        xml = instance_xml.guest_xml(
+            cast("LibvirtDriver", self), record, domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        )
         disks = self.instance_disks(Path(record.instance_dir), record.uuid) or {}
         made = backing.create_images_and_backing(
             self.conf,
@@ -194,13 +208,20 @@ class PowerOperations:
             disks,
             rbd_driver=self.rbd_driver,
         )
-        instance = _instance(record, self)
-        if record.kernel_id:
+        instance = instance_xml.instance_of(
+            cast("LibvirtDriver", self), record, self.get_flavor(record.flavor)
+        )
+        if record.kernel_id and not record.template_id:  # a clone's are its template's
             self.create_kernel_ramdisk(instance, timer=StepTimer())
         if made:
             LOG.warning("%s: made again before its start: %s", record.display_name, ", ".join(made))
-        domain = self._reserve_forward_port_again(instance_uuid, domain)
-        self.host.launch(domain)
+        timer = StepTimer()
+        vif = instance_xml.vif_of(record)
+        plug_vifs(self.host, vif, timer)
+        if xml is not None:
+            domain = self.host.define(xml)
+            write_private(Path(record.instance_dir) / "libvirt.xml", xml)
+        launch_with_network(self.host, domain, vif, self.conf, timer, vifs_already_plugged=True)
         self.wait_for_running(instance, domain)  # as Nova's _hard_reboot waits
         self.db.update_instance(instance_uuid, state="running", vm_state=VMState.ACTIVE)
 
@@ -343,17 +364,3 @@ class PowerOperations:
             domain.managedSaveRemove(0)
         self._hard_reboot(instance_uuid, domain)
         return "hard"
-
-
-def _instance(record: InstanceRecord, driver: PowerOperations) -> Instance:
-    """The recorded instance as the spawn's steps take it."""
-    return Instance(
-        uuid=record.uuid,
-        name=record.name,
-        display_name=record.display_name,
-        flavor=driver.get_flavor(record.flavor),
-        image_ref=record.image_id,
-        instance_dir=record.instance_dir,
-        kernel_id=record.kernel_id,
-        ramdisk_id=record.ramdisk_id,
-    )

@@ -35,11 +35,10 @@ from minidriver.instance_ops import (
     define_xml,
     get_flavor,
     has_config_drive,
-    instance_of,
     locked,
     refuse_unsupported,
-    vif_of,
 )
+from minidriver.instance_xml import instance_of, vif_of
 from minidriver.objects import GiB
 from minidriver.steps import StepTimer
 from minidriver.vm_states import VMState

@@ -48,11 +48,10 @@ from minidriver.instance_ops import (
     get_flavor,
     has_config_drive,
     image_meta_of,
-    instance_of,
     locked,
     refuse_unsupported,
-    vif_of,
 )
+from minidriver.instance_xml import instance_of, vif_of
 from minidriver.objects import Flavor, GiB
 from minidriver.process import run
 from minidriver.steps import Step, StepTimer

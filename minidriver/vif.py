@@ -159,13 +159,22 @@ def launch_with_network(
     vif: VIF | None,
     conf: Config,
     timer: StepTimer,
+    *,
+    vifs_already_plugged: bool = False,
 ) -> None:
     """Nova's ``_create_guest_with_network`` after the define: start, paused when an
     event is expected; wait for it; resume. A fatal timeout raises (the spawn's undo
-    list then stops and removes the domain); a non-fatal one is logged."""
+    list then stops and removes the domain); a non-fatal one is logged.
+    ``vifs_already_plugged`` (Nova's argument, which its ``_hard_reboot`` passes
+    unless ``[workarounds] wait_for_vif_plugged_event_during_hard_reboot`` names the
+    port's vnic type, an option we do not have): no event expected, no pause."""
     timeout = conf.default.vif_plugging_timeout
-    events = get_neutron_events(
-        vif, host.virt_type.virt_type, timeout, host.get_connection().getType()
+    events = (
+        []
+        if vifs_already_plugged
+        else get_neutron_events(
+            vif, host.virt_type.virt_type, timeout, host.get_connection().getType()
+        )
     )
     with timer.step(Step.START):
         host.launch(domain, pause=bool(events))

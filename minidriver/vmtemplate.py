@@ -114,6 +114,8 @@ class TemplateRecord:
     key_name: str | None
     disks: dict[str, str]  # file name in the template dir -> format
     memory_bytes: int | None
+    # The source instance's copy of its image's metadata, its clones' (schema 10).
+    image_meta: str = ""
 
     @property
     def path(self) -> Path:
@@ -128,7 +130,9 @@ class TemplateRecord:
         return f"{self.id} ({self.name})"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        del fields["image_meta"]  # the image's, not the template's: `image show` has it
+        return fields
 
 
 _FIELDS: Final = tuple(f.name for f in dataclasses.fields(TemplateRecord))
@@ -322,6 +326,7 @@ class Templates:
             key_name=record.key_name,
             disks=disk_names(record.uuid, formats),
             memory_bytes=None,
+            image_meta=record.image_meta,
         )
         locks = self.conf.locks_dir
         saved = False
@@ -658,6 +663,7 @@ def _clone_record(instance: Instance, tpl: TemplateRecord, host: str) -> Instanc
         vm_state=VMState.BUILDING,
         template_id=tpl.id,
         host=host,
+        image_meta=tpl.image_meta,
     )
 
 

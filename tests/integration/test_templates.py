@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 from cli_run import kill_at, minidriver, run_json
+from lxml import etree
 
 from minidriver import savefile
 from minidriver.config import Config, load_config
@@ -108,6 +110,47 @@ def test_clones_go_on_from_the_saved_guest_with_their_own_disks(
             driver.destroy(record.uuid)
         templates.delete(tpl.id)
     assert not tpl.path.exists()
+
+
+def inactive_xml(driver: LibvirtDriver, uuid: str) -> str:
+    domain = driver.host.get_domain(uuid)
+    assert domain is not None
+    xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    parser = etree.XMLParser(remove_blank_text=True)
+    return etree.tostring(etree.fromstring(xml.encode(), parser), method="c14n").decode()
+
+
+def test_a_clones_hard_reboot_generates_its_xml_on_the_same_files(
+    driver: LibvirtDriver, test_image_id: str, wait_console: Callable[..., Any]
+) -> None:
+    """A hard reboot generates a clone's XML again from its record (issue 21): the
+    same overlays, the template's shared config drive, the clone's port and sysinfo;
+    the guest boots afresh from its overlay on the frozen layer."""
+    source = driver.spawn(
+        name="tpl-xml-src", image=test_image_id, flavor="t1.nano", network="user", config_drive=True
+    )
+    wait_console(Path(source.instance_dir) / "console.log", READY)
+    templates = Templates(driver)
+    tpl = templates.create(source.uuid, "tpl-xml")
+    try:
+        before = frozen_hashes(tpl.path)
+        clone = templates.spawn(tpl.id, name="clone-xml")
+        restored = inactive_xml(driver, clone.uuid)
+        assert str(tpl.path / "disk.config") in restored
+
+        driver.reboot(clone.uuid, hard=True)
+
+        assert inactive_xml(driver, clone.uuid) == restored
+        written = (Path(clone.instance_dir) / "libvirt.xml").read_text()
+        assert str(tpl.path / "disk.config") in written
+        port = driver.db.get_instance(clone.uuid).forward_port
+        assert f"hostfwd=tcp:127.0.0.1:{port}-:22" in written
+        wait_console(Path(clone.instance_dir) / "console.log", "boot-count 2")
+        assert frozen_hashes(tpl.path) == before
+    finally:
+        for record in templates.clones_of(tpl.id):
+            driver.destroy(record.uuid)
+        templates.delete(tpl.id)
 
 
 # -- kill -9, then cleanup -------------------------------------------------------------

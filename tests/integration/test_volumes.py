@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import re
 import subprocess
 import time
 import uuid
@@ -29,6 +30,7 @@ from minidriver import block_device, guest, rbd_utils
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
 from minidriver.objects import GiB
+from minidriver.serial_console import SerialConsole
 from minidriver.volume.api import VolumeError, VolumeRecord
 from minidriver.volume.pool import StoragePoolDriver, StoragePoolUnavailable
 
@@ -124,6 +126,15 @@ def disk_in(xml: str, dev: str) -> str | None:
 DISK_ADDED = r"minidriver-guest: disk-added (vd[a-z]+) (\d+) (\w+)"
 
 
+def write_record(shell: SerialConsole, dev: str, record: str) -> None:
+    """``record`` in the guest's disk ``dev``, its second sector, synced."""
+    wrote = run(
+        shell,
+        f"printf '{record}\\n' | dd of=/dev/{dev} bs=512 seek=1 count=1 conv=sync,notrunc,fsync",
+    )
+    assert wrote.status == 0, wrote.output
+
+
 def test_attach_detach_and_attach_elsewhere(
     vdrv: LibvirtDriver,
     backend: str,
@@ -150,12 +161,7 @@ def test_attach_detach_and_attach_elsewhere(
         assert vdrv.volumes.get("data").status == "in-use"
         libvirt_xml = (Path(vdrv.db.get_instance(first).instance_dir) / "libvirt.xml").read_text()
         assert disk_in(libvirt_xml, "vdd") is not None
-        wrote = run(
-            shell,
-            f"printf '{record}\\n' | dd of=/dev/{name} bs=512 seek=1 count=1"
-            " conv=sync,notrunc,fsync",
-        )
-        assert wrote.status == 0, wrote.output
+        write_record(shell, name, record)
 
         detached = vdrv.detach_volume(first, "data")
         wait_for_line(shell, f"minidriver-guest: disk-removed {name}")
@@ -175,6 +181,37 @@ def test_attach_detach_and_attach_elsewhere(
     vdrv.destroy(second)
     made["instances"].remove(second)
     assert vdrv.volumes.get(volume.id).status == "available"
+
+
+def test_a_hard_reboot_keeps_an_attached_volume(
+    vdrv: LibvirtDriver,
+    backend: str,
+    made: dict[str, list[str]],
+    test_image_id: str,
+    wait_console: Callable[..., Any],
+) -> None:
+    """The XML a hard reboot generates again (issue 21) has the volume at its device
+    and PCI slot: the guest finds it at boot, with what it wrote there."""
+    first = running_guest(vdrv, made, test_image_id, wait_console, "vol-reboot")
+    volume = new_volume(vdrv, made, backend, name="kept")
+    record = f"minidriver-volume-{volume.id[:8]}"
+    with vdrv.open_serial_console(first) as shell:
+        vdrv.attach_volume(first, volume.id)
+        name = wait_for_line(shell, DISK_ADDED).group(1)
+        write_record(shell, name, record)
+
+    vdrv.reboot(first, hard=True)
+
+    log = Path(vdrv.db.get_instance(first).instance_dir) / "console.log"
+    # Ready again: its line after the second boot's count.
+    wait_console(log, re.compile(r"boot-count 2\b[\s\S]*" + READY, re.MULTILINE), timeout=180)
+    assert f"minidriver-guest: disk vdd {GiB} " in log.read_text()  # found at boot
+    disk = disk_in(domain_of(vdrv, first).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), "vdd")
+    assert disk is not None and volume.id in disk
+    assert "slot='0x11'" in disk or 'slot="0x11"' in disk
+    with vdrv.open_serial_console(first) as shell:
+        read = run(shell, "dd if=/dev/vdd bs=512 skip=1 count=1 2>/dev/null")
+        assert read.output.split("\n")[0] == record
 
 
 def test_boot_from_a_volume_made_from_the_test_image(

@@ -1,5 +1,6 @@
 """What a hard reboot must not make again from the image: a template clone's frozen
-layer, a config drive (real files, real qemu-img, a real state DB)."""
+layer, a config drive; and what it makes as the boot made it (real files, real
+qemu-img, a real state DB)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,21 @@ def test_only_what_is_missing_is_made(
     assert recreate(drv, conf, inst.uuid) == []
     (Path(inst.instance_dir) / "disk.local").unlink()
     assert recreate(drv, conf, inst.uuid) == ["disk.local"]
+
+
+def test_an_ephemeral_disk_keeps_the_filesystem_of_its_image_deleted_since(
+    drv: LibvirtDriver, conf: Config, empty_qcow2: Path
+) -> None:
+    """The image's os_type as kept at boot: ext4 for linux, not the vfat of an image
+    without one (Nova's ``instance.os_type`` outlives the image too)."""
+    image = drv.images.add(
+        empty_qcow2, name="linux", disk_format="qcow2", properties={"os_type": "linux"}
+    )
+    inst = drv.spawn("vm", image.id, "t1.nano")
+    ephemeral = Path(inst.instance_dir) / "disk.local"
+    ephemeral.unlink()
+    drv.images.delete(image.id)
+
+    assert recreate(drv, conf, inst.uuid) == ["disk.local"]  # on the base in _base
+    backing = qemu_img.info(ephemeral, "qcow2").backing_file
+    assert backing is not None and Path(backing).name == "ephemeral_1_40d1d2c"

@@ -6,10 +6,12 @@ from minidriver.blockinfo import get_boot_order, get_disk_info
 from minidriver.exception import UnsupportedHardware
 from minidriver.objects import (
     DEFAULT_FLAVORS,
+    BlockDeviceInfo,
     DeviceType,
     DiskBus,
     DiskInfo,
     DiskMapping,
+    DriverVolumeBlockDevice,
     Flavor,
     ImageMeta,
 )
@@ -152,3 +154,24 @@ def test_boot_order_sorts_by_boot_index_and_names_each_device_type_once() -> Non
         ),
     )
     assert get_boot_order(info) == ("cdrom", "hd")
+
+
+def test_attached_volumes_keep_their_devices_before_the_config_drive() -> None:
+    """A hard reboot maps the attached volumes (Nova's block device mapping) at their
+    devices after the swap disk, and the config drive on the next free device after
+    them, as Nova's ``_get_disk_mapping`` does."""
+    bdms = BlockDeviceInfo(
+        block_device_mapping=(
+            DriverVolumeBlockDevice("v1", "vde"),
+            DriverVolumeBlockDevice("v2", "vdf"),
+        )
+    )
+    info = get_disk_info("qemu", NANO, image(), config_drive_format="vfat", block_device_info=bdms)
+    assert layout(info) == [
+        ("disk", "virtio", "vda", "disk", 1),
+        ("disk.local", "virtio", "vdb", "disk", None),
+        ("disk.swap", "virtio", "vdc", "disk", None),
+        ("volume-v1", "virtio", "vde", "disk", None),
+        ("volume-v2", "virtio", "vdf", "disk", None),
+        ("disk.config", "virtio", "vdd", "disk", None),
+    ]

@@ -473,3 +473,27 @@ def test_schema_9_gives_old_instances_no_pending_migration(
         assert (old.vm_state, old.source_host) == ("resized", "")
         database.update_instance("u1", host="lab-2", source_host="lab-1")
         assert database.get_instance("u1").source_host == "lab-1"
+
+
+def test_schema_10_gives_old_instances_no_image_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows made before keep no copy of their image's metadata (a hard reboot reads
+    the image store for them); a new record keeps the one it is given."""
+    path = tmp_path / "minidriver.db"
+    before = MIGRATIONS[: MIGRATIONS.index(db_module._schema_10)]
+    monkeypatch.setattr(db_module, "MIGRATIONS", before)
+    with Database(path) as database, database.transaction() as conn:
+        conn.execute(
+            "INSERT INTO instances (uuid, name, display_name, flavor, image_id, state,"
+            " created_at, instance_dir) VALUES ('u1', 'instance-1', 'old', 't1.nano', 'i',"
+            " 'running', '', '/x')"
+        )
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS)
+    with Database(path) as database:
+        assert database.schema_version == len(MIGRATIONS)
+        [old] = database.list_instances()
+        assert old.image_meta == ""
+        meta = '{"id": "i", "properties": {"os_type": "linux"}}'
+        database.update_instance("u1", image_meta=meta)
+        assert database.get_instance("u1").image_meta == meta

@@ -161,3 +161,17 @@ def test_a_failed_resize_puts_everything_back(
     assert domain_xml(gdrv, inst.uuid) == xml
     assert not Path(f"{inst.instance_dir}_resize").exists()
     assert gdrv.get_info(inst.uuid).state == "running"
+
+
+def test_an_instance_whose_image_was_deleted_resizes_from_its_kept_metadata(
+    gdrv: LibvirtDriver, image_id: str
+) -> None:
+    """Nova's resize reads ``instance.image_meta``, not Glance: a deleted image is no
+    obstacle."""
+    inst = gdrv.spawn("vm", image_id, "t1.nano")
+    gdrv.images.delete(image_id)
+
+    resize.resize(gdrv, inst.uuid, "t1.grow")
+
+    assert gdrv.db.get_instance(inst.uuid).flavor == "t1.grow"
+    assert disk_sizes(Path(inst.instance_dir))["disk.local"] == 2 * GiB
