@@ -31,17 +31,16 @@ def ceph_conf() -> str:
 
 
 @pytest.fixture
-def rbd_conf(conf: Config, ceph_conf: str) -> Config:
-    return conf.with_libvirt(images_type="rbd", images_rbd_ceph_conf=ceph_conf)
-
-
-@pytest.fixture
-def rbd_drv(rbd_conf: Config, make_driver: Callable[[Config], LibvirtDriver]) -> LibvirtDriver:
-    return make_driver(rbd_conf)
+def rbd_drv(
+    conf: Config, ceph_conf: str, make_driver: Callable[[Config], LibvirtDriver]
+) -> LibvirtDriver:
+    """This test's state dir with images_type = rbd, in the dev cluster's pool."""
+    return make_driver(conf.with_libvirt(images_type="rbd", images_rbd_ceph_conf=ceph_conf))
 
 
 @pytest.fixture
 def image_id(rbd_drv: LibvirtDriver, empty_qcow2: Path) -> str:
+    """A blank qcow2, in the file store: each spawn fetches, converts and imports it."""
     return rbd_drv.images.add(empty_qcow2, name="cirros", disk_format="qcow2").id
 
 
