@@ -564,8 +564,9 @@ class LibvirtDriver(PowerOperations):
 
         With ``rbd`` (``images_type = rbd``) every disk is an RBD image in its pool and
         the instance dir holds none, nor a ``disk.info`` (Nova's ``Rbd`` writes none:
-        ``instance_disks`` finds them by name). Returns the disks by disk_info name; an RBD config
-        drive is among them, named for the XML, and made after define (see _spawn).
+        ``instance_disks`` finds them by name). Returns the disks by disk_info name; an
+        RBD config drive is among them, named for the XML, and made after define (see
+        _spawn).
         """
         instance_dir = Path(instance.instance_dir)
         instance_dir.mkdir(parents=True)
