@@ -4,7 +4,7 @@
 Nova walks the file and block disks of the guest's config and, for each one with a
 backing file, calls the backend's ``cache`` as a spawn does: a base removed meanwhile
 (by the cache manager) is fetched or made again, and a missing overlay is created on
-it. Here the disks are the ones ``disk.info`` records, and only what is the image's is
+it. Here the disks are those ``instance_disks`` gives, and only what is the image's is
 rebuilt from the image: a template clone's disks back onto the template's frozen layer,
 which nothing here can make again (refused with the file named); a boot-from-volume
 root is the volume (it is not in ``disk.info``); a missing config drive is refused, its
@@ -59,7 +59,7 @@ def create_images_and_backing(
     rbd_driver: Callable[[str], rbd_utils.RBDDriver],
     timer: StepTimer | None = None,
 ) -> list[str]:
-    """Every disk of ``disks`` ({path: format}, ``disk.info``'s) and its backing file
+    """Every disk of ``disks`` ({path: format}, ``instance_disks``') and its backing file
     present again; returns the names of what was made (disks and bases)."""
     timer = timer or StepTimer()
     made: list[str] = []

@@ -13,9 +13,9 @@ up to ``device_detach_timeout`` seconds for the guest to release it (polling the
 XML). A guest that never releases it gets the disk back in its definition, so the
 definition and the running domain agree, and a clear error; the record stays in-use.
 
-``libvirt.xml`` follows every change. A volume is not one of the instance's disks in
-``disk.info`` (which lists what the image backend made and a delete removes); ``show``
-lists attached volumes from their records.
+``libvirt.xml`` follows every change. A volume is not one of the instance's disks
+(``disk.info``'s files, its ``<uuid>_*`` RBD images: what the image backend made and a
+delete removes); ``show`` lists attached volumes from their records.
 """
 
 from __future__ import annotations

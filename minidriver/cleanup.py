@@ -16,8 +16,10 @@ for this state dir only (domains are recognised by their metadata's state id):
 - templates a killed ``template create`` left half-made, with their source instance,
   and template dirs with no record (``vmtemplate.cleanup``); a killed clone is a
   killed spawn, reaped as one;
-- the RBD disks (``<uuid>_*``) of every instance reaped above. Only those: a pool may
-  be shared with other hosts, so an RBD image of an unknown uuid is not ours to judge.
+- the RBD disks (``<uuid>_*``) of every instance reaped above, found by that name in
+  the configured pool as Nova's ``_cleanup_rbd`` finds them (and in any pool its domain
+  or an older ``disk.info`` names). Only those: a pool may be shared with other hosts,
+  so an RBD image of an unknown uuid is not ours to judge.
 
 A held lock means live work, anything else is fair game: a crash releases every
 lock, and a spawn records its final state before it lets its instance's lock go. So
@@ -168,26 +170,20 @@ class _Pass:
         except InstanceNotFound:
             return None
 
-    def reap_rbd_disks(
-        self, instance_uuid: str, directory: Path, disks: dict[str, str] | None = None
-    ) -> bool:
-        """The RBD disks of an instance being reaped; before its dir, whose disk.info
-        says where they are (``disks``: what was read of it, or of the domain's XML,
-        before the domain went). An unreachable cluster is reported and returns False:
-        the caller then keeps the dir and the record, the only trace of those disks,
-        for the next cleanup (as ``destroy`` keeps the record)."""
-        if disks is None:
-            disks = self.drv.instance_disks(directory, instance_uuid)
+    def reap_rbd_disks(self, instance_uuid: str, disks: dict[str, str] | None) -> bool:
+        """The RBD disks of an instance being reaped, found as Nova finds them: the
+        ``<uuid>_*`` images of the configured pool, and of any pool ``disks`` names
+        (what was recorded of it before its domain went: the domain's XML, or an
+        old-style disk.info that listed RBD disks); one listing per pool. An
+        unreachable cluster is reported and returns False: the caller then keeps the
+        dir and the record for the next cleanup (as ``destroy`` keeps the record)."""
         try:
             if not self.report.dry_run:
                 removed = imagebackend.cleanup_rbd(self.conf, instance_uuid, disks)
                 self.report.rbd_disks.extend(removed)
                 return True
-            for pool in sorted(imagebackend.rbd_pools_of(self.conf, disks)):
-                names = self.drv.rbd_driver(pool).list_images()
-                self.report.rbd_disks.extend(
-                    f"{pool}/{n}" for n in names if n.startswith(f"{instance_uuid}_")
-                )
+            found = imagebackend.find_rbd_disks(self.conf, instance_uuid, disks)
+            self.report.rbd_disks.extend("/".join(imagebackend.parse_rbd_path(p)) for p in found)
         except rbd_utils.RbdError as exc:
             self.report.skipped.append(
                 f"RBD disks of {instance_uuid} (its dir and record kept for a retry): {exc}"
@@ -228,10 +224,11 @@ class _Pass:
             self.report.records.append(instance_uuid)
         elif domain is None and not directory.is_dir():
             return  # deleted since it was listed
-        # Read while the domain is there: its XML stands in for a torn disk.info. A
-        # stray dir (no domain; its name may be no uuid at all) has only its disk.info.
+        # Read while the domain is there: its XML stands in for a missing disk.info
+        # (an all-RBD instance has none). A stray dir (no domain; its name may be no
+        # uuid at all) has only its disk.info.
         if domain is not None:
-            disks = self.drv.instance_disks(directory, instance_uuid)
+            disks = self.drv.recorded_disks(directory, instance_uuid)
         else:
             disks = read_disk_info(directory)
         if domain is not None:
@@ -247,7 +244,7 @@ class _Pass:
     ) -> None:
         """Its RBD disks, then its dir and record; its volumes kept, available again."""
         attachments = self.drv.volumes.attachments_of(instance_uuid)
-        if not self.reap_rbd_disks(instance_uuid, directory, disks):
+        if not self.reap_rbd_disks(instance_uuid, disks):
             return
         self.report.volumes.extend(a.volume_id for a in attachments)
         if not self.report.dry_run:

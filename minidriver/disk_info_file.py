@@ -1,10 +1,16 @@
-"""``disk.info``: the formats of an instance's disks, by path, as Nova records them
+"""``disk.info``: the formats of an instance's file disks, by path, as Nova records them
 (nova/virt/libvirt/imagebackend.py, ``Image.resolve_driver_format``).
 
 Written once by spawn (``create_image``), read by ``show``, ``delete``, ``snapshot``,
 ``cleanup`` and the image cache manager. Like Nova, it is written under a temporary
 name and renamed; here also made durable first (``fileutils.publish``). A file that
 cannot be read is no crash: the domain's XML lists the same disks.
+
+As in Nova (whose ``Rbd`` has no ``disk_info_path``), it lists no RBD disk: an
+all-RBD instance has no ``disk.info``, and its RBD disks are the pool's ``<uuid>_*``
+images (``LibvirtDriver.instance_disks``). One written before this was so lists them
+as ``rbd:<pool>/<name>``; readers still take them. A template's ``disk.info``
+(``vmtemplate``, ours) names its frozen RBD images.
 """
 
 from __future__ import annotations
@@ -29,10 +35,8 @@ def write_disk_info(
     """``disk.info``: JSON {path: format}, written once and never silently changed.
 
     Written to a temporary file and renamed (``publish``), so no reader ever sees half
-    of it. ``paths`` names disks that are not files of the instance dir (an RBD root
-    disk is ``rbd:<pool>/<uuid>_disk``, the path Nova's ``Rbd`` gives it). Listing RBD
-    disks here is ours: Nova's ``disk.info`` is written by its file backends only
-    (``Flat``, ``Qcow2``)."""
+    of it. ``paths`` names disks that are not files of this dir: a template clone's
+    shared files, a template's frozen RBD images (``rbd:<pool>/tpl-<id>_<disk>``)."""
     path = instance_dir / DISK_INFO
     paths = paths or {}
     data = {paths.get(name, os.fspath(instance_dir / name)): fmt for name, fmt in formats.items()}

@@ -589,8 +589,10 @@ class LibvirtDriver(PowerOperations):
         image, the root, ephemeral and swap disks, and ``disk.info``.
 
         With ``rbd`` (``images_type = rbd``) every disk is an RBD image in its pool and
-        the instance dir holds none. Returns the disks by disk_info name; an RBD config
-        drive is among them, named for the XML, and made after define (see _spawn).
+        the instance dir holds none, nor a ``disk.info`` (Nova's ``Rbd`` writes none:
+        ``instance_disks`` finds them by name). Returns the disks by disk_info name; an
+        RBD config drive is among them, named for the XML, and made after define (see
+        _spawn).
         """
         instance_dir = Path(instance.instance_dir)
         instance_dir.mkdir(parents=True)
@@ -665,11 +667,14 @@ class LibvirtDriver(PowerOperations):
         if not beside:
             for make in others:
                 make()
-        write_disk_info(
-            instance_dir,
-            disk_formats(disks, disk_info),
-            {name: os.fspath(d.path) for name, d in disks.items()},
-        )
+        # The file disks only, as Nova's disk.info: an all-RBD instance has none.
+        files = {
+            name: fmt
+            for name, fmt in disk_formats(disks, disk_info).items()
+            if name not in disks or disks[name].is_file_in_instance_path
+        }
+        if files:
+            write_disk_info(instance_dir, files)
         return disks
 
     def create_kernel_ramdisk(
@@ -763,16 +768,28 @@ class LibvirtDriver(PowerOperations):
         if domain is not None:
             self.host.undefine(domain)
 
-    def instance_disks(self, instance_dir: Path, instance_uuid: str) -> dict[str, str] | None:
-        """{path: format} of an instance's disks: its ``disk.info``, or when that is
-        missing or cannot be read, the disks its domain's XML lists (libvirt's word);
-        None when there is neither."""
+    def recorded_disks(self, instance_dir: Path, instance_uuid: str) -> dict[str, str] | None:
+        """{path: format} as recorded: the instance's ``disk.info`` (its file disks),
+        or when that is missing or cannot be read (an all-RBD instance has none), the
+        disks its domain's XML lists, volumes aside (libvirt's word); None when there
+        is neither. Asks Ceph nothing."""
         disks = read_disk_info(instance_dir)
         if disks is None:
             domain = self.host.get_domain(instance_uuid)
             if domain is not None:
-                disks = guest.get_all_disks(domain.XMLDesc(0))
+                disks = guest.get_all_disks(domain.XMLDesc(0), volumes=False)
         return disks
+
+    def instance_disks(self, instance_dir: Path, instance_uuid: str) -> dict[str, str] | None:
+        """{path: format} of an instance's disks, ``rbd:pool/name`` for an RBD disk:
+        the recorded ones, and its RBD disks as Nova finds them, the ``<uuid>_*``
+        images of the pool (one listing; a recorded RBD disk the pool lacks stays, for
+        a hard reboot to make again or refuse). None when there is nothing of either."""
+        recorded = self.recorded_disks(instance_dir, instance_uuid)
+        found = imagebackend.find_rbd_disks(self.conf, instance_uuid, recorded)
+        if recorded is None and not found:
+            return None
+        return {**(recorded or {}), **found}
 
     def destroy(self, instance_uuid: str, *, delete_volume: bool = False) -> None:
         """Stop and undefine the domain, remove the instance dir, free its forwarded port,
@@ -788,11 +805,11 @@ class LibvirtDriver(PowerOperations):
             # instance while we waited for it.
             record = self.db.get_instance(instance_uuid)
             instance_dir = Path(record.instance_dir or self.instance_dir(record.uuid))
-            # Asked while the domain is there: its XML stands in for a torn disk.info.
-            disks = self.instance_disks(instance_dir, record.uuid)
+            # Asked while the domain is there: its XML stands in for a missing disk.info.
+            disks = self.recorded_disks(instance_dir, record.uuid)
             self._undefine(record.uuid)
-            # Before the instance dir: disk.info says where the RBD disks are. An
-            # unreachable cluster stops here, with the record kept for another try.
+            # Before the instance dir, whose old-style disk.info may name another pool.
+            # An unreachable cluster stops here, with the record kept for another try.
             imagebackend.cleanup_rbd(self.conf, record.uuid, disks)
             shutil.rmtree(instance_dir, ignore_errors=True)
             # A resize's old dir and a shelve's image (issue 22) go with it.

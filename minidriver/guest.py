@@ -494,14 +494,17 @@ def owner_of(domain_xml: str) -> Owner | None:
     return Owner(text("state-id"), text("instance-uuid"), text("display-name"))
 
 
-def get_all_disks(domain_xml: str) -> dict[str, str]:
-    """Nova's ``Guest.get_all_disks``, as ``disk.info`` records them: {path: format},
-    a network disk as ``<protocol>:<pool/name>`` (``rbd:pool/uuid_disk``)."""
+def get_all_disks(domain_xml: str, *, volumes: bool = True) -> dict[str, str]:
+    """Nova's ``Guest.get_all_disks``: {path: format}, a network disk as
+    ``<protocol>:<pool/name>`` (``rbd:pool/uuid_disk``). ``volumes=False``: the
+    instance's own disks only (a volume's ``<disk>`` carries its id as ``<serial>``)."""
     disks = {}
     for disk in etree.fromstring(domain_xml.encode()).iterfind("devices/disk"):
         source, driver = disk.find("source"), disk.find("driver")
         if source is None:
             continue  # an empty cdrom drive
+        if not volumes and disk.find("serial") is not None:
+            continue
         if disk.get("type") == "network":
             path = f"{source.get('protocol')}:{source.get('name')}"
         else:

@@ -17,7 +17,9 @@ imported into the pool (Nova imports it anew for each instance); then it is grow
 the flavor's size. Ephemeral and swap: their formatted ``_base`` file imported (Nova's
 ``Rbd.create_image`` behind ``cache``). The config drive: built as a local file, then
 ``import_file``. Their network source (``libvirt_info``), details, the root's direct
-snapshot and the removal of an instance's RBD disks are the backend's work, as in Nova.
+snapshot and the removal of an instance's RBD disks are the backend's work, as in Nova;
+as in Nova, ``disk.info`` lists none of them: an instance's RBD disks are the pool's
+``<uuid>_*`` images (``find_rbd_disks``, ``cleanup_rbd``).
 
 About 800 lines, over the ~600 the layout aims at: the three backends and the helpers
 they share (sizes, copies, preallocation, the disk reports) are one room.
@@ -97,6 +99,8 @@ class Image(abc.ABC):
     """One disk of an instance (``path``), made from a base file in ``_base``."""
 
     driver_format: str
+    # Nova's is_file_in_instance_path: a file of the instance dir, which disk.info lists.
+    is_file_in_instance_path = True
     # Whether a disk made from nothing (an ephemeral's mkfs, a mkswap) is made where it
     # lives, with no base in _base: Nova's Flat does so.
     generates_in_place = False
@@ -331,10 +335,12 @@ class Rbd(Image):
 
     ``clone_location``: the root's cloneable snapshot (the driver asked
     ``is_cloneable``), or None to import a base from ``_base``. ``path`` is
-    ``rbd:<pool>/<name>``, as ``disk.info`` records it; it is no file.
+    ``rbd:<pool>/<name>`` (Nova's), as ``show`` names it; it is no file, and, as in
+    Nova, ``disk.info`` does not list it.
     """
 
     driver_format = "raw"
+    is_file_in_instance_path = False
 
     def __init__(
         self,
@@ -577,7 +583,8 @@ def rbd_driver(conf: Config, pool: str | None = None) -> rbd_utils.RBDDriver:
 
 
 def rbd_path(pool: str, name: str) -> str:
-    """How ``disk.info`` and ``show`` name an RBD disk (Nova's ``rbd:pool/name``)."""
+    """How ``show`` and a template's ``disk.info`` name an RBD disk (Nova's
+    ``rbd:pool/name``)."""
     return f"rbd:{pool}/{name}"
 
 
@@ -592,17 +599,31 @@ def parse_rbd_path(path: str) -> tuple[str, str]:
 
 
 def rbd_pools_of(conf: Config, disks: Mapping[str, str] | None) -> set[str]:
-    """The pools holding an instance's RBD disks, from its recorded ``disks``
-    ({path: format}); without a record (a spawn that died early), the configured
-    pool when images_type = rbd."""
-    if disks is None:
-        return {conf.libvirt.images_rbd_pool} if conf.libvirt.images_type == "rbd" else set()
-    return {parse_rbd_path(path)[0] for path in disks if is_rbd_path(path)}
+    """The pools that may hold an instance's RBD disks: with images_type = rbd the
+    configured pool, where spawn puts them and Nova's ``_cleanup_rbd`` looks; and any
+    pool its recorded ``disks`` ({path: format}) name: its domain's XML, or the
+    ``disk.info`` of an instance made when that file still listed RBD disks."""
+    pools = {conf.libvirt.images_rbd_pool} if conf.libvirt.images_type == "rbd" else set()
+    pools.update(parse_rbd_path(path)[0] for path in disks or () if is_rbd_path(path))
+    return pools
+
+
+def find_rbd_disks(
+    conf: Config, instance_uuid: str, disks: Mapping[str, str] | None
+) -> dict[str, str]:
+    """{``rbd:pool/name``: format} of an instance's RBD disks, found as Nova finds them
+    (``disk.info`` has none): the ``<uuid>_*`` images of each pool of
+    :func:`rbd_pools_of`, one listing per pool."""
+    return {
+        rbd_path(pool, name): Rbd.driver_format
+        for pool in sorted(rbd_pools_of(conf, disks))
+        for name in rbd_driver(conf, pool).instance_images(instance_uuid)
+    }
 
 
 def cleanup_rbd(conf: Config, instance_uuid: str, disks: Mapping[str, str] | None) -> list[str]:
     """Nova's ``_cleanup_rbd``: an instance's ``<uuid>_*`` RBD images, never an
-    image's, in each pool its ``disks`` name. Returns ``pool/name`` of each removed."""
+    image's, in each pool of :func:`rbd_pools_of`. Returns ``pool/name`` of each removed."""
     removed: list[str] = []
     for pool in sorted(rbd_pools_of(conf, disks)):
         names = rbd_driver(conf, pool).cleanup_volumes(instance_uuid)
@@ -792,6 +813,7 @@ __all__ = [
     "create_swap",
     "disk_details",
     "ephemeral_filename",
+    "find_rbd_disks",
     "get_ephemeral_fs",
     "is_rbd_path",
     "local_backend_class",

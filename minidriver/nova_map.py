@@ -103,6 +103,15 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     ),
     NovaStep(
         "spawn",
+        "disk.info, the file disks' formats",
+        f"{_BACKEND}:Image.resolve_driver_format (Flat and Qcow2, never Rbd)",
+        "driver.LibvirtDriver.create_image, disk_info_file.write_disk_info",
+        "written once, for every file disk at once (Nova rewrites it as each file disk's"
+        " backend resolves its format); as in Nova no RBD disk in it: they are found as"
+        " the pool's <uuid>_* images",
+    ),
+    NovaStep(
+        "spawn",
         "console log",
         f"{_DRIVER}:_ensure_console_log_for_instance",
         "driver.LibvirtDriver.spawn",
@@ -152,8 +161,10 @@ NOVA_STEPS: tuple[NovaStep, ...] = (
     NovaStep(
         "destroy",
         "stop, undefine, remove disks",
-        f"{_DRIVER}:destroy, _destroy, cleanup, _undefine_domain, _cleanup_rbd",
-        "driver.LibvirtDriver.destroy, imagebackend.cleanup_rbd",
+        f"{_DRIVER}:destroy, _destroy, cleanup, _undefine_domain, _cleanup_rbd;"
+        " nova/storage/rbd_utils.py:RBDDriver.cleanup_volumes",
+        "driver.LibvirtDriver.destroy, imagebackend.cleanup_rbd,"
+        " rbd_utils.RBDDriver.cleanup_volumes",
         "the state record and the forwarded port are freed here too",
     ),
     NovaStep(

@@ -507,15 +507,17 @@ class RBDDriver:
         with self.ioctx(pool) as ioctx:
             return list(rbd.RBD().list(ioctx))
 
+    def instance_images(self, instance_uuid: str, pool: str | None = None) -> list[str]:
+        """The ``<instance uuid>_*`` images of the pool, from one listing: an instance's
+        RBD disks, found by name as Nova's ``cleanup_volumes`` finds them."""
+        prefix = f"{instance_uuid}_"
+        return [name for name in self.list_images(pool) if name.startswith(prefix)]
+
     def cleanup_volumes(self, instance_uuid: str, pool: str | None = None) -> list[str]:
         """Nova's ``cleanup_volumes``: remove every ``<instance uuid>_*`` image."""
-        prefix = f"{instance_uuid}_"
-        removed = []
         with self.connected():
-            for name in self.list_images(pool):
-                if name.startswith(prefix) and self.remove_image(name, pool):
-                    removed.append(name)
-        return removed
+            names = self.instance_images(instance_uuid, pool)
+            return [name for name in names if self.remove_image(name, pool)]
 
     def create_image(self, name: str, size: int, pool: str | None = None) -> None:
         """A new, empty image of ``size`` bytes (Cinder's ``create_volume``)."""

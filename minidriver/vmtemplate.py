@@ -8,7 +8,9 @@ form, ``virDomainManagedSave``).
 drive and ``libvirt.xml``) moved there and made read-only (the frozen layer), the
 instance consumed (domain undefined, record, port and known_hosts entry gone). With
 ``images_type = rbd`` the frozen layer stays in Ceph: protected snapshots of the disks,
-renamed for the template (``vmtemplate_rbd``).
+renamed for the template (``vmtemplate_rbd``). The template dir's ``disk.info`` (ours)
+keeps naming them, ``rbd:<pool>/tpl-<id>_<disk>``, as the only record of where they
+are; an instance dir's lists file disks only, as Nova's does.
 
 ``spawn`` restores a clone: a qcow2 overlay of each frozen disk in a new instance dir,
 the template's XML given the clone's name, uuid, paths and forwarded port, defined, and
@@ -57,7 +59,7 @@ from minidriver import (
 )
 from minidriver.compute_api import validate_display_name
 from minidriver.db import InstanceRecord, resolve, utc_now
-from minidriver.disk_info_file import read_disk_info, write_disk_info
+from minidriver.disk_info_file import write_disk_info
 from minidriver.driver import (
     InstanceBuildTimeout,
     LibvirtDriver,
@@ -305,8 +307,7 @@ class Templates:
         has a NIC other than the user network's or is itself a clone."""
         validate_display_name(name)
         record = self.drv.db.get_instance(instance_uuid)
-        self._check_source(record, name)
-        formats = read_disk_info(Path(record.instance_dir)) or {}
+        formats = self._check_source(record, name)
         template_id = str(uuidlib.uuid4())
         template_dir = self.conf.templates_path / template_id
         tpl = TemplateRecord(
@@ -344,7 +345,7 @@ class Templates:
                     self._forget(template_id)
                     raise
                 saved = True
-                self._freeze(record, tpl)
+                self._freeze(record, tpl, formats)
         except BaseException:
             if saved:
                 # Its memory and some of its disks are the template's now: neither
@@ -354,7 +355,9 @@ class Templates:
             raise
         return self.get(template_id)
 
-    def _check_source(self, record: InstanceRecord, name: str) -> None:
+    def _check_source(self, record: InstanceRecord, name: str) -> dict[str, str]:
+        """Refuses what cannot be a template's source; returns its disks ({path:
+        format}, ``instance_disks``': its RBD disks found in the pool)."""
         if record.network_mode not in (NetworkMode.USER, NetworkMode.NONE):
             raise TemplateError(
                 f"instance {record.display_name} is on a {record.network_mode} network:"
@@ -367,9 +370,6 @@ class Templates:
                 " another template's",
                 hint="make the template from an instance booted from an image",
             )
-        formats = read_disk_info(Path(record.instance_dir)) or {}
-        if not formats:
-            raise TemplateError(f"instance {record.display_name} has no disk.info")
         state = self.drv.get_info(record.uuid).state
         if state != "running" or record.vm_state != VMState.ACTIVE:
             hint = "boot it with --wait-for or --wait-ssh, then make the template"
@@ -382,6 +382,10 @@ class Templates:
             )
         if any(t.name == name for t in self.list()):
             raise TemplateError(f"a template named {name!r} exists", hint="choose another --name")
+        formats = self.drv.instance_disks(Path(record.instance_dir), record.uuid) or {}
+        if not formats:
+            raise TemplateError(f"instance {record.display_name} has no disks on record")
+        return formats
 
     def _save(self, record: InstanceRecord, tpl: TemplateRecord) -> None:
         """virDomainSave into the template's dir; the domain is stopped by it."""
@@ -391,13 +395,14 @@ class Templates:
         domain = self.drv._domain_of(record.uuid)
         domain.save(os.fspath(tpl.path / MEMORY_FILE))
 
-    def _freeze(self, record: InstanceRecord, tpl: TemplateRecord) -> None:
+    def _freeze(self, record: InstanceRecord, tpl: TemplateRecord, formats: dict[str, str]) -> None:
         """The instance's files moved into the template's dir, read-only; the instance
-        consumed. The record and the port go last: a crash before leaves a
-        ``creating`` template naming its source, which `cleanup` removes together."""
+        consumed (``formats``: its disks, as ``_check_source`` found them). The record
+        and the port go last: a crash before leaves a ``creating`` template naming its
+        source, which `cleanup` removes together."""
         savefile.read_header(tpl.path / MEMORY_FILE)  # libvirt wrote one clones can use
         source = Path(record.instance_dir)
-        rbd_sources = vmtemplate_rbd.disk_names(record.uuid, read_disk_info(source) or {})
+        rbd_sources = vmtemplate_rbd.disk_names(record.uuid, formats)
         frozen = vmtemplate_rbd.frozen_paths(tpl.id, rbd_sources)
         # First, so that a crash past here leaves the pools of the frozen disks named.
         write_disk_info(tpl.path, tpl.disks, frozen)
@@ -613,11 +618,10 @@ class Templates:
         timer: StepTimer,
         undo: contextlib.ExitStack,
     ) -> None:
-        """RBD clones of the frozen snapshots; ``disk.info`` first, so that `cleanup`
-        after a kill knows their pools (their names are an instance's)."""
-        clone_dir = self.drv.instance_dir(instance_uuid)
+        """RBD clones of the frozen snapshots, named as an instance's disks: `cleanup`
+        after a kill finds them by that name, as any instance's (no ``disk.info``: as
+        in Nova, it lists no RBD disk)."""
         paths = vmtemplate_rbd.clone_paths(self.conf, tpl.path, instance_uuid)
-        write_disk_info(clone_dir, {d: "raw" for d in paths}, paths)
         for pool in {imagebackend.parse_rbd_path(p)[0] for p in paths.values()}:
             undo.callback(
                 rbd_utils.cleanup_volumes_quietly,
@@ -671,8 +675,9 @@ def _clone_record(instance: Instance, tpl: TemplateRecord, host: str) -> Instanc
 
 
 def disk_names(instance_uuid: str, formats: dict[str, str]) -> dict[str, str]:
-    """{disk name: format} of an instance's ``disk.info``: a file's name, or an RBD
-    disk's ``<uuid>_<name>`` without the uuid."""
+    """{disk name: format} of an instance's disks ({path: format}, as
+    ``instance_disks`` gives them): a file's name, or an RBD disk's ``<uuid>_<name>``
+    without the uuid."""
     rbd = vmtemplate_rbd.disk_names(instance_uuid, formats)
     names = {name: formats[path] for name, path in rbd.items()}
     rbd_paths = set(rbd.values())
@@ -681,7 +686,7 @@ def disk_names(instance_uuid: str, formats: dict[str, str]) -> dict[str, str]:
 
 
 def _half_made_pools(drv: LibvirtDriver, tpl: TemplateRecord) -> set[str]:
-    source_formats = read_disk_info(Path(tpl.source_dir)) or {}
+    source_formats = drv.recorded_disks(Path(tpl.source_dir), tpl.source_uuid) or {}
     return vmtemplate_rbd.template_pools(drv.conf, tpl.path, source_formats)
 
 

@@ -13,7 +13,10 @@ any instance's, so they go with the clone by the same paths.
 
 The template dir's ``disk.info`` records the frozen disks as ``rbd:<pool>/<name>``;
 it is written before the first rename, so a crash at any point leaves the pools to
-look in.
+look in. That file is the template's (ours, no Nova counterpart) and keeps listing RBD
+images; an instance's ``disk.info`` lists none, as Nova's: the source instance's RBD
+disks come from ``instance_disks`` (found in the pool by their ``<uuid>_`` name), and
+a clone's are found by that name too.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def frozen_prefix(template_id: str) -> str:
 
 
 def disk_names(instance_uuid: str, formats: Mapping[str, str]) -> dict[str, str]:
-    """{disk name: rbd path} of an instance's RBD disks, from its ``disk.info``."""
+    """{disk name: rbd path} of an instance's RBD disks, from its disks ({path:
+    format}, as ``instance_disks`` gives them)."""
     out = {}
     for path in formats:
         if is_rbd_path(path):
@@ -99,7 +103,7 @@ def clone_disks(
 
 
 def clone_paths(conf: Config, template_dir: Path, instance_uuid: str) -> dict[str, str]:
-    """The rbd paths a clone's disks will have (for its ``disk.info``, written first)."""
+    """The rbd paths a clone's disks will have: their pools, for the spawn's undo."""
     return {
         disk: rbd_path(parse_rbd_path(path)[0], f"{instance_uuid}_{disk}")
         for disk, path in frozen_disks(template_dir).items()
@@ -136,7 +140,8 @@ def remove_frozen(
 
 def template_pools(conf: Config, template_dir: Path, source_formats: Mapping[str, str]) -> set[str]:
     """Where a template's frozen disks may be: its ``disk.info``'s pools, its source
-    instance's, and with images_type = rbd the configured pool."""
+    instance's (its domain's XML, or an older ``disk.info`` that listed RBD disks), and
+    with images_type = rbd the configured pool."""
     paths = [*frozen_disks(template_dir).values(), *source_formats]
     pools = {parse_rbd_path(p)[0] for p in paths if is_rbd_path(p)}
     if conf.libvirt.images_type == "rbd":

@@ -171,6 +171,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def ceph_conf_or_skip() -> str:
+    """The Ceph dev cluster's ceph.conf, from ``MINIDRIVER_TEST_CEPH_CONF``; without it
+    the test skips, except under CI, where it fails: CI starts the cluster."""
+    conf = os.environ.get("MINIDRIVER_TEST_CEPH_CONF", "")
+    if not conf:
+        why = "MINIDRIVER_TEST_CEPH_CONF is not set (conf=$(scripts/ceph-dev-cluster start))"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}: CI must start the Ceph dev cluster for these tests")
+        pytest.skip(why)
+    if not Path(conf).is_file():
+        pytest.fail(f"MINIDRIVER_TEST_CEPH_CONF={conf}: no such file")
+    return conf
+
+
+def rbd_ls(ceph_conf: str, pool: str) -> list[str]:
+    """The pool's images as ``rbd ls`` lists them: what a user would check."""
+    proc = subprocess.run(
+        ["rbd", "-c", ceph_conf, "ls", pool], capture_output=True, text=True, check=True
+    )
+    return proc.stdout.split()
+
+
 # A libvirt test-driver node with no domains: each test opens its own copy, so state
 # defined by one test never leaks into another.
 TEST_DRIVER_NODE = """\
