@@ -41,7 +41,7 @@ from minidriver.imagebackend import (
 )
 from minidriver.images import qemu_img
 from minidriver.images.store import ImageService
-from minidriver.objects import Flavor, GiB, ImageMeta
+from minidriver.objects import Flavor, GiB
 from minidriver.steps import Step, StepTimer
 
 
@@ -183,13 +183,8 @@ def ephemeral_fs_of(conf: Config, images: ImageService, record: InstanceRecord) 
     """The filesystem of the instance's ephemeral disk, as its spawn chose it: by its
     image's os_type in the metadata kept at its boot (a record made before: the image
     store's; an image deleted since: as for an image without one)."""
-    if record.image_meta:
-        os_type = ImageMeta.from_json(record.image_meta).os_type
-    else:
-        try:
-            os_type = images.get(record.image_id).properties.get("os_type", "")
-        except ImageNotFound:
-            os_type = ""
+    image_meta = images.instance_image_meta(record.image_meta, record.image_id)
+    os_type = image_meta.os_type if image_meta is not None else ""
     return get_ephemeral_fs(os_type, conf.default.default_ephemeral_format)
 
 

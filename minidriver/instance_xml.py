@@ -40,7 +40,6 @@ from lxml import etree
 
 from minidriver import blockinfo, guest
 from minidriver.db import InstanceRecord
-from minidriver.exception import ImageNotFound
 from minidriver.imagebackend import Rbd, is_rbd_path, parse_rbd_path
 from minidriver.network import VIF, NetworkMode
 from minidriver.objects import (
@@ -90,12 +89,7 @@ def vif_of(record: InstanceRecord) -> VIF | None:
 def kept_image_meta(drv: LibvirtDriver, record: InstanceRecord) -> ImageMeta | None:
     """Nova's ``instance.image_meta``: the copy kept at boot; for a record made before
     copies were kept, the image store's; None when the image is gone from it too."""
-    if record.image_meta:
-        return ImageMeta.from_json(record.image_meta)
-    try:
-        return drv.images.get(record.image_id).to_image_meta()
-    except ImageNotFound:
-        return None
+    return drv.images.instance_image_meta(record.image_meta, record.image_id)
 
 
 def guest_xml(drv: LibvirtDriver, record: InstanceRecord, definition: str) -> str | None:

@@ -576,6 +576,17 @@ class ImageService:
             ),
         )
 
+    def instance_image_meta(self, kept: str, image_id: str) -> ImageMeta | None:
+        """Nova's ``instance.image_meta``: ``kept``, the copy an instance keeps from its
+        boot (``ImageMeta.to_json``); for a record made before copies were kept (''),
+        image ``image_id``'s here; None when that image is gone too."""
+        if kept:
+            return ImageMeta.from_json(kept)
+        try:
+            return self.get(image_id).to_image_meta()
+        except ImageNotFound:
+            return None
+
     def list(self) -> list[Image]:
         """Every image, oldest first; ``saving`` ones too."""
         return [
