@@ -70,8 +70,15 @@ class Reservation:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether 127.0.0.1:``port`` can be bound now (nobody listens or holds it)."""
+    """Whether QEMU could listen on 127.0.0.1:``port`` now: nobody listens there or
+    holds it bound.
+
+    Bound as QEMU's user-mode network (libslirp's ``tcp_listen``) binds a forwarded
+    port, with ``SO_REUSEADDR``: a connection to the port that ended lately and waits
+    out its TIME_WAIT (about a minute) does not hold it, for QEMU or for us.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError as exc:

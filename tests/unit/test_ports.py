@@ -18,10 +18,21 @@ from minidriver.db import Database, InstanceRecord, utc_now
 from minidriver.ports import NoFreePort, PortReservations, port_is_free
 
 
+def unheld(port: int) -> bool:
+    """No socket holds ``port``, not even one in TIME_WAIT (which ``port_is_free``
+    allows, as QEMU does): the tests bind their ports without ``SO_REUSEADDR``."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_range(size: int) -> tuple[int, int]:
     """``size`` consecutive ports nobody uses now, high in the unprivileged range."""
     for low in range(47000, 60000, size):
-        if all(port_is_free(p) for p in range(low, low + size)):
+        if all(unheld(p) for p in range(low, low + size)):
             return low, low + size - 1
     raise AssertionError("no free port range on this host")
 
@@ -180,3 +191,24 @@ def test_first_free_reserves_nothing(tmp_path: Path) -> None:
     assert ports.first_free() == low
     assert ports.first_free() == low
     assert ports.list() == []
+
+
+def test_a_port_left_in_time_wait_is_free_and_a_listened_one_is_not() -> None:
+    """As QEMU's user-mode network binds a forwarded port (SO_REUSEADDR): after a
+    connection the listener closed first, the port waits out TIME_WAIT, and QEMU could
+    still listen there, so the port is free; one somebody listens on is not."""
+    low, _high = free_range(1)
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", low))
+        listener.listen(1)
+        assert not port_is_free(low)
+        with socket.create_connection(("127.0.0.1", low), timeout=5) as client:
+            accepted, _addr = listener.accept()
+            accepted.close()  # the listener's side ends first: its socket keeps the port
+            assert client.recv(1) == b""
+    # /proc/net/tcp: "sl local_address rem_address st ...", the port in hex, 06 TIME_WAIT.
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    waiting = [f for f in map(str.split, lines) if f[1].endswith(f":{low:04X}") and f[3] == "06"]
+    assert waiting, "the ended connection should wait out TIME_WAIT on the port"
+    assert port_is_free(low)
