@@ -372,6 +372,8 @@ class Database:
         self._idle: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
         self._closed = False
+        self._open = 0  # connections open now, idle or in use
+        self._most_open = 0  # the most open at once
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as exc:
@@ -400,7 +402,31 @@ class Database:
         except sqlite3.Error as exc:
             raise self._cannot_open(exc) from exc
         conn.row_factory = sqlite3.Row
+        with self._pool_lock:
+            self._open += 1
+            self._most_open = max(self._most_open, self._open)
         return conn
+
+    def _disconnect(self, conn: sqlite3.Connection) -> None:
+        conn.close()
+        with self._pool_lock:
+            self._open -= 1
+
+    @property
+    def connections(self) -> tuple[int, int]:
+        """How many connections are open now (idle and in use), and the most that
+        were open at once.
+
+        SQLite keeps a closed connection's descriptor of the database file open while
+        another connection of this process holds a lock on it (closing it would drop
+        the process's POSIX locks), and gives it to the next connection it opens. A WAL
+        connection holds its shared lock while it is open, so those descriptors stay
+        until the last connection closes: this process has at most the most
+        connections open at once of them, plus one WAL descriptor per open connection
+        and one for the shared memory.
+        """
+        with self._pool_lock:
+            return self._open, self._most_open
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -423,13 +449,13 @@ class Database:
 
     def _give_back(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:  # only after an error SQLite did not end: never reuse it
-            conn.close()
+            self._disconnect(conn)
             return
         with self._pool_lock:
             if not self._closed and len(self._idle) < IDLE_CONNECTIONS:
                 self._idle.append(conn)
                 return
-        conn.close()
+        self._disconnect(conn)
 
     def __enter__(self) -> Database:
         return self
@@ -443,7 +469,7 @@ class Database:
             self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
-            conn.close()
+            self._disconnect(conn)
 
     # -- schema ----------------------------------------------------------------
 

@@ -10,6 +10,11 @@ driver keeps there, one per domain name, as a daemon does in /var/log/libvirt/qe
 
 Flat, as checked and reported: no sample from the end of cycle 2 (once the cache and
 the connection have settled) to the last is above the sample at the end of cycle 2.
+The state database's descriptors are counted apart from the other fds: SQLite keeps
+those of closed connections for its next ones (``Database.connections`` says why), so
+their number follows the most connections that were ever open at once, which the
+threads' timing decides. What is judged flat instead is the number of connections
+open, and their descriptors are checked against SQLite's bound after every cycle.
 A spawn that fails is counted, and what it left (its domain too) is destroyed before
 the sample, so that a failure is reported as one and not as a leak. Also reports the
 median and p95 spawn time.
@@ -46,12 +51,41 @@ def count_files(root: Path, *, besides: Path | None = None) -> int:
     )
 
 
+def open_descriptors(database: Path) -> tuple[int, int]:
+    """This process's open file descriptors: those on the database (its file, WAL and
+    shared memory), and the others."""
+    on_database = others = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own, closed by now
+            continue
+        if target.startswith(os.fspath(database)):
+            on_database += 1
+        else:
+            others += 1
+    return on_database, others
+
+
+# Reported, not judged flat: checked against each other by beyond_bound().
+BOUNDED = ("db_fds", "db_fds_bound")
+
+
 def sample(drv: LibvirtDriver) -> dict[str, int]:
     # libvirt keeps a log per domain name, as a daemon does in /var/log/libvirt/qemu;
     # the embedded driver's are under the state dir. Counted apart: a log, not a leak.
     libvirt_logs = drv.conf.embed_root / "log"
+    db_fds, fds = open_descriptors(drv.db.path)
+    open_now, most_open = drv.db.connections
     return {
-        "fds": len(os.listdir("/proc/self/fd")),
+        "fds": fds,
+        "db_connections": open_now,
+        "db_fds": db_fds,
+        # Each connection ever open at once may leave its file's, each open one has
+        # its WAL's, and the process has one on the shared memory; the forwarded
+        # ports' read-only look at a reservation's state dir (one at a time, under
+        # the reservations' lock) may leave one more.
+        "db_fds_bound": most_open + open_now + 1 + 1,
         "threads": threading.active_count(),
         # Only this run's: other users of a shared daemon come and go.
         "domains": len(drv.owned_domains()),
@@ -68,8 +102,15 @@ def above_baseline(samples: list[dict[str, int]]) -> dict[str, int]:
     """Each measure's largest rise over the baseline (the sample after cycle
     ``WARM_UP``) in any later sample; empty when all are flat."""
     baseline = samples[WARM_UP - 1]
-    rises = {k: max(s[k] for s in samples[WARM_UP - 1 :]) - baseline[k] for k in baseline}
+    judged = [k for k in baseline if k not in BOUNDED]
+    rises = {k: max(s[k] for s in samples[WARM_UP - 1 :]) - baseline[k] for k in judged}
     return {k: v for k, v in rises.items() if v > 0}
+
+
+def beyond_bound(samples: list[dict[str, int]]) -> list[int]:
+    """The cycles (from 1) after which the state database had more descriptors open
+    than SQLite keeps for the connections this process opened."""
+    return [i for i, s in enumerate(samples, 1) if s["db_fds"] > s["db_fds_bound"]]
 
 
 class Cycles:
@@ -120,6 +161,54 @@ class Cycles:
         cleanup(self.drv)
 
 
+def report(
+    args: argparse.Namespace, uri: str, cycles: Cycles, samples: list[dict[str, int]]
+) -> int:
+    """Print the run's figures and verdict (and write them as JSON if asked); the
+    exit status: 1 if not flat or a spawn failed."""
+    totals = cycles.totals
+    measured = totals[WARM_UP * max(1, args.threads) :] or totals
+    baseline, last = samples[WARM_UP - 1], samples[-1]
+    rises = above_baseline(samples)
+    beyond = beyond_bound(samples)
+    how = f"{args.threads} threads at once" if args.threads else "one thread"
+    print(f"\n{len(totals)} spawns in {args.cycles} cycles ({how}), {WARM_UP} of warm-up")
+    if measured:
+        print(
+            f"spawn after the warm-up: median {statistics.median(measured):.3f} s,"
+            f" p95 {p95(measured):.3f} s, min {min(measured):.3f} s,"
+            f" max {max(measured):.3f} s"
+        )
+    print(f"after cycle {WARM_UP} -> after cycle {args.cycles}: {baseline} -> {last}")
+    print(
+        f"flat (no sample of cycles {WARM_UP}..{args.cycles} above cycle {WARM_UP}'s)"
+        if not rises
+        else f"NOT FLAT, rose above cycle {WARM_UP}'s by: {rises}"
+    )
+    if beyond:
+        print(f"state database descriptors beyond SQLite's bound after cycles {beyond}")
+    if cycles.failures:
+        print(f"{len(cycles.failures)} failed spawns (destroyed):", *cycles.failures, sep="\n  ")
+    if args.json:
+        doc = {
+            "cycles": args.cycles,
+            "threads": args.threads,
+            "warm_up": WARM_UP,
+            "uri": uri,
+            "spawn_total_s": totals,
+            "median_s": statistics.median(measured) if measured else None,
+            "p95_s": p95(measured) if measured else None,
+            "samples": samples,
+            "growth": {k: last[k] - baseline[k] for k in baseline},
+            "above_baseline": rises,
+            "db_fds_beyond_bound": beyond,
+            "flat": not rises and not beyond,
+            "failures": cycles.failures,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 1 if rises or beyond or cycles.failures else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/load-test", description=__doc__)
     parser.add_argument("--cycles", type=int, default=50)
@@ -152,50 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ).id
         cycles = Cycles(drv, image_id)
         samples: list[dict[str, int]] = []
-        per_cycle = max(1, args.threads)
         for cycle in range(args.cycles):
             cycles.run(cycle, args.threads)
             samples.append(sample(drv))
             print(f"cycle {cycle + 1}/{args.cycles}: {samples[-1]}")
-        totals = cycles.totals
-        measured = totals[WARM_UP * per_cycle :] or totals
-        baseline, last = samples[WARM_UP - 1], samples[-1]
-        rises = above_baseline(samples)
-        how = f"{args.threads} threads at once" if args.threads else "one thread"
-        print(f"\n{len(totals)} spawns in {args.cycles} cycles ({how}), {WARM_UP} of warm-up")
-        if measured:
-            print(
-                f"spawn after the warm-up: median {statistics.median(measured):.3f} s,"
-                f" p95 {p95(measured):.3f} s, min {min(measured):.3f} s,"
-                f" max {max(measured):.3f} s"
-            )
-        print(f"after cycle {WARM_UP} -> after cycle {args.cycles}: {baseline} -> {last}")
-        print(
-            f"flat (no sample of cycles {WARM_UP}..{args.cycles} above cycle {WARM_UP}'s)"
-            if not rises
-            else f"NOT FLAT, rose above cycle {WARM_UP}'s by: {rises}"
-        )
-        if cycles.failures:
-            print(
-                f"{len(cycles.failures)} failed spawns (destroyed):", *cycles.failures, sep="\n  "
-            )
-        if args.json:
-            doc = {
-                "cycles": args.cycles,
-                "threads": args.threads,
-                "warm_up": WARM_UP,
-                "uri": drv.host.uri,
-                "spawn_total_s": totals,
-                "median_s": statistics.median(measured) if measured else None,
-                "p95_s": p95(measured) if measured else None,
-                "samples": samples,
-                "growth": {k: last[k] - baseline[k] for k in baseline},
-                "above_baseline": rises,
-                "flat": not rises,
-                "failures": cycles.failures,
-            }
-            Path(args.json).write_text(json.dumps(doc, indent=2))
-        return 1 if rises or cycles.failures else 0
+        return report(args, drv.host.uri, cycles, samples)
     finally:
         if drv is not None:
             with contextlib.suppress(Exception):  # the run's own error comes first

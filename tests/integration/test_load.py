@@ -29,5 +29,7 @@ def test_threaded_load_test_is_flat(host_config: Config, test_image: Path, tmp_p
     assert doc["threads"] == 2 and doc["failures"] == []
     assert len(doc["spawn_total_s"]) == 10
     assert doc["flat"] is True and doc["above_baseline"] == {}
+    assert doc["db_fds_beyond_bound"] == []
+    assert [s["db_connections"] for s in doc["samples"]] == [1] * 5
     assert [s["domains"] for s in doc["samples"]] == [0] * 5
     assert "flat (no sample of cycles 2..5 above cycle 2's)" in proc.stdout

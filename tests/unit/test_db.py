@@ -413,14 +413,21 @@ def test_threads_that_end_leave_no_connection_open(tmp_path: Path) -> None:
             for thread in threads:
                 thread.join()
             after_round.append(fds_open_on(path))
+            # What a round opens beyond the idle connection is closed when its
+            # operation ends.
+            assert db.connections[0] == 1
         assert db.next_sequence("instance") == threads_per_round * rounds + 1
-        # What a round opens beyond the idle connection is closed when its operation
-        # ends. SQLite may keep a closed connection's fds for a later open while another
+        # SQLite may keep a closed connection's fds for a later open while another
         # connection holds a lock on the file, so the count after a round varies with
         # the threads' timing, but never beyond one round's connections (two fds
         # each): one connection kept per thread passed that bound in round 2, and one
         # leaked per round would by round 8.
         assert max(after_round) <= idle + 2 * threads_per_round, after_round
+        # Exactly: the database file's for the most connections open at once, the
+        # WAL's of the one open, the shared memory's.
+        open_now, most_open = db.connections
+        assert 1 < most_open <= threads_per_round
+        assert max(after_round) <= most_open + open_now + 1, (after_round, most_open)
     assert fds_open_on(path) == 0
 
 

@@ -30,6 +30,8 @@ def test_threaded_cycles_are_flat(drv: LibvirtDriver, image_id: str) -> None:
     assert cycles.failures == []
     assert len(cycles.totals) == 15
     assert loadtest.above_baseline(samples) == {}
+    assert loadtest.beyond_bound(samples) == []
+    assert samples[-1]["db_connections"] == 1  # the pool's idle one
     assert samples[-1]["domains"] == 0
     assert drv.db.list_instances() == []
 
@@ -39,6 +41,19 @@ def test_a_rise_after_the_baseline_is_not_flat() -> None:
     samples = [{**flat, "fds": 12}, flat, flat, {**flat, "fds": 11}, flat]
     # Cycle 1 is warm-up; a rise in any later sample counts, even one that fell again.
     assert loadtest.above_baseline(samples) == {"fds": 1}
+
+
+def test_database_descriptors_are_judged_by_their_bound_not_by_flatness() -> None:
+    """SQLite keeps a closed connection's descriptor for its next connection, so the
+    state database's descriptors may rise after the baseline within their bound; one
+    beyond it is reported, and so is a connection left open."""
+    flat = {"fds": 10, "db_connections": 1, "db_fds": 3, "db_fds_bound": 3, "threads": 2}
+    kept = {**flat, "db_fds": 4, "db_fds_bound": 4}  # a second connection was open once
+    samples = [flat, flat, kept, kept, {**kept, "db_fds": 5}]
+    assert loadtest.above_baseline(samples) == {}
+    assert loadtest.beyond_bound(samples) == [5]
+    left_open = {**kept, "db_connections": 2, "db_fds": 5, "db_fds_bound": 5}
+    assert loadtest.above_baseline([flat, flat, left_open]) == {"db_connections": 1}
 
 
 def test_the_domain_of_a_failed_spawn_is_destroyed(
