@@ -463,6 +463,10 @@ class Database:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Close the idle connections; one in use closes when its operation ends."""
         with self._pool_lock:

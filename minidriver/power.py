@@ -110,11 +110,15 @@ class PowerOperations:
         with _POWER_TASKS_LOCK:
             if instance_uuid in _POWER_TASKS:
                 return
+        if self.db.closed:
+            return  # this driver is done with; a host it shared goes on with others
         try:
             power_sync.handle_lifecycle_event(
                 self.db, self.host, self.conf.default.host, instance_uuid, event
             )
         except Exception:
+            if self.db.closed:
+                return  # closed while the event was handled
             # In libvirt's event loop thread: nothing above it to report to.
             LOG.exception("lifecycle event of %s not recorded", instance_uuid)
 

@@ -6,6 +6,8 @@ libvirt, on libvirt's test driver with real files, real qemu-img and a real stat
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,37 @@ def test_a_lifecycle_event_records_the_stop_while_the_process_lives(
         assert time.monotonic() < deadline, "no lifecycle event recorded the stop"
         time.sleep(0.05)
     assert drv.db.get_instance(inst.uuid).state == "shutoff"
+
+
+class EventSeen:
+    """A lifecycle listener registered last: when it is called for a domain, the
+    listeners registered before it have been."""
+
+    def __init__(self, domain_uuid: str) -> None:
+        self.domain_uuid = domain_uuid
+        self.seen = threading.Event()
+
+    def __call__(self, domain_uuid: str, _event: int, _detail: int) -> None:
+        if domain_uuid == self.domain_uuid:
+            self.seen.set()
+
+
+def test_a_driver_whose_database_is_closed_ignores_the_events_of_a_shared_host(
+    drv: LibvirtDriver, empty_qcow2_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A driver made on a host another driver goes on using (as the tests make them)
+    and its database closed: until it is collected, its listener still hears the
+    host's events, and must not log each one as an error."""
+    done_with = LibvirtDriver(drv.conf, host=drv.host)
+    done_with.db.close()
+    inst = drv.spawn("vm", empty_qcow2_id, "t1.nano")
+    last = EventSeen(inst.uuid)
+    drv.host.add_lifecycle_listener(last.__call__)
+    stop_behind_minidrivers_back(drv, inst.name)
+    assert last.seen.wait(30), "no lifecycle event of the stop"
+    assert done_with.db.closed  # alive, and so listening, until here
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert drv.db.get_instance(inst.uuid).vm_state == "stopped"
 
 
 def test_a_building_instance_is_left_to_its_spawn(drv: LibvirtDriver, empty_qcow2_id: str) -> None:
