@@ -149,6 +149,10 @@ def port_taken(
     listener = None
     if taken_by == "a listener":  # our reservation stays; someone else binds the port
         listener = socket.socket()
+        # As servers bind (QEMU's user network too): the port may still be in
+        # TIME_WAIT from a connection to the instance's QEMU, or to the QEMU of a test
+        # before, which had the port before it.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", port))
         listener.listen()
     else:  # a reboot emptied /run, then another state dir's boot took the port

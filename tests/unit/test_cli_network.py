@@ -262,6 +262,9 @@ def serve_banner_on_reserved_port(cli: Cli, stop: threading.Event) -> threading.
         if port is None:
             return
         with socket.socket() as sock:
+            # As sshd binds (and QEMU's forwarder): the port may be in TIME_WAIT from
+            # a connection of a test before.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
             sock.listen()
             sock.settimeout(0.1)
