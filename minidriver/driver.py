@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import libvirt
 
 from minidriver import (
-    block_device,
     blockinfo,
     compute_api,
     configdrive,
@@ -67,14 +66,14 @@ from minidriver.network import VIF, NetworkMode
 from minidriver.objects import DiskInfo, Flavor, GiB, ImageMeta, Instance
 from minidriver.ports import PortReservations
 from minidriver.power import PowerOperations
-from minidriver.serial_console import SerialConsole
 from minidriver.steps import Step, StepListener, StepTimer
 from minidriver.vif import launch_with_network, plug_vifs
 from minidriver.vm_states import VMState
-from minidriver.volume.api import Attachment, VolumeAPI, VolumeRecord
 
 if TYPE_CHECKING:
-    from minidriver import imagecache
+    from minidriver import block_device, imagecache
+    from minidriver.serial_console import SerialConsole
+    from minidriver.volume.api import Attachment, VolumeAPI, VolumeRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -197,10 +196,14 @@ class LibvirtDriver(PowerOperations):
     @functools.cached_property
     def volumes(self) -> VolumeAPI:
         """The volume service (Cinder's role) of this state dir."""
+        from minidriver.volume.api import VolumeAPI  # noqa: PLC0415 - boot does not need it (issue 17)
+
         return VolumeAPI(self.conf, self.db, self.images, self.host)
 
     @functools.cached_property
     def block_devices(self) -> block_device.BlockDeviceManager:
+        from minidriver import block_device  # noqa: PLC0415 - boot does not need it (issue 17)
+
         return block_device.BlockDeviceManager(
             self.conf, self.db, self.host, self.volumes, clock=self.clock
         )
@@ -276,9 +279,11 @@ class LibvirtDriver(PowerOperations):
         budget = self.conf.default.instance_build_timeout if timeout is None else timeout
         deadline = self.clock() + budget
         with contextlib.ExitStack() as undo:
-            root_volume = self.block_devices.root_volume(
-                boot_volume, volume_size, image=image, name=f"{name}-root", undo=undo
-            )
+            root_volume = None
+            if boot_volume is not None or volume_size is not None:
+                root_volume = self.block_devices.root_volume(
+                    boot_volume, volume_size, image=image, name=f"{name}-root", undo=undo
+                )
             if root_volume is not None:
                 image = self.block_devices.image_of_volume(root_volume, self.images)
             request = compute_api.build_request(
@@ -868,6 +873,8 @@ class LibvirtDriver(PowerOperations):
     # -- power ----------------------------------------------------------------
 
     def _domain_of(self, instance_uuid: str) -> libvirt.virDomain:
+        from minidriver import block_device  # noqa: PLC0415 - boot does not need it (issue 17)
+
         return block_device.require_domain(
             self.host, self.db.get_instance(instance_uuid), self.db.state_id
         )
@@ -875,6 +882,8 @@ class LibvirtDriver(PowerOperations):
     def open_serial_console(self, instance_uuid: str, *, force: bool = False) -> SerialConsole:
         """The running instance's serial console, open for reading and writing
         (``serial_console.py``); ``force`` takes it from another client."""
+        from minidriver.serial_console import SerialConsole  # noqa: PLC0415 - see volumes
+
         return SerialConsole.open(self._domain_of(instance_uuid), force=force, clock=self.clock)
 
     # -- snapshots ------------------------------------------------------------

@@ -18,8 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from lxml import etree
+from xml.parsers import expat
 
 from minidriver import guestagent
 from minidriver.exception import MinidriverError, UnsupportedHardware
@@ -31,6 +30,7 @@ from minidriver.sysinfo import GuestSysinfo, get_guest_sysinfo
 
 if TYPE_CHECKING:
     import jinja2
+    from lxml import etree
 
 METADATA_NAMESPACE = "urn:minidriver:instance:1"
 QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -311,9 +311,25 @@ def get_vif_model(image_properties: Mapping[str, str]) -> str:
     return model
 
 
+def parse_xml(xml: str) -> etree._Element:
+    """lxml's tree of an XML document libvirt gave (a domain's, the capabilities).
+    lxml is imported here, on first use: a boot reads no XML back, and the import
+    would cost it about 6 ms (issue 17)."""
+    from lxml import etree  # noqa: PLC0415 - see the docstring
+
+    return etree.fromstring(xml.encode())
+
+
+def xml_text(element: etree._Element) -> str:
+    """An element of :func:`parse_xml`'s tree, as XML text."""
+    from lxml import etree  # noqa: PLC0415 - see parse_xml
+
+    return etree.tostring(element, encoding="unicode")
+
+
 def machine_type_of(domain_xml: str) -> str:
     """The machine type a domain was defined with (libvirt's expansion: pc-i440fx-7.2)."""
-    os_type = etree.fromstring(domain_xml.encode()).find("os/type")
+    os_type = parse_xml(domain_xml).find("os/type")
     return os_type.get("machine", "") if os_type is not None else ""
 
 
@@ -342,11 +358,11 @@ def _user_netdev(forward_port: int) -> str:
 def with_forward_port(domain_xml: str, forward_port: int) -> str:
     """The domain's XML with its user network's SSH forwarded from ``forward_port``
     instead: ``start`` found the old port taken while the instance was stopped."""
-    tree = etree.fromstring(domain_xml.encode())
+    tree = parse_xml(domain_xml)
     for arg in tree.iterfind(f"{{{QEMU_NAMESPACE}}}commandline/{{{QEMU_NAMESPACE}}}arg"):
         if arg.get("value", "").startswith(f"user,id={USER_NETDEV_ID},"):
             arg.set("value", _user_netdev(forward_port))
-            return etree.tostring(tree, encoding="unicode")
+            return xml_text(tree)
     raise ValueError("the domain has no user-mode NIC")
 
 
@@ -483,7 +499,7 @@ class Owner:
 
 def owner_of(domain_xml: str) -> Owner | None:
     """The owner recorded in a domain's XML; None for a domain minidriver did not make."""
-    tree = etree.fromstring(domain_xml.encode())
+    tree = parse_xml(domain_xml)
     element = tree.find(f"metadata/{{{METADATA_NAMESPACE}}}instance")
     if element is None:
         return None
@@ -499,7 +515,7 @@ def get_all_disks(domain_xml: str, *, volumes: bool = True) -> dict[str, str]:
     ``<protocol>:<pool/name>`` (``rbd:pool/uuid_disk``). ``volumes=False``: the
     instance's own disks only (a volume's ``<disk>`` carries its id as ``<serial>``)."""
     disks = {}
-    for disk in etree.fromstring(domain_xml.encode()).iterfind("devices/disk"):
+    for disk in parse_xml(domain_xml).iterfind("devices/disk"):
         source, driver = disk.find("source"), disk.find("driver")
         if source is None:
             continue  # an empty cdrom drive
@@ -533,11 +549,18 @@ def render_xml(template: str, *, cache_dir: Path | None = None, **values: object
     ``cache_dir``: where the compiled template is kept between processes (see
     :func:`_environment`)."""
     text = _environment(cache_dir).get_template(template).render(**values)
-    try:
-        etree.fromstring(text.encode())
-    except etree.XMLSyntaxError as exc:
-        raise GuestXMLError(f"rendered {template} is not well formed: {exc}") from exc
+    check_well_formed(text, f"rendered {template}")
     return text
+
+
+def check_well_formed(text: str, what: str) -> None:
+    """Raise GuestXMLError unless ``text`` is well-formed XML with its namespace
+    prefixes declared. expat (the standard library's C parser) checks it: lxml's
+    import would cost a boot about 6 ms (issue 17)."""
+    try:
+        expat.ParserCreate(namespace_separator=" ").Parse(text, True)
+    except expat.ExpatError as exc:
+        raise GuestXMLError(f"{what} is not well formed: {exc}") from exc
 
 
 def to_xml(config: GuestConfig, *, cache_dir: Path | None = None) -> str:
@@ -582,7 +605,7 @@ def get_volume_disk(
 def used_pci_slots(domain_xml: str) -> set[int]:
     """The slots the domain's devices take on the root PCI bus, from its XML, and the
     user-mode NIC's, which its XML shows only as a QEMU argument."""
-    tree = etree.fromstring(domain_xml.encode())
+    tree = parse_xml(domain_xml)
     slots = {
         int(a.get("slot", "0"), 16)
         for a in tree.iterfind("devices//address[@type='pci']")
@@ -615,16 +638,16 @@ def free_volume_pci_address(*domain_xmls: str, machine_type: str) -> PciAddress 
 
 def disk_targets(domain_xml: str) -> list[str]:
     """The target devs of the domain's disks (vda, hdd...)."""
-    tree = etree.fromstring(domain_xml.encode())
+    tree = parse_xml(domain_xml)
     return [t.get("dev", "") for t in tree.iterfind("devices/disk/target")]
 
 
 def find_disk_xml(domain_xml: str, dev: str) -> str | None:
     """The ``<disk>`` element whose target is ``dev``, as libvirt wrote it (with its
     alias and address: what a detach must name); None when there is none."""
-    tree = etree.fromstring(domain_xml.encode())
+    tree = parse_xml(domain_xml)
     for disk in tree.iterfind("devices/disk"):
         target = disk.find("target")
         if target is not None and target.get("dev") == dev:
-            return etree.tostring(disk, encoding="unicode")
+            return xml_text(disk)
     return None

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Mapping
 
 import libvirt
-from lxml import etree
 
 LOG = logging.getLogger(__name__)
 
@@ -33,6 +32,8 @@ def wants_guest_agent(properties: Mapping[str, str]) -> bool:
 
 
 def has_agent_channel(domain_xml: str) -> bool:
+    from lxml import etree  # noqa: PLC0415 - see guest.parse_xml (guest imports us)
+
     root = etree.fromstring(domain_xml.encode())
     return any(t.get("name") == CHANNEL_NAME for t in root.iterfind("devices/channel/target"))
 

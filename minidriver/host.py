@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from lxml import etree
 
 from minidriver import guest
 from minidriver.config import Config
@@ -404,13 +403,13 @@ class Host:
 
     def host_uuid(self) -> str:
         """The host UUID libvirt reports (libvirtd.conf's host_uuid, else the SMBIOS')."""
-        caps = etree.fromstring(self.get_connection().getCapabilities())
+        caps = guest.parse_xml(self.get_connection().getCapabilities())
         return str(caps.findtext("host/uuid") or "")
 
     def supported_virt_types(self) -> frozenset[str]:
         """The domain types (qemu, kvm) this libvirt offers for hvm guests: Nova's
         ``supported_instances`` hypervisor types, from the capabilities."""
-        caps = etree.fromstring(self.get_connection().getCapabilities())
+        caps = guest.parse_xml(self.get_connection().getCapabilities())
         return frozenset(
             str(domain.get("type"))
             for guest_el in caps.iterfind("guest")

@@ -36,8 +36,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lxml import etree
-
 from minidriver import blockinfo, guest
 from minidriver.db import InstanceRecord
 from minidriver.imagebackend import Rbd, is_rbd_path, parse_rbd_path
@@ -52,6 +50,8 @@ from minidriver.objects import (
 from minidriver.steps import StepTimer
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from minidriver.driver import LibvirtDriver
 
 LOG = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def guest_xml(drv: LibvirtDriver, record: InstanceRecord, definition: str) -> st
     flavor = drv.get_flavor(record.flavor)
     instance = instance_of(drv, record, flavor)
     instance_dir = Path(instance.instance_dir)
-    tree = etree.fromstring(definition.encode())
+    tree = guest.parse_xml(definition)
     formats: dict[str, str] = {}
     file_paths = _kernel_elsewhere(tree, instance_dir)
     network_disks: dict[str, guest.NetworkSource] = {}

@@ -12,11 +12,13 @@ from __future__ import annotations
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from minidriver import __version__
 from minidriver.exception import ConfigError
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 # Nova's defaults (nova/version.py: NOVA_VENDOR, NOVA_PRODUCT); the version is ours.
 MANUFACTURER = "OpenStack Foundation"

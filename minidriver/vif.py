@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 
 import libvirt
-from lxml import etree
 
+from minidriver import guest
 from minidriver.config import Config
 from minidriver.exception import MinidriverError
 from minidriver.host import Host
@@ -117,7 +117,7 @@ def get_neutron_events(
 
 def tap_device(domain: libvirt.virDomain, mac_address: str) -> str | None:
     """The host device libvirt made for the interface of that MAC, from the live XML."""
-    tree = etree.fromstring(domain.XMLDesc(0).encode())
+    tree = guest.parse_xml(domain.XMLDesc(0))
     for iface in tree.iterfind("devices/interface"):
         mac = iface.find("mac")
         target = iface.find("target")

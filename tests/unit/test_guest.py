@@ -302,6 +302,26 @@ def test_control_characters_never_reach_libvirt() -> None:
         render(*CASES["t1.nano-qemu"], display_name="bell\x07")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<domain><name>a</domain>",  # a mismatched tag
+        "<domain><qemu:commandline/></domain>",  # a prefix never declared
+        "<domain>\x07</domain>",  # a control character
+        "<domain/><domain/>",  # two roots
+    ],
+)
+def test_what_is_not_well_formed_xml_is_refused(text: str) -> None:
+    with pytest.raises(guest.GuestXMLError, match=r"^the text is not well formed: "):
+        guest.check_well_formed(text, "the text")
+
+
+def test_declared_namespaces_are_well_formed() -> None:
+    guest.check_well_formed(
+        f'<domain xmlns:qemu="{guest.QEMU_NAMESPACE}"><qemu:commandline/></domain>', "domain"
+    )
+
+
 def test_cpu_mode_follows_virt_type() -> None:
     assert guest.default_cpu_mode("qemu", "") is None
     assert guest.default_cpu_mode("kvm", "") == "host-model"
