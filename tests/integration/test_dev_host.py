@@ -143,12 +143,24 @@ def test_start_status_stop(host_name: str) -> None:
     assert etree.fromstring(peer.encode()).findtext("host/uuid") == host_uuid("qemu:///system")
 
     ns = (directory / "mntns").read_text().strip()
-    assert len(namespace_pids(ns)) == 2  # virtlogd, libvirtd (QEMU has a namespace of its own)
+    # virtlogd, libvirtd and the anchor that keeps the namespace until stop ends (QEMU
+    # has a namespace of its own).
+    members = namespace_pids(ns)
+    anchor = int((directory / "anchor.pid").read_text())
+    assert len(members) == 3 and anchor in members, members
     qemu_pid = int((directory / "run" / "qemu" / f"{host_name}-tiny.pid").read_text())
     assert Path(f"/proc/{qemu_pid}/comm").read_text().startswith("qemu-")
-    stopped = dev_host("stop", host_name)
-    assert f"QEMU {qemu_pid} killed" in stopped.stderr
-    assert namespace_pids(ns) == []
+    # Held open, the namespace keeps its inode while we look: freed, its number would
+    # go to the next namespace made on this machine (libvirt makes one per QEMU).
+    held = os.open(f"/proc/{libvirtd_pid}/ns/mnt", os.O_RDONLY)
+    try:
+        assert os.readlink(f"/proc/{libvirtd_pid}/ns/mnt") == ns
+        stopped = dev_host("stop", host_name)
+        assert f"QEMU {qemu_pid} killed" in stopped.stderr
+        assert namespace_pids(ns) == []
+    finally:
+        os.close(held)
+    assert not any(alive(pid) for pid in members)
     assert not alive(qemu_pid)
     assert not (directory / "sock").exists()
     assert not (directory / "run").exists()
