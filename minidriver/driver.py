@@ -882,7 +882,7 @@ class LibvirtDriver(PowerOperations):
     def open_serial_console(self, instance_uuid: str, *, force: bool = False) -> SerialConsole:
         """The running instance's serial console, open for reading and writing
         (``serial_console.py``); ``force`` takes it from another client."""
-        from minidriver.serial_console import SerialConsole  # noqa: PLC0415 - see volumes
+        from minidriver.serial_console import SerialConsole  # noqa: PLC0415 - not for a boot
 
         return SerialConsole.open(self._domain_of(instance_uuid), force=force, clock=self.clock)
 

@@ -314,7 +314,7 @@ def get_vif_model(image_properties: Mapping[str, str]) -> str:
 def parse_xml(xml: str) -> etree._Element:
     """lxml's tree of an XML document libvirt gave (a domain's, the capabilities).
     lxml is imported here, on first use: a boot reads no XML back, and the import
-    would cost it about 6 ms (issue 17)."""
+    would cost it about 4 ms (issue 17)."""
     from lxml import etree  # noqa: PLC0415 - see the docstring
 
     return etree.fromstring(xml.encode())
@@ -556,7 +556,7 @@ def render_xml(template: str, *, cache_dir: Path | None = None, **values: object
 def check_well_formed(text: str, what: str) -> None:
     """Raise GuestXMLError unless ``text`` is well-formed XML with its namespace
     prefixes declared. expat (the standard library's C parser) checks it: lxml's
-    import would cost a boot about 6 ms (issue 17)."""
+    import would cost a boot about 4 ms (issue 17)."""
     try:
         expat.ParserCreate(namespace_separator=" ").Parse(text, True)
     except expat.ExpatError as exc:
