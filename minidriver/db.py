@@ -428,6 +428,12 @@ class Database:
         with self._pool_lock:
             return self._open, self._most_open
 
+    @property
+    def connections_in_use(self) -> int:
+        """The open connections an operation holds now (not idle in the pool)."""
+        with self._pool_lock:
+            return self._open - len(self._idle)
+
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         """A connection for one operation: this thread's, inside its transaction;

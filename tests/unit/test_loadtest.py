@@ -4,6 +4,8 @@ per cycle, flatness as it is judged, and what a failed spawn leaves destroyed.""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import libvirt
@@ -77,3 +79,33 @@ def test_the_domain_of_a_failed_spawn_is_destroyed(
     mocker.stopall()
     cycles.run(1, threads=1)  # and the next cycle runs
     assert len(cycles.totals) == 1
+
+
+def test_a_sample_waits_for_the_connections_to_be_given_back(
+    drv: LibvirtDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection in use as the cycle ends (libvirt's event thread recording a
+    lifecycle event) is waited for; one that is never given back shows as open."""
+    assert drv.db.list_instances() == []  # the pool's idle connection
+    release = threading.Event()
+
+    def hold() -> None:
+        with drv.db.transaction():
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    deadline = time.monotonic() + 10
+    while drv.db.connections_in_use != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert drv.db.list_instances() == []  # meanwhile: a second connection, idle after
+        monkeypatch.setattr(loadtest, "QUIET_WAIT", 0.2)
+        assert loadtest.sample(drv)["db_connections"] == 2  # still held: it shows
+        threading.Timer(0.1, release.set).start()
+        monkeypatch.setattr(loadtest, "QUIET_WAIT", 10.0)
+        assert loadtest.sample(drv)["db_connections"] == 1  # given back: waited for
+    finally:
+        release.set()
+        holder.join()
