@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import os
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from minidriver import db as db_module
+from minidriver.bench.loadtest import open_descriptors
 from minidriver.db import (
     MIGRATIONS,
     Database,
@@ -384,11 +383,7 @@ def test_an_exact_name_wins_over_a_uuid_prefix(tmp_path: Path) -> None:
 
 def fds_open_on(path: Path) -> int:
     """This process's file descriptors on the database file, its WAL and its shm."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith(os.fspath(path))
-    return count
+    return open_descriptors(path)[0]
 
 
 def test_threads_that_end_leave_no_connection_open(tmp_path: Path) -> None:
