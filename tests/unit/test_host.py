@@ -89,6 +89,11 @@ def test_qemu_user_of_daemon_reads_qemu_conf(tmp_path: Path) -> None:
     assert host.qemu_user_of_daemon(conf) == "qemu-runner"
     conf.write_text('#user = "root"\n')
     assert host.qemu_user_of_daemon(conf) == "libvirt-qemu"
+    # Read from the line that sets it: not a longer name, not a comment's text.
+    conf.write_text('username = "a"\n# see: user = "b"\ngroup = "kvm"\n\tuser="c"  # ours\n')
+    assert host.qemu_user_of_daemon(conf) == "c"
+    conf.write_text("user = +0\n")
+    assert host.qemu_user_of_daemon(conf) == "+0"
 
 
 def test_embedded_root_held_by_another_live_process_is_named(tmp_path: Path) -> None:
