@@ -419,7 +419,7 @@ class LibvirtDriver(PowerOperations):
                     root_volume=root_volume,
                 )
                 step = "attach_root_volume"
-                volumes = self.block_devices.claim_root_volume(
+                volumes = self._claim_root_volume(
                     instance.uuid, root_volume, disk_info, session, undo
                 )
                 step = "create_image"
@@ -477,6 +477,22 @@ class LibvirtDriver(PowerOperations):
             undo.pop_all()
         self._spawned_disks[instance.uuid] = spawned_disks(disks, disk_info, instance_dir)
         return domain
+
+    def _claim_root_volume(
+        self,
+        instance_uuid: str,
+        root_volume: VolumeRecord | None,
+        disk_info: DiskInfo,
+        session: contextlib.ExitStack,
+        undo: contextlib.ExitStack,
+    ) -> dict[str, guest.GuestVolume]:
+        """The root volume claimed for the spawn (``BlockDeviceManager``); none, and
+        the volume code not even imported, when the root is an image's disk."""
+        if root_volume is None:
+            return {}
+        return self.block_devices.claim_root_volume(
+            instance_uuid, root_volume, disk_info, session, undo
+        )
 
     def _create_configdrive(
         self, instance_dir: Path, data: configdrive.ConfigDriveData, disks: Mapping[str, Image]

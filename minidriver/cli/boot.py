@@ -78,7 +78,9 @@ def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
         out.say(
             f"  ssh answered {ssh_ready['ready_after']:.3f} s after start: {ssh_ready['banner']}"
         )
-    data = instance_dict(drv, inst.uuid)
+    # A new instance's one possible volume is the root it boots from.
+    from_volume = args.boot_volume is not None or args.volume_size is not None
+    data = instance_dict(drv, inst.uuid, volumes=from_volume)
     data["cache_hit"] = inst.cache_hit
     data["timings"] = inst.timings
     if ssh_ready is not None:

@@ -31,9 +31,12 @@ from minidriver.guest import CUSTOM_ARGV_TAINT
 from minidriver.network import NetworkMode
 
 
-def instance_dict(drv: LibvirtDriver, uuid: str, *, state: str | None = None) -> dict[str, Any]:
+def instance_dict(
+    drv: LibvirtDriver, uuid: str, *, state: str | None = None, volumes: bool = True
+) -> dict[str, Any]:
     """What show and list say of an instance (``drv``: its host's driver); ``state``
-    when already known (``unknown``: its host does not answer)."""
+    when already known (``unknown``: its host does not answer). ``volumes=False``:
+    known to have none (a boot from an image), so the volume service is not loaded."""
     record = drv.db.get_instance(uuid)
     return {
         "uuid": record.uuid,
@@ -54,7 +57,7 @@ def instance_dict(drv: LibvirtDriver, uuid: str, *, state: str | None = None) ->
         "created_at": record.created_at,
         "disks": {name: asdict(d) for name, d in drv.get_disks(uuid).items()},
         # Attached volumes, the root first when it boots from one (boot_index 0).
-        "volumes": volume_list(drv, uuid),
+        "volumes": volume_list(drv, uuid) if volumes else [],
         "network": {
             "mode": record.network_mode,
             "source": record.network_source or None,

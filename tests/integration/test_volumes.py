@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import re
 import subprocess
 import time
@@ -27,6 +28,7 @@ from pytest_mock import MockerFixture
 from test_rbd import ceph_conf, closed_port  # noqa: F401 - the cluster fixture
 
 from minidriver import block_device, guest, rbd_utils
+from minidriver.cli import main
 from minidriver.driver import LibvirtDriver, base_filename
 from minidriver.guestimages.testimage import IMAGE_PROPERTIES as LINUX
 from minidriver.objects import GiB
@@ -275,6 +277,36 @@ def test_boot_with_volume_size_makes_the_volume_first(
     assert (volume.size_gb, volume.image_id, volume.backend) == (2, test_image_id, "rbd")
     wait_console(Path(inst.instance_dir) / "console.log", READY, timeout=180)
     assert domain_of(drv, inst.uuid).blockInfo("vda")[0] == 2 * GiB
+
+
+@pytest.mark.connection("daemon")  # the default backend, the daemon's storage pool
+def test_the_boot_command_reports_the_root_volume_it_made(
+    vdrv: LibvirtDriver,
+    made: dict[str, list[str]],
+    test_image_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``boot --volume-size``'s report names the root volume (a boot from an image
+    names none, without loading the volume service: test_cli)."""
+    capsys.readouterr()
+    code = main(
+        ["--state-dir", str(vdrv.conf.state_path), "--json", "boot", "--image", test_image_id,
+         "--flavor", "t1.nano", "--volume-size", "1", "--name", "bfv-cli", "--no-wait"],
+        host=vdrv.host,
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    booted = json.loads(out)
+    made["instances"].append(booted["uuid"])
+    (volume,) = booted["volumes"]
+    made["volumes"].append(volume["id"])
+    assert (volume["name"], volume["device"], volume["root"], volume["backend"]) == (
+        "bfv-cli-root",
+        "vda",
+        True,
+        "pool",
+    )
+    assert "disk" not in booted["disks"]
 
 
 # -- faults ----------------------------------------------------------------------------

@@ -1135,6 +1135,63 @@ def test_console_follow_streams_what_is_appended(
     assert r.out == CONSOLE_TEXT + "minidriver-guest: more\n"
 
 
+# What a warm `boot` must not import: each is paid by the commands that use it only.
+# A boot's whole process is measured against virt-install's (scripts/bench --only
+# peer), and each of these once crept back onto its path unnoticed.
+NOT_IMPORTED_BY_BOOT = (
+    "lxml",  # a boot reads no XML back: expat checks what it renders
+    "oslo_utils",  # the format inspector: a trusted base is not inspected again
+    "minidriver.block_device",  # volumes, for a boot from a volume only
+    "minidriver.volume.api",
+    "minidriver.serial_console",
+    "minidriver.imagecache",
+    "minidriver.snapshot",
+    "minidriver.ssh",
+)
+
+
+def test_a_warm_boot_imports_only_what_it_uses(tmp_path: Path, source_image: Path) -> None:
+    """`minidriver boot` as a user runs it, each command its own process; the second
+    boot (warm: base cached and trusted) lists the modules it loaded."""
+    node = tmp_path / "testdriver.xml"
+    node.write_text(TEST_DRIVER_NODE)
+    config_file = tmp_path / "minidriver.conf"
+    config_file.write_text(f"[libvirt]\nport_reservations_path = {tmp_path / 'ports'}\n")
+    loaded = tmp_path / "modules.txt"
+    run_and_list = (
+        "import sys; from minidriver.cli import main; rc = main(sys.argv[2:]);"
+        " open(sys.argv[1], 'w').write('\\n'.join(sys.modules)); sys.exit(rc)"
+    )
+    common = ["--config", str(config_file), "--state-dir", str(tmp_path / "state"),
+              "--connect", f"test://{node}", "--json"]  # fmt: skip
+
+    def minidriver(*args: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-c", run_and_list, str(loaded), *common, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def boot(name: str) -> dict[str, Any]:
+        return minidriver("boot", "--image", "cirros", "--flavor", "t1.nano", "--name", name)
+
+    minidriver("image", "add", str(source_image), "--name", "cirros")
+    assert boot("cold")["cache_hit"] is False
+    boot("checked")  # the base re-checked in full once, its verdict kept
+    warm = boot("warm")
+
+    assert warm["cache_hit"] is True
+    assert warm["volumes"] == []
+    assert sorted(warm["disks"]) == ["disk", "disk.local", "disk.swap"]
+    modules = set(loaded.read_text().split("\n"))
+    assert {"minidriver.driver", "libvirt", "jinja2"} <= modules  # it did boot
+    assert [m for m in NOT_IMPORTED_BY_BOOT if m in modules] == []
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
     """`minidriver ... | head`: stdout closed before the command writes; no traceback."""
     proc = subprocess.Popen(
