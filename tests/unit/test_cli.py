@@ -1137,7 +1137,7 @@ def test_console_follow_streams_what_is_appended(
 
 # What a warm `boot` must not import: each is paid by the commands that use it only.
 # A boot's whole process is measured against virt-install's (scripts/bench --only
-# peer), and each of these once crept back onto its path unnoticed.
+# peer), and the volume code once crept back onto its path unnoticed.
 NOT_IMPORTED_BY_BOOT = (
     "lxml",  # a boot reads no XML back: expat checks what it renders
     "oslo_utils",  # the format inspector: a trusted base is not inspected again
@@ -1151,8 +1151,9 @@ NOT_IMPORTED_BY_BOOT = (
 
 
 def test_a_warm_boot_imports_only_what_it_uses(tmp_path: Path, source_image: Path) -> None:
-    """`minidriver boot` as a user runs it, each command its own process; the second
-    boot (warm: base cached and trusted) lists the modules it loaded."""
+    """`minidriver boot` as a user runs it, each command its own process; the third
+    boot (warm: its base cached, and trusted since the second) lists the modules it
+    loaded."""
     node = tmp_path / "testdriver.xml"
     node.write_text(TEST_DRIVER_NODE)
     config_file = tmp_path / "minidriver.conf"
