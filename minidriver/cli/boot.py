@@ -80,7 +80,7 @@ def cmd_boot(drv: LibvirtDriver, args: argparse.Namespace, out: Output) -> int:
         )
     # A new instance's one possible volume is the root it boots from.
     from_volume = args.boot_volume is not None or args.volume_size is not None
-    data = instance_dict(drv, inst.uuid, volumes=from_volume)
+    data = instance_dict(drv, inst.uuid, list_volumes=from_volume)
     data["cache_hit"] = inst.cache_hit
     data["timings"] = inst.timings
     if ssh_ready is not None:

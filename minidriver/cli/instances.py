@@ -32,10 +32,10 @@ from minidriver.network import NetworkMode
 
 
 def instance_dict(
-    drv: LibvirtDriver, uuid: str, *, state: str | None = None, volumes: bool = True
+    drv: LibvirtDriver, uuid: str, *, state: str | None = None, list_volumes: bool = True
 ) -> dict[str, Any]:
     """What show and list say of an instance (``drv``: its host's driver); ``state``
-    when already known (``unknown``: its host does not answer). ``volumes=False``:
+    when already known (``unknown``: its host does not answer). ``list_volumes=False``:
     known to have none (a boot from an image), so the volume service is not loaded."""
     record = drv.db.get_instance(uuid)
     return {
@@ -57,7 +57,7 @@ def instance_dict(
         "created_at": record.created_at,
         "disks": {name: asdict(d) for name, d in drv.get_disks(uuid).items()},
         # Attached volumes, the root first when it boots from one (boot_index 0).
-        "volumes": volume_list(drv, uuid) if volumes else [],
+        "volumes": volume_list(drv, uuid) if list_volumes else [],
         "network": {
             "mode": record.network_mode,
             "source": record.network_source or None,
