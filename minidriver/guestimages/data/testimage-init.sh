@@ -30,11 +30,13 @@ say() { echo "minidriver-guest: $*"; }
 # late TEXT: a console line written after "ready", by whichever helper: it starts on a
 # new line whatever is pending on the current one (the prompt, typed text, a command's
 # output; the console may then show an empty line before it), in one write, and the
-# prompt is shown again when the shell was waiting at it.
+# prompt is shown again when the shell was waiting at it. One write through cat: the
+# printf builtin writes a terminal a line at a time, so the prompt could follow the
+# output of a command typed once the line was seen.
 late() {
     p=
     [ -e "$RUN/prompt" ] && p=$PROMPT
-    printf '\nminidriver-guest: %s\n%s' "$*" "$p" >/dev/console
+    printf '\nminidriver-guest: %s\n%s' "$*" "$p" | cat >/dev/console
 }
 
 # size DEV: its size in bytes.
