@@ -391,6 +391,12 @@ class Database:
         )
 
     def _connect(self) -> sqlite3.Connection:
+        # Counted open before its file is, as _disconnect counts it closed after:
+        # a connection opening while another closes then shows as two open at once,
+        # which their descriptors were (see connections).
+        with self._pool_lock:
+            self._open += 1
+            self._most_open = max(self._most_open, self._open)
         try:
             # isolation_level=None: the sqlite3 module must not open transactions
             # behind our back; transaction() says BEGIN IMMEDIATE itself.
@@ -400,11 +406,10 @@ class Database:
                 self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
+            with self._pool_lock:
+                self._open -= 1
             raise self._cannot_open(exc) from exc
         conn.row_factory = sqlite3.Row
-        with self._pool_lock:
-            self._open += 1
-            self._most_open = max(self._most_open, self._open)
         return conn
 
     def _disconnect(self, conn: sqlite3.Connection) -> None:

@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -424,6 +425,50 @@ def test_threads_that_end_leave_no_connection_open(tmp_path: Path) -> None:
         assert 1 < most_open <= threads_per_round
         assert max(after_round) <= most_open + open_now + 1, (after_round, most_open)
     assert fds_open_on(path) == 0
+
+
+def test_a_connection_counts_as_open_while_its_file_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted open before SQLite opens its file and closed after: a connection that
+    opens while another closes shows as two open at once, as their descriptors were
+    (counted after the open, the load test once found one descriptor beyond the
+    bound its count gave)."""
+    with Database(tmp_path / "minidriver.db") as db:
+        seen: list[int] = []
+        real_connect = sqlite3.connect
+
+        def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            seen.append(db.connections[0])
+            conn: sqlite3.Connection = real_connect(*args, **kwargs)
+            return conn
+
+        monkeypatch.setattr(sqlite3, "connect", connect)
+        with db.transaction():  # this thread holds the idle connection
+            other = threading.Thread(target=db.list_instances)
+            other.start()
+            other.join()
+        assert seen == [2]  # the other thread's, counted with the one in use
+        assert db.connections == (1, 2)
+
+        def refused(*_args: object, **_kwargs: object) -> sqlite3.Connection:
+            raise sqlite3.OperationalError("unable to open database file")
+
+        monkeypatch.setattr(sqlite3, "connect", refused)
+        failed: list[StateDatabaseError] = []
+
+        def query() -> None:
+            try:
+                db.list_instances()
+            except StateDatabaseError as exc:
+                failed.append(exc)
+
+        with db.transaction():
+            other = threading.Thread(target=query)
+            other.start()
+            other.join()
+        assert [str(e).startswith("cannot open the state database") for e in failed] == [True]
+        assert db.connections == (1, 2)  # the refused one no longer counts
 
 
 def test_schema_8_puts_old_instances_on_the_host_that_migrates(
