@@ -183,7 +183,10 @@ def test_a_template_whose_wait_never_matches_fails_and_leaves_nothing(
 ) -> None:
     pytester.makeconftest(NOTE_CONFTEST)
     pytester.makepyfile(test_never=NEVER_READY)
-    result = run(pytester, user_config(pytester, user_state), "--minidriver-boot-timeout=20")
+    # The wait outlasts the guest's boot, so that the console it shows holds the
+    # ready line: 20 s did not on a loaded CI host (the spawn took 5 s, and the guest
+    # had not printed it 15 s later).
+    result = run(pytester, user_config(pytester, user_state), "--minidriver-boot-timeout=60")
     result.assert_outcomes(failed=1, passed=1)
     out = result.stdout.str()
     # The failure says what was awaited, and shows the console the guest wrote.
