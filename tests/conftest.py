@@ -193,6 +193,24 @@ def rbd_ls(ceph_conf: str, pool: str) -> list[str]:
     return proc.stdout.split()
 
 
+@contextlib.contextmanager
+def ceph_pool(ceph_conf: str, prefix: str) -> Iterator[str]:
+    """A pool of the caller's own (``<prefix>-<hex>``, initialised for RBD), removed
+    with all it holds afterwards. The two integration runs share the cluster, so a
+    test that compares a whole pool's listing needs a pool that only it writes to."""
+    pool = f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+    def ceph(*args: str) -> None:
+        subprocess.run(["ceph", "-c", ceph_conf, *args], check=True, capture_output=True)
+
+    ceph("osd", "pool", "create", pool)
+    try:
+        subprocess.run(["rbd", "-c", ceph_conf, "pool", "init", pool], check=True)
+        yield pool
+    finally:
+        ceph("osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it")
+
+
 # A libvirt test-driver node with no domains: each test opens its own copy, so state
 # defined by one test never leaks into another.
 TEST_DRIVER_NODE = """\

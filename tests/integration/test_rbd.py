@@ -10,6 +10,7 @@ RBD image a test makes is named by a fresh uuid and removed by that test.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 from cli_run import kill_at, minidriver, run_json
-from conftest import ceph_conf_or_skip, rbd_ls
+from conftest import ceph_conf_or_skip, ceph_pool, rbd_ls
 
 from minidriver import cli, rbd_utils
 from minidriver.cleanup import cleanup
@@ -242,6 +243,7 @@ def test_snapshot_without_a_parent_pool_is_a_standard_one(
     instances: list[str],
     wait_console: Callable[..., Any],
     caplog: pytest.LogCaptureFixture,
+    ceph_conf: str,
 ) -> None:
     """A file image imported into the pool: the disk has no parent and the image no
     location in the cluster. Nova then takes a standard snapshot: an image file."""
@@ -251,16 +253,22 @@ def test_snapshot_without_a_parent_pool_is_a_standard_one(
     instances.append(inst.uuid)
     wait_console(console_log(rbd_drv, inst.uuid), r"^minidriver-guest: boot-count 1", timeout=300)
     wait_console(console_log(rbd_drv, inst.uuid), READY, timeout=300)
-    pool_before = sorted(rbd_drv.rbd_driver("images").list_images())
 
-    with caplog.at_level(logging.WARNING, logger="minidriver.snapshot"):
-        snap = rbd_drv.snapshot(inst.uuid, "rbd-standard")
-    images.append(snap)
+    # The image store's pool is one of the test's own, so that its listing holds only
+    # what this snapshot might put there.
+    with ceph_pool(ceph_conf, "mdtest-images") as store_pool:
+        glance_store = dataclasses.replace(rbd_drv.conf.glance_store, rbd_store_pool=store_pool)
+        drv = LibvirtDriver(
+            dataclasses.replace(rbd_drv.conf, glance_store=glance_store), host=rbd_drv.host
+        )
+        with caplog.at_level(logging.WARNING, logger="minidriver.snapshot"):
+            snap = drv.snapshot(inst.uuid, "rbd-standard")
+        images.append(snap)
+        assert drv.rbd_driver(store_pool).list_images() == []
     assert "Performing standard snapshot" in caplog.text
     assert "cannot determine the parent storage pool" in caplog.text
     assert snap.rbd_location is None and snap.disk_format == "qcow2"
     assert qemu_img.info(snap.path, "qcow2").virtual_size == GiB
-    assert sorted(rbd_drv.rbd_driver("images").list_images()) == pool_before
     with rbd_drv.rbd_driver().image(f"{inst.uuid}_disk") as disk:
         assert list(disk.list_snaps()) == []  # the extract's snapshot is gone
     assert rbd_drv.get_info(inst.uuid).state == "running"
@@ -542,11 +550,23 @@ with patches[point]:
 
 
 @pytest.fixture
-def rbd_state(host_config: Config, ceph_conf: str) -> Iterator[Path]:
-    """A state dir of its own (with images_type = rbd), emptied after the test."""
+def disks_pool(ceph_conf: str) -> Iterator[str]:
+    """A pool of the test's own for its instances' disks: its listing holds only what
+    the test made, whatever the other integration run does in the cluster."""
+    with ceph_pool(ceph_conf, "mdtest-disks") as pool:
+        yield pool
+
+
+@pytest.fixture
+def rbd_state(host_config: Config, ceph_conf: str, disks_pool: str) -> Iterator[Path]:
+    """A state dir of its own (with images_type = rbd, its disks in ``disks_pool``),
+    emptied after the test."""
     path = Path(tempfile.mkdtemp(prefix="mdrbd-", dir="/var/tmp"))
     path.chmod(0o755)
-    conf = f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
+    conf = (
+        f"[libvirt]\nimages_type = rbd\nimages_rbd_ceph_conf = {ceph_conf}\n"
+        f"images_rbd_pool = {disks_pool}\n"
+    )
     (path / "minidriver.conf").write_text(conf)
     yield path
     uri = host_config.libvirt.connection_uri
@@ -564,12 +584,12 @@ def rbd_state(host_config: Config, ceph_conf: str) -> Iterator[Path]:
 
 
 def test_kill_9_in_rbd_template_create_and_clone_then_cleanup(
-    rbd_state: Path, host_config: Config, ceph_conf: str, test_image: Path
+    rbd_state: Path, host_config: Config, ceph_conf: str, disks_pool: str, test_image: Path
 ) -> None:
     uri = host_config.libvirt.connection_uri
     conf = ["--config", str(rbd_state / "minidriver.conf")]
     marker = rbd_state / "marker"
-    pool = "rbd"
+    pool = disks_pool
 
     def md(*args: str) -> list[str]:
         return minidriver(rbd_state, uri, *conf, *args)

@@ -23,6 +23,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from conftest import ceph_pool
 from guest_shell import run, wait_for_line
 from pytest_mock import MockerFixture
 from test_rbd import ceph_conf, closed_port  # noqa: F401 - the cluster fixture
@@ -344,21 +345,15 @@ def test_the_cluster_down_during_attach(
 @pytest.fixture
 def quota_pool(ceph_conf: str) -> Iterator[str]:  # noqa: F811
     """A pool of this test's own, full: its quota is one byte and it holds data."""
-    pool = f"mdtest-quota-{uuid.uuid4().hex[:8]}"
 
-    def ceph(*args: str) -> None:
-        subprocess.run(["ceph", "-c", ceph_conf, *args], check=True, capture_output=True)
-
-    def ceph_out(*args: str) -> str:
+    def ceph_out(pool: str, *args: str) -> str:
         line = f"'{pool}'"
         out = subprocess.run(
             ["ceph", "-c", ceph_conf, *args], check=True, capture_output=True, text=True
         ).stdout
         return "".join(x for x in out.splitlines() if line in x)
 
-    ceph("osd", "pool", "create", pool)
-    try:
-        subprocess.run(["rbd", "-c", ceph_conf, "pool", "init", pool], check=True)
+    with ceph_pool(ceph_conf, "mdtest-quota") as pool:
         subprocess.run(
             ["rbd", "-c", ceph_conf, "create", "--size", "4M", f"{pool}/seed"], check=True
         )
@@ -367,15 +362,16 @@ def quota_pool(ceph_conf: str) -> Iterator[str]:  # noqa: F811
              f"{pool}/seed"],
             check=True, capture_output=True,
         )  # fmt: skip
-        ceph("osd", "pool", "set-quota", pool, "max_bytes", "1")
+        subprocess.run(
+            ["ceph", "-c", ceph_conf, "osd", "pool", "set-quota", pool, "max_bytes", "1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
         # The monitor flags the pool once the OSD has reported its usage (seconds).
         deadline = time.monotonic() + 60
-        while "full_quota" not in ceph_out("osd", "pool", "ls", "detail"):
+        while "full_quota" not in ceph_out(pool, "osd", "pool", "ls", "detail"):
             assert time.monotonic() < deadline, f"pool {pool} never flagged full"
             time.sleep(1)
         yield pool
-    finally:
-        ceph("osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it")
 
 
 def test_a_full_pool_refuses_a_new_volume_at_once(vdrv: LibvirtDriver, quota_pool: str) -> None:
