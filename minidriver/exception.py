@@ -72,3 +72,11 @@ class AmbiguousReference(MinidriverError):
 
 class ImageUnacceptable(MinidriverError):
     """An image failed a safety or format check and will not be used."""
+
+
+class TemplateNotFound(NotFound):
+    pass
+
+
+class TemplateError(MinidriverError):
+    """A template cannot be made, used or deleted as asked."""

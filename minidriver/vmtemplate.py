@@ -13,13 +13,13 @@ keeps naming them, ``rbd:<pool>/tpl-<id>_<disk>``, as the only record of where t
 are; an instance dir's lists file disks only, as Nova's does.
 
 ``spawn`` restores a clone: a qcow2 overlay of each frozen disk in a new instance dir,
-the template's XML given the clone's name, uuid, paths and forwarded port, defined, and
-a copy of the saved memory with that XML in its header restored onto it
-(``savefile`` says why a copy); an RBD template's clone gets RBD clones of its frozen
-snapshots instead of overlays, ``<clone uuid>_<disk>``. The guest goes on from where
-the template was saved: no boot, so no new console lines; a clone is ready once it is
-RUNNING. Clones share the template's hostname, machine-id, SSH host keys and MAC
-(user-mode NIC or none only: on a shared network two clones would collide).
+the template's XML given the clone's name, uuid, paths and forwarded port
+(``vmtemplate_xml``), defined, and a copy of the saved memory with that XML in its
+header restored onto it (``savefile`` says why a copy); an RBD template's clone gets RBD
+clones of its frozen snapshots instead of overlays, ``<clone uuid>_<disk>``. The guest
+goes on from where the template was saved: no boot, so no new console lines; a clone is
+ready once it is RUNNING. Clones share the template's hostname, machine-id, SSH host
+keys and MAC (user-mode NIC or none only: on a shared network two clones would collide).
 
 Crash safety follows spawn's: a clone is an instance recorded ``building`` under its
 instance lock until it runs, so ``cleanup`` reaps a killed one like any killed spawn
@@ -35,17 +35,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sqlite3
 import uuid as uuidlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import libvirt
-from lxml import etree
 
 from minidriver import (
     guestagent,
@@ -54,7 +51,6 @@ from minidriver import (
     rbd_utils,
     savefile,
     ssh,
-    sysinfo,
     vmtemplate_rbd,
 )
 from minidriver.compute_api import validate_display_name
@@ -66,30 +62,33 @@ from minidriver.driver import (
     SpawnError,
     instance_lock_name,
 )
-from minidriver.exception import MinidriverError, NotFound
-from minidriver.guest import METADATA_NAMESPACE, QEMU_NAMESPACE
+from minidriver.exception import NotFound, TemplateError, TemplateNotFound
 from minidriver.images import qemu_img
 from minidriver.lockutils import external_lock
 from minidriver.network import NetworkMode
 from minidriver.objects import Instance
 from minidriver.steps import Step, StepListener, StepTimer
 from minidriver.vm_states import VMState
+from minidriver.vmtemplate_xml import CONSOLE_LOG, SHARED_FILES, clone_xml
+
+# Imported from here by the API's users; the exceptions live in ``exception`` (where
+# ``vmtemplate_xml`` raises them too).
+__all__ = [
+    "MEMORY_FILE",
+    "RESTORE_FILE",
+    "TemplateError",
+    "TemplateNotFound",
+    "TemplateRecord",
+    "Templates",
+    "cleanup",
+    "disk_names",
+    "remove_half_made",
+    "template_lock_name",
+]
 
 MEMORY_FILE = "memory.save"  # in the template dir: what virDomainSave wrote
 RESTORE_FILE = "restore.save"  # in a clone's instance dir until its restore returns
 XML_FILE = "libvirt.xml"
-CONSOLE_LOG = "console.log"
-# Used in place by every clone, read-only; every other disk gets an overlay per clone.
-SHARED_FILES: Final = ("disk.config", "kernel", "ramdisk")
-HOSTFWD = re.compile(r"(hostfwd=tcp:127\.0\.0\.1:)\d+(-)")
-
-
-class TemplateNotFound(NotFound):
-    pass
-
-
-class TemplateError(MinidriverError):
-    """A template cannot be made, used or deleted as asked."""
 
 
 def template_lock_name(template_id: str) -> str:
@@ -153,95 +152,6 @@ def _row(row: sqlite3.Row) -> TemplateRecord:
 
 def _params(rec: TemplateRecord) -> dict[str, Any]:
     return {**dataclasses.asdict(rec), "disks": json.dumps(rec.disks)}
-
-
-# -- the clone's XML ---------------------------------------------------------------
-
-
-def clone_xml(
-    xml: str,
-    *,
-    name: str,
-    uuid: str,
-    display_name: str,
-    created_at: str,
-    source_dir: str,
-    source_uuid: str,
-    clone_dir: Path,
-    template_dir: Path,
-    overlaid: Iterable[str],
-    forward_port: int | None,
-) -> str:
-    """The template's domain XML (the saved one or ``libvirt.xml``) for a clone: its
-    name, uuid and metadata; each file of the source instance's dir named by the
-    clone's overlay, the template's shared copy or the clone's console log; the
-    SMBIOS uuid (libvirt wants the domain's) and serial; the forwarded port; the
-    guest agent's socket, named after the instance's uuid. A path this does not know
-    is refused, never left pointing at another instance's file."""
-    root = etree.fromstring(xml.encode())
-    overlays = set(overlaid)
-
-    def move(path: str | None) -> str:
-        p = Path(path or "")
-        if p.parent == Path(source_dir):
-            if p.name in overlays or p.name == CONSOLE_LOG:
-                return os.fspath(clone_dir / p.name)
-            if p.name in SHARED_FILES:
-                return os.fspath(template_dir / p.name)
-        raise TemplateError(f"the template's XML names {path}, which no clone can have")
-
-    _set_text(root, "name", name)
-    sysinfo.with_uuid(root, root.findtext("uuid") or "", uuid)
-    _set_text(root, "uuid", uuid)
-    meta = root.find(f"metadata/{{{METADATA_NAMESPACE}}}instance")
-    if meta is None:
-        raise TemplateError("the template's XML has no minidriver metadata")
-    for tag, value in (
-        ("display-name", display_name),
-        ("instance-uuid", uuid),
-        ("created-at", created_at),
-    ):
-        _set_text(meta, f"{{{METADATA_NAMESPACE}}}{tag}", value)
-    for source in root.iterfind("devices/disk/source[@file]"):
-        source.set("file", move(source.get("file")))
-    for source in root.iterfind("devices/disk/source[@protocol='rbd']"):
-        source.set("name", _renamed_rbd_disk(source.get("name", ""), source_uuid, uuid))
-    for element in [*root.iterfind("os/kernel"), *root.iterfind("os/initrd")]:
-        element.text = move(element.text)
-    for log in root.iterfind("devices/*/log"):
-        log.set("file", move(log.get("file")))
-    for source in root.iterfind("devices/channel/source[@path]"):
-        source.set("path", _renamed_socket(source.get("path", ""), source_uuid, uuid))
-    for arg in root.iterfind(f"{{{QEMU_NAMESPACE}}}commandline/{{{QEMU_NAMESPACE}}}arg"):
-        value = arg.get("value", "")
-        if HOSTFWD.search(value):
-            if forward_port is None:
-                raise TemplateError("the template forwards a port but the clone has none")
-            arg.set("value", HOSTFWD.sub(rf"\g<1>{forward_port}\g<2>", value))
-    return etree.tostring(root, encoding="unicode")
-
-
-def _renamed_rbd_disk(name: str, source_uuid: str, uuid: str) -> str:
-    """``pool/<source uuid>_<disk>`` -> ``pool/<clone uuid>_<disk>``: the clone's own
-    RBD clone of that disk's frozen snapshot."""
-    pool, _, image = name.partition("/")
-    if not image.startswith(f"{source_uuid}_"):
-        raise TemplateError(f"the template's XML names RBD image {name}, which no clone can have")
-    return f"{pool}/{uuid}_{image.removeprefix(source_uuid + '_')}"
-
-
-def _renamed_socket(path: str, source_uuid: str, uuid: str) -> str:
-    p = Path(path)
-    if source_uuid not in p.name:
-        raise TemplateError(f"the template's XML names a socket {path} no clone can share")
-    return os.fspath(p.with_name(p.name.replace(source_uuid, uuid)))
-
-
-def _set_text(parent: Any, path: str, value: str) -> None:
-    element = parent.find(path)
-    if element is None:
-        raise TemplateError(f"the template's XML has no <{path}>")
-    element.text = value
 
 
 # -- templates ---------------------------------------------------------------------

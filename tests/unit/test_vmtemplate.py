@@ -25,10 +25,10 @@ from minidriver.vmtemplate import (
     TemplateError,
     TemplateRecord,
     Templates,
-    clone_xml,
     disk_names,
     template_lock_name,
 )
+from minidriver.vmtemplate_xml import clone_xml
 
 
 def test_clone_xml_names_the_clones_own_files_and_port(
